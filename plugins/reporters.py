@@ -1,0 +1,140 @@
+"""Built-in report formats: the rich terminal table, Markdown, CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.table import Table as RichTable
+from rich.text import Text
+
+from sslbench import hookimpl
+from sslbench.interfaces import Reporter, ReporterEntry
+from sslbench.results import Results
+from sslbench.table import METRIC_LABELS, summary_tables
+
+
+class RichReporter(Reporter):
+    """The paper's Table 1 on the terminal: best bold, within one std of the best in red."""
+
+    suffix = ".txt"
+
+    def tables(self, results: Results) -> list[RichTable]:
+        out = []
+        for table in summary_tables(results):
+            rich_table = RichTable(caption=table.caption, caption_justify="left", title=table.dataset)
+            rich_table.add_column("Method")
+            for metric in table.metrics:
+                rich_table.add_column(METRIC_LABELS.get(metric, metric), justify="right")
+            for row in table.rows:
+                cells: list[Text | str] = [row.label]
+                for metric in table.metrics:
+                    cell = row.cells[metric]
+                    style = "bold" if cell.best else ("red" if cell.within_std else "")
+                    cells.append(Text(cell.text(), style=style))
+                rich_table.add_row(*cells)
+            out.append(rich_table)
+        return out
+
+    def show(self, results: Results, console: Console) -> None:
+        for table in self.tables(results):
+            console.print(table)
+
+    def render(self, results: Results) -> str:
+        console = Console(file=io.StringIO(), width=160, color_system=None, record=True)
+        self.show(results, console)
+        return console.export_text()
+
+
+class MarkdownReporter(Reporter):
+    """One Markdown table per dataset: best **bold**, within one std of the best _italic_."""
+
+    suffix = ".md"
+
+    def render(self, results: Results) -> str:
+        parts = []
+        for table in summary_tables(results):
+            header = ["Method", *(METRIC_LABELS.get(m, m) for m in table.metrics)]
+            lines = [f"### {table.dataset}", "", "| " + " | ".join(header) + " |"]
+            lines.append("|" + "|".join(["---", *("---:" for _ in table.metrics)]) + "|")
+            for row in table.rows:
+                cells = [row.label.replace("|", "\\|")]
+                for metric in table.metrics:
+                    cell = row.cells[metric]
+                    text = cell.text()
+                    cells.append(f"**{text}**" if cell.best else (f"_{text}_" if cell.within_std else text))
+                lines.append("| " + " | ".join(cells) + " |")
+            lines += ["", table.caption, ""]
+            parts.append("\n".join(lines))
+        return "\n".join(parts)
+
+
+class CSVReporter(Reporter):
+    """One row per model × dataset × protocol point: every metric's mean and std, as fractions."""
+
+    suffix = ".csv"
+
+    def render(self, results: Results) -> str:
+        metrics = list(dict.fromkeys(name for row in results.summary for name in row.metrics))
+        protocol_fields = [
+            "fit_split",
+            "eval_split",
+            "n_classes",
+            "k",
+            "overcluster",
+            "n_clusters",
+            "pca_dims",
+            "whiten",
+            "epochs",
+            "batch_size",
+            "backend",
+        ]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(
+            [
+                "model",
+                "dataset",
+                *protocol_fields,
+                "n_seeds",
+                *(f"{m}_{s}" for m in metrics for s in ("mean", "std")),
+            ]
+        )
+        for row in results.summary:
+            values = []
+            for metric in metrics:
+                summary = row.metrics.get(metric)
+                values += (
+                    ["", ""]
+                    if summary is None
+                    else [repr(summary.mean), "" if summary.std is None else repr(summary.std)]
+                )
+            writer.writerow(
+                [
+                    row.model,
+                    row.dataset,
+                    *(getattr(row.protocol, f) for f in protocol_fields),
+                    row.n_seeds,
+                    *values,
+                ]
+            )
+        return buffer.getvalue()
+
+
+class JSONReporter(Reporter):
+    """The results file itself."""
+
+    suffix = ".json"
+
+    def render(self, results: Results) -> str:
+        return results.to_json()
+
+
+@hookimpl
+def sslbench_register_reporters(register: Callable[[ReporterEntry], None]) -> None:
+    register(ReporterEntry("rich", RichReporter(), "terminal table in the paper's Table 1 layout"))
+    register(ReporterEntry("md", MarkdownReporter(), "Markdown tables"))
+    register(ReporterEntry("csv", CSVReporter(), "CSV, one row per model/dataset/protocol point"))
+    register(ReporterEntry("json", JSONReporter(), "the results JSON"))

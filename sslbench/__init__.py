@@ -1,0 +1,58 @@
+"""sslbench: how well do a model's frozen features cluster images without labels?
+
+The public API for plugin authors and for SSL papers' eval suites. Everything not re-exported here is
+internal.
+"""
+
+from __future__ import annotations
+
+from sslbench.errors import PluginError, SSLBenchError
+from sslbench.evaluate import evaluate_features
+from sslbench.hookspecs import hookimpl
+from sslbench.interfaces import (
+    Backbone,
+    BackboneEntry,
+    Clusterer,
+    ClustererConfig,
+    ClustererEntry,
+    Dataset,
+    DatasetEntry,
+    MetricEntry,
+    NoOptions,
+    Reducer,
+    ReducerConfig,
+    ReducerEntry,
+    Reporter,
+    ReporterEntry,
+    ScoringContext,
+    Split,
+)
+from sslbench.plugins import Plugins, load_plugins
+from sslbench.results import Results, load_results
+
+__all__ = [
+    "Backbone",
+    "BackboneEntry",
+    "Clusterer",
+    "ClustererConfig",
+    "ClustererEntry",
+    "Dataset",
+    "DatasetEntry",
+    "MetricEntry",
+    "NoOptions",
+    "PluginError",
+    "Plugins",
+    "Reducer",
+    "ReducerConfig",
+    "ReducerEntry",
+    "Reporter",
+    "ReporterEntry",
+    "Results",
+    "SSLBenchError",
+    "ScoringContext",
+    "Split",
+    "evaluate_features",
+    "hookimpl",
+    "load_plugins",
+    "load_results",
+]

@@ -1,0 +1,24 @@
+"""Data shipped inside the distribution: the ``registry/`` folder, installed as ``sslbench_registry``."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+
+def registry_root() -> Path:
+    return Path(str(importlib.resources.files("sslbench_registry")))
+
+
+def bundled_specs() -> dict[str, Path]:
+    """Example specs by name (file stem), e.g. ``quickstart``."""
+    folder = registry_root() / "specs"
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def find_spec(argument: str) -> Path:
+    """``argument`` as a path if it exists, else the bundled spec of that name, else the path."""
+    path = Path(argument)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in argument:
+        return path
+    return bundled_specs().get(argument, path)

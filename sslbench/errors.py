@@ -1,0 +1,27 @@
+"""The one exception type for mistakes a user can fix.
+
+Everything raised as :class:`SSLBenchError` is reported by the CLI as one line with exit status 2 and
+no traceback; any other exception is a bug in sslbench or in a plugin (exit status 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SSLBenchError(Exception):
+    """A user error: a malformed spec, an unknown name, a missing file, unusable data."""
+
+
+class PluginError(SSLBenchError):
+    """A plugin that cannot be loaded or that breaks the plugin contract."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest known names, or an empty string."""
+    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    quoted = " or ".join(f"'{m}'" for m in matches)
+    return f" (did you mean {quoted}?)"

@@ -1,0 +1,318 @@
+"""The protocol's inner loop on extracted features, and the Python API around it.
+
+``evaluate_features`` is what an SSL paper calls from its own eval suite; ``sslbench run`` calls
+:func:`run_protocol` with the features it extracted. Both produce the same :class:`Run` records.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from sslbench.errors import SSLBenchError
+from sslbench.interfaces import ClustererConfig, ReducerConfig, ScoringContext, iter_chunks
+from sslbench.plugins import Plugins, get_plugins
+from sslbench.protocol import contingency
+from sslbench.results import PluginVersion, Results, Run, RunProtocol, Timings, build_results, environment
+from sslbench.spec import ProtocolPoint, ProtocolSpec
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    """Features and labels of one split, checked by :func:`checked_split`."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+
+
+def checked_split(name: str, features: Any, labels: Any) -> FeatureSplit:
+    """Validate one split's features and labels; errors name the split and the problem."""
+    if not isinstance(features, np.ndarray):
+        features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.ndim != 2:
+        raise SSLBenchError(
+            f"{name} features must be a 2-D array (samples × dims), got shape {features.shape}"
+        )
+    if not np.issubdtype(features.dtype, np.floating):
+        if not np.issubdtype(features.dtype, np.number):
+            raise SSLBenchError(f"{name} features must be numeric, got dtype {features.dtype}")
+        features = features.astype(np.float32)
+    if labels.ndim != 1:
+        raise SSLBenchError(f"{name} labels must be a 1-D array of class indices, got shape {labels.shape}")
+    if len(labels) != len(features):
+        raise SSLBenchError(
+            f"{name} has {len(features)} feature rows but {len(labels)} labels; they must be equal"
+        )
+    if len(labels) == 0:
+        raise SSLBenchError(f"{name} is empty")
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and bool(np.all(np.mod(labels, 1) == 0))
+    )
+    if not integral:
+        raise SSLBenchError(f"{name} labels must be integer class indices, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise SSLBenchError(f"{name} labels must be non-negative class indices, found {labels.min()}")
+    bad_rows, first_bad = 0, -1
+    for rows in iter_chunks(len(features)):
+        bad = ~np.isfinite(np.asarray(features[rows])).all(axis=1)
+        if bad.any():
+            if first_bad < 0:
+                first_bad = rows.start + int(np.argmax(bad))
+            bad_rows += int(bad.sum())
+    if bad_rows:
+        raise SSLBenchError(
+            f"{name} features contain NaN or inf in {bad_rows} of {len(features)} rows "
+            f"(first: row {first_bad})"
+        )
+    return FeatureSplit(name, features, labels)
+
+
+def _check_pair(train: FeatureSplit, eval_: FeatureSplit, protocol: ProtocolSpec, n_classes: int) -> None:
+    if train.features.shape[1] != eval_.features.shape[1]:
+        raise SSLBenchError(
+            f"{train.name} features have {train.features.shape[1]} dims but {eval_.name} features have "
+            f"{eval_.features.shape[1]}; both splits must come from the same model"
+        )
+    n_train, dims = train.features.shape
+    most_clusters = max(p.n_clusters for p in protocol.points(n_classes))
+    if n_train < most_clusters:
+        raise SSLBenchError(
+            f"{train.name} has {n_train} samples, fewer than the {most_clusters} clusters asked for"
+        )
+    most_dims = max((d for d in protocol.pca_dims if d is not None), default=None)
+    if most_dims is not None and most_dims > min(n_train, dims):
+        raise SSLBenchError(
+            f"pca_dims={most_dims} exceeds what {train.name} allows: "
+            f"min({n_train} samples, {dims} feature dims) = {min(n_train, dims)}"
+        )
+
+
+def _file_stem(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def run_protocol(
+    train: FeatureSplit,
+    eval_: FeatureSplit,
+    *,
+    n_classes: int,
+    protocol: ProtocolSpec,
+    plugins: Plugins,
+    model: str,
+    dataset: str,
+    device: str = "cpu",
+    extract_s: float = 0.0,
+    on_run: Callable[[Run], None] | None = None,
+    predictions_dir: Path | None = None,
+    split_names: tuple[str, str] | None = None,
+) -> list[Run]:
+    """PCA fitted on train → k-means fitted on train → predict both → score; per point and seed.
+
+    ``split_names`` are the dataset's names of the two splits recorded in each run's protocol
+    (default: the :class:`FeatureSplit` names, which error messages use).
+    """
+    fit_split, eval_split = split_names or (train.name, eval_.name)
+    if max(train.labels.max(), eval_.labels.max()) >= n_classes:
+        raise SSLBenchError(
+            f"labels go up to {max(train.labels.max(), eval_.labels.max())} but the dataset has "
+            f"{n_classes} classes"
+        )
+    _check_pair(train, eval_, protocol, n_classes)
+    reducer_entry, clusterer_entry = plugins.backend(protocol.backend)
+    metric_entries = list(plugins.metrics)
+    points = protocol.points(n_classes)
+
+    started = time.perf_counter()
+    reducer = reducer_entry.factory(ReducerConfig(device=device))
+    reducer.fit(train.features)
+    fit_s = time.perf_counter() - started
+
+    runs: list[Run] = []
+    for dims in protocol.pca_dims:
+        started = time.perf_counter()
+        train_z = reducer.transform(train.features, dims, protocol.whiten)
+        eval_z = reducer.transform(eval_.features, dims, protocol.whiten)
+        pca_s = fit_s + time.perf_counter() - started
+        for point in (p for p in points if p.pca_dims == dims):
+            run_protocol_point = RunProtocol(
+                fit_split=fit_split,
+                eval_split=eval_split,
+                n_classes=n_classes,
+                k=point.k,
+                overcluster=point.overcluster,
+                n_clusters=point.n_clusters,
+                pca_dims=train_z.shape[1],
+                whiten=point.whiten,
+                epochs=point.epochs,
+                batch_size=point.batch_size,
+                backend=protocol.backend,
+            )
+            for seed in protocol.seeds:
+                run, preds = _run_seed(
+                    clusterer_entry.factory,
+                    point,
+                    seed,
+                    device,
+                    train,
+                    eval_,
+                    train_z,
+                    eval_z,
+                    n_classes,
+                    metric_entries,
+                )
+                run = Run(
+                    model=model,
+                    dataset=dataset,
+                    protocol=run_protocol_point,
+                    seed=seed,
+                    n_train=len(train.labels),
+                    n_eval=len(eval_.labels),
+                    metrics=run["metrics"],
+                    timings=Timings(extract_s=extract_s, pca_s=pca_s, **run["timings"]),
+                )
+                if predictions_dir is not None:
+                    tag = (
+                        ""
+                        if len(points) == 1
+                        else f"__k{point.n_clusters}_pca{train_z.shape[1]}_ep{point.epochs}"
+                    )
+                    stem = f"{_file_stem(model)}__{_file_stem(dataset)}{tag}__seed{seed}"
+                    predictions_dir.mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(predictions_dir / f"{stem}.npz", **preds)
+                runs.append(run)
+                if on_run is not None:
+                    on_run(run)
+    return runs
+
+
+def _run_seed(
+    factory: Callable[[ClustererConfig], Any],
+    point: ProtocolPoint,
+    seed: int,
+    device: str,
+    train: FeatureSplit,
+    eval_: FeatureSplit,
+    train_z: np.ndarray,
+    eval_z: np.ndarray,
+    n_classes: int,
+    metric_entries: Sequence[Any],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    config = ClustererConfig(
+        n_clusters=point.n_clusters,
+        epochs=point.epochs,
+        batch_size=point.batch_size,
+        seed=seed,
+        device=device,
+    )
+    started = time.perf_counter()
+    clusterer = factory(config)
+    clusterer.fit(train_z)
+    kmeans_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    train_pred = np.asarray(clusterer.predict(train_z), dtype=np.int64)
+    eval_pred = np.asarray(clusterer.predict(eval_z), dtype=np.int64)
+    for split, pred in ((train.name, train_pred), (eval_.name, eval_pred)):
+        if len(pred) and (pred.min() < 0 or pred.max() >= point.n_clusters):
+            raise RuntimeError(f"clusterer returned cluster ids outside [0, {point.n_clusters}) for {split}")
+    ctx = ScoringContext(
+        train_pred=train_pred,
+        train_labels=train.labels,
+        eval_pred=eval_pred,
+        eval_labels=eval_.labels,
+        n_clusters=point.n_clusters,
+        n_classes=n_classes,
+        train_contingency=contingency(train_pred, train.labels, point.n_clusters, n_classes),
+        eval_contingency=contingency(eval_pred, eval_.labels, point.n_clusters, n_classes),
+    )
+    metrics = {entry.name: float(entry.fn(ctx)) for entry in metric_entries}
+    eval_s = time.perf_counter() - started
+    preds = {
+        "train_pred": train_pred,
+        "train_labels": train.labels,
+        "eval_pred": eval_pred,
+        "eval_labels": eval_.labels,
+    }
+    return {"metrics": metrics, "timings": {"kmeans_s": kmeans_s, "eval_s": eval_s}}, preds
+
+
+def evaluate_features(
+    train_features: Any,
+    train_labels: Any,
+    eval_features: Any,
+    eval_labels: Any,
+    *,
+    n_clusters: int | None = None,
+    overcluster: float | Sequence[float] = 1.0,
+    pca_dim: int | Sequence[int | None] | None = None,
+    whiten: bool = False,
+    epochs: int = 60,
+    batch_size: int | None = None,
+    seeds: int | Sequence[int] = 5,
+    backend: str = "reference",
+    n_classes: int | None = None,
+    model: str = "features",
+    dataset: str = "features",
+    plugins: Plugins | None = None,
+) -> Results:
+    """Cluster precomputed features with the paper's protocol and score them.
+
+    PCA and k-means are fitted on the train features; the eval features are predicted and scored
+    with the cluster → class assignment built on the train split. Every metric is computed per seed
+    and summarised as mean ± sample std.
+
+    :param train_features: ``(n_train, d)`` array (a ``np.memmap`` is read in chunks).
+    :param train_labels: ``(n_train,)`` integer class indices.
+    :param n_clusters: clusters before overclustering; ``None`` = number of classes.
+    :param overcluster: fit ``int(overcluster × n_clusters)`` clusters; a list sweeps.
+    :param pca_dim: PCA components to keep; ``None`` keeps all; a list sweeps.
+    :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds.
+    :param n_classes: number of classes; ``None`` = ``max(label) + 1`` over both splits.
+    :returns: :class:`~sslbench.results.Results` with ``runs`` (per seed) and ``summary``.
+    :raises SSLBenchError: unusable input (NaN/inf, mismatched shapes, k larger than the train set).
+    """
+    started = time.perf_counter()
+    plugins = plugins or get_plugins()
+    try:
+        protocol = ProtocolSpec.model_validate(
+            {
+                "pca_dims": list(pca_dim) if isinstance(pca_dim, Sequence) else pca_dim,
+                "whiten": whiten,
+                "k": n_clusters,
+                "overcluster": list(overcluster) if isinstance(overcluster, Sequence) else overcluster,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "seeds": list(seeds) if isinstance(seeds, Sequence) else seeds,
+                "backend": backend,
+            }
+        )
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"][:1])
+        raise SSLBenchError(f"evaluate_features: {field}: {err['msg']} (got {err.get('input')!r})") from None
+    train = checked_split("train", train_features, train_labels)
+    eval_ = checked_split("eval", eval_features, eval_labels)
+    classes = n_classes if n_classes is not None else int(max(train.labels.max(), eval_.labels.max())) + 1
+    runs = run_protocol(
+        train, eval_, n_classes=classes, protocol=protocol, plugins=plugins, model=model, dataset=dataset
+    )
+    env = environment(
+        "cpu",
+        [
+            PluginVersion(name=p.name, distribution=p.distribution, version=p.version)
+            for p in plugins.plugins
+            if p.error is None
+        ],
+    )
+    spec = {"api": "evaluate_features", "protocol": protocol.model_dump(mode="json")}
+    return build_results(runs, spec=spec, env=env, wall_s=time.perf_counter() - started)

@@ -1,0 +1,132 @@
+"""The sslbench plugin contract: every hook a plugin may implement.
+
+A plugin is a module (or any object) with functions decorated by :data:`hookimpl` and named after
+the hooks below. Built-in plugins and third-party plugins are loaded the same way: each is an
+entry point in the group ``sslbench`` of an installed distribution::
+
+    [project.entry-points.sslbench]
+    my_models = "my_package.sslbench_plugin"
+
+**When hooks are called.** Every registration hook is called exactly once per plugin, when the
+plugin set is loaded (:func:`sslbench.plugins.load_plugins`: on start-up of every CLI command and on
+the first call of the Python API), in the order the plugins were loaded: entry points sorted by name.
+Hooks are called one plugin at a time so that every registered name is attributed to the plugin that
+registered it.
+
+**The ``register`` callable.** Each hook receives ``register``, a function taking one entry object
+(see :mod:`sslbench.interfaces`) and returning ``None``. ``register`` raises
+:class:`~sslbench.errors.PluginError` when the entry has the wrong type or when its name is already
+taken; that error names both plugins. Registering the same name twice is never silently allowed:
+a benchmark whose backbone was quietly replaced reports wrong numbers.
+
+**Validation.** An implementation whose name matches no hook below fails start-up with a one-line
+error naming the plugin and the hook (pluggy's ``check_pending``). An implementation may accept fewer
+arguments than its hook: new arguments can be added to a hook without breaking plugins.
+
+All hooks return ``None``; what a hook returns is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from sslbench.interfaces import (
+        BackboneEntry,
+        ClustererEntry,
+        DatasetEntry,
+        MetricEntry,
+        ReducerEntry,
+        ReporterEntry,
+    )
+
+PROJECT_NAME = "sslbench"
+
+#: Marks a hook specification (used only in this module).
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Marks a plugin's hook implementation: ``@sslbench.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration hooks: called once per plugin at load time.
+
+
+@hookspec
+def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> None:
+    """Register feature extractors that a spec names under ``models[].id``.
+
+    :param register: call with one :class:`~sslbench.interfaces.BackboneEntry` per backbone.
+        The entry's ``factory`` receives the validated instance of the entry's ``options`` model
+        and returns a :class:`~sslbench.interfaces.Backbone`; it is called only when a spec uses
+        the backbone, so heavy imports (timm, TensorFlow) belong inside it.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def sslbench_register_datasets(register: Callable[[DatasetEntry], None]) -> None:
+    """Register labelled datasets that a spec names under ``datasets[].id``.
+
+    :param register: call with one :class:`~sslbench.interfaces.DatasetEntry` per dataset. Its
+        ``factory`` receives the validated options and returns a
+        :class:`~sslbench.interfaces.Dataset` whose splits the spec selects with ``fit_split`` and
+        ``eval_split``. A factory that cannot find its files raises
+        :class:`~sslbench.errors.SSLBenchError` naming the path and how to obtain the data.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
+    """Register dimensionality-reduction implementations (the protocol's PCA step).
+
+    :param register: call with one :class:`~sslbench.interfaces.ReducerEntry` per implementation.
+        Its name is a *backend* name: ``protocol.backend: NAME`` selects the reducer and the
+        clusterer registered under ``NAME``, so a backend registers both.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
+    """Register clustering implementations (the protocol's k-means step).
+
+    :param register: call with one :class:`~sslbench.interfaces.ClustererEntry` per
+        implementation, named after its backend (see :func:`sslbench_register_reducers`). Its
+        ``factory`` receives a :class:`~sslbench.interfaces.ClustererConfig` (k, epochs, batch
+        size, seed, device) and must make every random choice from ``seed``.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
+    """Register metrics computed for every run.
+
+    :param register: call with one :class:`~sslbench.interfaces.MetricEntry` per metric. Its
+        ``fn`` receives a :class:`~sslbench.interfaces.ScoringContext` (train and eval cluster
+        predictions, labels and contingency tables) and returns a float, stored as a fraction and
+        averaged over seeds in the summary.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def sslbench_register_reporters(register: Callable[[ReporterEntry], None]) -> None:
+    """Register report formats, each a rendering of a results file.
+
+    :param register: call with one :class:`~sslbench.interfaces.ReporterEntry` per format. Its
+        name is what ``sslbench report --format NAME`` selects; ``sslbench run`` shows the
+        ``rich`` report and writes the ``md`` and ``csv`` ones next to results.json.
+
+    .. versionadded:: 0.1
+    """

@@ -1,0 +1,271 @@
+"""The objects plugins register and the interfaces they implement.
+
+A plugin registers *entries* (small frozen dataclasses: a name, a factory, an options model and a
+description) through the registration hooks in :mod:`sslbench.hookspecs`. The factories build the
+working objects defined here: :class:`Backbone`, :class:`Dataset`/:class:`Split`, :class:`Reducer`,
+:class:`Clusterer` and :class:`Reporter`.
+
+Feature matrices cross these interfaces as ``numpy`` arrays of shape ``(n_samples, n_features)``.
+They may be ``np.memmap`` arrays larger than RAM: implementations read them in row chunks (see
+:func:`iter_chunks`) and never call ``np.asarray`` on a whole matrix.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+
+    from sslbench.results import Results
+
+#: Rows per chunk when a matrix is streamed; 16384 × 2048 float32 is 128 MiB.
+DEFAULT_CHUNK_ROWS = 16384
+
+
+def iter_chunks(n_rows: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[slice]:
+    """Yield consecutive row slices covering ``range(n_rows)``."""
+    for start in range(0, n_rows, chunk_rows):
+        yield slice(start, min(start + chunk_rows, n_rows))
+
+
+class NoOptions(BaseModel):
+    """Options model of a component that takes none: any key is rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backbones
+
+
+class Backbone(ABC):
+    """A frozen feature extractor.
+
+    The extraction loop calls :meth:`preprocess` on every sample (no augmentation), stacks the
+    tensors into a batch, and calls :meth:`embed` under ``torch.inference_mode``.
+    """
+
+    #: Dimension of the features :meth:`embed` returns, or ``None`` when it depends on the input.
+    feature_dim: int | None = None
+
+    @abstractmethod
+    def preprocess(self, sample: Any) -> torch.Tensor:
+        """Turn one dataset sample (a PIL image or a numpy array) into the model's input tensor."""
+
+    @abstractmethod
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Map a batch of preprocessed inputs to an ``(n, feature_dim)`` float tensor."""
+
+    def to(self, device: str) -> Backbone:
+        """Move the model to ``device``; backbones without parameters need not override this."""
+        return self
+
+    def embed_array(self, array: np.ndarray) -> np.ndarray | None:
+        """Features of a whole split given as one array, when the model can skip the batch loop.
+
+        Return ``None`` (the default) to be fed sample by sample.
+        """
+        return None
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A backbone a spec can name under ``models[].id``."""
+
+    name: str
+    factory: Callable[[Any], Backbone]
+    family: str
+    description: str
+    options: type[BaseModel] = NoOptions
+    feature_dim: int | None = None
+    weights: str = "none"
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class Split(ABC):
+    """One split of a dataset: samples in a fixed order, and their integer class labels."""
+
+    @property
+    @abstractmethod
+    def labels(self) -> np.ndarray:
+        """Class index of every sample, ``int64`` of shape ``(len(self),)``."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Any:
+        """The sample at ``index``: a PIL image, or a numpy array for array datasets."""
+
+    def as_array(self) -> np.ndarray | None:
+        """All samples as one ``(n, ...)`` array when the split is held as one (else ``None``)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled dataset: class names and named splits."""
+
+    name: str
+    classes: Sequence[str]
+    splits: Mapping[str, Split]
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset a spec can name under ``datasets[].id``."""
+
+    name: str
+    factory: Callable[[Any], Dataset]
+    description: str
+    options: type[BaseModel] = NoOptions
+
+
+# --------------------------------------------------------------------------------------------------
+# Dimensionality reduction and clustering
+
+
+class Reducer(ABC):
+    """Dimensionality reduction fitted once per feature set and truncated per protocol point.
+
+    The protocol fits one reducer on the train features, then asks for projections onto the
+    leading ``n_components`` components (``None``: all). Reducers whose components are nested,
+    as PCA's are, serve every ``pca_dims`` value of a sweep from one fit.
+    """
+
+    @abstractmethod
+    def fit(self, features: np.ndarray) -> None:
+        """Fit on ``features`` (possibly a memmap), reading it in row chunks."""
+
+    @property
+    @abstractmethod
+    def n_components(self) -> int:
+        """Number of components available after :meth:`fit`."""
+
+    @abstractmethod
+    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
+        """Project ``features`` onto the leading ``n_components`` components, float32."""
+
+
+@dataclass(frozen=True)
+class ReducerConfig:
+    """What the protocol tells a reducer factory."""
+
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ClustererConfig:
+    """What the protocol tells a clusterer factory."""
+
+    n_clusters: int
+    epochs: int
+    batch_size: int
+    seed: int
+    device: str = "cpu"
+
+
+class Clusterer(ABC):
+    """A k-means-style clusterer: fit on train features, then assign any features to clusters."""
+
+    @abstractmethod
+    def fit(self, features: np.ndarray) -> None:
+        """Fit the cluster model on ``features`` (possibly a memmap)."""
+
+    @abstractmethod
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Cluster index of every row, ``int64`` in ``[0, n_clusters)``."""
+
+
+@dataclass(frozen=True)
+class ReducerEntry:
+    """A dimensionality-reduction implementation, selected by the spec's ``protocol.backend``."""
+
+    name: str
+    factory: Callable[[ReducerConfig], Reducer]
+    description: str
+
+
+@dataclass(frozen=True)
+class ClustererEntry:
+    """A clustering implementation, selected by the spec's ``protocol.backend``."""
+
+    name: str
+    factory: Callable[[ClustererConfig], Clusterer]
+    description: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """Everything a metric may look at for one run.
+
+    ``train_contingency[c, y]`` counts train samples of class ``y`` in cluster ``c``; likewise
+    ``eval_contingency`` for the eval split. Both have shape ``(n_clusters, n_classes)``.
+    """
+
+    train_pred: np.ndarray
+    train_labels: np.ndarray
+    eval_pred: np.ndarray
+    eval_labels: np.ndarray
+    n_clusters: int
+    n_classes: int
+    train_contingency: np.ndarray = field(repr=False)
+    eval_contingency: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MetricEntry:
+    """A metric computed for every run and stored as a fraction (reported in percent)."""
+
+    name: str
+    fn: Callable[[ScoringContext], float]
+    label: str
+    description: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporters
+
+
+class Reporter(ABC):
+    """Renders a :class:`~sslbench.results.Results` object; every report is a view of results.json."""
+
+    #: File suffix used when the report is written to disk (``results<suffix>``).
+    suffix: str = ".txt"
+
+    @abstractmethod
+    def render(self, results: Results) -> str:
+        """The report as text."""
+
+    def show(self, results: Results, console: Console) -> None:
+        """Print the report on a terminal; plain text by default."""
+        console.print(self.render(results), markup=False, highlight=False, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class ReporterEntry:
+    """A report format, selected by ``sslbench report --format NAME``."""
+
+    name: str
+    reporter: Reporter
+    description: str

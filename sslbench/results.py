@@ -1,0 +1,210 @@
+"""The results model: what a run produced, serialised as results.json.
+
+Every report, export and plot is a rendering of a :class:`Results`; ``sslbench report`` reads it
+back from another machine. The JSON schema is documented in README.md ("results.json").
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sslbench.errors import SSLBenchError
+
+SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunProtocol(_Model):
+    """The resolved protocol of one run."""
+
+    fit_split: str
+    eval_split: str
+    n_classes: int
+    k: int = Field(description="clusters before overclustering")
+    overcluster: float
+    n_clusters: int = Field(description="clusters fitted: int(overcluster × k)")
+    pca_dims: int = Field(description="components kept after PCA")
+    whiten: bool
+    epochs: int
+    batch_size: int
+    backend: str
+
+
+class Timings(_Model):
+    """Wall-clock seconds. ``extract_s`` and ``pca_s`` are shared by the runs that reuse them."""
+
+    extract_s: float
+    pca_s: float
+    kmeans_s: float
+    eval_s: float
+
+
+class Run(_Model):
+    model: str
+    dataset: str
+    protocol: RunProtocol
+    seed: int
+    n_train: int
+    n_eval: int
+    metrics: dict[str, float]
+    timings: Timings
+
+
+class MetricSummary(_Model):
+    mean: float
+    std: float | None = Field(description="sample std (ddof=1); null for a single seed")
+
+
+class SummaryRow(_Model):
+    model: str
+    dataset: str
+    protocol: RunProtocol
+    n_seeds: int
+    seeds: list[int]
+    metrics: dict[str, MetricSummary]
+
+
+class PluginVersion(_Model):
+    name: str
+    distribution: str | None
+    version: str | None
+
+
+class Environment(_Model):
+    python: str
+    platform: str
+    sslbench: str
+    torch: str | None
+    numpy: str
+    scikit_learn: str
+    scipy: str
+    device: str
+    plugins: list[PluginVersion]
+
+
+class Results(_Model):
+    schema_version: int = SCHEMA_VERSION
+    sslbench_version: str
+    created: str
+    spec: dict[str, Any] | None
+    environment: Environment
+    wall_s: float
+    runs: list[Run]
+    summary: list[SummaryRow]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def write(self, path: str | Path) -> Path:
+        return write_atomic(Path(path), self.to_json())
+
+
+def version_of(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def sslbench_version() -> str:
+    return version_of("sslbench") or "0+unknown"
+
+
+def environment(device: str, plugins: Iterable[PluginVersion]) -> Environment:
+    return Environment(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        sslbench=sslbench_version(),
+        torch=version_of("torch"),
+        numpy=version_of("numpy") or "unknown",
+        scikit_learn=version_of("scikit-learn") or "unknown",
+        scipy=version_of("scipy") or "unknown",
+        device=device,
+        plugins=list(plugins),
+    )
+
+
+def summarize(runs: Iterable[Run]) -> list[SummaryRow]:
+    """Mean and sample std (ddof=1) of every metric over the seeds of each protocol point."""
+    groups: dict[tuple[str, str, RunProtocol], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.model, run.dataset, run.protocol), []).append(run)
+    rows = []
+    for (model, dataset, protocol), group in groups.items():
+        metrics = {}
+        for name in group[0].metrics:
+            values = [run.metrics[name] for run in group]
+            finite = all(math.isfinite(v) for v in values)
+            std = statistics.stdev(values) if len(values) > 1 and finite else None
+            metrics[name] = MetricSummary(mean=statistics.fmean(values), std=std)
+        rows.append(
+            SummaryRow(
+                model=model,
+                dataset=dataset,
+                protocol=protocol,
+                n_seeds=len(group),
+                seeds=[run.seed for run in group],
+                metrics=metrics,
+            )
+        )
+    return rows
+
+
+def build_results(
+    runs: list[Run], *, spec: dict[str, Any] | None, env: Environment, wall_s: float
+) -> Results:
+    return Results(
+        sslbench_version=sslbench_version(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        spec=spec,
+        environment=env,
+        wall_s=wall_s,
+        runs=runs,
+        summary=summarize(runs),
+    )
+
+
+def load_results(path: str | Path) -> Results:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SSLBenchError(f"results file not found: {path}") from None
+    try:
+        return Results.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise SSLBenchError(f"{path}: not an sslbench results file: {where}: {first['msg']}") from None
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,114 @@
+"""The paper's Table 1 layout computed from results: one table per dataset, best and near-best marked.
+
+Reporters render these tables; they do not recompute anything. A value is *best* when its mean is
+the column maximum, and *within one std* when it is not best but its mean is at least the best mean
+minus the best row's std (the paper's red marks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sslbench.results import Results, RunProtocol, SummaryRow
+
+#: The columns of the paper's Table 1.
+HEADLINE_METRICS = ("acc", "ari", "ami", "nmi")
+METRIC_LABELS = {
+    "acc": "ACC",
+    "acc_majority": "ACC-maj",
+    "acc_eval_assignment": "ACC-eval",
+    "ari": "ARI",
+    "ami": "AMI",
+    "nmi": "NMI",
+    "v_measure": "V",
+    "fowlkes_mallows": "FM",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    std: float | None
+    best: bool = False
+    within_std: bool = False
+
+    def text(self) -> str:
+        """Percent with two decimals: ``23.09 ± 0.16``."""
+        mean = f"{100 * self.mean:.2f}"
+        return mean if self.std is None else f"{mean} ± {100 * self.std:.2f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    summary: SummaryRow
+    cells: dict[str, Cell]
+
+
+@dataclass(frozen=True)
+class Table:
+    dataset: str
+    metrics: tuple[str, ...]
+    rows: list[Row]
+    caption: str
+
+
+_VARYING = (
+    ("n_clusters", lambda p: f"k={p.n_clusters}"),
+    ("overcluster", lambda p: f"{p.overcluster:g}× over."),
+    ("pca_dims", lambda p: f"PCA {p.pca_dims}"),
+    ("whiten", lambda p: "whitened" if p.whiten else "unwhitened"),
+    ("epochs", lambda p: f"{p.epochs} ep."),
+    ("backend", lambda p: p.backend),
+)
+
+
+def _row_label(row: SummaryRow, varying: list[str]) -> str:
+    tags = [fmt(row.protocol) for field, fmt in _VARYING if field in varying]
+    return f"{row.model} ({', '.join(tags)})" if tags else row.model
+
+
+def _values(protocols: list[RunProtocol], field: str) -> str:
+    values = sorted({getattr(p, field) for p in protocols})
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def summary_tables(results: Results, metrics: tuple[str, ...] = HEADLINE_METRICS) -> list[Table]:
+    datasets = list(dict.fromkeys(row.dataset for row in results.summary))
+    tables = []
+    for dataset in datasets:
+        summaries = [row for row in results.summary if row.dataset == dataset]
+        protocols = [row.protocol for row in summaries]
+        varying = [
+            field
+            for field, _ in _VARYING
+            if any(
+                len({getattr(row.protocol, field) for row in summaries if row.model == model}) > 1
+                for model in {row.model for row in summaries}
+            )
+        ]
+        shown = tuple(m for m in metrics if all(m in row.metrics for row in summaries))
+        best: dict[str, SummaryRow] = {}
+        for metric in shown:
+            best[metric] = max(summaries, key=lambda row: row.metrics[metric].mean)
+        rows = []
+        for summary in summaries:
+            cells = {}
+            for metric in shown:
+                value = summary.metrics[metric]
+                top = best[metric].metrics[metric]
+                is_best = value.mean == top.mean
+                within = not is_best and top.std is not None and value.mean >= top.mean - top.std
+                cells[metric] = Cell(value.mean, value.std, is_best, within)
+            rows.append(Row(_row_label(summary, varying), summary, cells))
+        seeds = sorted({n for row in summaries for n in [row.n_seeds]})
+        caption = (
+            f"{dataset} ({protocols[0].fit_split} → {protocols[0].eval_split}, "
+            f"{protocols[0].n_classes} classes): k = {_values(protocols, 'n_clusters')}, "
+            f"PCA dims = {_values(protocols, 'pca_dims')}, "
+            f"seeds = {'/'.join(str(s) for s in seeds)} per row (mean ± std), "
+            f"backend = {_values(protocols, 'backend')}, wall time {results.wall_s:.1f} s. "
+            f"Bold: best; marked: within one std of the best."
+        )
+        tables.append(Table(dataset, shown, rows, caption))
+    return tables
