@@ -18,9 +18,9 @@ class PluginError(SSLBenchError):
     """A plugin that cannot be loaded or that breaks the plugin contract."""
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest known names, or an empty string."""
-    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the ``n`` closest known names, or an empty string."""
+    matches = difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
     if not matches:
         return ""
     quoted = " or ".join(f"'{m}'" for m in matches)

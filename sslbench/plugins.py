@@ -197,9 +197,9 @@ def load_plugins(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        hook_names = [name for name in dir(pm.hook) if name.startswith("sslbench_")]
+        hook_names = [name for name, caller in vars(pm.hook).items() if caller.spec is not None]
         unknown = _unknown_hook_name(pm, exc.plugin)
-        hint = did_you_mean(unknown, hook_names) if unknown else ""
+        hint = did_you_mean(unknown, hook_names, n=1)
         raise PluginError(
             f"plugin '{pm.get_name(exc.plugin)}' implements unknown hook '{unknown}'{hint}"
         ) from None

@@ -1,0 +1,65 @@
+"""A complete third-party sslbench plugin: a backbone (``pooled_pixels``) and a metric (``purity``).
+
+Install it with ``pip install examples/sslbench-example``; ``sslbench plugins`` then lists it and a
+spec can use ``id: pooled_pixels``. Everything it touches is sslbench's public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from sslbench import Backbone, BackboneEntry, MetricEntry, ScoringContext, hookimpl
+
+
+class PooledPixelsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grid: int = Field(4, ge=1, description="images are average-pooled to grid × grid cells")
+
+
+class PooledPixels(Backbone):
+    """Greyscale images average-pooled to a coarse grid: a hand-crafted baseline."""
+
+    def __init__(self, options: PooledPixelsOptions) -> None:
+        self.grid = options.grid
+        self.feature_dim = options.grid * options.grid
+
+    def preprocess(self, sample: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
+        return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255.0)[None]
+
+    def embed(self, batch: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.adaptive_avg_pool2d(batch, self.grid).flatten(1)
+
+
+def purity(ctx: ScoringContext) -> float:
+    """Fraction of eval samples that belong to their cluster's most frequent eval class."""
+    return float(ctx.eval_contingency.max(axis=1).sum() / ctx.eval_contingency.sum())
+
+
+@hookimpl
+def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> None:
+    register(
+        BackboneEntry(
+            "pooled_pixels",
+            PooledPixels,
+            family="example",
+            description="greyscale image average-pooled to a grid (example plugin)",
+            options=PooledPixelsOptions,
+            feature_dim=16,
+        )
+    )
+
+
+@hookimpl
+def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
+    register(MetricEntry("purity", purity, "Purity", "majority eval class per cluster (example plugin)"))

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslbench.plugins import Plugins, load_plugins
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def plugins() -> Plugins:
+    return load_plugins()
+
+
+def blobs(
+    n_per_class: int, n_classes: int, dims: int, seed: int, spread: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian class blobs around random centres: a deterministic stand-in for features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(n_classes, dims))
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    features = centres[labels] + rng.normal(scale=spread, size=(len(labels), dims))
+    order = rng.permutation(len(labels))
+    return features[order].astype(np.float32), labels[order]
+
+
+@pytest.fixture()
+def split_blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = blobs(60, 5, 12, seed=0)
+    return x[:200], y[:200], x[200:], y[200:]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sslbench`` in a real subprocess (from ``cwd``, so the installed package is used)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sslbench", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

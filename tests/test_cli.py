@@ -1,0 +1,249 @@
+"""The command line through real subprocesses: outputs, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import blobs, run_cli
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quickstart")
+    proc = run_cli("run", "quickstart", "--out", str(out), "--save-predictions", cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def test_quickstart_end_to_end(quickstart):
+    data = json.loads((quickstart / "results.json").read_text())
+    assert data["spec"]["name"] == "quickstart"
+    assert len(data["runs"]) == 2 * 2 * 5  # models × overclustering factors × seeds
+    assert {(r["model"], r["protocol"]["n_clusters"]) for r in data["runs"]} == {
+        ("raw pixels", 10),
+        ("raw pixels", 15),
+        ("random-init CNN", 10),
+        ("random-init CNN", 15),
+    }
+    run = data["runs"][0]
+    assert run["protocol"]["fit_split"] == "train" and run["protocol"]["eval_split"] == "val"
+    assert run["n_train"] == 1348 and run["n_eval"] == 449
+    summary = {(row["model"], row["protocol"]["n_clusters"]): row for row in data["summary"]}
+    assert all(row["n_seeds"] == 5 for row in summary.values())
+    # raw pixels cluster digits far better than chance, and overclustering raises ACC
+    assert summary[("raw pixels", 10)]["metrics"]["acc"]["mean"] > 0.6
+    assert (
+        summary[("raw pixels", 15)]["metrics"]["acc"]["mean"]
+        > summary[("raw pixels", 10)]["metrics"]["acc"]["mean"]
+    )
+    stdout = (quickstart / "stdout.txt").read_text()
+    assert "ACC" in stdout and "raw pixels" in stdout and "random-init CNN" in stdout
+    md = (quickstart / "results.md").read_text()
+    assert md.count("**") >= 8  # a bold best value in each of the four columns
+    csv_lines = (quickstart / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("model,dataset,fit_split")
+
+
+def test_saved_predictions(quickstart):
+    files = sorted((quickstart / "predictions").glob("*.npz"))
+    assert len(files) == 20
+    name = "raw-pixels__digits__k15_pca64_ep60__seed3.npz"
+    with np.load(quickstart / "predictions" / name) as preds:
+        assert set(preds.files) == {"train_pred", "train_labels", "eval_pred", "eval_labels"}
+        assert preds["train_pred"].shape == (1348,) and preds["eval_pred"].shape == (449,)
+        assert preds["eval_pred"].max() < 15
+    data = json.loads((quickstart / "results.json").read_text())
+    run = next(
+        r
+        for r in data["runs"]
+        if r["model"] == "raw pixels" and r["seed"] == 3 and r["protocol"]["n_clusters"] == 15
+    )
+    # the saved predictions reproduce the recorded ACC
+    from sslbench.protocol import contingency, hungarian_mapping, mapped_accuracy
+
+    with np.load(quickstart / "predictions" / name) as p:
+        mapping = hungarian_mapping(contingency(p["train_pred"], p["train_labels"], 15, 10))
+        assert mapped_accuracy(mapping, p["eval_pred"], p["eval_labels"]) == run["metrics"]["acc"]
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "json", "rich"])
+def test_report_renders_results(quickstart, fmt, tmp_path):
+    proc = run_cli("report", str(quickstart), "--format", fmt, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "raw pixels" in proc.stdout
+
+
+def test_validate_and_listing_commands(tmp_path):
+    proc = run_cli("validate", "quickstart", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 model(s) × 1 dataset(s) × 2 protocol point(s) × 5 seed(s) = 20 runs" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # validate computes and writes nothing
+
+    proc = run_cli("plugins", "--json", cwd=tmp_path)
+    assert proc.returncode == 0
+    listed = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert listed["reference"]["distribution"] == "sslbench"
+    assert listed["basic_backbones"]["registered"]["backbone"] == ["raw", "random_cnn"]
+
+    proc = run_cli("models", cwd=tmp_path)
+    assert proc.returncode == 0 and "random_cnn" in proc.stdout and "512" in proc.stdout
+
+
+SPEC = """\
+models:
+  - id: raw
+datasets:
+  - id: features
+    options:
+      splits:
+        train: {features: train.npy, labels: train_labels.npy}
+        val: {features: val.npy, labels: val_labels.npy}
+protocol:
+  epochs: 2
+  seeds: 2
+  k: K
+device: cpu
+"""
+
+
+def write_features(folder: Path, xtr, ytr, xev, yev, k: int = 5) -> Path:
+    for name, array in (("train", xtr), ("train_labels", ytr), ("val", xev), ("val_labels", yev)):
+        np.save(folder / f"{name}.npy", array)
+    spec = folder / "spec.yaml"
+    spec.write_text(SPEC.replace("K", str(k)))
+    return spec
+
+
+def assert_user_error(proc, expected: str) -> None:
+    """Exit 2, no traceback, and the error is one line (progress lines may precede it on stderr)."""
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("sslbench: error: ")]
+    assert errors == [lines[-1]], proc.stderr
+    assert expected in errors[0], errors[0]
+
+
+def test_features_dataset_runs(tmp_path):
+    x, y = blobs(50, 5, 8, seed=2)
+    spec = write_features(tmp_path, x[:200], y[:200], x[200:], y[200:])
+    proc = run_cli("run", str(spec), "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["summary"][0]["metrics"]["acc"]["mean"] > 0.9
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("nan_train", "features/train (raw) features contain NaN or inf in 3 of 200 rows (first: row 10)"),
+        ("dims", "features/train (raw) features have 8 dims but features/val (raw) features have 7"),
+        ("labels", "features/val (raw) has 50 feature rows but 49 labels"),
+        ("too_many_clusters", "features/train (raw) has 200 samples, fewer than the 500 clusters asked for"),
+        ("missing_file", "features file not found: val.npy"),
+        ("truncated", "cannot read train.npy"),
+    ],
+)
+def test_bad_feature_files(tmp_path, case, expected):
+    x, y = blobs(50, 5, 8, seed=2)
+    xtr, ytr, xev, yev = x[:200].copy(), y[:200], x[200:], y[200:]
+    k = 5
+    if case == "nan_train":
+        xtr[[10, 20, 30], 1] = np.nan
+    elif case == "dims":
+        xev = xev[:, :7]
+    elif case == "labels":
+        yev = yev[:-1]
+    elif case == "too_many_clusters":
+        k = 500
+    spec = write_features(tmp_path, xtr, ytr, xev, yev, k=k)
+    if case == "missing_file":
+        (tmp_path / "val.npy").unlink()
+    elif case == "truncated":
+        data = (tmp_path / "train.npy").read_bytes()
+        (tmp_path / "train.npy").write_bytes(data[: len(data) // 2])
+    proc = run_cli("run", str(spec), "--out", "out", cwd=tmp_path)
+    assert_user_error(proc, expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "spec file not found: missing.yaml"),
+        ("models: [\n", "spec.yaml:2: YAML syntax error"),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {k: 0}\n",
+            "spec.yaml:3: protocol.k: Input should be greater than or equal to 1",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {overcluster: 0.9}\n",
+            "protocol.overcluster: Input should be greater than or equal to 1",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {epochs: 0}\n",
+            "protocol.epochs: Input should be greater than or equal to 1",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {seeds: 0}\n",
+            "protocol.seeds: Value error, a seed count must be at least 1",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocl: {}\n",
+            "spec.yaml:3: protocl: unknown key (did you mean 'protocol'?)",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {epochs: many}\n",
+            "protocol.epochs: Input should be a valid integer",
+        ),
+        (
+            "models: [{id: random_cn}]\ndatasets: [{id: digits}]\n",
+            "spec.yaml:1: models[0].id: unknown backbone 'random_cn' (did you mean 'random_cnn'?)",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digit}]\n",
+            "unknown dataset 'digit' (did you mean 'digits'?)",
+        ),
+        (
+            "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {backend: sklearn}\n",
+            "unknown backend 'sklearn'",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_bad_specs_exit_2_with_one_line(tmp_path, text, expected, command):
+    if text is None:
+        spec = "missing.yaml"
+    else:
+        (tmp_path / "spec.yaml").write_text(text)
+        spec = "spec.yaml"
+    assert_user_error(run_cli(command, spec, cwd=tmp_path), expected)
+
+
+def test_unknown_split_is_named_when_the_dataset_loads(tmp_path):
+    (tmp_path / "spec.yaml").write_text(
+        "models: [{id: raw}]\ndatasets:\n  - id: digits\n    eval_split: test\n"
+    )
+    assert_user_error(
+        run_cli("run", "spec.yaml", cwd=tmp_path),
+        "spec.yaml:4: datasets[0].eval_split: dataset 'digits' has no split 'test'; it has: train, val",
+    )
+
+
+def test_report_of_a_missing_results_file(tmp_path):
+    assert_user_error(run_cli("report", "nowhere", cwd=tmp_path), "results file not found: nowhere")
+
+
+def test_internal_errors_exit_1_with_traceback(monkeypatch, capsys):
+    from sslbench import cli
+
+    def boom(args, plugins):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_models", boom)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug" in err
