@@ -7,13 +7,14 @@ import statistics
 
 import numpy as np
 import pytest
-from conftest import blobs
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import IncrementalPCA
-from sslbench_plugins.reference_backend import ReferenceKMeans, ReferencePCA
 
 from sslbench import Results, SSLBenchError, evaluate_features
 from sslbench.interfaces import ClustererConfig, ReducerConfig
+from sslbench_plugins.reference_backend import ReferenceKMeans, ReferencePCA
+
+from conftest import blobs
 
 
 def test_api_returns_runs_and_summary(split_blobs):
