@@ -17,11 +17,18 @@ import numpy as np
 from pydantic import ValidationError
 
 from sslbench.errors import SSLBenchError
-from sslbench.interfaces import ClustererConfig, ReducerConfig, ScoringContext, iter_chunks
+from sslbench.interfaces import (
+    Clusterer,
+    ClustererConfig,
+    MetricEntry,
+    ReducerConfig,
+    ScoringContext,
+    iter_chunks,
+)
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.protocol import contingency
 from sslbench.results import PluginVersion, Results, Run, RunProtocol, Timings, build_results, environment
-from sslbench.spec import ProtocolPoint, ProtocolSpec
+from sslbench.spec import ProtocolSpec
 
 
 @dataclass(frozen=True)
@@ -158,11 +165,9 @@ def run_protocol(
                 backend=protocol.backend,
             )
             for seed in protocol.seeds:
-                run, preds = _run_seed(
+                outcome = _run_seed(
                     clusterer_entry.factory,
-                    point,
-                    seed,
-                    device,
+                    ClustererConfig(point.n_clusters, point.epochs, point.batch_size, seed, device),
                     train,
                     eval_,
                     train_z,
@@ -177,8 +182,10 @@ def run_protocol(
                     seed=seed,
                     n_train=len(train.labels),
                     n_eval=len(eval_.labels),
-                    metrics=run["metrics"],
-                    timings=Timings(extract_s=extract_s, pca_s=pca_s, **run["timings"]),
+                    metrics=outcome.metrics,
+                    timings=Timings(
+                        extract_s=extract_s, pca_s=pca_s, kmeans_s=outcome.kmeans_s, eval_s=outcome.eval_s
+                    ),
                 )
                 if predictions_dir is not None:
                     tag = (
@@ -188,32 +195,38 @@ def run_protocol(
                     )
                     stem = f"{_file_stem(model)}__{_file_stem(dataset)}{tag}__seed{seed}"
                     predictions_dir.mkdir(parents=True, exist_ok=True)
-                    np.savez_compressed(predictions_dir / f"{stem}.npz", **preds)
+                    np.savez_compressed(
+                        predictions_dir / f"{stem}.npz",
+                        train_pred=outcome.train_pred,
+                        train_labels=train.labels,
+                        eval_pred=outcome.eval_pred,
+                        eval_labels=eval_.labels,
+                    )
                 runs.append(run)
                 if on_run is not None:
                     on_run(run)
     return runs
 
 
+@dataclass(frozen=True)
+class _SeedOutcome:
+    metrics: dict[str, float]
+    train_pred: np.ndarray
+    eval_pred: np.ndarray
+    kmeans_s: float
+    eval_s: float
+
+
 def _run_seed(
-    factory: Callable[[ClustererConfig], Any],
-    point: ProtocolPoint,
-    seed: int,
-    device: str,
+    factory: Callable[[ClustererConfig], Clusterer],
+    config: ClustererConfig,
     train: FeatureSplit,
     eval_: FeatureSplit,
     train_z: np.ndarray,
     eval_z: np.ndarray,
     n_classes: int,
-    metric_entries: Sequence[Any],
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    config = ClustererConfig(
-        n_clusters=point.n_clusters,
-        epochs=point.epochs,
-        batch_size=point.batch_size,
-        seed=seed,
-        device=device,
-    )
+    metric_entries: Sequence[MetricEntry],
+) -> _SeedOutcome:
     started = time.perf_counter()
     clusterer = factory(config)
     clusterer.fit(train_z)
@@ -223,27 +236,20 @@ def _run_seed(
     train_pred = np.asarray(clusterer.predict(train_z), dtype=np.int64)
     eval_pred = np.asarray(clusterer.predict(eval_z), dtype=np.int64)
     for split, pred in ((train.name, train_pred), (eval_.name, eval_pred)):
-        if len(pred) and (pred.min() < 0 or pred.max() >= point.n_clusters):
-            raise RuntimeError(f"clusterer returned cluster ids outside [0, {point.n_clusters}) for {split}")
+        if len(pred) and (pred.min() < 0 or pred.max() >= config.n_clusters):
+            raise RuntimeError(f"clusterer returned cluster ids outside [0, {config.n_clusters}) for {split}")
     ctx = ScoringContext(
         train_pred=train_pred,
         train_labels=train.labels,
         eval_pred=eval_pred,
         eval_labels=eval_.labels,
-        n_clusters=point.n_clusters,
+        n_clusters=config.n_clusters,
         n_classes=n_classes,
-        train_contingency=contingency(train_pred, train.labels, point.n_clusters, n_classes),
-        eval_contingency=contingency(eval_pred, eval_.labels, point.n_clusters, n_classes),
+        train_contingency=contingency(train_pred, train.labels, config.n_clusters, n_classes),
+        eval_contingency=contingency(eval_pred, eval_.labels, config.n_clusters, n_classes),
     )
     metrics = {entry.name: float(entry.fn(ctx)) for entry in metric_entries}
-    eval_s = time.perf_counter() - started
-    preds = {
-        "train_pred": train_pred,
-        "train_labels": train.labels,
-        "eval_pred": eval_pred,
-        "eval_labels": eval_.labels,
-    }
-    return {"metrics": metrics, "timings": {"kmeans_s": kmeans_s, "eval_s": eval_s}}, preds
+    return _SeedOutcome(metrics, train_pred, eval_pred, kmeans_s, time.perf_counter() - started)
 
 
 def evaluate_features(

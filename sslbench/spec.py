@@ -74,21 +74,19 @@ class ProtocolSpec(_StrictModel):
     """The clustering protocol. List-valued fields sweep: every combination is run."""
 
     pca_dims: list[PositiveInt | None] = Field(
-        default_factory=lambda: [None], description="PCA dimensions; null keeps all components."
+        default=[None], description="PCA dimensions; null keeps all components."
     )
     whiten: bool = Field(False, description="Scale PCA components to unit variance.")
     k: list[PositiveInt | None] = Field(
-        default_factory=lambda: [None], description="Clusters before overclustering; null = classes."
+        default=[None], description="Clusters before overclustering; null = classes."
     )
-    overcluster: list[Overcluster] = Field(
-        default_factory=lambda: [1.0], description="Clusters = int(overcluster × k)."
-    )
-    epochs: list[PositiveInt] = Field(default_factory=lambda: [60], description="k-means epochs.")
+    overcluster: list[Overcluster] = Field(default=[1.0], description="Clusters = int(overcluster × k).")
+    epochs: list[PositiveInt] = Field(default=[60], description="k-means epochs.")
     batch_size: PositiveInt | None = Field(
         None, description="k-means batch size; null = max(2048, 2^ceil(log2 clusters))."
     )
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 4],
+        default=[0, 1, 2, 3, 4],
         description="k-means seeds: a list, or a count n meaning 0..n-1.",
     )
     backend: str = Field("reference", description="PCA + k-means implementation.")
@@ -154,8 +152,8 @@ class Spec(_StrictModel):
     name: str | None = Field(None, description="Run name; defaults to the spec file's stem.")
     models: list[ModelSpec] = Field(min_length=1, description="Backbones to evaluate.")
     datasets: list[DatasetSpec] = Field(min_length=1, description="Datasets to cluster.")
-    protocol: ProtocolSpec = Field(default_factory=ProtocolSpec)
-    extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
+    protocol: ProtocolSpec = ProtocolSpec()
+    extraction: ExtractionSpec = ExtractionSpec()
     output_dir: str | None = Field(None, description="Where results go; default runs/<name>.")
     device: str = Field(
         "auto",
@@ -184,9 +182,9 @@ def _node_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, .
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = key_node.value
-            _node_lines(value_node, (*path, key), lines)
-            lines[(*path, key)] = key_node.start_mark.line + 1
+            key_path = (*path, key_node.value)
+            _node_lines(value_node, key_path, lines)
+            lines[key_path] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _node_lines(item, (*path, index), lines)

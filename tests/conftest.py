@@ -12,6 +12,11 @@ from sslbench.plugins import Plugins, load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The metrics the paper's code computes, which every run records.
+PAPER_METRICS = frozenset(
+    {"acc", "acc_majority", "acc_eval_assignment", "ari", "ami", "nmi", "v_measure", "fowlkes_mallows"}
+)
+
 
 @pytest.fixture(scope="session")
 def plugins() -> Plugins:
