@@ -24,7 +24,7 @@ from sslbench.spec import load_spec, resolve_spec
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+    return Console(highlight=False)
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:

@@ -27,7 +27,7 @@ from sslbench.interfaces import (
 )
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.protocol import contingency
-from sslbench.results import PluginVersion, Results, Run, RunProtocol, Timings, build_results, environment
+from sslbench.results import Results, Run, RunProtocol, Timings, build_results, environment
 from sslbench.spec import ProtocolSpec
 
 
@@ -312,13 +312,6 @@ def evaluate_features(
     runs = run_protocol(
         train, eval_, n_classes=classes, protocol=protocol, plugins=plugins, model=model, dataset=dataset
     )
-    env = environment(
-        "cpu",
-        [
-            PluginVersion(name=p.name, distribution=p.distribution, version=p.version)
-            for p in plugins.plugins
-            if p.error is None
-        ],
-    )
+    env = environment("cpu", plugins)
     spec = {"api": "evaluate_features", "protocol": protocol.model_dump(mode="json")}
     return build_results(runs, spec=spec, env=env, wall_s=time.perf_counter() - started)

@@ -15,11 +15,14 @@ import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sslbench.errors import SSLBenchError
+
+if TYPE_CHECKING:
+    from sslbench.plugins import Plugins
 
 SCHEMA_VERSION = 1
 
@@ -124,7 +127,13 @@ def sslbench_version() -> str:
     return version_of("sslbench") or "0+unknown"
 
 
-def environment(device: str, plugins: Iterable[PluginVersion]) -> Environment:
+def environment(device: str, plugins: Plugins) -> Environment:
+    """Versions of everything that can change a number, and the plugins that were loaded."""
+    loaded = [
+        PluginVersion(name=p.name, distribution=p.distribution, version=p.version)
+        for p in plugins.plugins
+        if p.error is None
+    ]
     return Environment(
         python=platform.python_version(),
         platform=platform.platform(),
@@ -134,7 +143,7 @@ def environment(device: str, plugins: Iterable[PluginVersion]) -> Environment:
         scikit_learn=version_of("scikit-learn") or "unknown",
         scipy=version_of("scipy") or "unknown",
         device=device,
-        plugins=list(plugins),
+        plugins=loaded,
     )
 
 

@@ -15,7 +15,7 @@ from sslbench.evaluate import checked_split, run_protocol
 from sslbench.extract import extract_features, resolve_device
 from sslbench.interfaces import Backbone, Dataset
 from sslbench.plugins import Plugins
-from sslbench.results import PluginVersion, Results, Run, build_results, environment, write_atomic
+from sslbench.results import Results, Run, build_results, environment, write_atomic
 from sslbench.spec import DatasetSpec, ResolvedSpec
 
 #: Reports written next to results.json by ``sslbench run``.
@@ -53,14 +53,7 @@ def run_spec(
     spec = resolved.spec
     started = time.perf_counter()
     device = resolve_device(spec.device)
-    env = environment(
-        device,
-        [
-            PluginVersion(name=p.name, distribution=p.distribution, version=p.version)
-            for p in plugins.plugins
-            if p.error is None
-        ],
-    )
+    env = environment(device, plugins)
     spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
     runs: list[Run] = []
     backbones: dict[int, Backbone] = {}

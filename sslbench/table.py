@@ -101,7 +101,7 @@ def summary_tables(results: Results, metrics: tuple[str, ...] = HEADLINE_METRICS
                 within = not is_best and top.std is not None and value.mean >= top.mean - top.std
                 cells[metric] = Cell(value.mean, value.std, is_best, within)
             rows.append(Row(_row_label(summary, varying), summary, cells))
-        seeds = sorted({n for row in summaries for n in [row.n_seeds]})
+        seeds = sorted({row.n_seeds for row in summaries})
         caption = (
             f"{dataset} ({protocols[0].fit_split} → {protocols[0].eval_split}, "
             f"{protocols[0].n_classes} classes): k = {_values(protocols, 'n_clusters')}, "
