@@ -136,6 +136,12 @@ def run_protocol(
         )
     _check_pair(train, eval_, protocol, n_classes)
     reducer_entry, clusterer_entry = plugins.backend(protocol.backend)
+    try:
+        backend_options = clusterer_entry.options.model_validate(protocol.backend_options)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in ("protocol", "backend_options", *err["loc"]))
+        raise SSLBenchError(f"{where}: {err['msg']}") from None
     metric_entries = list(plugins.metrics)
     points = protocol.points(n_classes)
 
@@ -167,7 +173,9 @@ def run_protocol(
             for seed in protocol.seeds:
                 outcome = _run_seed(
                     clusterer_entry.factory,
-                    ClustererConfig(point.n_clusters, point.epochs, point.batch_size, seed, device),
+                    ClustererConfig(
+                        point.n_clusters, point.epochs, point.batch_size, seed, device, backend_options
+                    ),
                     train,
                     eval_,
                     train_z,
@@ -265,7 +273,9 @@ def evaluate_features(
     epochs: int = 60,
     batch_size: int | None = None,
     seeds: int | Sequence[int] = 5,
-    backend: str = "reference",
+    backend: str = "torch",
+    backend_options: dict[str, Any] | None = None,
+    device: str = "auto",
     n_classes: int | None = None,
     model: str = "features",
     dataset: str = "features",
@@ -283,6 +293,9 @@ def evaluate_features(
     :param overcluster: fit ``int(overcluster × n_clusters)`` clusters; a list sweeps.
     :param pca_dim: PCA components to keep; ``None`` keeps all; a list sweeps.
     :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds.
+    :param backend: ``reference`` (the paper's scikit-learn code) or ``torch`` (fast, CPU or GPU).
+    :param backend_options: options of the backend's clusterer, e.g. ``{"algorithm": "lloyd"}``.
+    :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; used by backends that run on GPUs.
     :param n_classes: number of classes; ``None`` = ``max(label) + 1`` over both splits.
     :returns: :class:`~sslbench.results.Results` with ``runs`` (per seed) and ``summary``.
     :raises SSLBenchError: unusable input (NaN/inf, mismatched shapes, k larger than the train set).
@@ -300,6 +313,7 @@ def evaluate_features(
                 "batch_size": batch_size,
                 "seeds": list(seeds) if isinstance(seeds, Sequence) else seeds,
                 "backend": backend,
+                "backend_options": backend_options or {},
             }
         )
     except ValidationError as exc:
@@ -309,9 +323,19 @@ def evaluate_features(
     train = checked_split("train", train_features, train_labels)
     eval_ = checked_split("eval", eval_features, eval_labels)
     classes = n_classes if n_classes is not None else int(max(train.labels.max(), eval_.labels.max())) + 1
+    from sslbench.extract import resolve_device
+
+    device = resolve_device(device)
     runs = run_protocol(
-        train, eval_, n_classes=classes, protocol=protocol, plugins=plugins, model=model, dataset=dataset
+        train,
+        eval_,
+        n_classes=classes,
+        protocol=protocol,
+        plugins=plugins,
+        model=model,
+        dataset=dataset,
+        device=device,
     )
-    env = environment("cpu", plugins)
+    env = environment(device, plugins)
     spec = {"api": "evaluate_features", "protocol": protocol.model_dump(mode="json")}
     return build_results(runs, spec=spec, env=env, wall_s=time.perf_counter() - started)

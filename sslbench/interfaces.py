@@ -172,13 +172,17 @@ class ReducerConfig:
 
 @dataclass(frozen=True)
 class ClustererConfig:
-    """What the protocol tells a clusterer factory."""
+    """What the protocol tells a clusterer factory.
+
+    ``options`` is the spec's ``protocol.backend_options`` validated by the entry's options model.
+    """
 
     n_clusters: int
     epochs: int
     batch_size: int
     seed: int
     device: str = "cpu"
+    options: BaseModel = field(default_factory=NoOptions)
 
 
 class Clusterer(ABC):
@@ -204,11 +208,15 @@ class ReducerEntry:
 
 @dataclass(frozen=True)
 class ClustererEntry:
-    """A clustering implementation, selected by the spec's ``protocol.backend``."""
+    """A clustering implementation, selected by the spec's ``protocol.backend``.
+
+    ``options`` validates the spec's ``protocol.backend_options``.
+    """
 
     name: str
     factory: Callable[[ClustererConfig], Clusterer]
     description: str
+    options: type[BaseModel] = NoOptions
 
 
 # --------------------------------------------------------------------------------------------------

@@ -89,7 +89,10 @@ class ProtocolSpec(_StrictModel):
         default=[0, 1, 2, 3, 4],
         description="k-means seeds: a list, or a count n meaning 0..n-1.",
     )
-    backend: str = Field("reference", description="PCA + k-means implementation.")
+    backend: str = Field("torch", description="PCA + k-means implementation.")
+    backend_options: dict[str, Any] = Field(
+        default={}, description="Options of the backend's clusterer (e.g. torch: algorithm)."
+    )
 
     _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
 
@@ -309,6 +312,7 @@ class ResolvedSpec:
     loaded: LoadedSpec
     model_options: list[BaseModel]
     dataset_options: list[BaseModel]
+    backend_options: BaseModel
 
     @property
     def spec(self) -> Spec:
@@ -349,5 +353,8 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
         dataset_options.append(
             _validate_options(loaded, entry.options, dataset.options, ("datasets", i, "options"))
         )
-    _named(loaded, ("protocol", "backend"), plugins.backend, spec.protocol.backend)
-    return ResolvedSpec(loaded, model_options, dataset_options)
+    _, clusterer = _named(loaded, ("protocol", "backend"), plugins.backend, spec.protocol.backend)
+    backend_options = _validate_options(
+        loaded, clusterer.options, spec.protocol.backend_options, ("protocol", "backend_options")
+    )
+    return ResolvedSpec(loaded, model_options, dataset_options, backend_options)

@@ -24,7 +24,7 @@ def test_api_returns_runs_and_summary(split_blobs):
     assert len(results.runs) == 6 and len(results.summary) == 2
     run = results.runs[0]
     assert run.protocol.n_classes == 5 and run.protocol.n_clusters == 5 and run.protocol.pca_dims == 12
-    assert run.protocol.batch_size == 2048 and run.protocol.backend == "reference"
+    assert run.protocol.batch_size == 2048 and run.protocol.backend == "torch"  # the default
     assert set(run.metrics) >= PAPER_METRICS
     # fractions (up to float rounding); the chance-adjusted ARI and AMI may also dip below 0
     assert all(
@@ -135,8 +135,8 @@ def test_protocol_limits(split_blobs):
         evaluate_features(xtr, ytr, xev, yev, epochs=0)
     with pytest.raises(SSLBenchError, match="evaluate_features: seeds"):
         evaluate_features(xtr, ytr, xev, yev, seeds=0)
-    with pytest.raises(SSLBenchError, match="unknown backend 'torch'"):
-        evaluate_features(xtr, ytr, xev, yev, backend="torch", seeds=1, epochs=1)
+    with pytest.raises(SSLBenchError, match="unknown backend 'troch' \\(did you mean 'torch'\\?\\)"):
+        evaluate_features(xtr, ytr, xev, yev, backend="troch", seeds=1, epochs=1)
 
 
 def test_pca_sweep_fits_once_and_truncates(split_blobs):

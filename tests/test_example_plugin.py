@@ -35,7 +35,9 @@ def test_example_plugin_in_process():
     plugins = load_plugins(entry_points=False, extra=[*builtins, ("example_local", module)])
     assert plugins.backbones.names() == ["pooled_pixels"]
     x, y = blobs(40, 4, 6, seed=5)
-    results = evaluate_features(x[:120], y[:120], x[120:], y[120:], seeds=1, epochs=2, plugins=plugins)
+    results = evaluate_features(
+        x[:120], y[:120], x[120:], y[120:], seeds=1, epochs=2, backend="reference", plugins=plugins
+    )
     assert 0.0 < results.runs[0].metrics["purity"] <= 1.0
 
 

@@ -31,6 +31,9 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
         "metrics": "sslbench_plugins.metrics",
         "reference": "sslbench_plugins.reference_backend",
         "reporters": "sslbench_plugins.reporters",
+        "torch": "sslbench_plugins.torch_backend",
+        "faiss": "sslbench_plugins.faiss_backend",
+        "cuml": "sslbench_plugins.cuml_backend",
     }
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert scripts == {"sslbench": "sslbench.cli:main"}

@@ -14,7 +14,7 @@ from sslbench.plugins import load_plugins
 
 from conftest import PAPER_METRICS
 
-BUILTINS = {"basic_backbones", "datasets", "metrics", "reference", "reporters"}
+BUILTINS = {"basic_backbones", "cuml", "datasets", "faiss", "metrics", "reference", "reporters", "torch"}
 
 
 def test_builtins_load_through_entry_points(plugins):
@@ -24,7 +24,7 @@ def test_builtins_load_through_entry_points(plugins):
         assert by_name[name].distribution == "sslbench"
         assert by_name[name].error is None
     assert by_name["reference"].registered == {"reducer": ["reference"], "clusterer": ["reference"]}
-    assert plugins.backend_names() == ["reference"]
+    assert sorted(plugins.backend_names()) == ["cuml", "faiss", "reference", "torch"]
     assert set(plugins.metrics.names()) >= PAPER_METRICS
     assert plugins.backbones.origin("raw") == "basic_backbones"
 

@@ -1,0 +1,132 @@
+"""The ``cuml`` backend (optional extra ``sslbench[gpu]``): RAPIDS cuML PCA and KMeans on a GPU.
+
+Features move to the GPU in row chunks (cupy arrays): PCA is cuML's ``IncrementalPCA``
+(``partial_fit`` per chunk, all components, truncated per ``pca_dims`` like the reference backend);
+k-means is cuML's ``KMeans`` (k-means|| initialisation, ``epochs`` = ``max_iter``, seeded) on the
+projected train features, which for the protocol's PCA dimensions fit in GPU memory. cuML and cupy
+are imported only when the backend is used; without them, or without a GPU, the error says so.
+Multi-node GPU k-means goes through cuML's Dask API (``cuml.dask.cluster.KMeans``), not this plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sslbench import hookimpl
+from sslbench.arrays import RowReader
+from sslbench.errors import SSLBenchError
+from sslbench.interfaces import (
+    Clusterer,
+    ClustererConfig,
+    ClustererEntry,
+    Reducer,
+    ReducerConfig,
+    ReducerEntry,
+    iter_chunks,
+)
+
+NAME = "cuml"
+CHUNK_ROWS = 65536
+
+
+def _gpu_modules() -> tuple[Any, Any]:
+    try:
+        import cuml
+        import cupy
+    except ImportError:
+        raise SSLBenchError(
+            "backend 'cuml' needs RAPIDS cuML and cupy on a CUDA machine: pip install 'sslbench[gpu]'"
+        ) from None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise SSLBenchError("backend 'cuml' found no CUDA GPU")
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise SSLBenchError(f"backend 'cuml' found no usable CUDA GPU: {exc}") from None
+    return cupy, cuml
+
+
+def _to_device(cupy: Any, reader: RowReader, rows: slice) -> Any:
+    return cupy.asarray(reader.rows(rows))
+
+
+class CumlPCA(Reducer):
+    def __init__(self, config: ReducerConfig) -> None:
+        self._pca: Any = None
+
+    def fit(self, features: np.ndarray) -> None:
+        cupy, cuml = _gpu_modules()
+        reader = RowReader(features)
+        batch = max(4096, 2 * reader.dims)
+        pca = cuml.IncrementalPCA(n_components=None, batch_size=batch, output_type="cupy")
+        for rows in iter_chunks(len(reader), max(batch, CHUNK_ROWS)):
+            pca.partial_fit(_to_device(cupy, reader, rows))
+        reader.release()
+        self._pca = pca
+
+    @property
+    def n_components(self) -> int:
+        if self._pca is None:
+            raise RuntimeError("CumlPCA used before fit")
+        return int(self._pca.n_components_)
+
+    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
+        cupy, _ = _gpu_modules()
+        n = self.n_components if n_components is None else n_components
+        if n > self.n_components:
+            raise SSLBenchError(f"pca_dims={n} exceeds the {self.n_components} components PCA found")
+        components = cupy.asarray(self._pca.components_)[:n].T
+        offset = cupy.asarray(self._pca.mean_) @ components
+        scale = cupy.sqrt(cupy.asarray(self._pca.explained_variance_)[:n]) if whiten else None
+        reader = RowReader(features)
+        out = np.empty((len(reader), n), dtype=np.float32)
+        for rows in iter_chunks(len(reader), CHUNK_ROWS):
+            projected = _to_device(cupy, reader, rows) @ components - offset
+            if scale is not None:
+                projected /= scale
+            out[rows] = cupy.asnumpy(projected.astype(cupy.float32))
+        reader.release()
+        return out
+
+
+class CumlKMeans(Clusterer):
+    def __init__(self, config: ClustererConfig) -> None:
+        self.config = config
+        self._kmeans: Any = None
+
+    def fit(self, features: np.ndarray) -> None:
+        cupy, cuml = _gpu_modules()
+        cfg = self.config
+        x = cupy.asarray(np.ascontiguousarray(features, dtype=np.float32))
+        kmeans = cuml.KMeans(
+            n_clusters=cfg.n_clusters,
+            max_iter=cfg.epochs,
+            random_state=cfg.seed,
+            n_init=1,
+            output_type="cupy",
+        )
+        kmeans.fit(x)
+        self._kmeans = kmeans
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        cupy, _ = _gpu_modules()
+        if self._kmeans is None:
+            raise RuntimeError("CumlKMeans.predict called before fit")
+        reader = RowReader(features)
+        out = np.empty(len(reader), dtype=np.int64)
+        for rows in iter_chunks(len(reader), CHUNK_ROWS):
+            out[rows] = cupy.asnumpy(self._kmeans.predict(_to_device(cupy, reader, rows)))
+        reader.release()
+        return out
+
+
+@hookimpl
+def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
+    register(ReducerEntry(NAME, CumlPCA, "RAPIDS cuML IncrementalPCA on a GPU (optional extra: gpu)"))
+
+
+@hookimpl
+def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
+    register(ClustererEntry(NAME, CumlKMeans, "RAPIDS cuML KMeans on a GPU (optional extra: gpu)"))

@@ -1,0 +1,171 @@
+"""The torch backend: exact PCA, scikit-learn-faithful k-means, streaming, and torch.distributed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+
+from sslbench import SSLBenchError, evaluate_features
+from sslbench.arrays import RowReader
+from sslbench.interfaces import ClustererConfig, ReducerConfig
+from sslbench_plugins.torch_backend import TorchKMeans, TorchKMeansOptions, TorchPCA
+
+from conftest import blobs
+
+
+def spectrum_data(n: int = 3000, d: int = 24, seed: int = 0) -> np.ndarray:
+    """Gaussian data with well-separated variances in a random basis, far from the origin."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(10.0, 0.5, d)
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return ((rng.normal(size=(n, d)) * scales) @ basis.T + 50.0).astype(np.float32)
+
+
+def test_pca_matches_scikit_learn_exact_pca():
+    x = spectrum_data()
+    ours = TorchPCA(ReducerConfig())
+    ours.fit(x)
+    exact = PCA().fit(x.astype(np.float64))
+    np.testing.assert_allclose(ours.explained_variance, exact.explained_variance_, rtol=1e-6)
+    projected = ours.transform(x, None, False)
+    reference = exact.transform(x.astype(np.float64))
+    signs = np.sign((projected * reference).sum(axis=0))
+    np.testing.assert_allclose(projected * signs, reference, atol=2e-3 * np.abs(reference).max())
+    # whitening: unit variance per component; truncation keeps the leading components
+    white = ours.transform(x, 5, True)
+    assert white.shape == (3000, 5)
+    np.testing.assert_allclose(white.var(axis=0, ddof=1), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(ours.transform(x, 5, False), projected[:, :5], atol=1e-4)
+
+
+def test_pca_components_are_sign_fixed_and_deterministic():
+    x = spectrum_data(seed=1)
+    a, b = TorchPCA(ReducerConfig()), TorchPCA(ReducerConfig())
+    a.fit(x)
+    b.fit(x[::-1].copy())  # row order does not change the covariance
+    for component in a.components:
+        assert component[np.abs(component).argmax()] > 0
+    np.testing.assert_allclose(a.components, b.components, atol=1e-6)
+
+
+def test_kmeans_quality_matches_the_reference_backend():
+    # Separated blobs, where a correct k-means finds the classes from almost every seed; on
+    # overlapping blobs both backends land in seed-dependent local minima (std ≈ 0.03 NMI).
+    x, y = blobs(100, 12, 16, seed=1, spread=1.5)
+    scores = {}
+    for backend in ("reference", "torch"):
+        results = evaluate_features(x[:900], y[:900], x[900:], y[900:], seeds=8, epochs=10, backend=backend)
+        scores[backend] = results.summary[0].metrics["nmi"].mean
+    assert abs(scores["torch"] - scores["reference"]) < 0.01, scores
+
+
+def test_lloyd_option_converges_on_blobs():
+    x, y = blobs(100, 6, 10, seed=4)
+    results = evaluate_features(
+        x[:450],
+        y[:450],
+        x[450:],
+        y[450:],
+        seeds=2,
+        epochs=1,
+        backend="torch",
+        backend_options={"algorithm": "lloyd", "max_iter": 50},
+    )
+    assert results.summary[0].metrics["acc"].mean > 0.95
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    x, _ = blobs(300, 8, 16, seed=2, spread=3.0)
+    predictions = []
+    for seed in (5, 5, 6):
+        kmeans = TorchKMeans(ClustererConfig(12, 3, 256, seed))
+        kmeans.fit(x)
+        predictions.append(kmeans.predict(x))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    assert not np.array_equal(predictions[0], predictions[2])
+
+
+def test_empty_and_starved_centres_are_reseeded():
+    """With far more clusters than distinct points, reassignment keeps every centre on data."""
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(5, 4)).astype(np.float32), 60, axis=0)
+    kmeans = TorchKMeans(ClustererConfig(8, 3, 64, 0))
+    kmeans.fit(x)
+    centers = kmeans.centers.numpy()
+    nearest = np.abs(centers[:, None, :] - x[None, ::60, :]).sum(axis=2).min(axis=1)
+    assert nearest.max() < 1e-4  # each centre sits on one of the five points
+
+
+def test_memmap_streaming_equals_in_memory_and_bounds_memory(tmp_path, monkeypatch):
+    x, _ = blobs(4000, 5, 64, seed=3)  # 20000 × 64: several 8192-row chunks
+    path = tmp_path / "features.npy"
+    np.save(path, x)
+    mapped = np.load(path, mmap_mode="r")
+    a = TorchKMeans(ClustererConfig(5, 2, 2048, 1, options=TorchKMeansOptions(chunk_rows=4096)))
+    b = TorchKMeans(ClustererConfig(5, 2, 2048, 1, options=TorchKMeansOptions(chunk_rows=4096)))
+    a.fit(mapped)
+    b.fit(x)
+    np.testing.assert_array_equal(a.predict(mapped), b.predict(x))
+
+    released = []
+    monkeypatch.setattr("sslbench.arrays.RELEASE_EVERY_BYTES", 1 << 20)
+    reader = RowReader(mapped)
+    monkeypatch.setattr(reader, "release", lambda: released.append(1) or RowReader.release(reader))
+    for start in range(0, len(x), 4096):
+        reader.rows(slice(start, start + 4096))
+    assert len(released) >= 4  # the mapped pages are dropped as the file streams by
+
+
+def test_bad_input_errors(split_blobs):
+    xtr, ytr, xev, yev = split_blobs
+    with pytest.raises(
+        SSLBenchError, match=r"protocol\.backend_options\.algorithm: Input should be 'minibatch' or 'lloyd'"
+    ):
+        evaluate_features(xtr, ytr, xev, yev, backend="torch", backend_options={"algorithm": "elkan"})
+    with pytest.raises(SSLBenchError, match="fewer than the 300 clusters"):
+        evaluate_features(xtr, ytr, xev, yev, backend="torch", n_clusters=300)
+    with pytest.raises(SSLBenchError, match="pca_dims=20 exceeds"):
+        evaluate_features(xtr, ytr, xev, yev, backend="torch", pca_dim=20)
+    bad = xtr.copy()
+    bad[7, 0] = np.inf
+    with pytest.raises(SSLBenchError, match="train features contain NaN or inf in 1 of 200 rows"):
+        evaluate_features(bad, ytr, xev, yev, backend="torch")
+
+
+WORKER = Path(__file__).with_name("distributed_kmeans_worker.py")
+
+
+@pytest.mark.slow
+def test_distributed_kmeans_matches_single_process(tmp_path):
+    x, _ = blobs(250, 6, 12, seed=7, spread=2.5)
+    np.save(tmp_path / "features.npy", x)
+    single = TorchKMeans(ClustererConfig(9, 3, 256, 3))
+    single.fit(x)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29631",
+            str(WORKER),
+            str(tmp_path / "features.npy"),
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    np.testing.assert_allclose(np.array(out["centers"]), single.centers.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.array(out["labels"]), single.predict(x))
