@@ -146,7 +146,7 @@ def run_protocol(
     points = protocol.points(n_classes)
 
     started = time.perf_counter()
-    reducer = reducer_entry.factory(ReducerConfig(device=device))
+    reducer = reducer_entry.factory(ReducerConfig(device=device, options=backend_options))
     reducer.fit(train.features)
     fit_s = time.perf_counter() - started
 

@@ -165,9 +165,14 @@ class Reducer(ABC):
 
 @dataclass(frozen=True)
 class ReducerConfig:
-    """What the protocol tells a reducer factory."""
+    """What the protocol tells a reducer factory.
+
+    ``options`` is the spec's ``protocol.backend_options``, validated by the backend's clusterer
+    entry (a backend has one options model for both of its steps).
+    """
 
     device: str = "cpu"
+    options: BaseModel = field(default_factory=NoOptions)
 
 
 @dataclass(frozen=True)

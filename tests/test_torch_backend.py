@@ -14,7 +14,7 @@ from sklearn.decomposition import PCA
 from sslbench import SSLBenchError, evaluate_features
 from sslbench.arrays import RowReader
 from sslbench.interfaces import ClustererConfig, ReducerConfig
-from sslbench_plugins.torch_backend import TorchKMeans, TorchKMeansOptions, TorchPCA
+from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA
 
 from conftest import blobs
 
@@ -107,8 +107,8 @@ def test_memmap_streaming_equals_in_memory_and_bounds_memory(tmp_path, monkeypat
     path = tmp_path / "features.npy"
     np.save(path, x)
     mapped = np.load(path, mmap_mode="r")
-    a = TorchKMeans(ClustererConfig(5, 2, 2048, 1, options=TorchKMeansOptions(chunk_rows=4096)))
-    b = TorchKMeans(ClustererConfig(5, 2, 2048, 1, options=TorchKMeansOptions(chunk_rows=4096)))
+    a = TorchKMeans(ClustererConfig(5, 2, 2048, 1, options=TorchOptions(chunk_rows=4096)))
+    b = TorchKMeans(ClustererConfig(5, 2, 2048, 1, options=TorchOptions(chunk_rows=4096)))
     a.fit(mapped)
     b.fit(x)
     np.testing.assert_array_equal(a.predict(mapped), b.predict(x))
