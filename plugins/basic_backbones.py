@@ -76,6 +76,9 @@ class RandomCNN(Backbone):
         self.net.to(device)
         return self
 
+    def torch_modules(self) -> list[Any]:
+        return [self.net]
+
     def preprocess(self, sample: Any) -> Any:
         import torch
         from PIL import Image

@@ -42,6 +42,7 @@ def pca_batch_size(n_features: int) -> int:
 
 class ReferencePCA(Reducer):
     def __init__(self, config: ReducerConfig) -> None:
+        self.config = config
         self._pca: IncrementalPCA | None = None
 
     def fit(self, features: np.ndarray) -> None:
@@ -49,6 +50,8 @@ class ReferencePCA(Reducer):
         pca = IncrementalPCA(n_components=None, batch_size=batch)
         for rows in iter_chunks(len(features), batch):
             pca.partial_fit(features[rows])
+            if self.config.on_rows:
+                self.config.on_rows(rows.stop - rows.start)
         self._pca = pca
 
     @property
@@ -99,6 +102,8 @@ class ReferenceKMeans(Clusterer):
             rng.shuffle(order)
             for rows in iter_chunks(len(order), cfg.batch_size):
                 kmeans.partial_fit(features[order[rows]])
+            if cfg.on_epoch:
+                cfg.on_epoch()
         self._kmeans = kmeans
 
     def predict(self, features: np.ndarray) -> np.ndarray:

@@ -278,6 +278,8 @@ class TorchKMeans(Clusterer):
                 if reassign:
                     since_reassign = 0
                     self._reassign(reader, ranks, centers, counts, batch, generator)
+            if cfg.on_epoch:
+                cfg.on_epoch()
         return centers
 
     def _reassign(
@@ -357,6 +359,8 @@ class TorchKMeans(Clusterer):
             new = (sums / counts.clamp_min(1)[:, None]).float()
             shift = float(((new - centers) ** 2).sum())
             centers = new
+            if cfg.on_epoch:
+                cfg.on_epoch()
             if shift <= tol:
                 break
         return centers
@@ -397,6 +401,7 @@ class TorchPCA(Reducer):
         self.device = _resolve(config.device)
         options = config.options if isinstance(config.options, TorchOptions) else TorchOptions()
         self.dtype = np.float64 if options.pca_precision == "float64" else np.float32
+        self.on_rows = config.on_rows
         self.mean: np.ndarray | None = None
         self.components: np.ndarray | None = None  # (n_components, d), rows by decreasing variance
         self.explained_variance: np.ndarray | None = None
@@ -414,6 +419,8 @@ class TorchPCA(Reducer):
             x = reader.rows(rows).astype(self.dtype) - shift.astype(self.dtype)
             total += x.sum(axis=0, dtype=np.float64)
             scatter += self._gram(x, on_cpu)
+            if self.on_rows:
+                self.on_rows(rows.stop - rows.start)
         reader.release()
         scatter = np.triu(scatter) + np.triu(scatter, 1).T
         centred = total / n

@@ -19,6 +19,7 @@ from rich.table import Table
 from sslbench.bundled import find_spec
 from sslbench.errors import SSLBenchError
 from sslbench.plugins import Plugins, get_plugins
+from sslbench.progress import rich_progress
 from sslbench.results import load_results, write_atomic
 from sslbench.spec import load_spec, resolve_spec
 
@@ -34,11 +35,95 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
     out_dir = Path(args.out or resolved.spec.output_dir or Path("runs") / resolved.loaded.name)
     console = _console()
     log_console = Console(stderr=True, highlight=False)
-    results = run_spec(
-        resolved, plugins, out_dir=out_dir, save_predictions=args.save_predictions, log=log_console.print
-    )
+    with rich_progress(log_console) as progress:
+        results = run_spec(
+            resolved,
+            plugins,
+            out_dir=out_dir,
+            save_predictions=args.save_predictions,
+            log=log_console.print,
+            progress=progress,
+        )
     plugins.reporters.get("rich").reporter.show(results, console)
+    if results.skipped:
+        log_console.print(
+            f"[yellow]{len(results.skipped)} unreadable sample(s) skipped; listed in results.json"
+        )
     console.print(f"results: {out_dir / 'results.json'}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.extract import init_distributed_from_env
+    from sslbench.runner import extract_spec
+
+    ranks = init_distributed_from_env()
+    resolved = resolve_spec(load_spec(find_spec(args.spec)), plugins)
+    device = None
+    if ranks.distributed and resolved.spec.device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+    log_console = Console(stderr=True, highlight=False)
+    quiet = ranks.rank != 0
+    with rich_progress(None if not quiet else Console(quiet=True)) as progress:
+        blocks = extract_spec(resolved, plugins, progress=progress, device=device)
+    if not quiet:
+        for block in blocks:
+            for split, extracted in block.extracted.items():
+                state = "cached" if extracted.from_cache else "extracted"
+                log_console.print(
+                    f"{block.model.label} / {block.dataset_spec.label} / {split}: "
+                    f"{extracted.features.shape[0]} × {extracted.features.shape[1]} {state}"
+                    + (f", {len(extracted.skipped)} skipped" if extracted.skipped else "")
+                )
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.cache import FeatureCache
+
+    cache = FeatureCache(Path(args.dir) if args.dir else None)
+    if args.cache_command == "rm":
+        removed = cache.remove(args.patterns)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            raise SSLBenchError(f"no cache entry in {cache.root} matches {' '.join(args.patterns)}")
+        return 0
+    table = Table(title=f"feature cache: {cache.root}")
+    for column in ("entry", "backbone", "dataset", "split", "rows × dims", "state", "size"):
+        table.add_column(column)
+    for path, manifest in cache.entries():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if manifest:
+            key = manifest["key"]
+            table.add_row(
+                path.name,
+                key["backbone"],
+                key["dataset"],
+                key["split"],
+                f"{manifest['n']} × {manifest['dims']}",
+                "complete",
+                f"{size / 1e6:.1f} MB",
+            )
+        else:
+            table.add_row(path.name, "", "", "", "", "partial (resumable)", f"{size / 1e6:.1f} MB")
+    _console().print(table)
+    return 0
+
+
+def cmd_prepare_imagenet_val(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.imagenet_val import prepare_imagenet_val
+
+    synsets = Path(args.synsets) if args.synsets else None
+    placed = prepare_imagenet_val(Path(args.val_dir), Path(args.labels), synsets, args.link)
+    print(f"{placed} images sorted into class folders under {args.val_dir}")
     return 0
 
 
@@ -117,6 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: the spec's output_dir or runs/<name>)")
     run.add_argument("--save-predictions", action="store_true", help="save per-run cluster ids as .npz")
     run.set_defaults(func=cmd_run)
+
+    extract = sub.add_parser(
+        "extract", help="extract features of every model × dataset into the cache (torchrun: sharded)"
+    )
+    extract.add_argument("spec")
+    extract.set_defaults(func=cmd_extract)
+
+    cache = sub.add_parser("cache", help="list or remove feature-cache entries")
+    cache.add_argument("--dir", help="cache root (default: $SSLBENCH_CACHE or ~/.cache/sslbench/features)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    cache_sub.add_parser("ls", help="list entries")
+    rm = cache_sub.add_parser("rm", help="remove entries whose name contains a pattern ('all': every one)")
+    rm.add_argument("patterns", nargs="+")
+    cache.set_defaults(func=cmd_cache)
+
+    prepare = sub.add_parser(
+        "prepare-imagenet-val", help="sort the flat ILSVRC2012 val folder into val/<wnid>/ class folders"
+    )
+    prepare.add_argument("val_dir")
+    prepare.add_argument(
+        "labels", help="LOC_val_solution.csv, '<file> <wnid>' lines, or the ground truth ids"
+    )
+    prepare.add_argument("--synsets", help="wnids in ILSVRC2012_ID order (with the ground-truth id file)")
+    prepare.add_argument("--link", action="store_true", help="symlink instead of moving the images")
+    prepare.set_defaults(func=cmd_prepare_imagenet_val)
 
     validate = sub.add_parser("validate", help="check a spec and resolve its names; computes nothing")
     validate.add_argument("spec")

@@ -26,6 +26,7 @@ from sslbench.interfaces import (
     iter_chunks,
 )
 from sslbench.plugins import Plugins, get_plugins
+from sslbench.progress import NullProgress, Progress
 from sslbench.protocol import contingency
 from sslbench.results import Results, Run, RunProtocol, Timings, build_results, environment
 from sslbench.spec import ProtocolSpec
@@ -122,6 +123,7 @@ def run_protocol(
     on_run: Callable[[Run], None] | None = None,
     predictions_dir: Path | None = None,
     split_names: tuple[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> list[Run]:
     """PCA fitted on train → k-means fitted on train → predict both → score; per point and seed.
 
@@ -145,8 +147,12 @@ def run_protocol(
     metric_entries = list(plugins.metrics)
     points = protocol.points(n_classes)
 
+    progress = progress or NullProgress()
     started = time.perf_counter()
-    reducer = reducer_entry.factory(ReducerConfig(device=device, options=backend_options))
+    pca_task = progress.task(f"PCA {model}/{dataset}", len(train.features), unit="rows")
+    reducer = reducer_entry.factory(
+        ReducerConfig(device=device, options=backend_options, on_rows=pca_task.advance)
+    )
     reducer.fit(train.features)
     fit_s = time.perf_counter() - started
 
@@ -171,10 +177,19 @@ def run_protocol(
                 backend=protocol.backend,
             )
             for seed in protocol.seeds:
+                task = progress.task(
+                    f"k-means {model}/{dataset} k={point.n_clusters} seed {seed}", point.epochs, unit="epochs"
+                )
                 outcome = _run_seed(
                     clusterer_entry.factory,
                     ClustererConfig(
-                        point.n_clusters, point.epochs, point.batch_size, seed, device, backend_options
+                        point.n_clusters,
+                        point.epochs,
+                        point.batch_size,
+                        seed,
+                        device,
+                        backend_options,
+                        on_epoch=task.advance,
                     ),
                     train,
                     eval_,

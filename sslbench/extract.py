@@ -1,11 +1,30 @@
-"""Feature extraction: a backbone's own preprocessing, no augmentation, a fixed sample order."""
+"""Feature extraction: the backbone's own preprocessing, no augmentation, a fixed sample order,
+``torch.inference_mode``, batches from a ``DataLoader`` (``workers`` processes decode images),
+AMP and channels_last on CUDA; features go to the cache in committed chunks (see
+:mod:`sslbench.cache`), so an interrupted extraction resumes where it stopped.
+
+Under ``torch.distributed`` (``torchrun ... -m sslbench extract SPEC``) the batches are split into
+contiguous, batch-aligned shards, one per rank — no sample twice, no padding — and every rank
+extracts the very batches a single process would; rank 0 assembles the shards, so the features
+are bit-identical to a single-process extraction with the same numeric settings.
+"""
 
 from __future__ import annotations
 
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
 import numpy as np
 
+from sslbench.cache import CacheEntry, Progress
 from sslbench.errors import SSLBenchError
-from sslbench.interfaces import Backbone, Split, iter_chunks
+from sslbench.interfaces import Backbone, Split
+from sslbench.progress import NullProgress
+from sslbench.progress import Progress as ProgressReporter
 
 
 def resolve_device(device: str) -> str:
@@ -19,36 +38,306 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def extract_features(
-    backbone: Backbone, split: Split, *, batch_size: int, device: str, name: str
-) -> np.ndarray:
-    """Features of every sample of ``split``, in order, as a float32 ``(n, d)`` array."""
+@dataclass(frozen=True)
+class ExtractionSettings:
+    batch_size: int = 256
+    workers: int = 0
+    amp: bool = True
+    on_error: Literal["fail", "skip"] = "fail"
+    commit_every: int = 20
+
+
+@dataclass
+class Extracted:
+    """Features and labels of one split, with the samples that could not be read (when skipped)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    from_cache: bool = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed ranks
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def current_ranks() -> RankInfo:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return RankInfo(dist.get_rank(), dist.get_world_size())
+    return RankInfo()
+
+
+def batch_shards(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` row ranges, one per rank, on batch boundaries, covering ``n``."""
+    n_batches = -(-n // batch_size)
+    bounds = [round(r * n_batches / world) for r in range(world + 1)]
+    return [(min(b0 * batch_size, n), min(b1 * batch_size, n)) for b0, b1 in itertools.pairwise(bounds)]
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading samples
+
+
+class _Samples:
+    """A torch ``Dataset`` over a range of a split: (index, tensor or None, error)."""
+
+    def __init__(self, split: Split, backbone: Backbone, start: int, stop: int) -> None:
+        self.split, self.backbone, self.start, self.stop = split, backbone, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str]:
+        index = self.start + i
+        try:
+            return index, self.backbone.preprocess(self.split[index]), ""
+        except Exception as exc:  # noqa: BLE001 - a sample that cannot be decoded, whatever the cause
+            return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _collate(items: list[tuple[int, Any, str]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    import torch
+
+    indices = [i for i, _, _ in items]
+    good = [t for _, t, _ in items if t is not None]
+    errors = [(i, e) for i, t, e in items if t is None]
+    if not good:
+        return indices, None, errors
+    placeholder = torch.zeros_like(good[0])
+    return indices, torch.stack([t if t is not None else placeholder for _, t, _ in items]), errors
+
+
+def _batches(
+    split: Split, backbone: Backbone, start: int, stop: int, settings: ExtractionSettings, device: str
+) -> Iterator[tuple[list[int], Any, list[tuple[int, str]]]]:
+    from torch.utils.data import DataLoader
+
+    loader: DataLoader[Any] = DataLoader(
+        _Samples(split, backbone, start, stop),  # type: ignore[arg-type]
+        batch_size=settings.batch_size,
+        shuffle=False,
+        num_workers=settings.workers,
+        collate_fn=_collate,
+        pin_memory=device.startswith("cuda"),
+    )
+    yield from loader
+
+
+def _forward(backbone: Backbone, batch: Any, device: str, amp: bool) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        batch = batch.to(device, non_blocking=True)
+        if device.startswith("cuda"):
+            if batch.ndim == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                out = backbone.embed(batch)
+        else:
+            out = backbone.embed(batch)
+        return out.float().cpu().numpy()
+
+
+def prepare_backbone(backbone: Backbone, device: str) -> Backbone:
+    """Move to ``device``; channels_last memory format for the model's modules on CUDA."""
+    import torch
+
+    backbone = backbone.to(device)
+    if device.startswith("cuda"):
+        for module in backbone.torch_modules():
+            module.to(memory_format=torch.channels_last)
+    return backbone
+
+
+# ------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def _check_shape(backbone: Backbone, features: np.ndarray, expected_rows: int) -> None:
+    if features.ndim != 2 or len(features) != expected_rows:
+        raise RuntimeError(
+            f"backbone returned features of shape {features.shape} for a batch of {expected_rows}; "
+            "expected (batch, dims)"
+        )
+    if backbone.feature_dim is not None and features.shape[1] != backbone.feature_dim:
+        raise RuntimeError(
+            f"backbone declares {backbone.feature_dim}-d features but returned {features.shape[1]}-d ones"
+        )
+
+
+def _handle_errors(
+    errors: list[tuple[int, str]], split: Split, settings: ExtractionSettings, name: str
+) -> list[dict[str, Any]]:
+    skipped = []
+    for index, error in errors:
+        if settings.on_error == "fail":
+            raise SSLBenchError(
+                f"{name}: cannot read {split.describe(index)}: {error} "
+                "(set extraction.on_error: skip to skip unreadable samples)"
+            )
+        skipped.append({"index": index, "sample": split.describe(index), "error": error})
+    return skipped
+
+
+def _extract_range(
+    backbone: Backbone,
+    split: Split,
+    entry: CacheEntry,
+    start: int,
+    stop: int,
+    settings: ExtractionSettings,
+    device: str,
+    name: str,
+    task: Any,
+) -> None:
+    """Extract rows ``[start, stop)`` of ``split`` into ``entry``, resuming from its progress."""
+    progress = entry.progress()
+    if progress.committed >= stop - start and entry.features_path.is_file():
+        task.advance(stop - start)
+        return
+    resume_from = progress.committed
+    task.advance(resume_from)
+    features = None
+    if progress.dims is not None:
+        features = entry.open_features(stop - start, progress.dims, fresh=resume_from == 0)
+    batches_since_commit = 0
+    for indices, batch, errors in _batches(split, backbone, start + resume_from, stop, settings, device):
+        progress.skipped += _handle_errors(errors, split, settings, name)
+        if batch is not None:
+            out = _forward(backbone, batch, device, settings.amp)
+            _check_shape(backbone, out, len(indices))
+            if errors:
+                out[[i - indices[0] for i, _ in errors]] = 0.0
+            if features is None:
+                progress.dims = int(out.shape[1])
+                features = entry.open_features(stop - start, progress.dims, fresh=True)
+            features[indices[0] - start : indices[-1] - start + 1] = out
+        progress.committed = indices[-1] - start + 1
+        batches_since_commit += 1
+        task.advance(len(indices))
+        if features is not None and batches_since_commit >= settings.commit_every:
+            entry.commit(features, progress)
+            batches_since_commit = 0
+    if features is None:
+        raise SSLBenchError(f"{name}: no sample could be read")
+    entry.commit(features, progress)
+
+
+def extract_split(
+    backbone: Backbone,
+    split: Split,
+    *,
+    settings: ExtractionSettings,
+    device: str,
+    name: str,
+    entry: CacheEntry | None,
+    progress: ProgressReporter | None = None,
+) -> Extracted:
+    """Features of every sample of ``split`` in order: from the cache, or extracted into it."""
+    progress = progress or NullProgress()
     whole = split.as_array()
     if whole is not None:
         direct = backbone.embed_array(whole)
         if direct is not None:
-            return direct
-    import torch
+            return Extracted(direct, split.labels)
+    if entry is None:
+        raise ValueError("extract_split needs a cache entry for a model that runs batch by batch")
+    if entry.is_complete():
+        features, labels, manifest = entry.load()
+        return Extracted(features, labels, manifest.get("skipped", []), from_cache=True)
 
+    ranks = current_ranks()
     n = len(split)
-    out: np.ndarray | None = None
-    with torch.inference_mode():
-        for rows in iter_chunks(n, batch_size):
-            batch = torch.stack([backbone.preprocess(split[i]) for i in range(rows.start, rows.stop)])
-            features = backbone.embed(batch.to(device)).float().cpu().numpy()
-            if features.ndim != 2 or len(features) != rows.stop - rows.start:
-                raise RuntimeError(
-                    f"backbone returned features of shape {features.shape} for a batch of "
-                    f"{rows.stop - rows.start}; expected (batch, dims)"
-                )
-            if out is None:
-                if backbone.feature_dim is not None and features.shape[1] != backbone.feature_dim:
-                    raise RuntimeError(
-                        f"backbone declares {backbone.feature_dim}-d features but returned "
-                        f"{features.shape[1]}-d ones"
-                    )
-                out = np.empty((n, features.shape[1]), dtype=np.float32)
-            out[rows] = features
-    if out is None:
-        raise SSLBenchError(f"{name} has no samples")
-    return out
+    task = progress.task(f"extract {name}", n if not ranks.distributed else None, unit="img")
+    started = time.perf_counter()
+    if not ranks.distributed:
+        _extract_range(backbone, split, entry, 0, n, settings, device, name, task)
+        final = entry.progress()
+    else:
+        shards = batch_shards(n, settings.batch_size, ranks.world)
+        start, stop = shards[ranks.rank]
+        shard_entry = CacheEntry(entry.path / f"shard-{start}-{stop}", entry.key)
+        if stop > start:
+            _extract_range(backbone, split, shard_entry, start, stop, settings, device, name, task)
+        _barrier()
+        final = Progress(committed=n)
+        if ranks.rank == 0:
+            _assemble(entry, shards, n)
+            final = entry.progress()
+    if ranks.rank == 0:
+        entry.finish(
+            split.labels,
+            final,
+            {
+                "batch_size": settings.batch_size,
+                "device": device,
+                "amp": settings.amp and device.startswith("cuda"),
+                "ranks": ranks.world,
+                "extract_s": time.perf_counter() - started,
+                "sample_count": n,
+            },
+        )
+    _barrier()
+    features, labels, manifest = entry.load()
+    return Extracted(features, labels, manifest.get("skipped", []))
+
+
+def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
+    """Rank 0: copy every rank's shard into the entry's features, in order."""
+    import shutil
+
+    parts = []
+    skipped: list[dict[str, Any]] = []
+    dims = None
+    for start, stop in shards:
+        if stop <= start:
+            continue
+        shard = CacheEntry(entry.path / f"shard-{start}-{stop}", entry.key)
+        shard_progress = shard.progress()
+        if shard_progress.committed != stop - start:
+            raise RuntimeError(f"shard {start}-{stop} is incomplete ({shard_progress.committed} rows)")
+        dims = shard_progress.dims
+        parts.append((start, stop, shard))
+        skipped += [{**s} for s in shard_progress.skipped]
+    assert dims is not None
+    features = entry.open_features(n, dims, fresh=True)
+    for start, stop, shard in parts:
+        features[start:stop] = np.load(shard.features_path, mmap_mode="r")
+    entry.commit(features, Progress(committed=n, dims=dims, skipped=skipped))
+    del features
+    for _, _, shard in parts:
+        shutil.rmtree(shard.path)
+
+
+def init_distributed_from_env() -> RankInfo:
+    """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return RankInfo()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return current_ranks()

@@ -12,6 +12,7 @@ They may be ``np.memmap`` arrays larger than RAM: implementations read them in r
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,15 @@ class Backbone(ABC):
         """Move the model to ``device``; backbones without parameters need not override this."""
         return self
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this model's features beyond its name and options: the weights' hash
+        and the preprocessing, for backbones loaded from files. Part of the feature-cache key."""
+        return {}
+
+    def torch_modules(self) -> list[Any]:
+        """The ``torch.nn.Module`` objects inside, so extraction can set channels_last on CUDA."""
+        return []
+
     def embed_array(self, array: np.ndarray) -> np.ndarray | None:
         """Features of a whole split given as one array, when the model can skip the batch loop.
 
@@ -112,6 +122,20 @@ class Split(ABC):
         """All samples as one ``(n, ...)`` array when the split is held as one (else ``None``)."""
         return None
 
+    def describe(self, index: int) -> str:
+        """How to name sample ``index`` in a message: its file path where it has one."""
+        return f"sample {index}"
+
+    def fingerprint(self) -> str:
+        """A digest of what the split holds (its file list), part of the feature-cache key.
+
+        The default hashes the number of samples and the labels; splits read from files override
+        it with a hash of their relative paths and sizes, so a changed file list is re-extracted.
+        """
+        digest = hashlib.sha256(str(len(self)).encode())
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -121,6 +145,8 @@ class Dataset:
     classes: Sequence[str]
     splits: Mapping[str, Split]
     description: str = ""
+    #: Dataset-specific facts for later stages, e.g. ObjectNet's mapping to ImageNet classes.
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -173,6 +199,8 @@ class ReducerConfig:
 
     device: str = "cpu"
     options: BaseModel = field(default_factory=NoOptions)
+    #: Called with the number of rows consumed as fitting proceeds (progress display only).
+    on_rows: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +216,8 @@ class ClustererConfig:
     seed: int
     device: str = "cpu"
     options: BaseModel = field(default_factory=NoOptions)
+    #: Called after every epoch (progress display only).
+    on_epoch: Callable[[], None] | None = None
 
 
 class Clusterer(ABC):

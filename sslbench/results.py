@@ -81,6 +81,16 @@ class SummaryRow(_Model):
     metrics: dict[str, MetricSummary]
 
 
+class SkippedSample(_Model):
+    """A sample that could not be read and was left out (``extraction.on_error: skip``)."""
+
+    model: str
+    dataset: str
+    split: str
+    sample: str
+    error: str
+
+
 class PluginVersion(_Model):
     name: str
     distribution: str | None
@@ -108,6 +118,7 @@ class Results(_Model):
     wall_s: float
     runs: list[Run]
     summary: list[SummaryRow]
+    skipped: list[SkippedSample] = Field(default_factory=list)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
@@ -174,9 +185,15 @@ def summarize(runs: Iterable[Run]) -> list[SummaryRow]:
 
 
 def build_results(
-    runs: list[Run], *, spec: dict[str, Any] | None, env: Environment, wall_s: float
+    runs: list[Run],
+    *,
+    spec: dict[str, Any] | None,
+    env: Environment,
+    wall_s: float,
+    skipped: list[SkippedSample] | None = None,
 ) -> Results:
     return Results(
+        skipped=skipped or [],
         sslbench_version=sslbench_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         spec=spec,

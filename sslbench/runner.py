@@ -1,22 +1,31 @@
-"""``sslbench run``: every model × dataset of a resolved spec through extraction and the protocol.
+"""``sslbench run`` and ``sslbench extract``: every model × dataset of a resolved spec.
 
+Features come from the cache when an earlier run (another k, other PCA dims) extracted them.
 results.json is rewritten after every model × dataset block, so a failure late in a long run keeps
 the blocks already finished.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from sslbench.cache import CacheEntry, CacheKey, FeatureCache
 from sslbench.errors import SSLBenchError
 from sslbench.evaluate import checked_split, run_protocol
-from sslbench.extract import extract_features, resolve_device
+from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
 from sslbench.interfaces import Backbone, Dataset
 from sslbench.plugins import Plugins
-from sslbench.results import Results, Run, build_results, environment, write_atomic
-from sslbench.spec import DatasetSpec, ResolvedSpec
+from sslbench.progress import NullProgress, Progress
+from sslbench.results import Results, Run, SkippedSample, build_results, environment, write_atomic
+from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec
 
 #: Reports written next to results.json by ``sslbench run``.
 FILE_REPORTS = ("md", "csv")
@@ -42,6 +51,83 @@ def write_reports(results: Results, out_dir: Path, plugins: Plugins) -> None:
         write_atomic(out_dir / f"results{reporter.suffix}", reporter.render(results))
 
 
+@dataclass
+class Block:
+    """One model on one dataset, with the features of its two splits."""
+
+    model: ModelSpec
+    dataset_spec: DatasetSpec
+    dataset: Dataset
+    fit_split: str
+    eval_split: str
+    extracted: dict[str, Extracted]
+    extract_s: float
+
+
+def _settings(resolved: ResolvedSpec) -> ExtractionSettings:
+    ext = resolved.spec.extraction
+    return ExtractionSettings(ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every)
+
+
+def _dump(options: BaseModel) -> dict[str, object]:
+    return options.model_dump(mode="json")
+
+
+def extracted_blocks(
+    resolved: ResolvedSpec, plugins: Plugins, device: str, progress: Progress, cache: FeatureCache
+) -> Iterator[Block]:
+    """Features of both splits for every model × dataset, from the cache or extracted into it."""
+    spec = resolved.spec
+    settings = _settings(resolved)
+    backbones: dict[int, Backbone] = {}
+    for d_index, (d_spec, d_options) in enumerate(zip(spec.datasets, resolved.dataset_options, strict=True)):
+        dataset = plugins.datasets.get(d_spec.id).factory(d_options)
+        fit_split = _split(dataset, d_spec, "fit_split", resolved, d_index)
+        eval_split = _split(dataset, d_spec, "eval_split", resolved, d_index)
+        for m_index, (m_spec, m_options) in enumerate(zip(spec.models, resolved.model_options, strict=True)):
+            if m_index not in backbones:
+                built = plugins.backbones.get(m_spec.id).factory(m_options)
+                backbones[m_index] = prepare_backbone(built, device)
+            backbone = backbones[m_index]
+            started = time.perf_counter()
+            extracted = {}
+            for split_name in dict.fromkeys((fit_split, eval_split)):
+                split = dataset.splits[split_name]
+                key = CacheKey(
+                    backbone=m_spec.id,
+                    backbone_options=_dump(m_options),
+                    backbone_fingerprint=backbone.fingerprint(),
+                    dataset=d_spec.id,
+                    dataset_options=_dump(d_options),
+                    split=split_name,
+                    split_fingerprint=split.fingerprint(),
+                )
+                extracted[split_name] = extract_split(
+                    backbone,
+                    split,
+                    settings=settings,
+                    device=device,
+                    name=f"{d_spec.label}/{split_name} ({m_spec.label})",
+                    entry=cache.entry(key) if spec.extraction.cache else _scratch_entry(key),
+                    progress=progress,
+                )
+            yield Block(
+                m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started
+            )
+
+
+def _scratch_entry(key: CacheKey) -> CacheEntry:
+    """An entry in a temporary directory removed at exit (``extraction.cache: false``)."""
+    folder = Path(tempfile.mkdtemp(prefix="sslbench-features-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return FeatureCache(folder).entry(key)
+
+
+def cache_for(resolved: ResolvedSpec) -> FeatureCache:
+    cache_dir = resolved.spec.cache_dir
+    return FeatureCache(Path(cache_dir) if cache_dir else None)
+
+
 def run_spec(
     resolved: ResolvedSpec,
     plugins: Plugins,
@@ -49,60 +135,69 @@ def run_spec(
     out_dir: Path,
     save_predictions: bool = False,
     log: Callable[[str], None] = lambda line: None,
+    progress: Progress | None = None,
 ) -> Results:
     spec = resolved.spec
+    progress = progress or NullProgress()
     started = time.perf_counter()
     device = resolve_device(spec.device)
     env = environment(device, plugins)
     spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
     runs: list[Run] = []
-    backbones: dict[int, Backbone] = {}
+    skipped: list[SkippedSample] = []
     results: Results | None = None
 
-    for d_index, (d_spec, d_options) in enumerate(zip(spec.datasets, resolved.dataset_options, strict=True)):
-        dataset = plugins.datasets.get(d_spec.id).factory(d_options)
-        fit_split = _split(dataset, d_spec, "fit_split", resolved, d_index)
-        eval_split = _split(dataset, d_spec, "eval_split", resolved, d_index)
-        for m_index, (m_spec, m_options) in enumerate(zip(spec.models, resolved.model_options, strict=True)):
-            if m_index not in backbones:
-                backbones[m_index] = plugins.backbones.get(m_spec.id).factory(m_options).to(device)
-            backbone = backbones[m_index]
-            log(f"[bold]{m_spec.label}[/] on [bold]{d_spec.label}[/]: extracting features")
-            t0 = time.perf_counter()
-            splits = []
-            for split_name in (fit_split, eval_split):
-                where = f"{d_spec.label}/{split_name} ({m_spec.label})"
-                split = dataset.splits[split_name]
-                features = extract_features(
-                    backbone, split, batch_size=spec.extraction.batch_size, device=device, name=where
+    for block in extracted_blocks(resolved, plugins, device, progress, cache_for(resolved)):
+        m_label, d_label = block.model.label, block.dataset_spec.label
+        splits = []
+        for split_name in (block.fit_split, block.eval_split):
+            extracted = block.extracted[split_name]
+            where = f"{d_label}/{split_name} ({m_label})"
+            splits.append(checked_split(where, extracted.features, extracted.labels))
+            skipped += [
+                SkippedSample(
+                    model=m_label, dataset=d_label, split=split_name, sample=s["sample"], error=s["error"]
                 )
-                splits.append(checked_split(where, features, split.labels))
-            extract_s = time.perf_counter() - t0
+                for s in extracted.skipped
+            ]
+        source = "from the cache" if all(e.from_cache for e in block.extracted.values()) else "extracted"
+        log(f"[bold]{m_label}[/] on [bold]{d_label}[/]: features {source}")
 
-            def report(run: Run) -> None:
-                m = run.metrics
-                log(
-                    f"  k={run.protocol.n_clusters} pca={run.protocol.pca_dims} seed={run.seed}: "
-                    f"ACC {100 * m['acc']:.2f}  ARI {100 * m['ari']:.2f}  NMI {100 * m['nmi']:.2f}"
-                    if {"acc", "ari", "nmi"} <= m.keys()
-                    else f"  k={run.protocol.n_clusters} seed={run.seed}: done"
-                )
-
-            runs += run_protocol(
-                splits[0],
-                splits[1],
-                n_classes=dataset.num_classes,
-                protocol=spec.protocol,
-                plugins=plugins,
-                model=m_spec.label,
-                dataset=d_spec.label,
-                device=device,
-                extract_s=extract_s,
-                on_run=report,
-                predictions_dir=out_dir / "predictions" if save_predictions else None,
-                split_names=(fit_split, eval_split),
+        def report(run: Run) -> None:
+            m = run.metrics
+            log(
+                f"  k={run.protocol.n_clusters} pca={run.protocol.pca_dims} seed={run.seed}: "
+                f"ACC {100 * m['acc']:.2f}  ARI {100 * m['ari']:.2f}  NMI {100 * m['nmi']:.2f}"
+                if {"acc", "ari", "nmi"} <= m.keys()
+                else f"  k={run.protocol.n_clusters} seed={run.seed}: done"
             )
-            results = build_results(runs, spec=spec_record, env=env, wall_s=time.perf_counter() - started)
-            write_reports(results, out_dir, plugins)
+
+        runs += run_protocol(
+            splits[0],
+            splits[1],
+            n_classes=block.dataset.num_classes,
+            protocol=spec.protocol,
+            plugins=plugins,
+            model=m_label,
+            dataset=d_label,
+            device=device,
+            extract_s=block.extract_s,
+            on_run=report,
+            predictions_dir=out_dir / "predictions" if save_predictions else None,
+            split_names=(block.fit_split, block.eval_split),
+            progress=progress,
+        )
+        results = build_results(
+            runs, spec=spec_record, env=env, wall_s=time.perf_counter() - started, skipped=skipped
+        )
+        write_reports(results, out_dir, plugins)
     assert results is not None  # the spec has at least one model and one dataset
     return results
+
+
+def extract_spec(
+    resolved: ResolvedSpec, plugins: Plugins, *, progress: Progress | None = None, device: str | None = None
+) -> list[Block]:
+    """Fill the cache for every model × dataset of the spec; computes no clustering."""
+    device = device or resolve_device(resolved.spec.device)
+    return list(extracted_blocks(resolved, plugins, device, progress or NullProgress(), cache_for(resolved)))

@@ -9,10 +9,11 @@ options are type-checked too.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -147,6 +148,15 @@ class ExtractionSpec(_StrictModel):
     """How features are extracted."""
 
     batch_size: PositiveInt = Field(256, description="Images per forward pass.")
+    workers: Annotated[int, Field(ge=0)] = Field(
+        min(4, os.cpu_count() or 1), description="Processes that decode images (0 = in the main one)."
+    )
+    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on the CPU).")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="An unreadable image: stop naming it, or skip it and list it in results."
+    )
+    commit_every: PositiveInt = Field(20, description="Batches between durable commits to the cache.")
+    cache: bool = Field(True, description="Keep features in the cache and reuse them.")
 
 
 class Spec(_StrictModel):
@@ -158,6 +168,9 @@ class Spec(_StrictModel):
     protocol: ProtocolSpec = ProtocolSpec()
     extraction: ExtractionSpec = ExtractionSpec()
     output_dir: str | None = Field(None, description="Where results go; default runs/<name>.")
+    cache_dir: str | None = Field(
+        None, description="Feature cache; default $SSLBENCH_CACHE or ~/.cache/sslbench/features."
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ import pytest
 from sslbench.plugins import Plugins, load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every test, and every CLI subprocess a test starts, uses a private feature cache.
+os.environ["SSLBENCH_CACHE"] = tempfile.mkdtemp(prefix="sslbench-test-cache-")
 
 #: The metrics the paper's code computes, which every run records.
 PAPER_METRICS = frozenset(

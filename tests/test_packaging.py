@@ -28,6 +28,7 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
     assert names == {
         "basic_backbones": "sslbench_plugins.basic_backbones",
         "datasets": "sslbench_plugins.datasets",
+        "image_datasets": "sslbench_plugins.image_datasets",
         "metrics": "sslbench_plugins.metrics",
         "reference": "sslbench_plugins.reference_backend",
         "reporters": "sslbench_plugins.reporters",
