@@ -62,6 +62,8 @@ class Progress:
     committed: int = 0
     dims: int | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: Rows at which an interrupted extraction was resumed (provenance, kept in the manifest).
+    resumed_at: list[int] = field(default_factory=list)
 
 
 class CacheEntry:
@@ -170,6 +172,7 @@ class CacheEntry:
             "n": n,
             "dims": dims,
             "skipped": progress.skipped,
+            "resumed_at": progress.resumed_at,
             **extra,
         }
         write_atomic(self.manifest_path, json.dumps(manifest, indent=2, default=str))

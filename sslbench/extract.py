@@ -215,6 +215,8 @@ def _extract_range(
         task.advance(stop - start)
         return
     resume_from = progress.committed
+    if resume_from:
+        progress.resumed_at.append(start + resume_from)
     task.advance(resume_from)
     features = None
     if progress.dims is not None:
@@ -307,6 +309,7 @@ def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
 
     parts = []
     skipped: list[dict[str, Any]] = []
+    resumed: list[int] = []
     dims = None
     for start, stop in shards:
         if stop <= start:
@@ -317,12 +320,13 @@ def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
             raise RuntimeError(f"shard {start}-{stop} is incomplete ({shard_progress.committed} rows)")
         dims = shard_progress.dims
         parts.append((start, stop, shard))
-        skipped += [{**s} for s in shard_progress.skipped]
+        skipped += shard_progress.skipped
+        resumed += shard_progress.resumed_at
     assert dims is not None
     features = entry.open_features(n, dims, fresh=True)
     for start, stop, shard in parts:
         features[start:stop] = np.load(shard.features_path, mmap_mode="r")
-    entry.commit(features, Progress(committed=n, dims=dims, skipped=skipped))
+    entry.commit(features, Progress(committed=n, dims=dims, skipped=skipped, resumed_at=resumed))
     del features
     for _, _, shard in parts:
         shutil.rmtree(shard.path)
