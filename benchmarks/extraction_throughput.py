@@ -43,9 +43,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="as the spec default"
-    )
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="as the spec default")
     args = parser.parse_args()
 
     source, split = images(args.images)

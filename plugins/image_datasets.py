@@ -132,9 +132,7 @@ def load_objectnet(options: ObjectNetOptions) -> Dataset:
         folder_to_label = json.loads((mappings / "folder_to_objectnet_label.json").read_text())
         to_imagenet = json.loads((mappings / "objectnet_to_imagenet_1k.json").read_text())
         imagenet_names = [
-            line.strip()
-            for line in (mappings / "imagenet_to_label_2012_v2").read_text().splitlines()
-            if line.strip()
+            line.strip() for line in (mappings / "imagenet_to_label_2012_v2").read_text().splitlines() if line.strip()
         ]
     except FileNotFoundError as exc:
         raise SSLBenchError(f"ObjectNet mapping file missing: {exc.filename}") from None

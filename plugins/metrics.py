@@ -40,11 +40,7 @@ def _partition(score: Callable[..., float], **kwargs: str) -> Callable[[ScoringC
 def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
     register(MetricEntry("acc", acc, "ACC", "Hungarian assignment built on the train split"))
     register(MetricEntry("acc_majority", acc_majority, "ACC-maj", "majority train class per cluster"))
-    register(
-        MetricEntry(
-            "acc_eval_assignment", acc_eval_assignment, "ACC-eval", "Hungarian assignment built on eval"
-        )
-    )
+    register(MetricEntry("acc_eval_assignment", acc_eval_assignment, "ACC-eval", "Hungarian assignment built on eval"))
     register(MetricEntry("ari", _partition(skm.adjusted_rand_score), "ARI", "adjusted Rand index"))
     register(
         MetricEntry(
@@ -63,6 +59,4 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
         )
     )
     register(MetricEntry("v_measure", _partition(skm.v_measure_score), "V", "V-measure"))
-    register(
-        MetricEntry("fowlkes_mallows", _partition(skm.fowlkes_mallows_score), "FM", "Fowlkes–Mallows index")
-    )
+    register(MetricEntry("fowlkes_mallows", _partition(skm.fowlkes_mallows_score), "FM", "Fowlkes–Mallows index"))

@@ -122,6 +122,4 @@ def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None
 
 @hookimpl
 def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
-    register(
-        ClustererEntry(NAME, ReferenceKMeans, "scikit-learn MiniBatchKMeans, shuffled partial_fit epochs")
-    )
+    register(ClustererEntry(NAME, ReferenceKMeans, "scikit-learn MiniBatchKMeans, shuffled partial_fit epochs"))

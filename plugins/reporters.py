@@ -35,6 +35,11 @@ class RichReporter(Reporter):
                     style = "bold" if cell.best else ("red" if cell.within_std else "")
                     cells.append(Text(cell.text(), style=style))
                 rich_table.add_row(*cells)
+                if row.published:
+                    rich_table.add_row(
+                        Text("  ↳ published", style="dim"),
+                        *(Text(row.published_text(m), style="dim") for m in table.metrics),
+                    )
             out.append(rich_table)
         return out
 
@@ -66,6 +71,9 @@ class MarkdownReporter(Reporter):
                     text = cell.text()
                     cells.append(f"**{text}**" if cell.best else (f"_{text}_" if cell.within_std else text))
                 lines.append("| " + " | ".join(cells) + " |")
+                if row.published:
+                    paper = ["↳ published", *(row.published_text(m) for m in table.metrics)]
+                    lines.append("| " + " | ".join(paper) + " |")
             lines += ["", table.caption, ""]
             parts.append("\n".join(lines))
         return "\n".join(parts)

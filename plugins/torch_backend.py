@@ -194,9 +194,7 @@ def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Gen
 class TorchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    algorithm: Literal["minibatch", "lloyd"] = Field(
-        "minibatch", description="minibatch (the paper) or lloyd"
-    )
+    algorithm: Literal["minibatch", "lloyd"] = Field("minibatch", description="minibatch (the paper) or lloyd")
     init_size: int | None = Field(None, ge=1, description="k-means++ sample size; default 3 × batch size")
     reassignment_ratio: float = Field(0.01, ge=0.0, description="minibatch: re-seed centres below this")
     max_iter: int = Field(300, ge=1, description="lloyd: iterations at most")
@@ -269,12 +267,12 @@ class TorchKMeans(Clusterer):
                 # As scikit-learn: decided before the update, from the counts so far.
                 since_reassign += cfg.batch_size
                 reassign = bool((counts == 0).any()) or since_reassign >= 10 * k
-                hit = batch_counts > 0
-                total = counts[hit] + batch_counts[hit]
-                centers[hit] = (
-                    (centers[hit].double() * counts[hit, None] + sums[hit].double()) / total[:, None]
-                ).float()
-                counts[hit] = total
+                # c ← (c·n + Σx) / (n + m), in place: untouched centres get scale 1 and add 0.
+                total = counts + batch_counts
+                inverse = torch.where(batch_counts > 0, 1.0 / total.clamp_min(1.0), 0.0)
+                keep = torch.where(batch_counts > 0, counts * inverse, 1.0)
+                centers.mul_(keep.float()[:, None]).add_(sums.mul_(inverse.float()[:, None]))
+                counts = total
                 if reassign:
                     since_reassign = 0
                     self._reassign(reader, ranks, centers, counts, batch, generator)
@@ -365,9 +363,7 @@ class TorchKMeans(Clusterer):
                 break
         return centers
 
-    def _farthest(
-        self, ranks: _Ranks, score: Tensor, rows: Tensor, labels: Tensor, n: int
-    ) -> list[tuple[Tensor, int]]:
+    def _farthest(self, ranks: _Ranks, score: Tensor, rows: Tensor, labels: Tensor, n: int) -> list[tuple[Tensor, int]]:
         """The ``n`` rows farthest from their centres over all ranks, farthest first."""
         torch = _torch()
         if ranks.active:

@@ -25,7 +25,8 @@ from sslbench.spec import load_spec, resolve_spec
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    # Piped output keeps whole rows (ids, paths) instead of wrapping them at 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
@@ -46,9 +47,7 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
         )
     plugins.reporters.get("rich").reporter.show(results, console)
     if results.skipped:
-        log_console.print(
-            f"[yellow]{len(results.skipped)} unreadable sample(s) skipped; listed in results.json"
-        )
+        log_console.print(f"[yellow]{len(results.skipped)} unreadable sample(s) skipped; listed in results.json")
     console.print(f"results: {out_dir / 'results.json'}")
     return 0
 
@@ -160,19 +159,21 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.weights import cached_path
+
     table = Table(title="registered backbones")
-    for column in ("id", "family", "feature dim", "weights", "plugin", "description"):
+    for column in ("id", "family", "dim", "linear top-1", "paper ACC", "weights", "plugin"):
         table.add_column(column)
     for entry in plugins.backbones:
         dim = str(entry.feature_dim) if entry.feature_dim is not None else "input"
-        table.add_row(
-            entry.name,
-            entry.family,
-            dim,
-            entry.weights,
-            plugins.backbones.origin(entry.name),
-            entry.description,
-        )
+        card = entry.card
+        linear = f"{card.linear_top1.value:g}" if card and card.linear_top1 else "-"
+        paper = ", ".join(f"{p.acc.mean:.2f}" for p in card.paper) if card and card.paper else "-"
+        if card is None:
+            weights = entry.weights
+        else:
+            weights = "cached" if cached_path(card) is not None else f"not cached ({entry.weights})"
+        table.add_row(entry.name, entry.family, dim, linear, paper, weights, plugins.backbones.origin(entry.name))
     _console().print(table)
     return 0
 
@@ -221,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare-imagenet-val", help="sort the flat ILSVRC2012 val folder into val/<wnid>/ class folders"
     )
     prepare.add_argument("val_dir")
-    prepare.add_argument(
-        "labels", help="LOC_val_solution.csv, '<file> <wnid>' lines, or the ground truth ids"
-    )
+    prepare.add_argument("labels", help="LOC_val_solution.csv, '<file> <wnid>' lines, or the ground truth ids")
     prepare.add_argument("--synsets", help="wnids in ILSVRC2012_ID order (with the ground-truth id file)")
     prepare.add_argument("--link", action="store_true", help="symlink instead of moving the images")
     prepare.set_defaults(func=cmd_prepare_imagenet_val)

@@ -47,9 +47,7 @@ def checked_split(name: str, features: Any, labels: Any) -> FeatureSplit:
         features = np.asarray(features)
     labels = np.asarray(labels)
     if features.ndim != 2:
-        raise SSLBenchError(
-            f"{name} features must be a 2-D array (samples × dims), got shape {features.shape}"
-        )
+        raise SSLBenchError(f"{name} features must be a 2-D array (samples × dims), got shape {features.shape}")
     if not np.issubdtype(features.dtype, np.floating):
         if not np.issubdtype(features.dtype, np.number):
             raise SSLBenchError(f"{name} features must be numeric, got dtype {features.dtype}")
@@ -57,9 +55,7 @@ def checked_split(name: str, features: Any, labels: Any) -> FeatureSplit:
     if labels.ndim != 1:
         raise SSLBenchError(f"{name} labels must be a 1-D array of class indices, got shape {labels.shape}")
     if len(labels) != len(features):
-        raise SSLBenchError(
-            f"{name} has {len(features)} feature rows but {len(labels)} labels; they must be equal"
-        )
+        raise SSLBenchError(f"{name} has {len(features)} feature rows but {len(labels)} labels; they must be equal")
     if len(labels) == 0:
         raise SSLBenchError(f"{name} is empty")
     integral = np.issubdtype(labels.dtype, np.integer) or (
@@ -79,8 +75,7 @@ def checked_split(name: str, features: Any, labels: Any) -> FeatureSplit:
             bad_rows += int(bad.sum())
     if bad_rows:
         raise SSLBenchError(
-            f"{name} features contain NaN or inf in {bad_rows} of {len(features)} rows "
-            f"(first: row {first_bad})"
+            f"{name} features contain NaN or inf in {bad_rows} of {len(features)} rows (first: row {first_bad})"
         )
     return FeatureSplit(name, features, labels)
 
@@ -94,9 +89,7 @@ def _check_pair(train: FeatureSplit, eval_: FeatureSplit, protocol: ProtocolSpec
     n_train, dims = train.features.shape
     most_clusters = max(p.n_clusters for p in protocol.points(n_classes))
     if n_train < most_clusters:
-        raise SSLBenchError(
-            f"{train.name} has {n_train} samples, fewer than the {most_clusters} clusters asked for"
-        )
+        raise SSLBenchError(f"{train.name} has {n_train} samples, fewer than the {most_clusters} clusters asked for")
     most_dims = max((d for d in protocol.pca_dims if d is not None), default=None)
     if most_dims is not None and most_dims > min(n_train, dims):
         raise SSLBenchError(
@@ -133,8 +126,7 @@ def run_protocol(
     fit_split, eval_split = split_names or (train.name, eval_.name)
     if max(train.labels.max(), eval_.labels.max()) >= n_classes:
         raise SSLBenchError(
-            f"labels go up to {max(train.labels.max(), eval_.labels.max())} but the dataset has "
-            f"{n_classes} classes"
+            f"labels go up to {max(train.labels.max(), eval_.labels.max())} but the dataset has {n_classes} classes"
         )
     _check_pair(train, eval_, protocol, n_classes)
     reducer_entry, clusterer_entry = plugins.backend(protocol.backend)
@@ -150,9 +142,7 @@ def run_protocol(
     progress = progress or NullProgress()
     started = time.perf_counter()
     pca_task = progress.task(f"PCA {model}/{dataset}", len(train.features), unit="rows")
-    reducer = reducer_entry.factory(
-        ReducerConfig(device=device, options=backend_options, on_rows=pca_task.advance)
-    )
+    reducer = reducer_entry.factory(ReducerConfig(device=device, options=backend_options, on_rows=pca_task.advance))
     reducer.fit(train.features)
     fit_s = time.perf_counter() - started
 
@@ -206,16 +196,10 @@ def run_protocol(
                     n_train=len(train.labels),
                     n_eval=len(eval_.labels),
                     metrics=outcome.metrics,
-                    timings=Timings(
-                        extract_s=extract_s, pca_s=pca_s, kmeans_s=outcome.kmeans_s, eval_s=outcome.eval_s
-                    ),
+                    timings=Timings(extract_s=extract_s, pca_s=pca_s, kmeans_s=outcome.kmeans_s, eval_s=outcome.eval_s),
                 )
                 if predictions_dir is not None:
-                    tag = (
-                        ""
-                        if len(points) == 1
-                        else f"__k{point.n_clusters}_pca{train_z.shape[1]}_ep{point.epochs}"
-                    )
+                    tag = "" if len(points) == 1 else f"__k{point.n_clusters}_pca{train_z.shape[1]}_ep{point.epochs}"
                     stem = f"{_file_stem(model)}__{_file_stem(dataset)}{tag}__seed{seed}"
                     predictions_dir.mkdir(parents=True, exist_ok=True)
                     np.savez_compressed(

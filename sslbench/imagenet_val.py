@@ -31,15 +31,11 @@ def prepare_imagenet_val(val_dir: Path, labels_file: Path, synsets: Path | None,
             wnid_of[image_id] = prediction.split()[0]
     elif lines and lines[0].isdigit():
         if synsets is None:
-            raise SSLBenchError(
-                f"{labels_file} holds ILSVRC2012 class ids: give --synsets, the wnids in id order"
-            )
+            raise SSLBenchError(f"{labels_file} holds ILSVRC2012 class ids: give --synsets, the wnids in id order")
         ids = [line.strip() for line in synsets.read_text().splitlines() if line.strip()]
         images = sorted(p.stem for p in val_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if len(images) != len(lines):
-            raise SSLBenchError(
-                f"{val_dir} has {len(images)} images but {labels_file} has {len(lines)} labels"
-            )
+            raise SSLBenchError(f"{val_dir} has {len(images)} images but {labels_file} has {len(lines)} labels")
         for image, label in zip(images, lines, strict=True):
             wnid_of[image] = ids[int(label) - 1].split()[0]
     else:

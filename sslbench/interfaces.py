@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
+    from sslbench.cards import ModelCard
     from sslbench.results import Results
 
 #: Rows per chunk when a matrix is streamed; 16384 × 2048 float32 is 128 MiB.
@@ -97,6 +98,8 @@ class BackboneEntry:
     options: type[BaseModel] = NoOptions
     feature_dim: int | None = None
     weights: str = "none"
+    #: The model card behind it, for backbones described by one (see :mod:`sslbench.cards`).
+    card: ModelCard | None = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,8 +58,7 @@ class Registry(Generic[T]):
             raise PluginError(f"plugin '{plugin}' registered a {self.kind} without a name")
         if name in self._entries:
             raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by plugin '{self._origin[name]}' "
-                f"and by plugin '{plugin}'"
+                f"{self.kind} '{name}' is registered twice: by plugin '{self._origin[name]}' and by plugin '{plugin}'"
             )
         self._entries[name] = entry
         self._origin[name] = plugin
@@ -182,8 +181,7 @@ def load_plugins(
             except Exception as exc:  # noqa: BLE001 - whatever a broken plugin raises is reported
                 info.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 warn(
-                    f"plugin '{ep.name}' ({info.distribution or 'unknown distribution'}) "
-                    f"failed to import: {info.error}"
+                    f"plugin '{ep.name}' ({info.distribution or 'unknown distribution'}) failed to import: {info.error}"
                 )
                 infos.append(info)
                 continue
@@ -200,9 +198,7 @@ def load_plugins(
         hook_names = [name for name, caller in vars(pm.hook).items() if caller.spec is not None]
         unknown = _unknown_hook_name(pm, exc.plugin)
         hint = did_you_mean(unknown, hook_names, n=1)
-        raise PluginError(
-            f"plugin '{pm.get_name(exc.plugin)}' implements unknown hook '{unknown}'{hint}"
-        ) from None
+        raise PluginError(f"plugin '{pm.get_name(exc.plugin)}' implements unknown hook '{unknown}'{hint}") from None
 
     registries: dict[str, Registry[Any]] = {
         attr: Registry(kind, entry_type) for attr, entry_type, kind in _REGISTRATION_HOOKS.values()

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,13 @@ class MetricSummary(_Model):
     std: float | None = Field(description="sample std (ddof=1); null for a single seed")
 
 
+class Published(_Model):
+    """A published value for the same model and protocol, in the same units (fractions)."""
+
+    source: str
+    metrics: dict[str, MetricSummary]
+
+
 class SummaryRow(_Model):
     model: str
     dataset: str
@@ -79,6 +86,7 @@ class SummaryRow(_Model):
     n_seeds: int
     seeds: list[int]
     metrics: dict[str, MetricSummary]
+    published: Published | None = None
 
 
 class SkippedSample(_Model):
@@ -158,8 +166,14 @@ def environment(device: str, plugins: Plugins) -> Environment:
     )
 
 
-def summarize(runs: Iterable[Run]) -> list[SummaryRow]:
-    """Mean and sample std (ddof=1) of every metric over the seeds of each protocol point."""
+PublishedLookup = Callable[[str, RunProtocol], Published | None]
+
+
+def summarize(runs: Iterable[Run], published: PublishedLookup | None = None) -> list[SummaryRow]:
+    """Mean and sample std (ddof=1) of every metric over the seeds of each protocol point.
+
+    ``published(model, protocol)`` may return the published value of a row, shown beside it.
+    """
     groups: dict[tuple[str, str, RunProtocol], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.model, run.dataset, run.protocol), []).append(run)
@@ -179,6 +193,7 @@ def summarize(runs: Iterable[Run]) -> list[SummaryRow]:
                 n_seeds=len(group),
                 seeds=[run.seed for run in group],
                 metrics=metrics,
+                published=published(model, protocol) if published else None,
             )
         )
     return rows
@@ -191,6 +206,7 @@ def build_results(
     env: Environment,
     wall_s: float,
     skipped: list[SkippedSample] | None = None,
+    published: PublishedLookup | None = None,
 ) -> Results:
     return Results(
         skipped=skipped or [],
@@ -200,7 +216,7 @@ def build_results(
         environment=env,
         wall_s=wall_s,
         runs=runs,
-        summary=summarize(runs),
+        summary=summarize(runs, published),
     )
 
 

@@ -24,7 +24,18 @@ from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepa
 from sslbench.interfaces import Backbone, Dataset
 from sslbench.plugins import Plugins
 from sslbench.progress import NullProgress, Progress
-from sslbench.results import Results, Run, SkippedSample, build_results, environment, write_atomic
+from sslbench.results import (
+    MetricSummary,
+    Published,
+    PublishedLookup,
+    Results,
+    Run,
+    RunProtocol,
+    SkippedSample,
+    build_results,
+    environment,
+    write_atomic,
+)
 from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec
 
 #: Reports written next to results.json by ``sslbench run``.
@@ -34,9 +45,7 @@ FILE_REPORTS = ("md", "csv")
 def _split(dataset: Dataset, spec: DatasetSpec, which: str, resolved: ResolvedSpec, index: int) -> str:
     name = getattr(spec, which)
     if name not in dataset.splits:
-        line = resolved.loaded.lines.get(("datasets", index, which)) or resolved.loaded.lines.get(
-            ("datasets", index)
-        )
+        line = resolved.loaded.lines.get(("datasets", index, which)) or resolved.loaded.lines.get(("datasets", index))
         raise SSLBenchError(
             f"{resolved.loaded.source}:{line}: datasets[{index}].{which}: dataset '{spec.id}' has no "
             f"split '{name}'; it has: {', '.join(dataset.splits)}"
@@ -74,19 +83,39 @@ def _dump(options: BaseModel) -> dict[str, object]:
 
 
 def extracted_blocks(
-    resolved: ResolvedSpec, plugins: Plugins, device: str, progress: Progress, cache: FeatureCache
+    resolved: ResolvedSpec,
+    plugins: Plugins,
+    device: str,
+    progress: Progress,
+    cache: FeatureCache,
+    notes: list[str],
 ) -> Iterator[Block]:
-    """Features of both splits for every model × dataset, from the cache or extracted into it."""
+    """Features of both splits for every model × dataset, from the cache or extracted into it.
+
+    Optional models whose backbone or weights are not installed are skipped, with a line in ``notes``.
+    """
     spec = resolved.spec
     settings = _settings(resolved)
     backbones: dict[int, Backbone] = {}
+    unavailable: set[int] = set()
     for d_index, (d_spec, d_options) in enumerate(zip(spec.datasets, resolved.dataset_options, strict=True)):
         dataset = plugins.datasets.get(d_spec.id).factory(d_options)
         fit_split = _split(dataset, d_spec, "fit_split", resolved, d_index)
         eval_split = _split(dataset, d_spec, "eval_split", resolved, d_index)
         for m_index, (m_spec, m_options) in enumerate(zip(spec.models, resolved.model_options, strict=True)):
+            if m_index in unavailable:
+                continue
             if m_index not in backbones:
-                built = plugins.backbones.get(m_spec.id).factory(m_options)
+                try:
+                    if m_options is None:
+                        raise SSLBenchError(f"no installed plugin provides backbone '{m_spec.id}'")
+                    built = plugins.backbones.get(m_spec.id).factory(m_options)
+                except SSLBenchError as exc:
+                    if not m_spec.optional:
+                        raise
+                    unavailable.add(m_index)
+                    notes.append(f"optional model {m_spec.label} skipped: {exc}")
+                    continue
                 backbones[m_index] = prepare_backbone(built, device)
             backbone = backbones[m_index]
             started = time.perf_counter()
@@ -95,7 +124,7 @@ def extracted_blocks(
                 split = dataset.splits[split_name]
                 key = CacheKey(
                     backbone=m_spec.id,
-                    backbone_options=_dump(m_options),
+                    backbone_options=_dump(m_options) if m_options is not None else {},
                     backbone_fingerprint=backbone.fingerprint(),
                     dataset=d_spec.id,
                     dataset_options=_dump(d_options),
@@ -111,9 +140,7 @@ def extracted_blocks(
                     entry=cache.entry(key) if spec.extraction.cache else _scratch_entry(key),
                     progress=progress,
                 )
-            yield Block(
-                m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started
-            )
+            yield Block(m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started)
 
 
 def _scratch_entry(key: CacheKey) -> CacheEntry:
@@ -147,7 +174,10 @@ def run_spec(
     skipped: list[SkippedSample] = []
     results: Results | None = None
 
-    for block in extracted_blocks(resolved, plugins, device, progress, cache_for(resolved)):
+    notes: list[str] = []
+    for block in extracted_blocks(resolved, plugins, device, progress, cache_for(resolved), notes):
+        while notes:
+            log(f"[yellow]{notes.pop(0)}")
         m_label, d_label = block.model.label, block.dataset_spec.label
         splits = []
         for split_name in (block.fit_split, block.eval_split):
@@ -155,9 +185,7 @@ def run_spec(
             where = f"{d_label}/{split_name} ({m_label})"
             splits.append(checked_split(where, extracted.features, extracted.labels))
             skipped += [
-                SkippedSample(
-                    model=m_label, dataset=d_label, split=split_name, sample=s["sample"], error=s["error"]
-                )
+                SkippedSample(model=m_label, dataset=d_label, split=split_name, sample=s["sample"], error=s["error"])
                 for s in extracted.skipped
             ]
         source = "from the cache" if all(e.from_cache for e in block.extracted.values()) else "extracted"
@@ -188,11 +216,43 @@ def run_spec(
             progress=progress,
         )
         results = build_results(
-            runs, spec=spec_record, env=env, wall_s=time.perf_counter() - started, skipped=skipped
+            runs,
+            spec=spec_record,
+            env=env,
+            wall_s=time.perf_counter() - started,
+            skipped=skipped,
+            published=paper_values(resolved, plugins),
         )
         write_reports(results, out_dir, plugins)
-    assert results is not None  # the spec has at least one model and one dataset
+    for note in notes:
+        log(f"[yellow]{note}")
+    if results is None:
+        raise SSLBenchError("no model of the spec could run (all were optional and unavailable)")
     return results
+
+
+def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
+    """The paper's Table 1 values from the model cards, for rows with the paper's protocol
+    (1000 classes and clusters = overclustering × 1000)."""
+    cards = {}
+    for m_spec in resolved.spec.models:
+        if m_spec.id in plugins.backbones and plugins.backbones.get(m_spec.id).card is not None:
+            cards[m_spec.label] = plugins.backbones.get(m_spec.id).card
+
+    def lookup(model: str, protocol: RunProtocol) -> Published | None:
+        card = cards.get(model)
+        if card is None or protocol.n_classes != 1000 or protocol.k != 1000:
+            return None
+        for row in card.paper:
+            if row.overcluster == protocol.overcluster:
+                metrics = {
+                    name: MetricSummary(mean=getattr(row, name).mean / 100, std=getattr(row, name).std / 100)
+                    for name in ("acc", "ari", "ami", "nmi")
+                }
+                return Published(source=f"paper Table 1: {row.row}", metrics=metrics)
+        return None
+
+    return lookup
 
 
 def extract_spec(
@@ -200,4 +260,5 @@ def extract_spec(
 ) -> list[Block]:
     """Fill the cache for every model × dataset of the spec; computes no clustering."""
     device = device or resolve_device(resolved.spec.device)
-    return list(extracted_blocks(resolved, plugins, device, progress or NullProgress(), cache_for(resolved)))
+    notes: list[str] = []
+    return list(extracted_blocks(resolved, plugins, device, progress or NullProgress(), cache_for(resolved), notes))

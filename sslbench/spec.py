@@ -51,6 +51,7 @@ class ModelSpec(_StrictModel):
     id: str = Field(description="Registered backbone name (see `sslbench models`).")
     name: str | None = Field(None, description="Display name in reports; defaults to `id`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone options.")
+    optional: bool = Field(False, description="Skip (with a note) when the backbone or its weights are not installed.")
 
     @property
     def label(self) -> str:
@@ -74,13 +75,9 @@ class DatasetSpec(_StrictModel):
 class ProtocolSpec(_StrictModel):
     """The clustering protocol. List-valued fields sweep: every combination is run."""
 
-    pca_dims: list[PositiveInt | None] = Field(
-        default=[None], description="PCA dimensions; null keeps all components."
-    )
+    pca_dims: list[PositiveInt | None] = Field(default=[None], description="PCA dimensions; null keeps all components.")
     whiten: bool = Field(False, description="Scale PCA components to unit variance.")
-    k: list[PositiveInt | None] = Field(
-        default=[None], description="Clusters before overclustering; null = classes."
-    )
+    k: list[PositiveInt | None] = Field(default=[None], description="Clusters before overclustering; null = classes.")
     overcluster: list[Overcluster] = Field(default=[1.0], description="Clusters = int(overcluster × k).")
     epochs: list[PositiveInt] = Field(default=[60], description="k-means epochs.")
     batch_size: PositiveInt | None = Field(
@@ -125,9 +122,7 @@ class ProtocolSpec(_StrictModel):
                     n_clusters = overclustered_k(base, factor)
                     batch = self.batch_size or default_kmeans_batch_size(n_clusters)
                     for epochs in self.epochs:
-                        points.append(
-                            ProtocolPoint(dims, self.whiten, base, factor, n_clusters, epochs, batch)
-                        )
+                        points.append(ProtocolPoint(dims, self.whiten, base, factor, n_clusters, epochs, batch))
         return points
 
 
@@ -183,9 +178,7 @@ class Spec(_StrictModel):
             seen: set[str] = set()
             for item in items:
                 if item.label in seen:
-                    raise ValueError(
-                        f"{field_name}: two entries are named '{item.label}'; give one a distinct `name`"
-                    )
+                    raise ValueError(f"{field_name}: two entries are named '{item.label}'; give one a distinct `name`")
                 seen.add(item.label)
         return self
 
@@ -323,7 +316,7 @@ class ResolvedSpec:
     """A spec whose names all exist, with every component's options validated."""
 
     loaded: LoadedSpec
-    model_options: list[BaseModel]
+    model_options: list[BaseModel | None]
     dataset_options: list[BaseModel]
     backend_options: BaseModel
 
@@ -338,9 +331,7 @@ def _validate_options(
     try:
         return options_model.model_validate(options)
     except ValidationError as exc:
-        raise SSLBenchError(
-            validation_message(exc, loaded.source, loaded.lines, options_model, prefix=at)
-        ) from None
+        raise SSLBenchError(validation_message(exc, loaded.source, loaded.lines, options_model, prefix=at)) from None
 
 
 def _named(loaded: LoadedSpec, at: tuple[Any, ...], lookup: Any, name: str) -> Any:
@@ -354,18 +345,17 @@ def _named(loaded: LoadedSpec, at: tuple[Any, ...], lookup: Any, name: str) -> A
 def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
     """Check every name in the spec against ``plugins`` and validate component options."""
     spec = loaded.spec
-    model_options = []
+    model_options: list[BaseModel | None] = []
     for i, model in enumerate(spec.models):
+        if model.optional and model.id not in plugins.backbones:
+            model_options.append(None)  # its plugin is not installed: the run skips it
+            continue
         entry = _named(loaded, ("models", i, "id"), plugins.backbones.get, model.id)
-        model_options.append(
-            _validate_options(loaded, entry.options, model.options, ("models", i, "options"))
-        )
+        model_options.append(_validate_options(loaded, entry.options, model.options, ("models", i, "options")))
     dataset_options = []
     for i, dataset in enumerate(spec.datasets):
         entry = _named(loaded, ("datasets", i, "id"), plugins.datasets.get, dataset.id)
-        dataset_options.append(
-            _validate_options(loaded, entry.options, dataset.options, ("datasets", i, "options"))
-        )
+        dataset_options.append(_validate_options(loaded, entry.options, dataset.options, ("datasets", i, "options")))
     _, clusterer = _named(loaded, ("protocol", "backend"), plugins.backend, spec.protocol.backend)
     backend_options = _validate_options(
         loaded, clusterer.options, spec.protocol.backend_options, ("protocol", "backend_options")

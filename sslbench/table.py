@@ -43,6 +43,18 @@ class Row:
     label: str
     summary: SummaryRow
     cells: dict[str, Cell]
+    #: The published value of the same row.
+    published: dict[str, Cell] | None = None
+
+    def published_text(self, metric: str) -> str:
+        """``"23.09 ± 0.16 (−0.41, within std)"``: the published value, our difference in points,
+        and whether ours lies within the published std; empty when nothing was published."""
+        cell = (self.published or {}).get(metric)
+        if cell is None:
+            return ""
+        delta = 100 * (self.cells[metric].mean - cell.mean)
+        within = cell.std is not None and abs(delta) <= 100 * cell.std
+        return f"{cell.text()} ({delta:+.2f}{', within std' if within else ''})"
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,10 @@ def summary_tables(results: Results, metrics: tuple[str, ...] = HEADLINE_METRICS
                 is_best = value.mean == top.mean
                 within = not is_best and top.std is not None and value.mean >= top.mean - top.std
                 cells[metric] = Cell(value.mean, value.std, is_best, within)
-            rows.append(Row(_row_label(summary, varying), summary, cells))
+            published = None
+            if summary.published is not None:
+                published = {m: Cell(v.mean, v.std) for m, v in summary.published.metrics.items() if m in shown}
+            rows.append(Row(_row_label(summary, varying), summary, cells, published))
         seeds = sorted({row.n_seeds for row in summaries})
         caption = (
             f"{dataset} ({protocols[0].fit_split} → {protocols[0].eval_split}, "

@@ -27,9 +27,7 @@ def plugins() -> Plugins:
     return load_plugins()
 
 
-def blobs(
-    n_per_class: int, n_classes: int, dims: int, seed: int, spread: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
+def blobs(n_per_class: int, n_classes: int, dims: int, seed: int, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian class blobs around random centres: a deterministic stand-in for features."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=4.0, size=(n_classes, dims))

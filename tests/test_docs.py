@@ -12,11 +12,7 @@ from sslbench.spec import DatasetSpec, ExtractionSpec, ModelSpec, ProtocolSpec, 
 
 from conftest import REPO
 
-HOOKS = [
-    (name, fn)
-    for name, fn in vars(hookspecs).items()
-    if name.startswith("sslbench_") and inspect.isfunction(fn)
-]
+HOOKS = [(name, fn) for name, fn in vars(hookspecs).items() if name.startswith("sslbench_") and inspect.isfunction(fn)]
 
 
 def test_every_hook_is_documented_in_the_contract_and_contributing():

@@ -57,7 +57,6 @@ def test_installed_example_plugin_through_entry_points(tmp_path):
     assert {r["model"] for r in runs} == {"pooled_pixels", "raw"}
     assert all(0.0 < r["metrics"]["purity"] <= 1.0 for r in runs)
     dists = {
-        p["distribution"]
-        for p in json.loads((tmp_path / "out" / "results.json").read_text())["environment"]["plugins"]
+        p["distribution"] for p in json.loads((tmp_path / "out" / "results.json").read_text())["environment"]["plugins"]
     }
     assert "sslbench-example" in dists

@@ -173,9 +173,7 @@ device: cpu
 
 def test_imagefolder_runs_with_workers(tmp_path):
     _image_tree(tmp_path / "data", corrupt=False)
-    (tmp_path / "spec.yaml").write_text(
-        IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=2, on_error="fail")
-    )
+    (tmp_path / "spec.yaml").write_text(IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=2, on_error="fail"))
     proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -186,9 +184,7 @@ def test_imagefolder_runs_with_workers(tmp_path):
 
 def test_unreadable_image_fails_naming_it(tmp_path):
     _image_tree(tmp_path / "data", corrupt=True)
-    (tmp_path / "spec.yaml").write_text(
-        IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=0, on_error="fail")
-    )
+    (tmp_path / "spec.yaml").write_text(IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=0, on_error="fail"))
     proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
@@ -198,9 +194,7 @@ def test_unreadable_image_fails_naming_it(tmp_path):
 
 def test_unreadable_image_skipped_and_listed(tmp_path):
     _image_tree(tmp_path / "data", corrupt=True)
-    (tmp_path / "spec.yaml").write_text(
-        IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=0, on_error="skip")
-    )
+    (tmp_path / "spec.yaml").write_text(IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=0, on_error="skip"))
     proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -219,9 +213,7 @@ def test_prepare_imagenet_val_sorts_the_flat_folder(tmp_path):
     csv = tmp_path / "LOC_val_solution.csv"
     csv.write_text(
         "ImageId,PredictionString\n"
-        + "".join(
-            f"ILSVRC2012_val_{i:08d},{'n01440764' if i % 2 else 'n01443537'} 1 2 3 4\n" for i in range(1, 5)
-        )
+        + "".join(f"ILSVRC2012_val_{i:08d},{'n01440764' if i % 2 else 'n01443537'} 1 2 3 4\n" for i in range(1, 5))
     )
     proc = run_cli("prepare-imagenet-val", str(val), str(csv), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -238,9 +230,7 @@ def test_prepare_imagenet_val_sorts_the_flat_folder(tmp_path):
         Image.new("RGB", (4, 4)).save(val2 / f"ILSVRC2012_val_{i:08d}.JPEG")
     truth.write_text("2\n1\n2\n")
     synsets.write_text("n01440764\nn01443537\n")
-    proc = run_cli(
-        "prepare-imagenet-val", str(val2), str(truth), "--synsets", str(synsets), "--link", cwd=tmp_path
-    )
+    proc = run_cli("prepare-imagenet-val", str(val2), str(truth), "--synsets", str(synsets), "--link", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(list((val2 / "n01443537").iterdir())) == 2 and (val2 / "n01440764").is_dir()
     proc = run_cli("prepare-imagenet-val", str(tmp_path / "nope"), str(truth), cwd=tmp_path)

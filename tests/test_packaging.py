@@ -27,6 +27,7 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
     names = {ep.name: ep.value for ep in dist.entry_points if ep.group == "sslbench"}
     assert names == {
         "basic_backbones": "sslbench_plugins.basic_backbones",
+        "pytorch_zoo": "sslbench_plugins.pytorch_zoo",
         "datasets": "sslbench_plugins.datasets",
         "image_datasets": "sslbench_plugins.image_datasets",
         "metrics": "sslbench_plugins.metrics",

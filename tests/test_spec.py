@@ -97,9 +97,7 @@ def test_resolve_unknown_names_suggest_close_ones(plugins):
     loaded = parse_spec(GOOD.replace("id: raw", "id: rwa"), "spec.yaml")
     with pytest.raises(SSLBenchError) as info:
         resolve_spec(loaded, plugins)
-    assert str(info.value).startswith(
-        "spec.yaml:3: models[0].id: unknown backbone 'rwa' (did you mean 'raw'?)"
-    )
+    assert str(info.value).startswith("spec.yaml:3: models[0].id: unknown backbone 'rwa' (did you mean 'raw'?)")
 
     loaded = parse_spec(GOOD.replace("id: digits", "id: digit"), "spec.yaml")
     with pytest.raises(SSLBenchError, match="unknown dataset 'digit' \\(did you mean 'digits'\\?\\)"):
@@ -114,9 +112,7 @@ def test_plugin_options_are_validated_with_the_plugins_model(plugins):
     text = GOOD.replace("  - id: raw\n", "  - id: random_cnn\n    options:\n      widht: 8\n")
     with pytest.raises(SSLBenchError) as info:
         resolve_spec(parse_spec(text, "spec.yaml"), plugins)
-    assert str(info.value).startswith(
-        "spec.yaml:5: models[0].options.widht: unknown key (did you mean 'width'?)"
-    )
+    assert str(info.value).startswith("spec.yaml:5: models[0].options.widht: unknown key (did you mean 'width'?)")
 
     text = GOOD.replace("  - id: raw\n", "  - id: random_cnn\n    options: {width: 0}\n")
     with pytest.raises(SSLBenchError, match=r"models\[0\]\.options\.width: Input should be greater"):
@@ -132,5 +128,6 @@ def test_bundled_quickstart_resolves(plugins):
 
     loaded = load_spec(bundled_specs()["quickstart"])
     resolve_spec(loaded, plugins)
-    assert [m.id for m in loaded.spec.models] == ["raw", "random_cnn"]
+    assert [m.id for m in loaded.spec.models] == ["raw", "random_cnn", "mobilenetv2_100.tv_in1k"]
+    assert loaded.spec.models[2].optional
     assert loaded.spec.protocol.overcluster == [1.0, 1.5]

@@ -102,7 +102,7 @@ def test_empty_and_starved_centres_are_reseeded():
     assert nearest.max() < 1e-4  # each centre sits on one of the five points
 
 
-def test_memmap_streaming_equals_in_memory_and_bounds_memory(tmp_path, monkeypatch):
+def test_memmap_streaming_equals_in_memory(tmp_path):
     x, _ = blobs(4000, 5, 64, seed=3)  # 20000 × 64: several 8192-row chunks
     path = tmp_path / "features.npy"
     np.save(path, x)
@@ -113,13 +113,28 @@ def test_memmap_streaming_equals_in_memory_and_bounds_memory(tmp_path, monkeypat
     b.fit(x)
     np.testing.assert_array_equal(a.predict(mapped), b.predict(x))
 
-    released = []
-    monkeypatch.setattr("sslbench.arrays.RELEASE_EVERY_BYTES", 1 << 20)
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
+
+
+def test_reading_a_memmap_keeps_resident_memory_bounded(tmp_path):
+    """Streaming and gathering from a 200 MB memmap leaves the resident set nearly unchanged."""
+    rows = np.random.default_rng(0).normal(size=(25600, 2048)).astype(np.float32)
+    np.save(tmp_path / "big.npy", rows)
+    del rows
+    mapped = np.load(tmp_path / "big.npy", mmap_mode="r")
     reader = RowReader(mapped)
-    monkeypatch.setattr(reader, "release", lambda: released.append(1) or RowReader.release(reader))
-    for start in range(0, len(x), 4096):
+    before = _rss_mb()
+    for start in range(0, len(mapped), 4096):
         reader.rows(slice(start, start + 4096))
-    assert len(released) >= 4  # the mapped pages are dropped as the file streams by
+    for seed in range(10):
+        reader.gather(np.sort(np.random.default_rng(seed).choice(len(mapped), 2048, replace=False)))
+    assert _rss_mb() - before < 64  # the file is 200 MB; a mapping would have pulled it all in
+    small = RowReader(mapped[:10])
+    np.testing.assert_array_equal(small.gather(np.array([1, 2, 7])), np.asarray(mapped[[1, 2, 7]]))
+    np.testing.assert_array_equal(RowReader(mapped[5:]).rows(slice(0, 3)), np.asarray(mapped[5:8]))
 
 
 def test_bad_input_errors(split_blobs):

@@ -27,9 +27,7 @@ class SlowCNN(RandomCNN):
 @hookimpl
 def sslbench_register_backbones(register):
     # Registered under the name the spec uses, replacing the built-in plugin that provides it.
-    register(
-        BackboneEntry("random_cnn", SlowCNN, "test", "random CNN that sleeps per batch", RandomCNNOptions)
-    )
+    register(BackboneEntry("random_cnn", SlowCNN, "test", "random CNN that sleeps per batch", RandomCNNOptions))
 
 
 def main(spec_path: str) -> None:

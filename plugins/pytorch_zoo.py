@@ -1,0 +1,154 @@
+"""Backbones described by model cards and built in PyTorch (timm architectures): MoCo v2, InfoMin,
+SwAV, the supervised baselines, and the offline-installable EfficientNet-Lite0 and MobileNetV2.
+
+Every card in the bundled registry whose ``loader`` is ``pytorch`` becomes a backbone named by the
+card's id. Weights load strictly (see :mod:`sslbench.weights`); ``pretrained: false`` builds the same
+architecture with its random initialisation (the "random init" control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from sslbench import hookimpl
+from sslbench.cards import ModelCard, load_cards
+from sslbench.interfaces import Backbone, BackboneEntry
+from sslbench.weights import apply_layout, read_checkpoint, resolve_weights, verify_hash
+from sslbench.weights import load_state as load_state_strict
+
+LOADER = "pytorch"
+
+
+class CardOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    weights: str | None = Field(None, description="a local weights file instead of the card's sources")
+    pretrained: bool = Field(True, description="false: the architecture's random initialisation")
+    init_seed: int = Field(0, ge=0, description="seed of the random initialisation (pretrained: false)")
+    crop: int | None = Field(
+        None,
+        ge=8,
+        description="input size instead of the card's (resize scaled alike), e.g. for small images",
+    )
+
+
+def build_architecture(card: ModelCard, seed: int = 0) -> Any:
+    """The card's architecture with its random initialisation drawn from ``seed``."""
+    import timm
+    import torch
+
+    arch = card.architecture
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch.source == "timm":
+            return timm.create_model(arch.name, pretrained=False, num_classes=arch.num_classes, **arch.args)
+        from timm.models.resnet import Bottleneck, ResNet
+
+        return ResNet(block=Bottleneck, num_classes=arch.num_classes, **arch.args)  # type: ignore[arg-type]
+
+
+class CardBackbone(Backbone):
+    """A timm architecture with the card's weights; features are the pooled pre-logits."""
+
+    def __init__(self, card: ModelCard, options: CardOptions) -> None:
+        import torch
+
+        self.card = card
+        self.feature_dim = card.feature.dim
+        where = f"model {card.id}"
+        if options.pretrained:
+            self.model = build_architecture(card)
+            path = resolve_weights(card, options.weights)
+            self.weights_sha256 = verify_hash(path, card.hash, card.id)
+            state = apply_layout(read_checkpoint(path), card.layout, where)
+            load_state_strict(self.model, state, card.layout, where)
+        else:
+            self.model = build_architecture(card, options.init_seed)
+            self.weights_sha256 = f"random-init-{options.init_seed}"
+        self.model.eval()
+        pre = card.preprocessing
+        self.crop = options.crop or pre.crop
+        self.resize = round(pre.resize * self.crop / pre.crop)
+        self._mean = torch.tensor(pre.mean).view(3, 1, 1)
+        self._std = torch.tensor(pre.std).view(3, 1, 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "card": self.card.id,
+            "card_version": self.card.version,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": {
+                **self.card.preprocessing.model_dump(),
+                "crop": self.crop,
+                "resize": self.resize,
+            },
+        }
+
+    def to(self, device: str) -> CardBackbone:
+        self.model.to(device)
+        return self
+
+    def torch_modules(self) -> list[Any]:
+        return [self.model]
+
+    def preprocess(self, sample: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        pre = self.card.preprocessing
+        image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
+        image = image.convert("RGB")
+        method = Image.Resampling.BICUBIC if pre.interpolation == "bicubic" else Image.Resampling.BILINEAR
+        width, height = image.size
+        scale = self.resize / min(width, height)
+        size = (max(self.crop, round(width * scale)), max(self.crop, round(height * scale)))
+        image = image.resize(size, method)
+        left, top = (image.width - self.crop) // 2, (image.height - self.crop) // 2
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (pixels - self._mean) / self._std
+
+    def embed(self, batch: Any) -> Any:
+        return self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+
+    def logits(self, batch: Any) -> Any:
+        """Class scores, for cards whose architecture keeps its classifier."""
+        return self.model(batch)
+
+
+def _weights_summary(card: ModelCard) -> str:
+    first = card.weights[0]
+    return {
+        "url": "download",
+        "timm": "timm",
+        "package": "package",
+        "file": "local file",
+        "manual": "manual",
+    }[first.kind]
+
+
+@hookimpl
+def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> None:
+    for card in load_cards():
+        if card.loader != LOADER:
+            continue
+
+        def factory(options: CardOptions, _card: ModelCard = card) -> CardBackbone:
+            return CardBackbone(_card, options)
+
+        register(
+            BackboneEntry(
+                card.id,
+                factory,
+                family=card.family,
+                description=card.description,
+                options=CardOptions,
+                feature_dim=card.feature.dim,
+                weights=_weights_summary(card),
+                card=card,
+            )
+        )

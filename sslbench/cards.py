@@ -1,0 +1,170 @@
+"""Model cards: what a backbone is, where its weights live and how to read them, as validated data.
+
+Cards are YAML files (``registry/cards/<family>.yaml``, one file per family, installed as
+``sslbench_registry/cards``); third-party plugins ship their own files and register them through the
+same loader plugins. One pydantic schema, unknown keys rejected, checks every card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sslbench.errors import SSLBenchError
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightSource(_Card):
+    """One place the weights can come from; a card lists them in order of preference."""
+
+    kind: Literal["url", "timm", "package", "file", "manual"]
+    url: str | None = Field(None, description="kind url: direct download address")
+    file_name: str | None = Field(None, description="url: name in the torch.hub cache; package: file in the folder")
+    hub: str | None = Field(None, description="torch.hub reference 'owner/repo:commit entry' (provenance)")
+    timm_name: str | None = Field(None, description="kind timm: 'arch.tag' whose pretrained file to fetch")
+    package: str | None = Field(
+        None, description="kind package: 'module:callable' returning the file (or its folder, with file_name)"
+    )
+    path: str | None = Field(None, description="kind file: a local path")
+    instructions: str | None = Field(None, description="kind manual: how to obtain the file by hand")
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> WeightSource:
+        needed = {
+            "url": "url",
+            "timm": "timm_name",
+            "package": "package",
+            "file": "path",
+            "manual": "instructions",
+        }
+        if getattr(self, needed[self.kind]) is None:
+            raise ValueError(f"a '{self.kind}' weight source needs `{needed[self.kind]}`")
+        return self
+
+
+class WeightsHash(_Card):
+    kind: Literal["sha256", "sha256-prefix", "md5-prefix", "none"]
+    value: str | None = None
+
+
+class Layout(_Card):
+    """How the checkpoint's state dict becomes the architecture's."""
+
+    top_level_key: str | None = Field(None, description="the dict inside the file holding the weights")
+    keep_prefixes: list[str] | None = Field(None, description="keep only keys starting with one of these")
+    strip_prefixes: list[str] = Field(default_factory=list, description="removed from the start of keys")
+    drop: list[str] = Field(default_factory=list, description="glob patterns of keys to discard")
+    match: Literal["by_name", "by_position"] = Field(
+        "by_name",
+        description="by_position: pair keys in order (same count, shapes and last name part required)",
+    )
+    allowed_missing: list[str] = Field(default_factory=list, description="model keys the file may lack")
+    allowed_unexpected: list[str] = Field(default_factory=list, description="file keys the model may lack")
+
+
+class Architecture(_Card):
+    source: Literal["timm", "timm-resnet"]
+    name: str = Field(description="timm model name, or a label for timm-resnet")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the builder")
+    num_classes: int = Field(0, ge=0, description="classifier outputs kept (0: pooled features only)")
+
+
+class Preprocessing(_Card):
+    resize: int = Field(ge=1, description="shorter side resized to this")
+    crop: int = Field(ge=1, description="centre crop size")
+    interpolation: Literal["bilinear", "bicubic"]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Feature(_Card):
+    kind: Literal["pooled"] = "pooled"
+    dim: int = Field(ge=1)
+
+
+class Reference(_Card):
+    value: float
+    source: str
+
+
+class MeanStd(_Card):
+    mean: float
+    std: float
+
+
+class PaperMetrics(_Card):
+    """The paper's Table 1 row for this exact model, in percent."""
+
+    row: str
+    linear: float | None = Field(None, description="the linear top-1 the paper quoted for the row")
+    acc: MeanStd
+    ari: MeanStd
+    ami: MeanStd
+    nmi: MeanStd
+    overcluster: float = 1.0
+
+
+class ModelCard(_Card):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9_]+\.[a-z0-9_]+$", description="timm-style arch.tag")]
+    family: str
+    loader: str = Field("pytorch", description="the plugin that builds it (pytorch, simclrv2, …)")
+    version: int = Field(1, ge=1, description="bumped when weights or preprocessing change")
+    description: str
+    architecture: Architecture
+    weights: list[WeightSource] = Field(min_length=1)
+    hash: WeightsHash
+    layout: Layout = Field(default_factory=Layout)
+    feature: Feature
+    preprocessing: Preprocessing
+    linear_top1: Reference | None = Field(None, description="top-1 belonging to this exact file")
+    paper: list[PaperMetrics] = Field(default_factory=list)
+    license: str
+    notes: str | None = None
+
+
+class CardFile(_Card):
+    family: str
+    cards: list[ModelCard]
+
+
+def cards_root() -> Path:
+    from sslbench.bundled import registry_root
+
+    return registry_root() / "cards"
+
+
+def load_card_file(path: Path) -> list[ModelCard]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SSLBenchError(f"cannot read model card file {path}: {exc}") from None
+    try:
+        card_file = CardFile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SSLBenchError(f"{path}: {where}: {err['msg']}") from None
+    for card in card_file.cards:
+        if card.family != card_file.family:
+            raise SSLBenchError(f"{path}: card {card.id} has family {card.family}, file says {card_file.family}")
+    return card_file.cards
+
+
+def load_cards(folder: Path | None = None) -> list[ModelCard]:
+    """Every card in ``folder`` (default: the bundled registry), ids unique."""
+    folder = folder or cards_root()
+    cards: list[ModelCard] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        for card in load_card_file(path):
+            if card.id in seen:
+                raise SSLBenchError(f"model card {card.id} is defined in both {seen[card.id]} and {path}")
+            seen[card.id] = path
+            cards.append(card)
+    return cards

@@ -1,0 +1,231 @@
+"""Getting a card's weights into its architecture, strictly.
+
+The file comes from the spec (``options.weights``) or the card's sources in order: a package that
+ships it, the torch.hub checkpoint cache, a download with a progress bar into that cache (verified
+against the card's hash), or instructions for files only obtainable by hand. It is read with
+``torch.load(weights_only=True)`` (or safetensors), reshaped by the card's layout, and loaded so
+that the missing and unexpected keys must equal the card's allow-lists exactly: a backbone that
+silently loaded nothing (the ``strict=False`` failure) is an error listing the offending keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sslbench.cards import Layout, ModelCard, WeightsHash, WeightSource
+from sslbench.errors import SSLBenchError
+
+
+def hub_checkpoint_dir() -> Path:
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _from_package(source: WeightSource) -> Path:
+    assert source.package is not None
+    module_name, _, attribute = source.package.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError:
+        raise SSLBenchError(f"weights package '{module_name}' is not installed") from None
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    path = Path(target() if callable(target) else target)
+    return path / source.file_name if source.file_name and path.is_dir() else path
+
+
+def _from_timm(source: WeightSource) -> Path:
+    import timm
+
+    assert source.timm_name is not None
+    cfg = timm.models.get_pretrained_cfg(source.timm_name)
+    if cfg is None:
+        raise SSLBenchError(f"timm has no pretrained weights named {source.timm_name}")
+    if cfg.hf_hub_id:
+        from huggingface_hub import hf_hub_download
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                return Path(hf_hub_download(cfg.hf_hub_id, filename))
+            except Exception:  # noqa: BLE001 - try the next file name the hub may hold
+                continue
+        raise SSLBenchError(f"could not download {source.timm_name} from the Hugging Face hub ({cfg.hf_hub_id})")
+    url = cfg.url if isinstance(cfg.url, str) else None
+    if url:
+        return _download(url, url.rsplit("/", 1)[-1])
+    raise SSLBenchError(f"timm's {source.timm_name} has no download location")
+
+
+def _download(url: str, file_name: str) -> Path:
+    import torch
+
+    target = hub_checkpoint_dir() / file_name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    except Exception as exc:  # noqa: BLE001 - network errors come in many types
+        raise SSLBenchError(f"cannot download {url}: {type(exc).__name__}: {exc}") from None
+    return target
+
+
+def cached_path(card: ModelCard) -> Path | None:
+    """Where the weights already are on this machine, without downloading anything."""
+    for source in card.weights:
+        try:
+            if source.kind == "package":
+                return _from_package(source)
+            if source.kind == "file" and Path(source.path or "").expanduser().is_file():
+                return Path(source.path or "").expanduser()
+            if source.kind == "url":
+                name = source.file_name or (source.url or "").rsplit("/", 1)[-1]
+                if (hub_checkpoint_dir() / name).is_file():
+                    return hub_checkpoint_dir() / name
+        except SSLBenchError:
+            continue
+    return None
+
+
+def resolve_weights(card: ModelCard, override: str | None = None) -> Path:
+    """The weights file of ``card``: the override, a cached copy, or a download."""
+    if override is not None:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise SSLBenchError(f"weights file for {card.id} not found: {path}")
+        return path
+    cached = cached_path(card)
+    if cached is not None:
+        return cached
+    manual = []
+    for source in card.weights:
+        if source.kind == "url":
+            assert source.url is not None
+            return _download(source.url, source.file_name or source.url.rsplit("/", 1)[-1])
+        if source.kind == "timm":
+            return _from_timm(source)
+        if source.kind == "manual":
+            manual.append(source.instructions)
+        if source.kind == "file":
+            manual.append(f"place the file at {source.path}")
+    raise SSLBenchError(
+        f"weights of {card.id} are not on this machine: {'; '.join(m for m in manual if m)}; "
+        "then give its path as the model's `weights` option"
+    )
+
+
+def file_digest(path: Path, kind: str = "sha256") -> str:
+    digest = hashlib.new("md5" if kind.startswith("md5") else "sha256")
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_hash(path: Path, expected: WeightsHash, card_id: str) -> str:
+    """Check the file against the card; returns its full sha256 (part of the cache key)."""
+    sha256 = file_digest(path)
+    if expected.kind == "none" or not expected.value:
+        return sha256
+    actual = file_digest(path, "md5") if expected.kind.startswith("md5") else sha256
+    ok = actual == expected.value if expected.kind == "sha256" else actual.startswith(expected.value)
+    if not ok:
+        raise SSLBenchError(
+            f"weights file {path} does not match {card_id}'s {expected.kind} {expected.value} "
+            f"(got {actual[: max(len(expected.value), 12)]}): a different or corrupted file"
+        )
+    return sha256
+
+
+def read_checkpoint(path: Path) -> Mapping[str, Any]:
+    """The file's top-level dict, read without unpickling arbitrary objects."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated or foreign files
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SSLBenchError(f"cannot read checkpoint {path}: {message[:300]}") from None
+    if not isinstance(loaded, Mapping):
+        raise SSLBenchError(f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def apply_layout(checkpoint: Mapping[str, Any], layout: Layout, where: str) -> dict[str, Any]:
+    """Select, strip and drop keys as the card's layout says."""
+    state: Any = checkpoint
+    if layout.top_level_key is not None:
+        if layout.top_level_key not in checkpoint:
+            raise SSLBenchError(
+                f"{where}: no '{layout.top_level_key}' entry at the top of the checkpoint "
+                f"(it has: {', '.join(sorted(map(str, checkpoint))[:10])})"
+            )
+        state = checkpoint[layout.top_level_key]
+    if not isinstance(state, Mapping):
+        raise SSLBenchError(f"{where}: the checkpoint's weights are not a mapping of tensors")
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if layout.keep_prefixes is not None and not any(key.startswith(p) for p in layout.keep_prefixes):
+            continue
+        for prefix in layout.strip_prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in layout.drop):
+            continue
+        out[key] = value
+    return out
+
+
+def _by_position(model_state: Mapping[str, Any], state: Mapping[str, Any], where: str) -> dict[str, Any]:
+    model_keys, file_keys = list(model_state), list(state)
+    if len(model_keys) != len(file_keys):
+        raise SSLBenchError(
+            f"{where}: positional mapping needs equal key counts: model {len(model_keys)}, file {len(file_keys)}"
+        )
+    mapped = {}
+    for model_key, file_key in zip(model_keys, file_keys, strict=True):
+        kind_model, kind_file = model_key.rsplit(".", 1)[-1], file_key.rsplit(".", 1)[-1]
+        shape_model, shape_file = tuple(model_state[model_key].shape), tuple(state[file_key].shape)
+        if kind_model != kind_file or shape_model != shape_file:
+            raise SSLBenchError(
+                f"{where}: positional mapping fails at {file_key} {shape_file} → {model_key} {shape_model}"
+            )
+        mapped[model_key] = state[file_key]
+    return mapped
+
+
+def load_state(model: Any, state: Mapping[str, Any], layout: Layout, where: str) -> None:
+    """Load ``state`` into ``model``; missing and unexpected keys must be the allowed ones exactly."""
+    model_state = model.state_dict()
+    if layout.match == "by_position":
+        state = _by_position(model_state, state, where)
+    for key, value in state.items():
+        if key in model_state and tuple(model_state[key].shape) != tuple(value.shape):
+            raise SSLBenchError(
+                f"{where}: {key} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(model_state[key].shape)} in the model (a different architecture?)"
+            )
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = set(result.missing_keys) - set(layout.allowed_missing)
+    unexpected = set(result.unexpected_keys) - set(layout.allowed_unexpected)
+    absent_allowed = set(layout.allowed_missing) - set(result.missing_keys)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} model keys missing from the file: {', '.join(sorted(missing)[:8])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected file keys: {', '.join(sorted(unexpected)[:8])}")
+    if absent_allowed:
+        problems.append(f"keys the card expects missing are present: {', '.join(sorted(absent_allowed)[:8])}")
+    if problems:
+        raise SSLBenchError(f"{where}: weights do not fit the architecture: {'; '.join(problems)}")
