@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from sslbench.errors import SSLBenchError
+from sslbench.extract import resolve_device
 from sslbench.interfaces import (
     Clusterer,
     ClustererConfig,
@@ -322,8 +323,6 @@ def evaluate_features(
     train = checked_split("train", train_features, train_labels)
     eval_ = checked_split("eval", eval_features, eval_labels)
     classes = n_classes if n_classes is not None else int(max(train.labels.max(), eval_.labels.max())) + 1
-    from sslbench.extract import resolve_device
-
     device = resolve_device(device)
     runs = run_protocol(
         train,
