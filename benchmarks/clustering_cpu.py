@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1000, help="classes = clusters")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--backends", default="reference,torch,faiss")
-    parser.add_argument("--bound-epochs", type=int, default=3, help="epochs timed against the GEMM bound")
+    parser.add_argument("--bound-epochs", type=int, default=10, help="epochs timed against the GEMM bound")
     args = parser.parse_args()
 
     x, y = class_blobs(args.n + args.n // 10, args.k, args.dims)
