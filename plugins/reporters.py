@@ -79,6 +79,49 @@ class MarkdownReporter(Reporter):
         return "\n".join(parts)
 
 
+def _latex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        text = text.replace(char, escaped)
+    for symbol, command in (("×", r"$\times$"), ("±", r"$\pm$"), ("→", r"$\to$")):
+        text = text.replace(symbol, command)
+    return text
+
+
+class LatexReporter(Reporter):
+    """The paper's Table 1 form: booktabs, mean $\\pm$ std, best bold, within one std of the best red."""
+
+    suffix = ".tex"
+
+    def render(self, results: Results) -> str:
+        parts = ["% needs \\usepackage{booktabs} and \\usepackage{xcolor}"]
+        for table in summary_tables(results):
+            columns = "l" + "c" * len(table.metrics)
+            header = " & ".join(["Method", *(METRIC_LABELS.get(m, m) for m in table.metrics)])
+            lines = [
+                "\\begin{table}[t]",
+                "\\centering",
+                f"\\caption{{{_latex_escape(table.caption)}}}",
+                f"\\begin{{tabular}}{{{columns}}}",
+                "\\toprule",
+                f"{header} \\\\",
+                "\\midrule",
+            ]
+            for row in table.rows:
+                cells = [_latex_escape(row.label)]
+                for metric in table.metrics:
+                    cell = row.cells[metric]
+                    text = cell.text().replace("±", "$\\pm$")
+                    if cell.best:
+                        text = f"\\textbf{{{text}}}"
+                    elif cell.within_std:
+                        text = f"\\textcolor{{red}}{{{text}}}"
+                    cells.append(text)
+                lines.append(" & ".join(cells) + " \\\\")
+            lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+            parts.append("\n".join(lines))
+        return "\n".join(parts)
+
+
 class CSVReporter(Reporter):
     """One row per model × dataset × protocol point: every metric's mean and std, as fractions."""
 
@@ -145,4 +188,5 @@ def sslbench_register_reporters(register: Callable[[ReporterEntry], None]) -> No
     register(ReporterEntry("rich", RichReporter(), "terminal table in the paper's Table 1 layout"))
     register(ReporterEntry("md", MarkdownReporter(), "Markdown tables"))
     register(ReporterEntry("csv", CSVReporter(), "CSV, one row per model/dataset/protocol point"))
+    register(ReporterEntry("latex", LatexReporter(), "LaTeX table in the paper's Table 1 form"))
     register(ReporterEntry("json", JSONReporter(), "the results JSON"))

@@ -20,7 +20,7 @@ from sslbench.bundled import find_spec
 from sslbench.errors import SSLBenchError
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import rich_progress
-from sslbench.results import load_results, write_atomic
+from sslbench.results import load_results, merge_results, write_atomic
 from sslbench.spec import load_spec, resolve_spec
 
 
@@ -179,7 +179,7 @@ def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
-    results = load_results(args.results)
+    results = merge_results([load_results(path) for path in args.results], args.results)
     reporter = plugins.reporters.get(args.format).reporter
     if args.output:
         write_atomic(Path(args.output), reporter.render(results))
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     report = sub.add_parser("report", help="render a results.json (or its run directory)")
-    report.add_argument("results")
+    report.add_argument("results", nargs="+", help="results.json files or run directories (merged)")
     report.add_argument("--format", default="rich", help="a registered reporter: rich, md, csv, json, …")
     report.add_argument("--output", "-o", help="write to this file instead of stdout")
     report.set_defaults(func=cmd_report)

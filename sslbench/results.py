@@ -220,6 +220,26 @@ def build_results(
     )
 
 
+def merge_results(parts: list[Results], sources: list[str]) -> Results:
+    """Several results files as one: runs, summary rows and skipped samples side by side.
+
+    Each file's summary is kept as computed there; the environment is the first file's, and the
+    spec records which files were merged.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    return Results(
+        sslbench_version=sslbench_version(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        spec={"merged": sources},
+        environment=parts[0].environment,
+        wall_s=sum(part.wall_s for part in parts),
+        runs=[run for part in parts for run in part.runs],
+        summary=[row for part in parts for row in part.summary],
+        skipped=[sample for part in parts for sample in part.skipped],
+    )
+
+
 def load_results(path: str | Path) -> Results:
     path = Path(path)
     if path.is_dir():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from sslbench.results import MetricSummary, Published, Results, RunProtocol, SummaryRow, environment
 from sslbench.table import summary_tables
 
+from conftest import run_cli
+
 
 def _protocol(overcluster: float = 1.0) -> RunProtocol:
     return RunProtocol(
@@ -68,3 +70,23 @@ def test_best_bold_within_std_marked_and_published_beside(plugins):
     assert "| ↳ published | 23.09 ± 0.16 (-0.09, within std) |" in md
     rich = plugins.reporters.get("rich").reporter.render(_results(rows, plugins))
     assert "↳ published" in rich and "33.17 ± 0.32" in rich
+
+
+def test_latex_export_of_merged_results_files(plugins, tmp_path):
+    first = _results([_row("MoCo v2 (ResNet-50)", 0.2309, 0.0016), _row("SwAV_R50", 0.1504, 0.0077)], plugins)
+    second = _results([_row("InfoMin (ResNeXt-152)", 0.3860, 0.0067), _row("SimCLRv2", 0.3800, 0.0020)], plugins)
+    first.write(tmp_path / "a" / "results.json")
+    second.write(tmp_path / "b.json")
+    proc = run_cli("report", "a", "b.json", "--format", "latex", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tex = proc.stdout
+    assert tex.count("\\begin{tabular}{lcccc}") == 1  # one dataset: one table with all four rows
+    assert "Method & ACC & ARI & AMI & NMI \\\\" in tex
+    assert "InfoMin (ResNeXt-152) & \\textbf{38.60 $\\pm$ 0.67}" in tex
+    assert "SimCLRv2 & \\textcolor{red}{38.00 $\\pm$ 0.20}" in tex  # within one std of the best
+    assert "MoCo v2 (ResNet-50) & 23.09 $\\pm$ 0.16" in tex
+    assert "SwAV\\_R50 &" in tex
+    assert "\\toprule" in tex and "\\bottomrule" in tex
+    merged = run_cli("report", "a", "b.json", "--format", "json", cwd=tmp_path)
+    assert merged.returncode == 0
+    assert Results.model_validate_json(merged.stdout).spec == {"merged": ["a", "b.json"]}
