@@ -190,6 +190,28 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
     return 0
 
 
+def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
+    import numpy as np
+
+    from sslbench.inspect import cluster_stats, find_predictions, purest_and_least_pure
+
+    path = find_predictions(Path(args.run_dir), args.model, args.dataset, args.seed, args.clusters)
+    with np.load(path) as saved:
+        pred, labels = saved[f"{args.split}_pred"], saved[f"{args.split}_labels"]
+    stats = cluster_stats(pred, labels)
+    purest, impure = purest_and_least_pure(stats, args.top, args.min_size)
+    console = _console()
+    console.print(f"{path.name}: {len(stats)} non-empty clusters on the {args.split} split")
+    for title, rows in (("purest clusters", purest), ("least pure clusters", impure)):
+        table = Table(title=title)
+        for column in ("cluster", "size", "majority class", "purity"):
+            table.add_column(column, justify="right")
+        for stat in rows:
+            table.add_row(str(stat.cluster), str(stat.size), str(stat.majority_class), f"{100 * stat.purity:.1f} %")
+        console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sslbench",
@@ -217,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     rm = cache_sub.add_parser("rm", help="remove entries whose name contains a pattern ('all': every one)")
     rm.add_argument("patterns", nargs="+")
     cache.set_defaults(func=cmd_cache)
+
+    clusters = sub.add_parser("clusters", help="the purest and least pure clusters of a saved run")
+    clusters.add_argument("run_dir", help="a run directory written with --save-predictions")
+    clusters.add_argument("--model", required=True, help="the model's display name in the run")
+    clusters.add_argument("--dataset", help="the dataset's display name (when the run has several)")
+    clusters.add_argument("--seed", type=int, default=0)
+    clusters.add_argument("--clusters", type=int, help="number of clusters (when the run swept k)")
+    clusters.add_argument("--split", choices=("eval", "train"), default="eval")
+    clusters.add_argument("--top", type=int, default=5)
+    clusters.add_argument("--min-size", type=int, default=10, help="ignore smaller clusters")
+    clusters.set_defaults(func=cmd_clusters)
 
     prepare = sub.add_parser(
         "prepare-imagenet-val", help="sort the flat ILSVRC2012 val folder into val/<wnid>/ class folders"

@@ -243,3 +243,22 @@ def test_internal_errors_exit_1_with_traceback(monkeypatch, capsys):
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: a bug" in err
+
+
+def test_cluster_inspection_of_saved_predictions(quickstart, tmp_path):
+    from sslbench.inspect import cluster_stats
+
+    proc = run_cli(
+        "clusters", str(quickstart), "--model", "raw pixels", "--clusters", "15", "--seed", "3", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "purest clusters" in proc.stdout and "least pure clusters" in proc.stdout
+    with np.load(quickstart / "predictions" / "raw-pixels__digits__k15_pca64_ep60__seed3.npz") as saved:
+        stats = cluster_stats(saved["eval_pred"], saved["eval_labels"])
+    best = max((s for s in stats if s.size >= 10), key=lambda s: (s.purity, s.size))
+    assert f"{100 * best.purity:.1f} %" in proc.stdout
+    assert sum(s.size for s in stats) == 449
+    ambiguous = run_cli("clusters", str(quickstart), "--model", "raw pixels", cwd=tmp_path)
+    assert ambiguous.returncode == 2 and "several runs match" in ambiguous.stderr
+    missing = run_cli("clusters", str(tmp_path), "--model", "raw pixels", cwd=tmp_path)
+    assert missing.returncode == 2 and "run with --save-predictions" in missing.stderr
