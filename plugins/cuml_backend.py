@@ -72,11 +72,9 @@ class CumlPCA(Reducer):
             raise RuntimeError("CumlPCA used before fit")
         return int(self._pca.n_components_)
 
-    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
+    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         cupy, _ = _gpu_modules()
-        n = self.n_components if n_components is None else n_components
-        if n > self.n_components:
-            raise SSLBenchError(f"pca_dims={n} exceeds the {self.n_components} components PCA found")
+        n = n_components
         components = cupy.asarray(self._pca.components_)[:n].T
         offset = cupy.asarray(self._pca.mean_) @ components
         scale = cupy.sqrt(cupy.asarray(self._pca.explained_variance_)[:n]) if whiten else None

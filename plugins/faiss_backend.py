@@ -59,10 +59,8 @@ class FaissPCA(Reducer):
             raise RuntimeError("FaissPCA used before fit")
         return int(self._pca.d_out)
 
-    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
-        n = self.n_components if n_components is None else n_components
-        if n > self.n_components:
-            raise SSLBenchError(f"pca_dims={n} exceeds the {self.n_components} components PCA found")
+    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+        n = n_components
         projected = self._pca.apply(_dense(features))[:, :n]
         if whiten:
             assert self._variance is not None

@@ -21,7 +21,6 @@ from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import IncrementalPCA
 
 from sslbench import hookimpl
-from sslbench.errors import SSLBenchError
 from sslbench.interfaces import (
     Clusterer,
     ClustererConfig,
@@ -63,14 +62,9 @@ class ReferencePCA(Reducer):
             raise RuntimeError("ReferencePCA.transform called before fit")
         return self._pca
 
-    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
+    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         pca = self._fitted()
-        n = self.n_components if n_components is None else n_components
-        if n > self.n_components:
-            raise SSLBenchError(
-                f"pca_dims={n} exceeds the {self.n_components} components PCA found "
-                f"(at most min(train samples in the first batch, feature dimension))"
-            )
+        n = n_components
         components = pca.components_[:n].T
         offset = pca.mean_ @ components
         scale = np.sqrt(pca.explained_variance_[:n]) if whiten else None

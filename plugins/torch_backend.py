@@ -451,11 +451,9 @@ class TorchPCA(Reducer):
             raise RuntimeError("TorchPCA used before fit")
         return len(self.components)
 
-    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
+    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         torch = _torch()
-        n = self.n_components if n_components is None else n_components
-        if n > self.n_components:
-            raise SSLBenchError(f"pca_dims={n} exceeds the {self.n_components} components PCA found")
+        n = n_components
         assert self.components is not None and self.mean is not None and self.explained_variance is not None
         weights = self.components[:n].T.astype(np.float32)
         offset = (self.mean @ self.components[:n].T).astype(np.float32)

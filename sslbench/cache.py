@@ -58,7 +58,7 @@ class CacheKey:
 
 
 @dataclass
-class Progress:
+class CommitState:
     committed: int = 0
     dims: int | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -121,11 +121,11 @@ class CacheEntry:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def progress(self) -> Progress:
+    def progress(self) -> CommitState:
         try:
-            return Progress(**json.loads(self.progress_path.read_text()))
+            return CommitState(**json.loads(self.progress_path.read_text()))
         except FileNotFoundError:
-            return Progress()
+            return CommitState()
 
     def open_features(self, n: int, dims: int, fresh: bool) -> np.memmap:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -136,14 +136,14 @@ class CacheEntry:
             raise SSLBenchError(f"cache entry {self.path}: partial features have shape {features.shape}")
         return features
 
-    def commit(self, features: np.memmap, progress: Progress) -> None:
+    def commit(self, features: np.memmap, progress: CommitState) -> None:
         """Make every row before ``progress.committed`` durable, then record the count."""
         features.flush()
         with open(self.features_path, "rb+") as handle:
             os.fsync(handle.fileno())
         write_atomic(self.progress_path, json.dumps(asdict(progress)))
 
-    def finish(self, labels: np.ndarray, progress: Progress, extra: dict[str, Any]) -> None:
+    def finish(self, labels: np.ndarray, progress: CommitState, extra: dict[str, Any]) -> None:
         """Drop skipped rows, save labels and the manifest; the entry is then complete."""
         features = np.load(self.features_path, mmap_mode="r")
         if progress.skipped:

@@ -146,12 +146,17 @@ def run_protocol(
     reducer = reducer_entry.factory(ReducerConfig(device=device, options=backend_options, on_rows=pca_task.advance))
     reducer.fit(train.features)
     fit_s = time.perf_counter() - started
+    found = reducer.n_components
+    too_many = [d for d in protocol.pca_dims if d is not None and d > found]
+    if too_many:
+        raise SSLBenchError(f"pca_dims={max(too_many)} exceeds the {found} components the PCA of {train.name} found")
 
     runs: list[Run] = []
     for dims in protocol.pca_dims:
         started = time.perf_counter()
-        train_z = reducer.transform(train.features, dims, protocol.whiten)
-        eval_z = reducer.transform(eval_.features, dims, protocol.whiten)
+        n_components = found if dims is None else dims
+        train_z = reducer.transform(train.features, n_components, protocol.whiten)
+        eval_z = reducer.transform(eval_.features, n_components, protocol.whiten)
         pca_s = fit_s + time.perf_counter() - started
         for point in (p for p in points if p.pca_dims == dims):
             run_protocol_point = RunProtocol(

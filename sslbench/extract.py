@@ -20,11 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sslbench.cache import CacheEntry, Progress
+from sslbench.cache import CacheEntry, CommitState
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Backbone, Split
-from sslbench.progress import NullProgress
-from sslbench.progress import Progress as ProgressReporter
+from sslbench.progress import NullProgress, Progress
 
 
 def resolve_device(device: str) -> str:
@@ -252,7 +251,7 @@ def extract_split(
     device: str,
     name: str,
     entry: CacheEntry | None,
-    progress: ProgressReporter | None = None,
+    progress: Progress | None = None,
 ) -> Extracted:
     """Features of every sample of ``split`` in order: from the cache, or extracted into it."""
     progress = progress or NullProgress()
@@ -281,7 +280,7 @@ def extract_split(
         if stop > start:
             _extract_range(backbone, split, shard_entry, start, stop, settings, device, name, task)
         _barrier()
-        final = Progress(committed=n)
+        final = CommitState(committed=n)
         if ranks.rank == 0:
             _assemble(entry, shards, n)
             final = entry.progress()
@@ -326,7 +325,7 @@ def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
     features = entry.open_features(n, dims, fresh=True)
     for start, stop, shard in parts:
         features[start:stop] = np.load(shard.features_path, mmap_mode="r")
-    entry.commit(features, Progress(committed=n, dims=dims, skipped=skipped, resumed_at=resumed))
+    entry.commit(features, CommitState(committed=n, dims=dims, skipped=skipped, resumed_at=resumed))
     del features
     for _, _, shard in parts:
         shutil.rmtree(shard.path)

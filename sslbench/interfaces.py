@@ -188,8 +188,11 @@ class Reducer(ABC):
         """Number of components available after :meth:`fit`."""
 
     @abstractmethod
-    def transform(self, features: np.ndarray, n_components: int | None, whiten: bool) -> np.ndarray:
-        """Project ``features`` onto the leading ``n_components`` components, float32."""
+    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+        """Project ``features`` onto the leading ``n_components`` components, float32.
+
+        The protocol has checked ``1 <= n_components <= self.n_components``.
+        """
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,20 @@ def split_blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[:200], y[:200], x[200:], y[200:]
 
 
+def run_torchrun(
+    *args: str, cwd: Path, port: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Two CPU processes under ``torchrun`` (gloo), running ``args`` (a script, or ``-m module``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m sslbench`` in a real subprocess (from ``cwd``, so the installed package is used)."""
     full_env = {**os.environ, **(env or {})}

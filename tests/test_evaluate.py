@@ -70,7 +70,7 @@ def test_reference_pca_is_incremental_pca_with_the_papers_batch(split_blobs):
     reducer.fit(xtr)
     expected = IncrementalPCA(batch_size=4096).fit(xtr)
     assert reducer.n_components == 12
-    np.testing.assert_allclose(reducer.transform(xev, None, False), expected.transform(xev), atol=1e-4)
+    np.testing.assert_allclose(reducer.transform(xev, reducer.n_components, False), expected.transform(xev), atol=1e-4)
     np.testing.assert_allclose(reducer.transform(xev, 5, False), expected.transform(xev)[:, :5], atol=1e-4)
     whitened = IncrementalPCA(batch_size=4096, whiten=True).fit(xtr).transform(xev)[:, :5]
     np.testing.assert_allclose(reducer.transform(xev, 5, True), whitened, atol=1e-4)
@@ -141,3 +141,33 @@ def test_pca_sweep_fits_once_and_truncates(split_blobs):
     results = evaluate_features(*split_blobs, pca_dim=[2, 6, None], seeds=1, epochs=2)
     assert [r.protocol.pca_dims for r in results.runs] == [2, 6, 12]
     assert len({r.timings.pca_s for r in results.runs}) == 3  # fit shared, transform per dims
+
+
+def test_reducer_finding_fewer_components_than_asked_is_named(split_blobs):
+    """The protocol checks pca_dims against what the fitted reducer found, for every backend."""
+    import types
+
+    from sslbench import ClustererEntry, ReducerEntry, hookimpl, load_plugins
+    from sslbench_plugins.reference_backend import ReferenceKMeans
+
+    class TwoComponents(ReferencePCA):
+        @property
+        def n_components(self) -> int:
+            return 2
+
+    @hookimpl
+    def sslbench_register_reducers(register):
+        register(ReducerEntry("capped", TwoComponents, "finds two components"))
+
+    @hookimpl
+    def sslbench_register_clusterers(register):
+        register(ClustererEntry("capped", ReferenceKMeans, "reference k-means"))
+
+    plugin = types.SimpleNamespace(
+        sslbench_register_reducers=sslbench_register_reducers, sslbench_register_clusterers=sslbench_register_clusterers
+    )
+    plugins = load_plugins(extra=[("capped", plugin)])
+    with pytest.raises(SSLBenchError, match="pca_dims=3 exceeds the 2 components the PCA of train found"):
+        evaluate_features(*split_blobs, pca_dim=[2, 3], backend="capped", seeds=1, epochs=1, plugins=plugins)
+    results = evaluate_features(*split_blobs, pca_dim=None, backend="capped", seeds=1, epochs=1, plugins=plugins)
+    assert results.runs[0].protocol.pca_dims == 2

@@ -18,7 +18,7 @@ from PIL import Image
 from sslbench.cache import FeatureCache
 from sslbench.extract import batch_shards
 
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 
 HELPERS = Path(__file__).with_name("helpers")
 
@@ -115,26 +115,7 @@ def test_torchrun_extraction_is_bit_identical_to_one_process(tmp_path):
     (tmp_path / "two.yaml").write_text(DIGITS_SPEC.format(k=10, cache=tmp_path / "two"))
     single = run_cli("extract", "one.yaml", cwd=tmp_path, env=env)
     assert single.returncode == 0, single.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29633",
-            "-m",
-            "sslbench",
-            "extract",
-            "two.yaml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
+    proc = run_torchrun("-m", "sslbench", "extract", "two.yaml", cwd=tmp_path, port=29633, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for split in ("__train__", "__val__"):
         one = next(p for p in (tmp_path / "one").iterdir() if split in p.name)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from sslbench.arrays import RowReader
 from sslbench.interfaces import ClustererConfig, ReducerConfig
 from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA
 
-from conftest import blobs
+from conftest import blobs, run_torchrun
 
 
 def spectrum_data(n: int = 3000, d: int = 24, seed: int = 0) -> np.ndarray:
@@ -33,7 +31,7 @@ def test_pca_matches_scikit_learn_exact_pca():
     ours.fit(x)
     exact = PCA().fit(x.astype(np.float64))
     np.testing.assert_allclose(ours.explained_variance, exact.explained_variance_, rtol=1e-6)
-    projected = ours.transform(x, None, False)
+    projected = ours.transform(x, ours.n_components, False)
     reference = exact.transform(x.astype(np.float64))
     signs = np.sign((projected * reference).sum(axis=0))
     np.testing.assert_allclose(projected * signs, reference, atol=2e-3 * np.abs(reference).max())
@@ -162,23 +160,8 @@ def test_distributed_kmeans_matches_single_process(tmp_path):
     np.save(tmp_path / "features.npy", x)
     single = TorchKMeans(ClustererConfig(9, 3, 256, 3))
     single.fit(x)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29631",
-            str(WORKER),
-            str(tmp_path / "features.npy"),
-            str(tmp_path / "out.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+    proc = run_torchrun(
+        str(WORKER), str(tmp_path / "features.npy"), str(tmp_path / "out.json"), cwd=tmp_path, port=29631
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
