@@ -250,23 +250,40 @@ class TorchKMeans(Clusterer):
         k, device = cfg.n_clusters, self.device
         counts = torch.zeros(k, dtype=torch.float64, device=device)
         since_reassign = 0
+        # Counts never fall back to zero once all are positive (re-seeded centres inherit the smallest
+        # count), so the per-batch check, a device sync on a GPU, stops once it has failed.
+        may_have_empty = True
+        # Rows resident on the GPU on one rank: batches are drawn by index on the device, and nothing
+        # in the loop waits for the GPU (a host copy of a pageable index array would, every batch).
+        on_device = reader.resident is not None and not ranks.active
+        # Counts by index_add of ones: torch.bincount on CUDA reads the largest label back to the host.
+        ones = torch.ones(cfg.batch_size, dtype=torch.float64, device=device)
         for _ in range(cfg.epochs):
-            order = torch.randperm(ranks.n_total, generator=generator).numpy()
+            order = torch.randperm(ranks.n_total, generator=generator)
+            order_on_device = order.to(device) if on_device else order
             for rows in iter_chunks(ranks.n_total, cfg.batch_size):
-                batch = np.sort(order[rows])
-                _, local = ranks.local(batch)
-                x = reader.gather(local) if len(local) else None
                 sums = torch.zeros_like(centers)
                 batch_counts = torch.zeros(k, dtype=torch.float64, device=device)
+                x: Tensor | None
+                if on_device:
+                    assert reader.resident is not None
+                    batch: Tensor | np.ndarray = order_on_device[rows].sort().values
+                    x = reader.resident[batch]
+                else:
+                    batch = np.sort(order[rows].numpy())
+                    _, local = ranks.local(batch)
+                    x = reader.gather(local) if len(local) else None
                 if x is not None:
                     labels, _ = _closest(x, centers, (centers * centers).sum(dim=1))
                     sums.index_add_(0, labels, x)
-                    batch_counts += torch.bincount(labels, minlength=k).double()
+                    batch_counts.index_add_(0, labels, ones[: len(labels)])
                 ranks.sum_(sums)
                 ranks.sum_(batch_counts)
                 # As scikit-learn: decided before the update, from the counts so far.
                 since_reassign += cfg.batch_size
-                reassign = bool((counts == 0).any()) or since_reassign >= 10 * k
+                if may_have_empty:
+                    may_have_empty = bool((counts == 0).any())
+                reassign = may_have_empty or since_reassign >= 10 * k
                 # c ← (c·n + Σx) / (n + m), in place: untouched centres get scale 1 and add 0.
                 total = counts + batch_counts
                 inverse = torch.where(batch_counts > 0, 1.0 / total.clamp_min(1.0), 0.0)
@@ -275,7 +292,7 @@ class TorchKMeans(Clusterer):
                 counts = total
                 if reassign:
                     since_reassign = 0
-                    self._reassign(reader, ranks, centers, counts, batch, generator)
+                    self._reassign(reader, ranks, centers, counts, batch, x, generator)
             if cfg.on_epoch:
                 cfg.on_epoch()
         return centers
@@ -286,30 +303,46 @@ class TorchKMeans(Clusterer):
         ranks: _Ranks,
         centers: Tensor,
         counts: Tensor,
-        batch: np.ndarray,
+        batch: Tensor | np.ndarray,
+        batch_rows: Tensor | None,
         generator: torch_types.Generator,
     ) -> None:
-        """scikit-learn's low-count re-seeding: move starved centres onto random batch samples."""
+        """scikit-learn's low-count re-seeding: move starved centres onto random batch samples.
+
+        Centres below ``ratio × max count`` are re-seeded, at most half the batch size of them (the
+        lowest counts first); the i-th one, in centre order, takes batch sample ``chosen[i]``, and each
+        inherits the smallest count left. On one rank this runs without a device sync: the choice is
+        computed for every centre and applied by mask.
+        """
         torch = _torch()
         ratio = self.options.reassignment_ratio
         if ratio <= 0:
             return
-        to_reassign = counts < ratio * counts.max()
-        half = int(0.5 * len(batch))
-        if int(to_reassign.sum()) > half:
-            keep = torch.argsort(counts, stable=True)[half:]
-            to_reassign[keep] = False
-        n = int(to_reassign.sum())
-        if n == 0:
-            return
-        chosen = torch.randperm(len(batch), generator=generator)[:n].numpy()
-        order = np.argsort(batch[chosen], kind="stable")
-        rows = _gather_rows(reader, ranks, batch[chosen][order])
-        new_rows = torch.empty_like(rows)
-        new_rows[torch.from_numpy(order).to(rows.device)] = rows
-        centers[to_reassign] = new_rows
-        if bool((~to_reassign).any()):
-            counts[to_reassign] = counts[~to_reassign].min()
+        k, n_batch = len(counts), len(batch)
+        # Drawn whether or not any centre is re-seeded, so the random stream never depends on the data.
+        chosen = torch.randperm(n_batch, generator=generator)
+        rank = torch.empty(k, dtype=torch.int64, device=counts.device)
+        rank[torch.argsort(counts, stable=True)] = torch.arange(k, device=counts.device)
+        to_reassign = (counts < ratio * counts.max()) & (rank < n_batch // 2)
+        if ranks.active:
+            n = int(to_reassign.sum())
+            if n == 0:
+                return
+            picked = np.asarray(batch)[chosen[:n].numpy()]
+            order = np.argsort(picked, kind="stable")
+            rows = _gather_rows(reader, ranks, picked[order])
+            new_rows = torch.empty_like(rows)
+            new_rows[torch.from_numpy(order).to(rows.device)] = rows
+            centers[to_reassign] = new_rows
+        else:
+            assert batch_rows is not None
+            if batch_rows.is_cuda:
+                chosen = chosen.pin_memory().to(batch_rows.device, non_blocking=True)
+            slot = (torch.cumsum(to_reassign, dim=0) - 1).clamp_(0, n_batch - 1)
+            candidates = batch_rows[chosen.to(batch_rows.device)[slot]]
+            centers.copy_(torch.where(to_reassign[:, None], candidates, centers))
+        smallest = torch.where(to_reassign, torch.inf, counts).min()
+        counts.copy_(torch.where(to_reassign & torch.isfinite(smallest), smallest, counts))
 
     def _lloyd(self, reader: _DeviceRows, ranks: _Ranks, centers: Tensor) -> Tensor:
         torch = _torch()
@@ -337,7 +370,7 @@ class TorchKMeans(Clusterer):
                 x = reader.rows(rows)
                 labels, best = _closest(x, centers, center_sq)
                 sums.index_add_(0, labels, x.double())
-                counts += torch.bincount(labels, minlength=k).double()
+                counts.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64, device=device))
                 distance = best + (x * x).sum(dim=1)
                 merged = torch.cat([far_score, distance])
                 top = torch.topk(merged, min(k, len(merged))).indices
@@ -409,16 +442,18 @@ class TorchPCA(Reducer):
             raise SSLBenchError("PCA needs at least 2 samples")
         shift = reader.rows(slice(0, min(n, CHUNK_ROWS))).astype(np.float64).mean(axis=0)
         total = np.zeros(d)
-        scatter = np.zeros((d, d))
-        on_cpu = self.device == "cpu"
-        for rows in iter_chunks(n, CHUNK_ROWS):
-            x = reader.rows(rows).astype(self.dtype) - shift.astype(self.dtype)
-            total += x.sum(axis=0, dtype=np.float64)
-            scatter += self._gram(x, on_cpu)
-            if self.on_rows:
-                self.on_rows(rows.stop - rows.start)
+        if self.device == "cpu":
+            scatter = np.zeros((d, d))
+            for rows in iter_chunks(n, CHUNK_ROWS):
+                x = reader.rows(rows).astype(self.dtype) - shift.astype(self.dtype)
+                total += x.sum(axis=0, dtype=np.float64)
+                scatter += self._upper_gram(x)
+                if self.on_rows:
+                    self.on_rows(rows.stop - rows.start)
+            scatter = np.triu(scatter) + np.triu(scatter, 1).T
+        else:
+            scatter = self._device_scatter(reader, shift, total)
         reader.release()
-        scatter = np.triu(scatter) + np.triu(scatter, 1).T
         centred = total / n
         covariance = (scatter - n * np.outer(centred, centred)) / (n - 1)
         torch = _torch()
@@ -432,18 +467,33 @@ class TorchPCA(Reducer):
         self.explained_variance = np.clip(values, 0.0, None)
         self.mean = shift + centred
 
-    def _gram(self, x: np.ndarray, on_cpu: bool) -> np.ndarray:
-        """``xᵀx`` in the arithmetic of ``x``; on the CPU only its upper triangle is valid."""
-        if on_cpu:
-            from scipy.linalg.blas import dsyrk, ssyrk
+    @staticmethod
+    def _upper_gram(x: np.ndarray) -> np.ndarray:
+        """``xᵀx`` in the arithmetic of ``x`` by BLAS ``syrk``; only its upper triangle is valid."""
+        from scipy.linalg.blas import dsyrk, ssyrk
 
-            syrk = dsyrk if x.dtype == np.float64 else ssyrk
-            # x.T of a C-ordered x is Fortran-ordered, so BLAS reads it in place; syrk fills the
-            # upper triangle of (x.T)(x.T)ᵀ = xᵀx with half the flops of a GEMM.
-            return syrk(1.0, x.T, trans=0)
+        syrk = dsyrk if x.dtype == np.float64 else ssyrk
+        # x.T of a C-ordered x is Fortran-ordered, so BLAS reads it in place; syrk fills the
+        # upper triangle of (x.T)(x.T)ᵀ = xᵀx with half the flops of a GEMM.
+        return syrk(1.0, x.T, trans=0)
+
+    def _device_scatter(self, reader: RowReader, shift: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """``Σ (x − shift)ᵀ(x − shift)`` accumulated on the device (float32 rows cast there), adding
+        ``Σ (x − shift)`` into ``total``; one transfer of the result instead of one per chunk."""
         torch = _torch()
-        block = torch.from_numpy(x).to(self.device)
-        return (block.T @ block).cpu().numpy()
+        dtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        d = reader.dims
+        scatter = torch.zeros((d, d), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(d, dtype=torch.float64, device=self.device)
+        centre = torch.from_numpy(shift).to(self.device, dtype)
+        for rows in iter_chunks(len(reader), CHUNK_ROWS):
+            x = torch.from_numpy(reader.rows(rows)).to(self.device).to(dtype) - centre
+            sums += x.sum(dim=0, dtype=torch.float64)
+            scatter += (x.T @ x).double()
+            if self.on_rows:
+                self.on_rows(rows.stop - rows.start)
+        total += sums.cpu().numpy()
+        return scatter.cpu().numpy()
 
     @property
     def n_components(self) -> int:
