@@ -77,6 +77,13 @@ class FeaturesOptions(BaseModel):
     file: str | None = Field(None, description=".npz with <split>_embs and <split>_labs arrays")
     splits: dict[str, SplitFiles] | None = Field(None, description="split name → .npy files")
     num_classes: int | None = Field(None, ge=1, description="default: max label + 1")
+    class_groups: dict[str, list[int]] | None = Field(
+        None, description="group name → class indices; ACC is also reported per group (acc_<group>)"
+    )
+    class_maps: dict[str, list[list[int]]] | None = Field(
+        None,
+        description="name → per class, the classes of another dataset it maps onto (a transfer's class_map)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> FeaturesOptions:
@@ -140,7 +147,10 @@ def load_features_dataset(options: FeaturesOptions) -> Dataset:
             )
     top = max(int(split.labels.max()) for split in splits.values() if len(split))
     n_classes = options.num_classes or top + 1
-    return Dataset("features", [str(c) for c in range(n_classes)], splits, "precomputed features")
+    metadata: dict[str, object] = dict(options.class_maps or {})
+    if options.class_groups is not None:
+        metadata["class_groups"] = options.class_groups
+    return Dataset("features", [str(c) for c in range(n_classes)], splits, "precomputed features", metadata)
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from rich.text import Text
 from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
-from sslbench.table import METRIC_LABELS, summary_tables
+from sslbench.table import metric_label, summary_tables
 
 
 class RichReporter(Reporter):
@@ -27,7 +27,7 @@ class RichReporter(Reporter):
             rich_table = RichTable(caption=table.caption, caption_justify="left", title=table.dataset)
             rich_table.add_column("Method")
             for metric in table.metrics:
-                rich_table.add_column(METRIC_LABELS.get(metric, metric), justify="right")
+                rich_table.add_column(metric_label(metric), justify="right")
             for row in table.rows:
                 cells: list[Text | str] = [row.label]
                 for metric in table.metrics:
@@ -61,7 +61,7 @@ class MarkdownReporter(Reporter):
     def render(self, results: Results) -> str:
         parts = []
         for table in summary_tables(results):
-            header = ["Method", *(METRIC_LABELS.get(m, m) for m in table.metrics)]
+            header = ["Method", *(metric_label(m) for m in table.metrics)]
             lines = [f"### {table.dataset}", "", "| " + " | ".join(header) + " |"]
             lines.append("|" + "|".join(["---", *("---:" for _ in table.metrics)]) + "|")
             for row in table.rows:
@@ -96,7 +96,7 @@ class LatexReporter(Reporter):
         parts = ["% needs \\usepackage{booktabs} and \\usepackage{xcolor}"]
         for table in summary_tables(results):
             columns = "l" + "c" * len(table.metrics)
-            header = " & ".join(["Method", *(METRIC_LABELS.get(m, m) for m in table.metrics)])
+            header = " & ".join(["Method", *(metric_label(m) for m in table.metrics)])
             lines = [
                 "\\begin{table}[t]",
                 "\\centering",

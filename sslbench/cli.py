@@ -12,6 +12,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -209,6 +210,52 @@ def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
         for stat in rows:
             table.add_row(str(stat.cluster), str(stat.size), str(stat.majority_class), f"{100 * stat.purity:.1f} %")
         console.print(table)
+    if args.grid is not None:
+        out = _cluster_grid(args, path, pred, plugins)
+        console.print(f"cluster {args.grid}: grid of its images written to {out}")
+    return 0
+
+
+def _cluster_grid(args: argparse.Namespace, path: Path, pred: Any, plugins: Plugins) -> Path:
+    """Rebuild the run's dataset from its results.json and tile images of cluster ``args.grid``."""
+    from sslbench.inspect import as_image, cluster_members, image_grid, kept_indices
+
+    results = load_results(Path(args.run_dir))
+    datasets = (results.spec or {}).get("datasets") or []
+    label = args.dataset or next((r.dataset for r in results.runs if r.model == args.model), None)
+    matching = [d for d in datasets if (d.get("name") or d.get("id")) == label]
+    if not matching:
+        raise SSLBenchError(f"the run's spec has no dataset '{label}' to read images from")
+    d_spec = matching[0]
+    entry = plugins.datasets.get(d_spec["id"])
+    dataset = entry.factory(entry.options.model_validate(d_spec.get("options") or {}))
+    split_name = d_spec.get("eval_split" if args.split == "eval" else "fit_split")
+    split = dataset.splits[split_name]
+    skipped = {
+        s.sample for s in results.skipped if s.model == args.model and s.dataset == label and s.split == split_name
+    }
+    kept = kept_indices(len(split), split.describe, skipped, len(pred))
+    members = cluster_members(pred, args.grid)[: args.grid_count]
+    images = [as_image(split[int(kept[m])], split.describe(int(kept[m]))) for m in members]
+    out = Path(args.grid_out or f"{path.stem}__cluster{args.grid}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cell=args.grid_cell, columns=args.grid_columns).save(out)
+    return out
+
+
+def cmd_plot(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.plots import FigureSize, plot_results
+
+    results = merge_results([load_results(path) for path in args.results], args.results)
+    size = FigureSize(args.width, args.height, args.dpi)
+    outcome = plot_results(
+        results, Path(args.out), plugins=plugins, size=size, formats=[f.strip() for f in args.formats.split(",")]
+    )
+    console = _console()
+    for written in outcome.written:
+        console.print(f"wrote {written}")
+    for reason in outcome.skipped:
+        console.print(f"[yellow]skipped {reason}")
     return 0
 
 
@@ -249,7 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     clusters.add_argument("--split", choices=("eval", "train"), default="eval")
     clusters.add_argument("--top", type=int, default=5)
     clusters.add_argument("--min-size", type=int, default=10, help="ignore smaller clusters")
+    clusters.add_argument("--grid", type=int, metavar="CLUSTER", help="also save a PNG grid of this cluster's images")
+    clusters.add_argument("--grid-out", help="grid file (default: <predictions>__cluster<N>.png)")
+    clusters.add_argument("--grid-count", type=int, default=32, help="images in the grid (dataset order)")
+    clusters.add_argument("--grid-columns", type=int, default=8)
+    clusters.add_argument("--grid-cell", type=int, default=96, help="pixels per image square")
     clusters.set_defaults(func=cmd_clusters)
+
+    plot = sub.add_parser("plot", help="the paper's figures (Fig. 1, Fig. 2) from results files, PNG and SVG")
+    plot.add_argument("results", nargs="+", help="results.json files or run directories (merged)")
+    plot.add_argument("--out", default="figures", help="output folder (default: figures)")
+    plot.add_argument("--formats", default="png,svg", help="comma-separated: png, svg")
+    plot.add_argument("--width", type=float, default=6.4, help="inches")
+    plot.add_argument("--height", type=float, default=4.8, help="inches")
+    plot.add_argument("--dpi", type=int, default=100, help="PNG pixels per inch")
+    plot.set_defaults(func=cmd_plot)
 
     prepare = sub.add_parser(
         "prepare-imagenet-val", help="sort the flat ILSVRC2012 val folder into val/<wnid>/ class folders"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ from sslbench.interfaces import (
 )
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import NullProgress, Progress
-from sslbench.protocol import contingency
+from sslbench.protocol import contingency, hungarian_mapping
 from sslbench.results import Results, Run, RunProtocol, Timings, build_results, environment
 from sslbench.spec import ProtocolSpec
+from sslbench.transfer import ClassMap, group_accuracies, transfer_scores
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class FeatureSplit:
     name: str
     features: np.ndarray
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class TransferTarget:
+    """Another dataset's split that the clusters fitted on train also predict (Table C.2)."""
+
+    label: str
+    split: str
+    features: FeatureSplit
+    class_map: ClassMap
 
 
 def checked_split(name: str, features: Any, labels: Any) -> FeatureSplit:
@@ -118,11 +129,16 @@ def run_protocol(
     predictions_dir: Path | None = None,
     split_names: tuple[str, str] | None = None,
     progress: Progress | None = None,
+    class_groups: Mapping[str, np.ndarray] | None = None,
+    transfers: Sequence[TransferTarget] = (),
+    backbone: str | None = None,
 ) -> list[Run]:
     """PCA fitted on train → k-means fitted on train → predict both → score; per point and seed.
 
     ``split_names`` are the dataset's names of the two splits recorded in each run's protocol
-    (default: the :class:`FeatureSplit` names, which error messages use).
+    (default: the :class:`FeatureSplit` names, which error messages use). ``class_groups`` adds
+    the ACC of each group of classes (``acc_<group>``); each of ``transfers`` is predicted by the
+    same PCA and clusters and scored as its own run (dataset = its label).
     """
     fit_split, eval_split = split_names or (train.name, eval_.name)
     if max(train.labels.max(), eval_.labels.max()) >= n_classes:
@@ -130,6 +146,17 @@ def run_protocol(
             f"labels go up to {max(train.labels.max(), eval_.labels.max())} but the dataset has {n_classes} classes"
         )
     _check_pair(train, eval_, protocol, n_classes)
+    for target in transfers:
+        if target.features.features.shape[1] != train.features.shape[1]:
+            raise SSLBenchError(
+                f"{target.features.name} features have {target.features.features.shape[1]} dims but "
+                f"{train.name} features have {train.features.shape[1]}; both must come from the same model"
+            )
+        if target.class_map.n_source != n_classes:
+            raise SSLBenchError(
+                f"{target.features.name}: its class map refers to {target.class_map.n_source} source classes "
+                f"but {train.name} has {n_classes}"
+            )
     reducer_entry, clusterer_entry = plugins.backend(protocol.backend)
     try:
         backend_options = clusterer_entry.options.model_validate(protocol.backend_options)
@@ -157,6 +184,7 @@ def run_protocol(
         n_components = found if dims is None else dims
         train_z = reducer.transform(train.features, n_components, protocol.whiten)
         eval_z = reducer.transform(eval_.features, n_components, protocol.whiten)
+        transfer_z = [reducer.transform(t.features.features, n_components, protocol.whiten) for t in transfers]
         pca_s = fit_s + time.perf_counter() - started
         for point in (p for p in points if p.pca_dims == dims):
             run_protocol_point = RunProtocol(
@@ -193,9 +221,12 @@ def run_protocol(
                     eval_z,
                     n_classes,
                     metric_entries,
+                    class_groups or {},
+                    transfer_z,
                 )
                 run = Run(
                     model=model,
+                    backbone=backbone,
                     dataset=dataset,
                     protocol=run_protocol_point,
                     seed=seed,
@@ -218,6 +249,37 @@ def run_protocol(
                 runs.append(run)
                 if on_run is not None:
                     on_run(run)
+                for target, target_pred in zip(transfers, outcome.transfer_pred, strict=True):
+                    started = time.perf_counter()
+                    metrics, n_scored = transfer_scores(
+                        outcome.train_pred,
+                        train.labels,
+                        target_pred,
+                        target.features.labels,
+                        target.class_map,
+                        point.n_clusters,
+                    )
+                    transfer_run = Run(
+                        model=model,
+                        backbone=backbone,
+                        dataset=target.label,
+                        protocol=run_protocol_point.model_copy(
+                            update={"eval_split": target.split, "n_classes": len(target.class_map.shared)}
+                        ),
+                        seed=seed,
+                        n_train=len(train.labels),
+                        n_eval=n_scored,
+                        metrics=metrics,
+                        timings=Timings(
+                            extract_s=extract_s,
+                            pca_s=pca_s,
+                            kmeans_s=outcome.kmeans_s,
+                            eval_s=time.perf_counter() - started,
+                        ),
+                    )
+                    runs.append(transfer_run)
+                    if on_run is not None:
+                        on_run(transfer_run)
     return runs
 
 
@@ -226,6 +288,7 @@ class _SeedOutcome:
     metrics: dict[str, float]
     train_pred: np.ndarray
     eval_pred: np.ndarray
+    transfer_pred: list[np.ndarray]
     kmeans_s: float
     eval_s: float
 
@@ -239,6 +302,8 @@ def _run_seed(
     eval_z: np.ndarray,
     n_classes: int,
     metric_entries: Sequence[MetricEntry],
+    class_groups: Mapping[str, np.ndarray],
+    transfer_z: Sequence[np.ndarray],
 ) -> _SeedOutcome:
     started = time.perf_counter()
     clusterer = factory(config)
@@ -248,7 +313,8 @@ def _run_seed(
     started = time.perf_counter()
     train_pred = np.asarray(clusterer.predict(train_z), dtype=np.int64)
     eval_pred = np.asarray(clusterer.predict(eval_z), dtype=np.int64)
-    for split, pred in ((train.name, train_pred), (eval_.name, eval_pred)):
+    transfer_pred = [np.asarray(clusterer.predict(z), dtype=np.int64) for z in transfer_z]
+    for split, pred in ((train.name, train_pred), (eval_.name, eval_pred), *(("transfer", p) for p in transfer_pred)):
         if len(pred) and (pred.min() < 0 or pred.max() >= config.n_clusters):
             raise RuntimeError(f"clusterer returned cluster ids outside [0, {config.n_clusters}) for {split}")
     ctx = ScoringContext(
@@ -262,7 +328,10 @@ def _run_seed(
         eval_contingency=contingency(eval_pred, eval_.labels, config.n_clusters, n_classes),
     )
     metrics = {entry.name: float(entry.fn(ctx)) for entry in metric_entries}
-    return _SeedOutcome(metrics, train_pred, eval_pred, kmeans_s, time.perf_counter() - started)
+    if class_groups:
+        mapping = hungarian_mapping(ctx.train_contingency)
+        metrics.update(group_accuracies(mapping, eval_pred, eval_.labels, class_groups))
+    return _SeedOutcome(metrics, train_pred, eval_pred, transfer_pred, kmeans_s, time.perf_counter() - started)
 
 
 def evaluate_features(

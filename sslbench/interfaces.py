@@ -148,7 +148,10 @@ class Dataset:
     classes: Sequence[str]
     splits: Mapping[str, Split]
     description: str = ""
-    #: Dataset-specific facts for later stages, e.g. ObjectNet's mapping to ImageNet classes.
+    #: Dataset-specific facts for later stages. Keys the protocol reads: ``class_groups``
+    #: (group name → class indices: ACC is also reported per group as ``acc_<group>``) and any key a
+    #: spec's ``transfer[].class_map`` names (per class of this dataset, the classes of the dataset
+    #: the clusters were fitted on that it maps onto; ObjectNet's ``imagenet_classes``).
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property

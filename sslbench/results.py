@@ -58,6 +58,8 @@ class Timings(_Model):
 
 class Run(_Model):
     model: str
+    #: The registered backbone (its card gives the linear top-1 for plots); null for the API's features.
+    backbone: str | None = None
     dataset: str
     protocol: RunProtocol
     seed: int
@@ -81,6 +83,7 @@ class Published(_Model):
 
 class SummaryRow(_Model):
     model: str
+    backbone: str | None = None
     dataset: str
     protocol: RunProtocol
     n_seeds: int
@@ -188,6 +191,7 @@ def summarize(runs: Iterable[Run], published: PublishedLookup | None = None) -> 
         rows.append(
             SummaryRow(
                 model=model,
+                backbone=group[0].backbone,
                 dataset=dataset,
                 protocol=protocol,
                 n_seeds=len(group),

@@ -12,16 +12,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from sslbench.cache import CacheEntry, CacheKey, FeatureCache
 from sslbench.errors import SSLBenchError
-from sslbench.evaluate import checked_split, run_protocol
+from sslbench.evaluate import TransferTarget, checked_split, run_protocol
 from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
-from sslbench.interfaces import Backbone, Dataset
+from sslbench.interfaces import Backbone, Dataset, Split
 from sslbench.plugins import Plugins
 from sslbench.progress import NullProgress, Progress
 from sslbench.results import (
@@ -36,7 +36,8 @@ from sslbench.results import (
     environment,
     write_atomic,
 )
-from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec
+from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec
+from sslbench.transfer import ClassMap, checked_class_groups
 
 #: Reports written next to results.json by ``sslbench run``.
 FILE_REPORTS = ("md", "csv")
@@ -71,6 +72,8 @@ class Block:
     eval_split: str
     extracted: dict[str, Extracted]
     extract_s: float
+    #: Per ``transfer`` entry of the dataset spec: the target dataset and its extracted split.
+    transfers: list[tuple[TransferSpec, Dataset, Extracted]] = field(default_factory=list)
 
 
 def _settings(resolved: ResolvedSpec) -> ExtractionSettings:
@@ -80,6 +83,42 @@ def _settings(resolved: ResolvedSpec) -> ExtractionSettings:
 
 def _dump(options: BaseModel) -> dict[str, object]:
     return options.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class _Extractor:
+    """Extracts splits with one backbone through the cache (or a scratch folder)."""
+
+    model: ModelSpec
+    model_options: BaseModel | None
+    backbone: Backbone
+    settings: ExtractionSettings
+    device: str
+    cache: FeatureCache
+    use_cache: bool
+    progress: Progress
+
+    def __call__(
+        self, dataset_id: str, dataset_label: str, options: BaseModel, split_name: str, split: Split
+    ) -> Extracted:
+        key = CacheKey(
+            backbone=self.model.id,
+            backbone_options=_dump(self.model_options) if self.model_options is not None else {},
+            backbone_fingerprint=self.backbone.fingerprint(),
+            dataset=dataset_id,
+            dataset_options=_dump(options),
+            split=split_name,
+            split_fingerprint=split.fingerprint(),
+        )
+        return extract_split(
+            self.backbone,
+            split,
+            settings=self.settings,
+            device=self.device,
+            name=f"{dataset_label}/{split_name} ({self.model.label})",
+            entry=self.cache.entry(key) if self.use_cache else _scratch_entry(key),
+            progress=self.progress,
+        )
 
 
 def extracted_blocks(
@@ -102,6 +141,7 @@ def extracted_blocks(
         dataset = plugins.datasets.get(d_spec.id).factory(d_options)
         fit_split = _split(dataset, d_spec, "fit_split", resolved, d_index)
         eval_split = _split(dataset, d_spec, "eval_split", resolved, d_index)
+        targets = _transfer_targets(resolved, plugins, d_index, dataset)
         for m_index, (m_spec, m_options) in enumerate(zip(spec.models, resolved.model_options, strict=True)):
             if m_index in unavailable:
                 continue
@@ -119,28 +159,49 @@ def extracted_blocks(
                 backbones[m_index] = prepare_backbone(built, device)
             backbone = backbones[m_index]
             started = time.perf_counter()
-            extracted = {}
-            for split_name in dict.fromkeys((fit_split, eval_split)):
-                split = dataset.splits[split_name]
-                key = CacheKey(
-                    backbone=m_spec.id,
-                    backbone_options=_dump(m_options) if m_options is not None else {},
-                    backbone_fingerprint=backbone.fingerprint(),
-                    dataset=d_spec.id,
-                    dataset_options=_dump(d_options),
-                    split=split_name,
-                    split_fingerprint=split.fingerprint(),
+
+            extractor = _Extractor(
+                m_spec, m_options, backbone, settings, device, cache, spec.extraction.cache, progress
+            )
+            extracted = {
+                name: extractor(d_spec.id, d_spec.label, d_options, name, dataset.splits[name])
+                for name in dict.fromkeys((fit_split, eval_split))
+            }
+            transfers = [
+                (
+                    t_spec,
+                    t_dataset,
+                    extractor(t_spec.id, t_spec.label, t_opts, t_spec.split, t_dataset.splits[t_spec.split]),
                 )
-                extracted[split_name] = extract_split(
-                    backbone,
-                    split,
-                    settings=settings,
-                    device=device,
-                    name=f"{d_spec.label}/{split_name} ({m_spec.label})",
-                    entry=cache.entry(key) if spec.extraction.cache else _scratch_entry(key),
-                    progress=progress,
-                )
-            yield Block(m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started)
+                for t_spec, t_opts, t_dataset in targets
+            ]
+            yield Block(
+                m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started, transfers
+            )
+
+
+def _transfer_targets(
+    resolved: ResolvedSpec, plugins: Plugins, d_index: int, source: Dataset
+) -> list[tuple[TransferSpec, BaseModel, Dataset]]:
+    """The target datasets of ``datasets[d_index].transfer``, their split and class map checked."""
+    d_spec = resolved.spec.datasets[d_index]
+    options = resolved.transfer_options[d_index] if resolved.transfer_options else []
+    targets = []
+    for j, (t_spec, t_options) in enumerate(zip(d_spec.transfer, options, strict=True)):
+        at = f"{resolved.loaded.source}: datasets[{d_index}].transfer[{j}]"
+        target = plugins.datasets.get(t_spec.id).factory(t_options)
+        if t_spec.split not in target.splits:
+            raise SSLBenchError(
+                f"{at}.split: dataset '{t_spec.id}' has no split '{t_spec.split}'; it has: {', '.join(target.splits)}"
+            )
+        if t_spec.class_map not in target.metadata:
+            known = ", ".join(target.metadata) or "none"
+            raise SSLBenchError(
+                f"{at}.class_map: dataset '{t_spec.id}' has no metadata '{t_spec.class_map}' (it has: {known})"
+            )
+        ClassMap.checked(target.metadata[t_spec.class_map], target.num_classes, source.num_classes, f"{at}.class_map")
+        targets.append((t_spec, t_options, target))
+    return targets
 
 
 def _scratch_entry(key: CacheKey) -> CacheEntry:
@@ -200,6 +261,25 @@ def run_spec(
                 else f"  k={run.protocol.n_clusters} seed={run.seed}: done"
             )
 
+        transfers = []
+        for t_spec, t_dataset, t_extracted in block.transfers:
+            where = f"{t_spec.label}/{t_spec.split} ({m_label})"
+            transfers.append(
+                TransferTarget(
+                    label=f"{d_label} → {t_spec.label}",
+                    split=t_spec.split,
+                    features=checked_split(where, t_extracted.features, t_extracted.labels),
+                    class_map=ClassMap.checked(
+                        t_dataset.metadata[t_spec.class_map], t_dataset.num_classes, block.dataset.num_classes, where
+                    ),
+                )
+            )
+        groups = block.dataset.metadata.get("class_groups")
+        class_groups = (
+            checked_class_groups(groups, block.dataset.num_classes, f"dataset {d_label}")
+            if groups is not None
+            else None
+        )
         runs += run_protocol(
             splits[0],
             splits[1],
@@ -214,6 +294,9 @@ def run_spec(
             predictions_dir=out_dir / "predictions" if save_predictions else None,
             split_names=(block.fit_split, block.eval_split),
             progress=progress,
+            class_groups=class_groups,
+            transfers=transfers,
+            backbone=block.model.id,
         )
         results = build_results(
             runs,

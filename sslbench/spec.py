@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,6 +58,23 @@ class ModelSpec(_StrictModel):
         return self.name or self.id
 
 
+class TransferSpec(_StrictModel):
+    """Another dataset the fitted clusters are applied to (the paper's ImageNet → ObjectNet, Table C.2)."""
+
+    id: str = Field(description="Registered dataset name of the target.")
+    name: str | None = Field(None, description="Display name in reports; defaults to `id`.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Dataset options of the target.")
+    split: str = Field("test", description="Split of the target that is predicted and scored.")
+    class_map: str = Field(
+        "imagenet_classes",
+        description="Key of the target's metadata listing, per target class, the source classes it maps onto.",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+
 class DatasetSpec(_StrictModel):
     """One dataset, with the split k-means is fitted on and the split it is scored on."""
 
@@ -66,6 +83,9 @@ class DatasetSpec(_StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, description="Dataset options.")
     fit_split: str = Field("train", description="Split that PCA and k-means are fitted on.")
     eval_split: str = Field("val", description="Split that is predicted and scored.")
+    transfer: list[TransferSpec] = Field(
+        default_factory=list, description="Datasets the clusters fitted here are also applied to."
+    )
 
     @property
     def label(self) -> str:
@@ -319,6 +339,8 @@ class ResolvedSpec:
     model_options: list[BaseModel | None]
     dataset_options: list[BaseModel]
     backend_options: BaseModel
+    #: Per dataset, the validated options of each of its ``transfer`` targets.
+    transfer_options: list[list[BaseModel]] = field(default_factory=list)
 
     @property
     def spec(self) -> Spec:
@@ -353,11 +375,18 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
         entry = _named(loaded, ("models", i, "id"), plugins.backbones.get, model.id)
         model_options.append(_validate_options(loaded, entry.options, model.options, ("models", i, "options")))
     dataset_options = []
+    transfer_options: list[list[BaseModel]] = []
     for i, dataset in enumerate(spec.datasets):
         entry = _named(loaded, ("datasets", i, "id"), plugins.datasets.get, dataset.id)
         dataset_options.append(_validate_options(loaded, entry.options, dataset.options, ("datasets", i, "options")))
+        targets = []
+        for j, target in enumerate(dataset.transfer):
+            at = ("datasets", i, "transfer", j)
+            target_entry = _named(loaded, (*at, "id"), plugins.datasets.get, target.id)
+            targets.append(_validate_options(loaded, target_entry.options, target.options, (*at, "options")))
+        transfer_options.append(targets)
     _, clusterer = _named(loaded, ("protocol", "backend"), plugins.backend, spec.protocol.backend)
     backend_options = _validate_options(
         loaded, clusterer.options, spec.protocol.backend_options, ("protocol", "backend_options")
     )
-    return ResolvedSpec(loaded, model_options, dataset_options, backend_options)
+    return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sslbench.results import Results, RunProtocol, SummaryRow
+from sslbench.transfer import TRANSFER_METRICS
 
 #: The columns of the paper's Table 1.
 HEADLINE_METRICS = ("acc", "ari", "ami", "nmi")
@@ -22,7 +23,29 @@ METRIC_LABELS = {
     "nmi": "NMI",
     "v_measure": "V",
     "fowlkes_mallows": "FM",
+    "acc_tr": "ACC-tr",
+    "acc_val": "ACC-val",
+    "single_cluster": "1 cluster",
 }
+
+
+def metric_label(name: str) -> str:
+    """Column title: ``ACC``, ``ACC-tr``, and ``ACC in imagenet`` for a class group's ``acc_in_imagenet``."""
+    if name in METRIC_LABELS:
+        return METRIC_LABELS[name]
+    if name.startswith("acc_"):
+        return "ACC " + name[len("acc_") :].replace("_", " ")
+    return name
+
+
+def default_metrics(summaries: list[SummaryRow]) -> tuple[str, ...]:
+    """The paper's columns for these rows: Table C.2's for transfer runs, else Table 1's, followed by
+    the per-class-group ACCs when every row has them (Table 2's in / not in ImageNet split)."""
+    present = set.intersection(*(set(row.metrics) for row in summaries)) if summaries else set()
+    if "acc_tr" in present:
+        return TRANSFER_METRICS
+    groups = sorted(m for m in present if m.startswith("acc_") and m not in METRIC_LABELS)
+    return (*HEADLINE_METRICS, *groups)
 
 
 @dataclass(frozen=True)
@@ -85,7 +108,9 @@ def _values(protocols: list[RunProtocol], field: str) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def summary_tables(results: Results, metrics: tuple[str, ...] = HEADLINE_METRICS) -> list[Table]:
+def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> list[Table]:
+    """One table per dataset; ``metrics`` (default: :func:`default_metrics` of each table's rows)
+    are the columns, those that every row has."""
     datasets = list(dict.fromkeys(row.dataset for row in results.summary))
     tables = []
     for dataset in datasets:
@@ -99,7 +124,8 @@ def summary_tables(results: Results, metrics: tuple[str, ...] = HEADLINE_METRICS
                 for model in {row.model for row in summaries}
             )
         ]
-        shown = tuple(m for m in metrics if all(m in row.metrics for row in summaries))
+        wanted = metrics if metrics is not None else default_metrics(summaries)
+        shown = tuple(m for m in wanted if all(m in row.metrics for row in summaries))
         best: dict[str, SummaryRow] = {}
         for metric in shown:
             best[metric] = max(summaries, key=lambda row: row.metrics[metric].mean)

@@ -262,3 +262,44 @@ def test_cluster_inspection_of_saved_predictions(quickstart, tmp_path):
     assert ambiguous.returncode == 2 and "several runs match" in ambiguous.stderr
     missing = run_cli("clusters", str(tmp_path), "--model", "raw pixels", cwd=tmp_path)
     assert missing.returncode == 2 and "run with --save-predictions" in missing.stderr
+
+
+def test_grid_of_a_clusters_images(quickstart, tmp_path):
+    from PIL import Image
+
+    from sslbench.plugins import load_plugins
+
+    name = "raw-pixels__digits__k15_pca64_ep60__seed3.npz"
+    with np.load(quickstart / "predictions" / name) as saved:
+        pred = saved["eval_pred"]
+    cluster = int(np.bincount(pred).argmax())
+    members = np.flatnonzero(pred == cluster)
+    proc = run_cli(
+        "clusters", str(quickstart), "--model", "raw pixels", "--clusters", "15", "--seed", "3",
+        "--grid", str(cluster), "--grid-out", "grid.png", "--grid-count", "12", "--grid-columns", "4",
+        "--grid-cell", "32", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (4 * 32, 3 * 32)
+    # The first cell is the cluster's first val image (an 8×8 digit, each pixel a 4×4 block).
+    val = load_plugins().datasets.get("digits").factory(None).splits["val"]
+    expected = np.asarray(val[int(members[0])].convert("RGB")).repeat(4, axis=0).repeat(4, axis=1)
+    assert np.array_equal(np.asarray(grid.crop((0, 0, 32, 32))), expected)
+    empty = run_cli(
+        "clusters", str(quickstart), "--model", "raw pixels", "--clusters", "15", "--seed", "3", "--grid", "99",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert empty.returncode == 2 and "cluster 99 is empty" in empty.stderr
+
+
+def test_plot_of_a_run_with_an_overclustering_sweep(quickstart, tmp_path):
+    from PIL import Image
+
+    proc = run_cli("plot", str(quickstart), "--out", "figs", "--dpi", "50", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    png = Image.open(tmp_path / "figs" / "fig2_clusters.png")
+    png.verify()
+    assert png.size == (320, 240)  # 6.4 × 4.8 inches at 50 dpi
+    assert (tmp_path / "figs" / "fig1_ari_vs_acc.svg").read_text().lstrip().startswith("<?xml")
+    assert "skipped fig2_dims: no sweep over PCA dimensions" in proc.stdout

@@ -131,3 +131,30 @@ def test_bundled_quickstart_resolves(plugins):
     assert [m.id for m in loaded.spec.models] == ["raw", "random_cnn", "mobilenetv2_100.tv_in1k"]
     assert loaded.spec.models[2].optional
     assert loaded.spec.protocol.overcluster == [1.0, 1.5]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper-table1", "paper-objectnet"])
+def test_every_bundled_spec_resolves(plugins, name):
+    from sslbench.bundled import bundled_specs
+
+    resolved = resolve_spec(load_spec(bundled_specs()[name]), plugins)
+    assert len(resolved.transfer_options) == len(resolved.spec.datasets)
+
+
+def test_paper_objectnet_spec_has_both_protocols(plugins):
+    from sslbench.bundled import bundled_specs
+
+    spec = load_spec(bundled_specs()["paper-objectnet"]).spec
+    on_objectnet, imagenet = spec.datasets
+    assert (on_objectnet.id, on_objectnet.fit_split, on_objectnet.eval_split) == ("objectnet", "test", "test")
+    assert [(t.id, t.split, t.class_map) for t in imagenet.transfer] == [("objectnet", "test", "imagenet_classes")]
+
+
+def test_transfer_options_are_validated_with_their_line(plugins):
+    text = GOOD.replace(
+        "  - id: digits\n",
+        "  - id: digits\n    transfer:\n      - id: objectnet\n        options: {root: x, rooot: y}\n",
+    )
+    with pytest.raises(SSLBenchError) as info:
+        resolve_spec(parse_spec(text, "spec.yaml"), plugins)
+    assert str(info.value).startswith("spec.yaml:8: datasets[0].transfer[0].options.rooot: unknown key"), info.value

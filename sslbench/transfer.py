@@ -1,0 +1,131 @@
+"""Scoring across datasets and over groups of classes: the paper's ObjectNet protocols.
+
+* **Class groups** (Table 2): clusters fitted on a dataset that declares groups of its classes
+  (ObjectNet: the classes ImageNet has and those it lacks) are also scored per group — ACC with the
+  same train assignment, counted over the eval samples of the group's classes only.
+* **Transfer** (Table C.2): clusters fitted on a *source* dataset (ImageNet train) predict a *target*
+  dataset (ObjectNet), scored on the target classes that map onto source classes. A target class
+  may map onto several source classes (ObjectNet's are unions of ImageNet classes):
+
+  - ``acc_tr``: each cluster takes its source class from the **source train** assignment; a target
+    sample is right when that class is one of its class's source classes;
+  - ``acc_val``: a Hungarian assignment of clusters to target classes built on the target itself;
+  - ``ari``, ``ami``, ``nmi``: the clusters against the target labels;
+  - ``single_cluster``: ``acc_val`` of putting everything in one cluster (the largest class's
+    share), the chance level the paper quotes beside these numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn import metrics as skm
+
+from sslbench.errors import SSLBenchError
+from sslbench.protocol import contingency, hungarian_mapping, mapped_accuracy
+
+#: Metrics of a transfer run, in the column order of the paper's Table C.2.
+TRANSFER_METRICS = ("acc_tr", "acc_val", "ari", "ami", "nmi", "single_cluster")
+
+
+def group_metric(group: str) -> str:
+    """Name under which a class group's ACC is recorded: ``acc_in_imagenet``."""
+    return f"acc_{group}"
+
+
+def checked_class_groups(groups: object, n_classes: int, where: str) -> dict[str, np.ndarray]:
+    """``{group: sorted class indices}`` from a dataset's ``metadata["class_groups"]``."""
+    if not isinstance(groups, Mapping):
+        raise SSLBenchError(f"{where}: class_groups must map a group name to a list of class indices")
+    checked = {}
+    for name, classes in groups.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SSLBenchError(f"{where}: class group name {name!r} must be an identifier (letters, digits, _)")
+        indices = np.asarray(classes, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= n_classes):
+            raise SSLBenchError(f"{where}: class group '{name}' names a class outside [0, {n_classes})")
+        checked[name] = np.unique(indices)
+    return checked
+
+
+def group_accuracies(
+    mapping: np.ndarray, eval_pred: np.ndarray, eval_labels: np.ndarray, groups: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """ACC of ``mapping`` (cluster → class) over the eval samples of each group's classes
+    (NaN for a group with no eval sample)."""
+    out = {}
+    for name, classes in groups.items():
+        inside = np.isin(eval_labels, classes)
+        out[group_metric(name)] = mapped_accuracy(mapping, eval_pred[inside], eval_labels[inside])
+    return out
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Target class → the source classes it corresponds to (empty: not in the source)."""
+
+    targets: tuple[tuple[int, ...], ...]
+    n_source: int
+
+    @classmethod
+    def checked(cls, raw: object, n_target: int, n_source: int, where: str) -> ClassMap:
+        if not isinstance(raw, Sequence) or len(raw) != n_target:
+            size = len(raw) if isinstance(raw, Sequence) else "no list"
+            raise SSLBenchError(
+                f"{where}: the class map must list source classes for each of {n_target} classes, got {size}"
+            )
+        targets = []
+        for index, sources in enumerate(raw):
+            values = tuple(int(s) for s in sources)
+            if any(s < 0 or s >= n_source for s in values):
+                raise SSLBenchError(f"{where}: class {index} maps to a class outside the source's [0, {n_source})")
+            targets.append(values)
+        if not any(targets):
+            raise SSLBenchError(f"{where}: no class maps onto a source class; nothing could be scored")
+        return cls(tuple(targets), n_source)
+
+    @property
+    def shared(self) -> np.ndarray:
+        """Target classes that map onto at least one source class."""
+        return np.array([i for i, sources in enumerate(self.targets) if sources], dtype=np.int64)
+
+    def membership(self) -> np.ndarray:
+        """``M[t, s]``: source class ``s`` is one of target class ``t``'s."""
+        out = np.zeros((len(self.targets), self.n_source), dtype=bool)
+        for t, sources in enumerate(self.targets):
+            out[t, list(sources)] = True
+        return out
+
+
+def transfer_scores(
+    source_train_pred: np.ndarray,
+    source_train_labels: np.ndarray,
+    target_pred: np.ndarray,
+    target_labels: np.ndarray,
+    class_map: ClassMap,
+    n_clusters: int,
+) -> tuple[dict[str, float], int]:
+    """The Table C.2 metrics of one fitted clustering, and the number of target samples scored."""
+    scored = np.isin(target_labels, class_map.shared)
+    pred, labels = target_pred[scored], target_labels[scored]
+    if len(labels) == 0:
+        raise SSLBenchError("no target sample belongs to a class that maps onto the source classes")
+    train_mapping = hungarian_mapping(
+        contingency(source_train_pred, source_train_labels, n_clusters, class_map.n_source)
+    )
+    acc_tr = float(np.mean(class_map.membership()[labels, train_mapping[pred]]))
+    # Target classes renumbered 0..m-1 over the shared ones, so the assignment ignores the others.
+    dense = np.searchsorted(class_map.shared, labels)
+    target_cost = contingency(pred, dense, n_clusters, len(class_map.shared))
+    acc_val = mapped_accuracy(hungarian_mapping(target_cost), pred, dense)
+    metrics = {
+        "acc_tr": acc_tr,
+        "acc_val": acc_val,
+        "ari": float(skm.adjusted_rand_score(dense, pred)),
+        "ami": float(skm.adjusted_mutual_info_score(dense, pred, average_method="arithmetic")),
+        "nmi": float(skm.normalized_mutual_info_score(dense, pred, average_method="arithmetic")),
+        "single_cluster": float(np.bincount(dense).max() / len(dense)),
+    }
+    return metrics, len(labels)

@@ -1,0 +1,156 @@
+"""The ObjectNet protocols: ACC per class group (Table 2) and clusters applied to another dataset
+(Table C.2), on hand-computed examples and end to end through the CLI with the `features` dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from sslbench.errors import SSLBenchError
+from sslbench.protocol import contingency, hungarian_mapping
+from sslbench.transfer import ClassMap, group_accuracies, transfer_scores
+
+from conftest import run_cli
+
+
+def test_transfer_scores_by_hand():
+    # Source: 4 classes, clusters 0..3 trained one-to-one onto classes 0..3.
+    # Target: class 0 is source classes {0, 1} (ObjectNet's two-ImageNet-classes case), class 1 is {2},
+    # class 2 is not in the source and must be left out.
+    class_map = ClassMap.checked([[0, 1], [2], []], n_target=3, n_source=4, where="test")
+    train_pred = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    target_labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    target_pred = np.array([0, 1, 1, 2, 2, 2, 3, 0, 3])
+    metrics, n_scored = transfer_scores(train_pred, train_pred.copy(), target_pred, target_labels, class_map, 4)
+    assert n_scored == 7
+    # ACC-tr: clusters → source classes 0,1,1,2 for target 0 (3 of 4 in {0, 1}); 2,2,3 for target 1 (2 of 3).
+    assert metrics["acc_tr"] == pytest.approx(5 / 7)
+    # ACC-val: on the target, cluster 1 → target 0 and cluster 2 → target 1 (one-to-one, 4 samples),
+    # clusters 0 and 3 take their majority (target 0 and target 1): 3 of 4 and 3 of 3 right.
+    assert metrics["acc_val"] == pytest.approx(6 / 7)
+    # Everything in one cluster: the largest scored class, 4 of 7.
+    assert metrics["single_cluster"] == pytest.approx(4 / 7)
+    assert {"ari", "ami", "nmi"} <= metrics.keys()
+
+
+def test_group_accuracy_by_hand():
+    mapping = np.array([0, 1, 2])
+    pred = np.array([0, 0, 1, 2, 2, 1])
+    labels = np.array([0, 1, 1, 2, 2, 0])
+    groups = {"seen": np.array([0, 1]), "unseen": np.array([2])}
+    out = group_accuracies(mapping, pred, labels, groups)
+    assert out == {"acc_seen": pytest.approx(2 / 4), "acc_unseen": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([[0], [1]], "for each of 3 classes, got 2"),
+        ([[0], [7], []], "maps to a class outside the source's [0, 4)"),
+        ([[], [], []], "no class maps onto a source class"),
+    ],
+)
+def test_bad_class_maps(raw, message):
+    with pytest.raises(SSLBenchError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        ClassMap.checked(raw, n_target=3, n_source=4, where="t")
+
+
+def _blobs(centres: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (centres[labels] + rng.normal(scale=0.3, size=(len(labels), centres.shape[1]))).astype(np.float32)
+
+
+def _save(folder, name, features, labels):
+    np.save(folder / f"{name}_x.npy", features)
+    np.save(folder / f"{name}_y.npy", labels)
+    return {"features": str(folder / f"{name}_x.npy"), "labels": str(folder / f"{name}_y.npy")}
+
+
+def test_transfer_and_class_groups_end_to_end(tmp_path):
+    """Source: 4 well-separated classes. Target ('ObjectNet'): class 0 = source classes 0 and 1, class 1 =
+    source class 2, class 2 = a new centre. Perfectly separable, so ACC-tr and ACC-val are exactly 1."""
+    centres = np.random.default_rng(0).normal(scale=10.0, size=(5, 6))
+    y_train, y_val = np.repeat(np.arange(4), 60), np.repeat(np.arange(4), 20)
+    source_of = np.array([0, 1, 2, 2, 4, 4])  # target samples drawn from these centres …
+    target_label = np.array([0, 0, 1, 1, 2, 2])  # … and labelled with these target classes
+    pick = np.repeat(np.arange(6), 15)
+    spec = {
+        "models": [{"id": "raw"}],
+        "datasets": [
+            {
+                "id": "features",
+                "name": "source",
+                "options": {
+                    "splits": {
+                        "train": _save(tmp_path, "train", _blobs(centres, y_train, 1), y_train),
+                        "val": _save(tmp_path, "val", _blobs(centres, y_val, 2), y_val),
+                    },
+                    "class_groups": {"in_target": [0, 1, 2], "not_in_target": [3]},
+                },
+                "transfer": [
+                    {
+                        "id": "features",
+                        "name": "target",
+                        "split": "test",
+                        "class_map": "source_classes",
+                        "options": {
+                            "splits": {
+                                "test": _save(tmp_path, "test", _blobs(centres, source_of[pick], 3), target_label[pick])
+                            },
+                            "class_maps": {"source_classes": [[0, 1], [2], []]},
+                        },
+                    }
+                ],
+            }
+        ],
+        "protocol": {"seeds": 2, "epochs": 20},
+        "device": "cpu",
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = run_cli("run", "spec.yaml", "--out", "out", "--save-predictions", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    source_runs = [r for r in data["runs"] if r["dataset"] == "source"]
+    transfer_runs = [r for r in data["runs"] if r["dataset"] == "source → target"]
+    assert len(source_runs) == len(transfer_runs) == 2
+    for run in transfer_runs:
+        assert run["n_eval"] == 60  # the 30 samples of the target's unmapped class are not scored
+        assert run["protocol"]["eval_split"] == "test" and run["protocol"]["n_classes"] == 2
+        assert run["metrics"]["acc_tr"] == 1.0 and run["metrics"]["acc_val"] == 1.0
+        assert run["metrics"]["single_cluster"] == 0.5
+    # The class-group ACCs equal ACC recomputed from the saved predictions over each group's samples.
+    for run in source_runs:
+        saved = np.load(tmp_path / "out" / "predictions" / f"raw__source__seed{run['seed']}.npz")
+        mapping = hungarian_mapping(contingency(saved["train_pred"], saved["train_labels"], 4, 4))
+        correct = mapping[saved["eval_pred"]] == saved["eval_labels"]
+        inside = np.isin(saved["eval_labels"], [0, 1, 2])
+        assert run["metrics"]["acc_in_target"] == pytest.approx(correct[inside].mean())
+        assert run["metrics"]["acc_not_in_target"] == pytest.approx(correct[~inside].mean())
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "ACC in target" in report and "ACC not in target" in report
+    assert "| Method | ACC-tr | ACC-val | ARI | AMI | NMI | 1 cluster |" in report
+
+
+def test_transfer_with_a_missing_class_map_fails_in_one_line(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    y = np.arange(40) % 4
+    files = _save(tmp_path, "a", x, y)
+    spec = {
+        "models": [{"id": "raw"}],
+        "datasets": [
+            {
+                "id": "features",
+                "options": {"splits": {"train": files, "val": files}},
+                "transfer": [{"id": "features", "split": "train", "options": {"splits": {"train": files}}}],
+            }
+        ],
+        "protocol": {"seeds": 1, "epochs": 2},
+        "device": "cpu",
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "datasets[0].transfer[0].class_map: dataset 'features' has no metadata 'imagenet_classes'" in proc.stderr
