@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sslbench import hookimpl
-from sslbench.cards import ModelCard, load_cards
+from sslbench.cards import ModelCard, backbone_entries
 from sslbench.interfaces import Backbone, BackboneEntry
 from sslbench.weights import apply_layout, read_checkpoint, resolve_weights, verify_hash
 from sslbench.weights import load_state as load_state_strict
@@ -133,22 +133,5 @@ def _weights_summary(card: ModelCard) -> str:
 
 @hookimpl
 def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> None:
-    for card in load_cards():
-        if card.loader != LOADER:
-            continue
-
-        def factory(options: CardOptions, _card: ModelCard = card) -> CardBackbone:
-            return CardBackbone(_card, options)
-
-        register(
-            BackboneEntry(
-                card.id,
-                factory,
-                family=card.family,
-                description=card.description,
-                options=CardOptions,
-                feature_dim=card.feature.dim,
-                weights=_weights_summary(card),
-                card=card,
-            )
-        )
+    for entry in backbone_entries(LOADER, CardBackbone, CardOptions, _weights_summary):
+        register(entry)

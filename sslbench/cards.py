@@ -7,13 +7,17 @@ same loader plugins. One pydantic schema, unknown keys rejected, checks every ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sslbench.errors import SSLBenchError
+
+if TYPE_CHECKING:
+    from sslbench.interfaces import Backbone, BackboneEntry
 
 
 class _Card(BaseModel):
@@ -69,8 +73,8 @@ class Layout(_Card):
 
 
 class Architecture(_Card):
-    source: Literal["timm", "timm-resnet"]
-    name: str = Field(description="timm model name, or a label for timm-resnet")
+    source: Literal["timm", "timm-resnet", "simclrv2", "tfhub"]
+    name: str = Field(description="timm model name, a label for timm-resnet and simclrv2, a TF-Hub handle for tfhub")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the builder")
     num_classes: int = Field(0, ge=0, description="classifier outputs kept (0: pooled features only)")
 
@@ -168,3 +172,36 @@ def load_cards(folder: Path | None = None) -> list[ModelCard]:
             seen[card.id] = path
             cards.append(card)
     return cards
+
+
+def backbone_entries(
+    loader: str,
+    build: Callable[[ModelCard, Any], Backbone],
+    options: type[BaseModel],
+    weights: Callable[[ModelCard], str],
+) -> list[BackboneEntry]:
+    """One backbone entry per bundled card whose ``loader`` is ``loader``, named by the card's id;
+    ``build(card, options)`` makes the backbone, ``weights(card)`` says where its weights come from."""
+    from sslbench.interfaces import BackboneEntry
+
+    entries = []
+    for card in load_cards():
+        if card.loader != loader:
+            continue
+
+        def factory(validated: Any, _card: ModelCard = card) -> Backbone:
+            return build(_card, validated)
+
+        entries.append(
+            BackboneEntry(
+                card.id,
+                factory,
+                family=card.family,
+                description=card.description,
+                options=options,
+                feature_dim=card.feature.dim,
+                weights=weights(card),
+                card=card,
+            )
+        )
+    return entries

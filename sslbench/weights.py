@@ -58,11 +58,12 @@ def _from_timm(source: WeightSource) -> Path:
         raise SSLBenchError(f"could not download {source.timm_name} from the Hugging Face hub ({cfg.hf_hub_id})")
     url = cfg.url if isinstance(cfg.url, str) else None
     if url:
-        return _download(url, url.rsplit("/", 1)[-1])
+        return download(url, url.rsplit("/", 1)[-1])
     raise SSLBenchError(f"timm's {source.timm_name} has no download location")
 
 
-def _download(url: str, file_name: str) -> Path:
+def download(url: str, file_name: str) -> Path:
+    """``url`` into the torch.hub checkpoint folder as ``file_name`` (kept if already there)."""
     import torch
 
     target = hub_checkpoint_dir() / file_name
@@ -107,7 +108,7 @@ def resolve_weights(card: ModelCard, override: str | None = None) -> Path:
     for source in card.weights:
         if source.kind == "url":
             assert source.url is not None
-            return _download(source.url, source.file_name or source.url.rsplit("/", 1)[-1])
+            return download(source.url, source.file_name or source.url.rsplit("/", 1)[-1])
         if source.kind == "timm":
             return _from_timm(source)
         if source.kind == "manual":

@@ -28,6 +28,8 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
     assert names == {
         "basic_backbones": "sslbench_plugins.basic_backbones",
         "pytorch_zoo": "sslbench_plugins.pytorch_zoo",
+        "simclrv2": "sslbench_plugins.simclrv2",
+        "bigbigan": "sslbench_plugins.bigbigan",
         "datasets": "sslbench_plugins.datasets",
         "image_datasets": "sslbench_plugins.image_datasets",
         "metrics": "sslbench_plugins.metrics",
