@@ -134,9 +134,12 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     protocol = spec.protocol
     per_dataset = len(protocol.pca_dims) * len(protocol.k) * len(protocol.overcluster) * len(protocol.epochs)
     runs = len(spec.models) * len(spec.datasets) * per_dataset * len(protocol.seeds)
+    targets = sum(len(d.transfer) for d in spec.datasets)
+    transfer_runs = len(spec.models) * targets * per_dataset * len(protocol.seeds)
+    extra = f" (+ {transfer_runs} on {targets} transfer target(s))" if targets else ""
     print(
         f"{loaded.source}: ok: {len(spec.models)} model(s) × {len(spec.datasets)} dataset(s) × "
-        f"{per_dataset} protocol point(s) × {len(protocol.seeds)} seed(s) = {runs} runs, "
+        f"{per_dataset} protocol point(s) × {len(protocol.seeds)} seed(s) = {runs} runs{extra}, "
         f"backend '{protocol.backend}'"
     )
     return 0

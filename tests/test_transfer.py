@@ -154,3 +154,9 @@ def test_transfer_with_a_missing_class_map_fails_in_one_line(tmp_path):
     proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path)
     assert proc.returncode == 2
     assert "datasets[0].transfer[0].class_map: dataset 'features' has no metadata 'imagenet_classes'" in proc.stderr
+
+
+def test_validate_counts_the_transfer_runs(tmp_path):
+    proc = run_cli("validate", "paper-objectnet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "= 80 runs (+ 40 on 1 transfer target(s))" in proc.stdout
