@@ -224,18 +224,14 @@ def _cluster_grid(args: argparse.Namespace, path: Path, pred: Any, plugins: Plug
     from sslbench.inspect import as_image, cluster_members, image_grid, kept_indices
 
     results = load_results(Path(args.run_dir))
-    datasets = (results.spec or {}).get("datasets") or []
     label = args.dataset or next((r.dataset for r in results.runs if r.model == args.model), None)
-    matching = [d for d in datasets if (d.get("name") or d.get("id")) == label]
-    if not matching:
-        raise SSLBenchError(f"the run's spec has no dataset '{label}' to read images from")
-    d_spec = matching[0]
-    entry = plugins.datasets.get(d_spec["id"])
-    dataset = entry.factory(entry.options.model_validate(d_spec.get("options") or {}))
-    split_name = d_spec.get("eval_split" if args.split == "eval" else "fit_split")
-    split = dataset.splits[split_name]
+    dataset_id, options, split_name, skipped_label = _images_of(results.spec or {}, label, args.split)
+    entry = plugins.datasets.get(dataset_id)
+    split = entry.factory(entry.options.model_validate(options)).splits[split_name]
     skipped = {
-        s.sample for s in results.skipped if s.model == args.model and s.dataset == label and s.split == split_name
+        s.sample
+        for s in results.skipped
+        if s.model == args.model and s.dataset == skipped_label and s.split == split_name
     }
     kept = kept_indices(len(split), split.describe, skipped, len(pred))
     members = cluster_members(pred, args.grid)[: args.grid_count]
@@ -244,6 +240,24 @@ def _cluster_grid(args: argparse.Namespace, path: Path, pred: Any, plugins: Plug
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cell=args.grid_cell, columns=args.grid_columns).save(out)
     return out
+
+
+def _images_of(spec: dict[str, Any], label: str | None, which: str) -> tuple[str, dict[str, Any], str, str]:
+    """(dataset id, options, split, dataset label in ``skipped``) holding the images of the rows
+    labelled ``label``: a dataset of the spec, or a transfer target (``Source → Target``)."""
+    found: dict[str, tuple[str, dict[str, Any], str, str]] = {}
+    for d in spec.get("datasets") or []:
+        d_label = d.get("name") or d["id"]
+        fit = (d["id"], d.get("options") or {}, d.get("fit_split", "train"), d_label)
+        own = (d["id"], d.get("options") or {}, d.get("eval_split", "val"), d_label)
+        found[d_label] = own if which == "eval" else fit
+        for t in d.get("transfer") or []:
+            t_label = t.get("name") or t["id"]
+            target = (t["id"], t.get("options") or {}, t.get("split", "test"), t_label)
+            found[f"{d_label} → {t_label}"] = target if which == "eval" else fit
+    if label not in found:
+        raise SSLBenchError(f"the run's spec has no dataset '{label}' to read images from")
+    return found[label]
 
 
 def cmd_plot(args: argparse.Namespace, plugins: Plugins) -> int:

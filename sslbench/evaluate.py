@@ -235,16 +235,15 @@ def run_protocol(
                     metrics=outcome.metrics,
                     timings=Timings(extract_s=extract_s, pca_s=pca_s, kmeans_s=outcome.kmeans_s, eval_s=outcome.eval_s),
                 )
+                tag = "" if len(points) == 1 else f"__k{point.n_clusters}_pca{train_z.shape[1]}_ep{point.epochs}"
+
                 if predictions_dir is not None:
-                    tag = "" if len(points) == 1 else f"__k{point.n_clusters}_pca{train_z.shape[1]}_ep{point.epochs}"
-                    stem = f"{_file_stem(model)}__{_file_stem(dataset)}{tag}__seed{seed}"
-                    predictions_dir.mkdir(parents=True, exist_ok=True)
-                    np.savez_compressed(
-                        predictions_dir / f"{stem}.npz",
-                        train_pred=outcome.train_pred,
-                        train_labels=train.labels,
-                        eval_pred=outcome.eval_pred,
-                        eval_labels=eval_.labels,
+                    _save_predictions(
+                        predictions_dir / f"{_file_stem(model)}__{_file_stem(dataset)}{tag}__seed{seed}.npz",
+                        outcome,
+                        train.labels,
+                        outcome.eval_pred,
+                        eval_.labels,
                     )
                 runs.append(run)
                 if on_run is not None:
@@ -277,10 +276,28 @@ def run_protocol(
                             eval_s=time.perf_counter() - started,
                         ),
                     )
+                    if predictions_dir is not None:
+                        _save_predictions(
+                            predictions_dir / f"{_file_stem(model)}__{_file_stem(target.label)}{tag}__seed{seed}.npz",
+                            outcome,
+                            train.labels,
+                            target_pred,
+                            target.features.labels,
+                        )
                     runs.append(transfer_run)
                     if on_run is not None:
                         on_run(transfer_run)
     return runs
+
+
+def _save_predictions(
+    path: Path, outcome: _SeedOutcome, train_labels: np.ndarray, eval_pred: np.ndarray, eval_labels: np.ndarray
+) -> None:
+    """One run's cluster ids as ``sslbench clusters`` reads them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path, train_pred=outcome.train_pred, train_labels=train_labels, eval_pred=eval_pred, eval_labels=eval_labels
+    )
 
 
 @dataclass(frozen=True)

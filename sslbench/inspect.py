@@ -61,12 +61,18 @@ def find_predictions(run_dir: Path, model: str, dataset: str | None, seed: int, 
     folder = run_dir / "predictions"
     if not folder.is_dir():
         raise SSLBenchError(f"{run_dir} has no predictions/ folder: run with --save-predictions")
-    prefix = f"{_stem(model)}__{_stem(dataset)}__" if dataset else f"{_stem(model)}__"
-    found = [
-        path
-        for path in sorted(folder.glob(f"{prefix}*__seed{seed}.npz"))
-        if clusters is None or f"__k{clusters}_" in path.name
-    ]
+    found = []
+    # Names are <model>__<dataset>[__k<clusters>_pca<dims>_ep<epochs>]__seed<seed>.npz.
+    head, tail = f"{_stem(model)}__", f"__seed{seed}.npz"
+    for path in sorted(folder.glob(f"{head}*{tail}")):
+        middle = path.name[len(head) : -len(tail)]
+        point = re.search(r"__k(\d+)_pca\d+_ep\d+$", middle)
+        dataset_part = middle[: point.start()] if point else middle
+        if dataset is not None and dataset_part != _stem(dataset):
+            continue
+        if clusters is not None and not (point and int(point.group(1)) == clusters):
+            continue
+        found.append(path)
     if not found:
         raise SSLBenchError(f"no predictions for model '{model}' seed {seed} in {folder}")
     if len(found) > 1:

@@ -264,6 +264,12 @@ def run_spec(
         transfers = []
         for t_spec, t_dataset, t_extracted in block.transfers:
             where = f"{t_spec.label}/{t_spec.split} ({m_label})"
+            skipped += [
+                SkippedSample(
+                    model=m_label, dataset=t_spec.label, split=t_spec.split, sample=s["sample"], error=s["error"]
+                )
+                for s in t_extracted.skipped
+            ]
             transfers.append(
                 TransferTarget(
                     label=f"{d_label} → {t_spec.label}",

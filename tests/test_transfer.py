@@ -129,6 +129,14 @@ def test_transfer_and_class_groups_end_to_end(tmp_path):
         inside = np.isin(saved["eval_labels"], [0, 1, 2])
         assert run["metrics"]["acc_in_target"] == pytest.approx(correct[inside].mean())
         assert run["metrics"]["acc_not_in_target"] == pytest.approx(correct[~inside].mean())
+    # Transfer runs save their predictions too: every target sample, scored or not.
+    with np.load(tmp_path / "out" / "predictions" / "raw__source-target__seed0.npz") as saved:
+        assert saved["eval_pred"].shape == (90,) and saved["train_pred"].shape == (240,)
+    inspect = run_cli("clusters", "out", "--model", "raw", "--dataset", "source → target", cwd=tmp_path)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "non-empty clusters on the eval split" in inspect.stdout
+    grid = run_cli("clusters", "out", "--model", "raw", "--dataset", "source → target", "--grid", "0", cwd=tmp_path)
+    assert grid.returncode == 2 and "is not an image" in grid.stderr  # features, not images: named clearly
     report = (tmp_path / "out" / "results.md").read_text()
     assert "ACC in target" in report and "ACC not in target" in report
     assert "| Method | ACC-tr | ACC-val | ARI | AMI | NMI | 1 cluster |" in report
@@ -160,3 +168,23 @@ def test_validate_counts_the_transfer_runs(tmp_path):
     proc = run_cli("validate", "paper-objectnet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "= 80 runs (+ 40 on 1 transfer target(s))" in proc.stdout
+
+
+def test_predictions_are_found_by_exact_dataset_and_clusters(tmp_path):
+    from sslbench.inspect import find_predictions
+
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    names = [
+        "raw__source__seed0.npz",
+        "raw__source-target__seed0.npz",
+        "raw__source__k15_pca64_ep60__seed0.npz",
+        "raw-pixels__source__seed0.npz",
+    ]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    assert find_predictions(tmp_path, "raw", "source → target", 0, None).name == names[1]
+    assert find_predictions(tmp_path, "raw", "source", 0, 15).name == names[2]
+    assert find_predictions(tmp_path, "raw pixels", None, 0, None).name == names[3]
+    with pytest.raises(SSLBenchError, match="several runs match"):
+        find_predictions(tmp_path, "raw", "source", 0, None)
