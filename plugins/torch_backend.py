@@ -191,6 +191,95 @@ def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Gen
     return centers
 
 
+def _closest_two(x: Tensor, centers: Tensor, center_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest centre of every row, and the distances to the nearest and the second nearest."""
+    scores = _torch().addmm(center_sq, x, centers.T, beta=1.0, alpha=-2.0)
+    top2 = scores.topk(2, dim=1, largest=False)
+    x_sq = (x * x).sum(dim=1, keepdim=True)
+    distances = (top2.values + x_sq).clamp_min_(0).sqrt_()
+    return top2.indices[:, 0], distances[:, 0], distances[:, 1]
+
+
+class _Bounds:
+    """Hamerly's bounds for mini-batch k-means, per local sample, to skip provably unchanged rows.
+
+    At a sample's last exact visit: ``upper`` = distance to its nearest centre, ``lower`` = distance to
+    the second nearest. Since then its centre moved by at most ``drift[c] − drift_at`` (a sum of that
+    centre's update movements) and any other centre by at most ``max_drift − max_drift_at`` (a sum of
+    the largest movement of each update). Centres re-seeded since the visit jumped arbitrarily far:
+    their distances are computed exactly instead (a small product), and a sample whose own centre was
+    re-seeded is computed in full. By the triangle inequality the centre is still the nearest while
+    ``upper + own drift < min(lower − any drift, distances to re-seeded centres)``; a relative margin
+    covers float32 rounding, so the labels are those of the full computation (a test compares both).
+    """
+
+    MARGIN = 1e-3
+
+    def __init__(self, n_local: int, n_clusters: int) -> None:
+        torch = _torch()
+        self.label = torch.full((n_local,), -1, dtype=torch.int64)
+        self.upper = torch.zeros(n_local, dtype=torch.float64)
+        self.lower = torch.zeros(n_local, dtype=torch.float64)
+        self.drift_at = torch.zeros(n_local, dtype=torch.float64)
+        self.max_drift_at = torch.zeros(n_local, dtype=torch.float64)
+        self.visit = torch.full((n_local,), -1, dtype=torch.int64)
+        self.drift = torch.zeros(n_clusters, dtype=torch.float64)
+        self.reseeded = torch.full((n_clusters,), -1, dtype=torch.int64)
+        self.max_drift = 0.0
+        self.step = 0
+        self.skipped = 0
+
+    def labels(self, local: Tensor, x: Tensor, centers: Tensor) -> Tensor:
+        """Labels of the batch rows ``x`` (local sample numbers ``local``), computing only the rows
+        whose bounds do not settle them."""
+        torch = _torch()
+        label = self.label[local]
+        visit = self.visit[local]
+        seen = label >= 0
+        own = label.clamp_min(0)
+        upper = self.upper[local] + (self.drift[own] - self.drift_at[local])
+        lower = self.lower[local] - (self.max_drift - self.max_drift_at[local])
+        settled = seen & (self.reseeded[own] < visit)
+        if bool(seen.any()):
+            jumped = torch.nonzero(self.reseeded > int(visit[seen].min())).flatten()
+            if len(jumped) > len(centers) // 8:
+                # Early on, when many centres were re-seeded, their exact distances would cost nearly
+                # the full product: compute every row instead.
+                settled[:] = False
+            elif len(jumped):
+                moved = centers[jumped]
+                scores = torch.addmm((moved * moved).sum(dim=1), x, moved.T, beta=1.0, alpha=-2.0)
+                exact = (scores + (x * x).sum(dim=1, keepdim=True)).clamp_min_(0).sqrt_().double()
+                since = self.reseeded[jumped][None, :] > visit[:, None]
+                lower = torch.minimum(lower, torch.where(since, exact, torch.inf).min(dim=1).values)
+        norms = torch.linalg.vector_norm(x, dim=1).double()
+        settled &= upper <= lower - self.MARGIN * (lower.abs() + norms)
+        todo = torch.nonzero(~settled).flatten()
+        self.skipped += len(local) - len(todo)
+        if len(todo):
+            found, nearest, second = _closest_two(x[todo], centers, (centers * centers).sum(dim=1))
+            rows = local[todo]
+            label[todo] = found
+            self.label[rows] = found
+            self.upper[rows] = nearest.double()
+            self.lower[rows] = second.double()
+            self.drift_at[rows] = self.drift[found]
+            self.max_drift_at[rows] = self.max_drift
+            self.visit[rows] = self.step
+        return label
+
+    def moved(self, movement: Tensor) -> None:
+        """One update moved every centre by at most ``movement``."""
+        self.drift += movement.double().cpu()
+        self.max_drift += float(movement.max())
+        self.step += 1
+
+    def reseed(self, jumped: Tensor) -> None:
+        """Centres ``jumped`` (a mask) were re-seeded: distances to them are recomputed from now on."""
+        self.reseeded[jumped.cpu()] = self.step
+        self.step += 1
+
+
 class TorchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -200,6 +289,11 @@ class TorchOptions(BaseModel):
     max_iter: int = Field(300, ge=1, description="lloyd: iterations at most")
     tol: float = Field(1e-4, ge=0.0, description="lloyd: stop when centres move less (relative)")
     chunk_rows: int = Field(CHUNK_ROWS, ge=1, description="rows per distance computation")
+    prune: bool | None = Field(
+        None,
+        description="minibatch: skip distance products for rows whose centre provably stays the nearest "
+        "(triangle-inequality bounds; same assignments); null = on for the CPU, off on a GPU",
+    )
     pca_precision: Literal["float64", "float32"] = Field(
         "float64",
         description="arithmetic of the covariance products: float64 (exact) or float32 (2× faster on CPU)",
@@ -258,6 +352,8 @@ class TorchKMeans(Clusterer):
         on_device = reader.resident is not None and not ranks.active
         # Counts by index_add of ones: torch.bincount on CUDA reads the largest label back to the host.
         ones = torch.ones(cfg.batch_size, dtype=torch.float64, device=device)
+        prune = self.options.prune if self.options.prune is not None else device == "cpu"
+        bounds = _Bounds(ranks.n_local, k) if prune and not on_device and k > 1 else None
         for _ in range(cfg.epochs):
             order = torch.randperm(ranks.n_total, generator=generator)
             order_on_device = order.to(device) if on_device else order
@@ -274,7 +370,10 @@ class TorchKMeans(Clusterer):
                     _, local = ranks.local(batch)
                     x = reader.gather(local) if len(local) else None
                 if x is not None:
-                    labels, _ = _closest(x, centers, (centers * centers).sum(dim=1))
+                    if bounds is not None:
+                        labels = bounds.labels(torch.from_numpy(local), x, centers)
+                    else:
+                        labels, _ = _closest(x, centers, (centers * centers).sum(dim=1))
                     sums.index_add_(0, labels, x)
                     batch_counts.index_add_(0, labels, ones[: len(labels)])
                 ranks.sum_(sums)
@@ -288,13 +387,20 @@ class TorchKMeans(Clusterer):
                 total = counts + batch_counts
                 inverse = torch.where(batch_counts > 0, 1.0 / total.clamp_min(1.0), 0.0)
                 keep = torch.where(batch_counts > 0, counts * inverse, 1.0)
+                if bounds is not None:
+                    # c' − c = (Σx − m·c) / (n + m): each centre's movement, before the update.
+                    shift = sums - batch_counts.float()[:, None] * centers
+                    bounds.moved(torch.linalg.vector_norm(shift, dim=1).double() * inverse)
                 centers.mul_(keep.float()[:, None]).add_(sums.mul_(inverse.float()[:, None]))
                 counts = total
                 if reassign:
                     since_reassign = 0
-                    self._reassign(reader, ranks, centers, counts, batch, x, generator)
+                    jumps = self._reassign(reader, ranks, centers, counts, batch, x, generator)
+                    if bounds is not None and jumps is not None:
+                        bounds.reseed(jumps > 0)
             if cfg.on_epoch:
                 cfg.on_epoch()
+        self.pruned_rows = bounds.skipped if bounds is not None else 0
         return centers
 
     def _reassign(
@@ -306,8 +412,9 @@ class TorchKMeans(Clusterer):
         batch: Tensor | np.ndarray,
         batch_rows: Tensor | None,
         generator: torch_types.Generator,
-    ) -> None:
-        """scikit-learn's low-count re-seeding: move starved centres onto random batch samples.
+    ) -> Tensor | None:
+        """scikit-learn's low-count re-seeding: move starved centres onto random batch samples; returns
+        how far each centre jumped (None when re-seeding is off).
 
         Centres below ``ratio × max count`` are re-seeded, at most half the batch size of them (the
         lowest counts first); the i-th one, in centre order, takes batch sample ``chosen[i]``, and each
@@ -317,7 +424,7 @@ class TorchKMeans(Clusterer):
         torch = _torch()
         ratio = self.options.reassignment_ratio
         if ratio <= 0:
-            return
+            return None
         k, n_batch = len(counts), len(batch)
         # Drawn whether or not any centre is re-seeded, so the random stream never depends on the data.
         chosen = torch.randperm(n_batch, generator=generator)
@@ -327,12 +434,14 @@ class TorchKMeans(Clusterer):
         if ranks.active:
             n = int(to_reassign.sum())
             if n == 0:
-                return
+                return torch.zeros(k, device=counts.device)
             picked = np.asarray(batch)[chosen[:n].numpy()]
             order = np.argsort(picked, kind="stable")
             rows = _gather_rows(reader, ranks, picked[order])
             new_rows = torch.empty_like(rows)
             new_rows[torch.from_numpy(order).to(rows.device)] = rows
+            jumps = torch.zeros(k, device=counts.device)
+            jumps[to_reassign] = torch.linalg.vector_norm(new_rows - centers[to_reassign], dim=1)
             centers[to_reassign] = new_rows
         else:
             assert batch_rows is not None
@@ -340,9 +449,12 @@ class TorchKMeans(Clusterer):
                 chosen = chosen.pin_memory().to(batch_rows.device, non_blocking=True)
             slot = (torch.cumsum(to_reassign, dim=0) - 1).clamp_(0, n_batch - 1)
             candidates = batch_rows[chosen.to(batch_rows.device)[slot]]
-            centers.copy_(torch.where(to_reassign[:, None], candidates, centers))
+            moved = torch.where(to_reassign[:, None], candidates, centers)
+            jumps = torch.linalg.vector_norm(moved - centers, dim=1)
+            centers.copy_(moved)
         smallest = torch.where(to_reassign, torch.inf, counts).min()
         counts.copy_(torch.where(to_reassign & torch.isfinite(smallest), smallest, counts))
+        return jumps
 
     def _lloyd(self, reader: _DeviceRows, ranks: _Ranks, centers: Tensor) -> Tensor:
         torch = _torch()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.decomposition import PCA
 
 from sslbench import SSLBenchError, evaluate_features
@@ -167,3 +168,21 @@ def test_distributed_kmeans_matches_single_process(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     np.testing.assert_allclose(np.array(out["centers"]), single.centers.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.array(out["labels"]), single.predict(x))
+
+
+@pytest.mark.parametrize(("n_blobs", "n_clusters", "ratio", "settled"), [(8, 8, 0.01, 0.5), (4, 40, 0.5, 0.05)])
+def test_pruning_skips_rows_and_changes_no_assignment(n_blobs, n_clusters, ratio, settled):
+    """The triangle-inequality bounds must give exactly the unpruned fit: same centres bit for bit —
+    also with 10× more clusters than blobs and a high re-seeding ratio, so centres jump all along."""
+    x, _ = blobs(2400 // n_blobs, n_blobs, 16, seed=3, spread=1.5)
+    fits = {}
+    for prune in (False, True):
+        options = TorchOptions(prune=prune, reassignment_ratio=ratio)
+        config = ClustererConfig(n_clusters, 15, 256, 0, options=options)
+        kmeans = TorchKMeans(config)
+        kmeans.fit(x)
+        fits[prune] = kmeans
+    assert fits[True].pruned_rows > settled * 15 * len(x)  # rows settled by their bounds
+    assert fits[False].pruned_rows == 0
+    assert torch.equal(fits[True].centers, fits[False].centers)
+    assert np.array_equal(fits[True].predict(x), fits[False].predict(x))
