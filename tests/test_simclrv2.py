@@ -179,6 +179,20 @@ def test_tf1_bicubic_matches_tensorflows_published_output():
     assert np.allclose(weights @ image @ weights.T, expected, atol=1e-6)
 
 
+def test_preprocessing_resizes_by_the_tf_bicubic_weights():
+    """The separable resize equals Σ_h Σ_w rows[i, h] · pixels[h, w, c] · cols[j, w] written out."""
+    from PIL import Image
+
+    from sslbench_plugins.simclrv2 import tf_eval_preprocess
+
+    pixels = np.random.default_rng(2).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    top, left, crop_h, crop_w = tf_center_crop_box(24, 32)
+    crop = pixels[top : top + crop_h, left : left + crop_w].astype(np.float64) / 255.0
+    rows, cols = tf_bicubic_matrix(crop_h, 16), tf_bicubic_matrix(crop_w, 16)
+    expected = np.clip(np.einsum("ih,hwc,jw->cij", rows, crop, cols), 0.0, 1.0)
+    assert np.allclose(tf_eval_preprocess(Image.fromarray(pixels), 16).numpy(), expected, atol=1e-6)
+
+
 def test_center_crop_box_is_simclrs():
     assert tf_center_crop_box(375, 500) == (24, 86, 328, 328)  # landscape: 0.875 of the height
     assert tf_center_crop_box(500, 375) == (86, 24, 328, 328)
