@@ -18,7 +18,7 @@ from sslbench.protocol import hungarian_mapping, majority_mapping, mapped_accura
 
 
 def acc(ctx: ScoringContext) -> float:
-    return mapped_accuracy(hungarian_mapping(ctx.train_contingency), ctx.eval_pred, ctx.eval_labels)
+    return mapped_accuracy(ctx.train_assignment, ctx.eval_pred, ctx.eval_labels)
 
 
 def acc_majority(ctx: ScoringContext) -> float:

@@ -28,7 +28,7 @@ from sslbench.interfaces import (
 )
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import NullProgress, Progress
-from sslbench.protocol import contingency, hungarian_mapping
+from sslbench.protocol import contingency
 from sslbench.results import Results, Run, RunProtocol, Timings, build_results, environment
 from sslbench.spec import ProtocolSpec
 from sslbench.transfer import ClassMap, group_accuracies, transfer_scores
@@ -222,6 +222,7 @@ def run_protocol(
                     n_classes,
                     metric_entries,
                     class_groups or {},
+                    transfers,
                     transfer_z,
                 )
                 run = Run(
@@ -248,16 +249,9 @@ def run_protocol(
                 runs.append(run)
                 if on_run is not None:
                     on_run(run)
-                for target, target_pred in zip(transfers, outcome.transfer_pred, strict=True):
-                    started = time.perf_counter()
-                    metrics, n_scored = transfer_scores(
-                        outcome.train_pred,
-                        train.labels,
-                        target_pred,
-                        target.features.labels,
-                        target.class_map,
-                        point.n_clusters,
-                    )
+                for target, target_pred, (metrics, n_scored) in zip(
+                    transfers, outcome.transfer_pred, outcome.transfer_scores, strict=True
+                ):
                     transfer_run = Run(
                         model=model,
                         backbone=backbone,
@@ -270,10 +264,7 @@ def run_protocol(
                         n_eval=n_scored,
                         metrics=metrics,
                         timings=Timings(
-                            extract_s=extract_s,
-                            pca_s=pca_s,
-                            kmeans_s=outcome.kmeans_s,
-                            eval_s=time.perf_counter() - started,
+                            extract_s=extract_s, pca_s=pca_s, kmeans_s=outcome.kmeans_s, eval_s=outcome.eval_s
                         ),
                     )
                     if predictions_dir is not None:
@@ -306,6 +297,8 @@ class _SeedOutcome:
     train_pred: np.ndarray
     eval_pred: np.ndarray
     transfer_pred: list[np.ndarray]
+    #: (metrics, target samples scored) per transfer target.
+    transfer_scores: list[tuple[dict[str, float], int]]
     kmeans_s: float
     eval_s: float
 
@@ -320,6 +313,7 @@ def _run_seed(
     n_classes: int,
     metric_entries: Sequence[MetricEntry],
     class_groups: Mapping[str, np.ndarray],
+    transfers: Sequence[TransferTarget],
     transfer_z: Sequence[np.ndarray],
 ) -> _SeedOutcome:
     started = time.perf_counter()
@@ -346,9 +340,12 @@ def _run_seed(
     )
     metrics = {entry.name: float(entry.fn(ctx)) for entry in metric_entries}
     if class_groups:
-        mapping = hungarian_mapping(ctx.train_contingency)
-        metrics.update(group_accuracies(mapping, eval_pred, eval_.labels, class_groups))
-    return _SeedOutcome(metrics, train_pred, eval_pred, transfer_pred, kmeans_s, time.perf_counter() - started)
+        metrics.update(group_accuracies(ctx.train_assignment, eval_pred, eval_.labels, class_groups))
+    scores = [
+        transfer_scores(ctx.train_assignment, pred, target.features.labels, target.class_map, config.n_clusters)
+        for target, pred in zip(transfers, transfer_pred, strict=True)
+    ]
+    return _SeedOutcome(metrics, train_pred, eval_pred, transfer_pred, scores, kmeans_s, time.perf_counter() - started)
 
 
 def evaluate_features(

@@ -113,8 +113,8 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
 
     :param register: call with one :class:`~sslbench.interfaces.MetricEntry` per metric. Its
         ``fn`` receives a :class:`~sslbench.interfaces.ScoringContext` (train and eval cluster
-        predictions, labels and contingency tables) and returns a float, stored as a fraction and
-        averaged over seeds in the summary.
+        predictions, labels and contingency tables, and the train assignment of clusters to classes)
+        and returns a float, stored as a fraction and averaged over seeds in the summary.
 
     .. versionadded:: 0.1
     """

@@ -12,6 +12,7 @@ They may be ``np.memmap`` arrays larger than RAM: implementations read them in r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
+from sslbench.protocol import hungarian_mapping
 
 if TYPE_CHECKING:
     import torch
@@ -273,6 +276,8 @@ class ScoringContext:
 
     ``train_contingency[c, y]`` counts train samples of class ``y`` in cluster ``c``; likewise
     ``eval_contingency`` for the eval split. Both have shape ``(n_clusters, n_classes)``.
+    ``train_assignment`` is the paper's cluster → class mapping built on the train split, computed
+    once per run however many metrics use it.
     """
 
     train_pred: np.ndarray
@@ -283,6 +288,11 @@ class ScoringContext:
     n_classes: int
     train_contingency: np.ndarray = field(repr=False)
     eval_contingency: np.ndarray = field(repr=False)
+
+    @functools.cached_property
+    def train_assignment(self) -> np.ndarray:
+        """Class of every cluster: Hungarian on the train contingency, majority for extra clusters."""
+        return hungarian_mapping(self.train_contingency)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -86,11 +87,12 @@ class ClassMap:
             raise SSLBenchError(f"{where}: no class maps onto a source class; nothing could be scored")
         return cls(tuple(targets), n_source)
 
-    @property
+    @functools.cached_property
     def shared(self) -> np.ndarray:
         """Target classes that map onto at least one source class."""
         return np.array([i for i, sources in enumerate(self.targets) if sources], dtype=np.int64)
 
+    @functools.cached_property
     def membership(self) -> np.ndarray:
         """``M[t, s]``: source class ``s`` is one of target class ``t``'s."""
         out = np.zeros((len(self.targets), self.n_source), dtype=bool)
@@ -100,22 +102,21 @@ class ClassMap:
 
 
 def transfer_scores(
-    source_train_pred: np.ndarray,
-    source_train_labels: np.ndarray,
+    train_assignment: np.ndarray,
     target_pred: np.ndarray,
     target_labels: np.ndarray,
     class_map: ClassMap,
     n_clusters: int,
 ) -> tuple[dict[str, float], int]:
-    """The Table C.2 metrics of one fitted clustering, and the number of target samples scored."""
+    """The Table C.2 metrics of one fitted clustering, and the number of target samples scored.
+
+    ``train_assignment`` maps each cluster to a source class (the source train split's assignment).
+    """
     scored = np.isin(target_labels, class_map.shared)
     pred, labels = target_pred[scored], target_labels[scored]
     if len(labels) == 0:
         raise SSLBenchError("no target sample belongs to a class that maps onto the source classes")
-    train_mapping = hungarian_mapping(
-        contingency(source_train_pred, source_train_labels, n_clusters, class_map.n_source)
-    )
-    acc_tr = float(np.mean(class_map.membership()[labels, train_mapping[pred]]))
+    acc_tr = float(np.mean(class_map.membership[labels, train_assignment[pred]]))
     # Target classes renumbered 0..m-1 over the shared ones, so the assignment ignores the others.
     dense = np.searchsorted(class_map.shared, labels)
     target_cost = contingency(pred, dense, n_clusters, len(class_map.shared))

@@ -24,7 +24,8 @@ def test_transfer_scores_by_hand():
     train_pred = np.array([0, 1, 2, 3, 0, 1, 2, 3])
     target_labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
     target_pred = np.array([0, 1, 1, 2, 2, 2, 3, 0, 3])
-    metrics, n_scored = transfer_scores(train_pred, train_pred.copy(), target_pred, target_labels, class_map, 4)
+    train_assignment = hungarian_mapping(contingency(train_pred, train_pred.copy(), 4, 4))
+    metrics, n_scored = transfer_scores(train_assignment, target_pred, target_labels, class_map, 4)
     assert n_scored == 7
     # ACC-tr: clusters → source classes 0,1,1,2 for target 0 (3 of 4 in {0, 1}); 2,2,3 for target 1 (2 of 3).
     assert metrics["acc_tr"] == pytest.approx(5 / 7)
