@@ -72,8 +72,8 @@ class Block:
     eval_split: str
     extracted: dict[str, Extracted]
     extract_s: float
-    #: Per ``transfer`` entry of the dataset spec: the target dataset and its extracted split.
-    transfers: list[tuple[TransferSpec, Dataset, Extracted]] = field(default_factory=list)
+    #: Per ``transfer`` entry of the dataset spec: its checked class map and extracted split.
+    transfers: list[tuple[TransferSpec, ClassMap, Extracted]] = field(default_factory=list)
 
 
 def _settings(resolved: ResolvedSpec) -> ExtractionSettings:
@@ -170,10 +170,10 @@ def extracted_blocks(
             transfers = [
                 (
                     t_spec,
-                    t_dataset,
+                    class_map,
                     extractor(t_spec.id, t_spec.label, t_opts, t_spec.split, t_dataset.splits[t_spec.split]),
                 )
-                for t_spec, t_opts, t_dataset in targets
+                for t_spec, t_opts, t_dataset, class_map in targets
             ]
             yield Block(
                 m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started, transfers
@@ -182,8 +182,8 @@ def extracted_blocks(
 
 def _transfer_targets(
     resolved: ResolvedSpec, plugins: Plugins, d_index: int, source: Dataset
-) -> list[tuple[TransferSpec, BaseModel, Dataset]]:
-    """The target datasets of ``datasets[d_index].transfer``, their split and class map checked."""
+) -> list[tuple[TransferSpec, BaseModel, Dataset, ClassMap]]:
+    """The target datasets of ``datasets[d_index].transfer``, their split checked, with their class maps."""
     d_spec = resolved.spec.datasets[d_index]
     options = resolved.transfer_options[d_index] if resolved.transfer_options else []
     targets = []
@@ -199,8 +199,10 @@ def _transfer_targets(
             raise SSLBenchError(
                 f"{at}.class_map: dataset '{t_spec.id}' has no metadata '{t_spec.class_map}' (it has: {known})"
             )
-        ClassMap.checked(target.metadata[t_spec.class_map], target.num_classes, source.num_classes, f"{at}.class_map")
-        targets.append((t_spec, t_options, target))
+        class_map = ClassMap.checked(
+            target.metadata[t_spec.class_map], target.num_classes, source.num_classes, f"{at}.class_map"
+        )
+        targets.append((t_spec, t_options, target, class_map))
     return targets
 
 
@@ -262,7 +264,7 @@ def run_spec(
             )
 
         transfers = []
-        for t_spec, t_dataset, t_extracted in block.transfers:
+        for t_spec, class_map, t_extracted in block.transfers:
             where = f"{t_spec.label}/{t_spec.split} ({m_label})"
             skipped += [
                 SkippedSample(
@@ -275,9 +277,7 @@ def run_spec(
                     label=f"{d_label} → {t_spec.label}",
                     split=t_spec.split,
                     features=checked_split(where, t_extracted.features, t_extracted.labels),
-                    class_map=ClassMap.checked(
-                        t_dataset.metadata[t_spec.class_map], t_dataset.num_classes, block.dataset.num_classes, where
-                    ),
+                    class_map=class_map,
                 )
             )
         groups = block.dataset.metadata.get("class_groups")
