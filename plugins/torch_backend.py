@@ -157,11 +157,14 @@ def _gather_rows(reader: _DeviceRows, ranks: _Ranks, global_index: np.ndarray) -
     return ranks.sum_(out)
 
 
+def _scores(x: Tensor, centers: Tensor, center_sq: Tensor) -> Tensor:
+    """``‖c‖² − 2x·c`` for every row and centre: the squared distance less ``‖x‖²``, by one GEMM."""
+    return _torch().addmm(center_sq, x, centers.T, beta=1.0, alpha=-2.0)
+
+
 def _closest(x: Tensor, centers: Tensor, center_sq: Tensor) -> tuple[Tensor, Tensor]:
     """Index of the nearest centre of every row, and ``‖c‖² − 2x·c`` at it."""
-    torch = _torch()
-    scores = torch.addmm(center_sq, x, centers.T, beta=1.0, alpha=-2.0)
-    best, labels = scores.min(dim=1)
+    best, labels = _scores(x, centers, center_sq).min(dim=1)
     return labels, best
 
 
@@ -191,12 +194,11 @@ def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Gen
     return centers
 
 
-def _closest_two(x: Tensor, centers: Tensor, center_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Nearest centre of every row, and the distances to the nearest and the second nearest."""
-    scores = _torch().addmm(center_sq, x, centers.T, beta=1.0, alpha=-2.0)
-    top2 = scores.topk(2, dim=1, largest=False)
-    x_sq = (x * x).sum(dim=1, keepdim=True)
-    distances = (top2.values + x_sq).clamp_min_(0).sqrt_()
+def _closest_two(x: Tensor, centers: Tensor, center_sq: Tensor, x_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest centre of every row, and the distances to the nearest and the second nearest
+    (``x_sq``: the rows' squared norms)."""
+    top2 = _scores(x, centers, center_sq).topk(2, dim=1, largest=False)
+    distances = (top2.values + x_sq[:, None]).clamp_min_(0).sqrt_()
     return top2.indices[:, 0], distances[:, 0], distances[:, 1]
 
 
@@ -240,6 +242,7 @@ class _Bounds:
         upper = self.upper[local] + (self.drift[own] - self.drift_at[local])
         lower = self.lower[local] - (self.max_drift - self.max_drift_at[local])
         settled = seen & (self.reseeded[own] < visit)
+        x_sq = (x * x).sum(dim=1)
         if bool(seen.any()):
             jumped = torch.nonzero(self.reseeded > int(visit[seen].min())).flatten()
             if len(jumped) > len(centers) // 8:
@@ -248,16 +251,16 @@ class _Bounds:
                 settled[:] = False
             elif len(jumped):
                 moved = centers[jumped]
-                scores = torch.addmm((moved * moved).sum(dim=1), x, moved.T, beta=1.0, alpha=-2.0)
-                exact = (scores + (x * x).sum(dim=1, keepdim=True)).clamp_min_(0).sqrt_().double()
+                scores = _scores(x, moved, (moved * moved).sum(dim=1))
+                exact = (scores + x_sq[:, None]).clamp_min_(0).sqrt_().double()
                 since = self.reseeded[jumped][None, :] > visit[:, None]
                 lower = torch.minimum(lower, torch.where(since, exact, torch.inf).min(dim=1).values)
-        norms = torch.linalg.vector_norm(x, dim=1).double()
+        norms = x_sq.sqrt().double()
         settled &= upper <= lower - self.MARGIN * (lower.abs() + norms)
         todo = torch.nonzero(~settled).flatten()
         self.skipped += len(local) - len(todo)
         if len(todo):
-            found, nearest, second = _closest_two(x[todo], centers, (centers * centers).sum(dim=1))
+            found, nearest, second = _closest_two(x[todo], centers, (centers * centers).sum(dim=1), x_sq[todo])
             rows = local[todo]
             label[todo] = found
             self.label[rows] = found
