@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from sslbench.errors import SSLBenchError
 from sslbench.extract import resolve_device
+from sslbench.inspect import predictions_name
 from sslbench.interfaces import (
     Clusterer,
     ClustererConfig,
@@ -108,10 +108,6 @@ def _check_pair(train: FeatureSplit, eval_: FeatureSplit, protocol: ProtocolSpec
             f"pca_dims={most_dims} exceeds what {train.name} allows: "
             f"min({n_train} samples, {dims} feature dims) = {min(n_train, dims)}"
         )
-
-
-def _file_stem(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
 def run_protocol(
@@ -236,11 +232,11 @@ def run_protocol(
                     metrics=outcome.metrics,
                     timings=Timings(extract_s=extract_s, pca_s=pca_s, kmeans_s=outcome.kmeans_s, eval_s=outcome.eval_s),
                 )
-                tag = "" if len(points) == 1 else f"__k{point.n_clusters}_pca{train_z.shape[1]}_ep{point.epochs}"
+                swept = None if len(points) == 1 else (point.n_clusters, train_z.shape[1], point.epochs)
 
                 if predictions_dir is not None:
                     _save_predictions(
-                        predictions_dir / f"{_file_stem(model)}__{_file_stem(dataset)}{tag}__seed{seed}.npz",
+                        predictions_dir / predictions_name(model, dataset, seed, swept),
                         outcome,
                         train.labels,
                         outcome.eval_pred,
@@ -269,7 +265,7 @@ def run_protocol(
                     )
                     if predictions_dir is not None:
                         _save_predictions(
-                            predictions_dir / f"{_file_stem(model)}__{_file_stem(target.label)}{tag}__seed{seed}.npz",
+                            predictions_dir / predictions_name(model, target.label, seed, swept),
                             outcome,
                             train.labels,
                             target_pred,

@@ -56,13 +56,21 @@ def _stem(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
+def predictions_name(model: str, dataset: str, seed: int, point: tuple[int, int, int] | None = None) -> str:
+    """File name of one run's predictions: ``<model>__<dataset>[__k<clusters>_pca<dims>_ep<epochs>]
+    __seed<seed>.npz``, names made file-safe; ``point`` (clusters, dims, epochs) when the spec sweeps.
+    :func:`find_predictions` reads the same names."""
+    tag = "" if point is None else f"__k{point[0]}_pca{point[1]}_ep{point[2]}"
+    return f"{_stem(model)}__{_stem(dataset)}{tag}__seed{seed}.npz"
+
+
 def find_predictions(run_dir: Path, model: str, dataset: str | None, seed: int, clusters: int | None) -> Path:
     """The predictions file of one run; ambiguity (several datasets or protocol points) is an error."""
     folder = run_dir / "predictions"
     if not folder.is_dir():
         raise SSLBenchError(f"{run_dir} has no predictions/ folder: run with --save-predictions")
     found = []
-    # Names are <model>__<dataset>[__k<clusters>_pca<dims>_ep<epochs>]__seed<seed>.npz.
+    # Names as predictions_name writes them.
     head, tail = f"{_stem(model)}__", f"__seed{seed}.npz"
     for path in sorted(folder.glob(f"{head}*{tail}")):
         middle = path.name[len(head) : -len(tail)]
