@@ -448,10 +448,11 @@ class TorchKMeans(Clusterer):
             centers[to_reassign] = new_rows
         else:
             assert batch_rows is not None
-            if batch_rows.is_cuda:
-                chosen = chosen.pin_memory().to(batch_rows.device, non_blocking=True)
+            # From pinned memory the copy to the GPU does not wait for the device.
+            source = chosen.pin_memory() if batch_rows.is_cuda else chosen
+            chosen = source.to(batch_rows.device, non_blocking=True)
             slot = (torch.cumsum(to_reassign, dim=0) - 1).clamp_(0, n_batch - 1)
-            candidates = batch_rows[chosen.to(batch_rows.device)[slot]]
+            candidates = batch_rows[chosen[slot]]
             moved = torch.where(to_reassign[:, None], candidates, centers)
             jumps = torch.linalg.vector_norm(moved - centers, dim=1)
             centers.copy_(moved)
