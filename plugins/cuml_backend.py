@@ -3,7 +3,8 @@
 Features move to the GPU in row chunks (cupy arrays): PCA is cuML's ``IncrementalPCA``
 (``partial_fit`` per chunk, all components, truncated per ``pca_dims`` like the reference backend);
 k-means is cuML's ``KMeans`` (k-means|| initialisation, ``epochs`` = ``max_iter``, seeded) on the
-projected train features, which for the protocol's PCA dimensions fit in GPU memory. cuML and cupy
+projected train features, which cuML needs whole in GPU memory: a matrix larger than half the free
+GPU memory is refused in one line before any work. Projection and prediction run in row chunks. cuML and cupy
 are imported only when the backend is used; without them, or without a GPU, the error says so.
 Multi-node GPU k-means goes through cuML's Dask API (``cuml.dask.cluster.KMeans``), not this plugin.
 """
@@ -19,12 +20,11 @@ from sslbench import hookimpl
 from sslbench.arrays import RowReader
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import (
+    BackendEntry,
     Clusterer,
     ClustererConfig,
-    ClustererEntry,
     Reducer,
     ReducerConfig,
-    ReducerEntry,
     iter_chunks,
 )
 
@@ -72,21 +72,14 @@ class CumlPCA(Reducer):
             raise RuntimeError("CumlPCA used before fit")
         return int(self._pca.n_components_)
 
-    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+    def project(self, rows: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         cupy, _ = _gpu_modules()
         n = n_components
         components = cupy.asarray(self._pca.components_)[:n].T
-        offset = cupy.asarray(self._pca.mean_) @ components
-        scale = cupy.sqrt(cupy.asarray(self._pca.explained_variance_)[:n]) if whiten else None
-        reader = RowReader(features)
-        out = np.empty((len(reader), n), dtype=np.float32)
-        for rows in iter_chunks(len(reader), CHUNK_ROWS):
-            projected = _to_device(cupy, reader, rows) @ components - offset
-            if scale is not None:
-                projected /= scale
-            out[rows] = cupy.asnumpy(projected.astype(cupy.float32))
-        reader.release()
-        return out
+        projected = cupy.asarray(rows) @ components - cupy.asarray(self._pca.mean_) @ components
+        if whiten:
+            projected /= cupy.sqrt(cupy.asarray(self._pca.explained_variance_)[:n])
+        return cupy.asnumpy(projected.astype(cupy.float32))
 
 
 class CumlKMeans(Clusterer):
@@ -97,7 +90,18 @@ class CumlKMeans(Clusterer):
     def fit(self, features: np.ndarray) -> None:
         cupy, cuml = _gpu_modules()
         cfg = self.config
-        x = cupy.asarray(np.ascontiguousarray(features, dtype=np.float32))
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        needed = features.shape[0] * features.shape[1] * 4
+        if needed > 0.5 * free:
+            raise SSLBenchError(
+                f"backend 'cuml' needs the whole train matrix on the GPU ({needed / 1e9:.1f} GB) but only "
+                f"{free / 1e9:.1f} GB are free; use fewer pca_dims or backend 'torch', which streams"
+            )
+        reader = RowReader(features)
+        x = cupy.empty((len(reader), reader.dims), dtype=cupy.float32)
+        for rows in iter_chunks(len(reader), CHUNK_ROWS):
+            x[rows] = _to_device(cupy, reader, rows)
+        reader.release()
         kmeans = cuml.KMeans(
             n_clusters=cfg.n_clusters,
             max_iter=cfg.epochs,
@@ -121,10 +125,12 @@ class CumlKMeans(Clusterer):
 
 
 @hookimpl
-def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
-    register(ReducerEntry(NAME, CumlPCA, "RAPIDS cuML IncrementalPCA on a GPU (optional extra: gpu)"))
-
-
-@hookimpl
-def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
-    register(ClustererEntry(NAME, CumlKMeans, "RAPIDS cuML KMeans on a GPU (optional extra: gpu)"))
+def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None:
+    register(
+        BackendEntry(
+            NAME,
+            pca=CumlPCA,
+            kmeans=CumlKMeans,
+            description="RAPIDS cuML IncrementalPCA + KMeans on a GPU (optional extra: gpu)",
+        )
+    )

@@ -1,8 +1,10 @@
 """The ``faiss`` backend (optional extra ``sslbench[faiss]``): faiss PCA and faiss k-means.
 
 faiss's k-means subsamples to ``max_points_per_centroid × k`` points by default; here every train
-point is used, as the protocol fits on the whole train split. Both steps need the features in RAM as
-float32 (faiss takes no memory-mapped streams); ``epochs`` is faiss's number of Lloyd iterations.
+point is used, as the protocol fits on the whole train split. Fitting needs the train matrix in RAM as
+float32 (faiss takes no streams): a matrix larger than half the available memory is refused in one
+line before any work. Projection and prediction run in row chunks. ``epochs`` is faiss's number of
+Lloyd iterations.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from sslbench import hookimpl
+from sslbench.arrays import RowReader, require_in_memory
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import (
+    BackendEntry,
     Clusterer,
     ClustererConfig,
-    ClustererEntry,
     Reducer,
     ReducerConfig,
-    ReducerEntry,
+    iter_chunks,
 )
 
 NAME = "faiss"
@@ -34,8 +37,15 @@ def _faiss() -> Any:
     return faiss
 
 
-def _dense(features: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(features, dtype=np.float32)
+def _dense(features: np.ndarray, what: str) -> np.ndarray:
+    """The whole matrix as float32 in RAM, refused up front when it cannot fit."""
+    require_in_memory(features.shape[0] * features.shape[1] * 4, f"backend 'faiss' ({what})")
+    reader = RowReader(features)
+    out = np.empty((len(reader), reader.dims), dtype=np.float32)
+    for rows in iter_chunks(len(reader)):
+        out[rows] = reader.rows(rows)
+    reader.release()
+    return out
 
 
 class FaissPCA(Reducer):
@@ -45,7 +55,7 @@ class FaissPCA(Reducer):
 
     def fit(self, features: np.ndarray) -> None:
         faiss = _faiss()
-        x = _dense(features)
+        x = _dense(features, "PCA fit")
         d = x.shape[1]
         pca = faiss.PCAMatrix(d, min(d, len(x)))
         pca.train(x)
@@ -59,9 +69,9 @@ class FaissPCA(Reducer):
             raise RuntimeError("FaissPCA used before fit")
         return int(self._pca.d_out)
 
-    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+    def project(self, rows: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         n = n_components
-        projected = self._pca.apply(_dense(features))[:, :n]
+        projected = self._pca.apply(np.ascontiguousarray(rows, dtype=np.float32))[:, :n]
         if whiten:
             assert self._variance is not None
             projected = projected / np.sqrt(self._variance[:n]).astype(np.float32)
@@ -75,7 +85,7 @@ class FaissKMeans(Clusterer):
 
     def fit(self, features: np.ndarray) -> None:
         faiss = _faiss()
-        x = _dense(features)
+        x = _dense(features, "k-means fit")
         cfg = self.config
         kmeans = faiss.Kmeans(
             x.shape[1],
@@ -91,15 +101,22 @@ class FaissKMeans(Clusterer):
     def predict(self, features: np.ndarray) -> np.ndarray:
         if self._kmeans is None:
             raise RuntimeError("FaissKMeans.predict called before fit")
-        _, labels = self._kmeans.index.search(_dense(features), 1)
-        return labels[:, 0].astype(np.int64)
+        reader = RowReader(features)
+        out = np.empty(len(reader), dtype=np.int64)
+        for rows in iter_chunks(len(reader)):
+            _, labels = self._kmeans.index.search(reader.rows(rows), 1)
+            out[rows] = labels[:, 0]
+        reader.release()
+        return out
 
 
 @hookimpl
-def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
-    register(ReducerEntry(NAME, FaissPCA, "faiss PCAMatrix (optional extra: faiss)"))
-
-
-@hookimpl
-def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
-    register(ClustererEntry(NAME, FaissKMeans, "faiss k-means on every point (optional extra: faiss)"))
+def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None:
+    register(
+        BackendEntry(
+            NAME,
+            pca=FaissPCA,
+            kmeans=FaissKMeans,
+            description="faiss PCAMatrix + faiss k-means on every point (optional extra: faiss)",
+        )
+    )

@@ -5,12 +5,14 @@ that says how to get the files.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +36,7 @@ class FileSplit(Split):
         self.root = root
         self.files = list(files)
         self._labels = labels.astype(np.int64)
+        self._fingerprint: str | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -53,19 +56,76 @@ class FileSplit(Split):
         return str(self.root / self.files[index])
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name, label in zip(self.files, self._labels.tolist(), strict=True):
-            size = (self.root / name).stat().st_size
-            digest.update(f"{name}\0{size}\0{label}\n".encode())
-        return digest.hexdigest()
+        """A digest of the relative file names and their labels, computed once per split.
+
+        Dataset files are taken as immutable: no file is stat'ed or read here (ImageNet's train split
+        would cost 1.28 M ``stat`` calls per model), so an image replaced in place under the same
+        name is not detected (clear its cache entries, or give it a new name), while a file added,
+        removed or renamed, or a changed label, gives another digest and so a new extraction.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name, label in zip(self.files, self._labels.tolist(), strict=True):
+                digest.update(f"{name}\0{label}\n".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+# Errors pathlib's globbing treats as "not there" rather than raising (a dangling or looping link).
+_IGNORED_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
+def _entry_is(entry: os.DirEntry[str], kind: Literal["dir", "file"], follow_symlinks: bool = True) -> bool:
+    """``entry.is_dir()``/``is_file()`` as ``Path.is_dir()``/``is_file()`` answer: false for a dangling link."""
+    try:
+        if kind == "dir":
+            return entry.is_dir(follow_symlinks=follow_symlinks)
+        return entry.is_file(follow_symlinks=follow_symlinks)
+    except OSError as exc:
+        if exc.errno in _IGNORED_ERRNOS:
+            return False
+        raise
+
+
+def _is_image_name(name: str) -> bool:
+    # Path.suffix's rule: the part from the last dot, unless that dot starts the name (".jpg" is hidden).
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def _image_files(folder: Path) -> list[str]:
-    return sorted(
-        str(path.relative_to(folder))
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    """The image files anywhere under ``folder``, as sorted paths relative to it.
+
+    Walks with ``os.scandir``, whose entries know their file type from the directory listing, so a
+    regular file costs no ``stat`` call (a symlink costs one, to see what it points at). The result is
+    ``folder.rglob("*")`` filtered by suffix and ``is_file()``, as before: symlinked files count,
+    symlinked folders inside ``folder`` are not descended into, unreadable folders are skipped.
+    """
+    found: list[str] = []
+    pending = [(os.fspath(folder), "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except PermissionError:
+            continue
+        except OSError as exc:
+            if exc.errno in _IGNORED_ERRNOS:
+                continue
+            raise
+        for entry in entries:
+            if _entry_is(entry, "dir", follow_symlinks=False):
+                pending.append((entry.path, f"{prefix}{entry.name}{os.sep}"))
+            elif _is_image_name(entry.name) and _entry_is(entry, "file"):
+                found.append(f"{prefix}{entry.name}")
+    return sorted(found)
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """Sorted names of the folders (or links to folders) directly in ``folder``, without a ``stat`` each."""
+    with os.scandir(folder) as listing:
+        return sorted(entry.name for entry in listing if _entry_is(entry, "dir"))
 
 
 def _need_dir(path: Path, what: str, how: str) -> Path:
@@ -92,17 +152,18 @@ def load_image_folder(options: ImageFolderOptions) -> Dataset:
         name: _need_dir(root / sub, f"split '{name}' folder", "expected one sub-folder per class")
         for name, sub in options.splits.items()
     }
-    classes = sorted({c.name for folder in folders.values() for c in folder.iterdir() if c.is_dir()})
+    class_folders = {name: _subfolders(folder) for name, folder in folders.items()}
+    classes = sorted({cls for names in class_folders.values() for cls in names})
     if not classes:
         raise SSLBenchError(f"no class folders under {root}")
     index = {name: i for i, name in enumerate(classes)}
     splits: dict[str, Split] = {}
     for name, folder in folders.items():
         files, labels = [], []
-        for cls in sorted(c for c in folder.iterdir() if c.is_dir()):
-            for file in _image_files(cls):
-                files.append(f"{cls.name}/{file}")
-                labels.append(index[cls.name])
+        for cls in class_folders[name]:
+            for file in _image_files(folder / cls):
+                files.append(f"{cls}/{file}")
+                labels.append(index[cls])
         if not files:
             raise SSLBenchError(f"split '{name}' has no images under {folder}")
         splits[name] = FileSplit(folder, files, np.array(labels))
@@ -137,7 +198,7 @@ def load_objectnet(options: ObjectNetOptions) -> Dataset:
         ]
     except FileNotFoundError as exc:
         raise SSLBenchError(f"ObjectNet mapping file missing: {exc.filename}") from None
-    folders = sorted(c.name for c in images.iterdir() if c.is_dir())
+    folders = _subfolders(images)
     classes = [folder_to_label.get(f, f) for f in folders]
     imagenet_index = {name: i for i, name in enumerate(imagenet_names)}
     imagenet_classes = []

@@ -8,8 +8,9 @@
   shuffles and k-means (its k-means++ initialisation and centre reassignment), as the paper's code
   shares NumPy's global random state between them.
 
-Both read their input in row chunks, so memory-mapped features need not fit in RAM; the k-means
-fit reads one shuffled batch at a time.
+Both read their input in row chunks (memory-mapped files through :class:`~sslbench.arrays.RowReader`),
+so features need not fit in RAM; the k-means fit reads one shuffled batch at a time, in the order the
+paper's code feeds it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import IncrementalPCA
 
 from sslbench import hookimpl
+from sslbench.arrays import RowReader
 from sslbench.interfaces import (
+    BackendEntry,
     Clusterer,
     ClustererConfig,
-    ClustererEntry,
     Reducer,
     ReducerConfig,
-    ReducerEntry,
     iter_chunks,
 )
 
@@ -45,12 +46,14 @@ class ReferencePCA(Reducer):
         self._pca: IncrementalPCA | None = None
 
     def fit(self, features: np.ndarray) -> None:
-        batch = pca_batch_size(features.shape[1])
+        reader = RowReader(features)
+        batch = pca_batch_size(reader.dims)
         pca = IncrementalPCA(n_components=None, batch_size=batch)
-        for rows in iter_chunks(len(features), batch):
-            pca.partial_fit(features[rows])
+        for rows in iter_chunks(len(reader), batch):
+            pca.partial_fit(reader.rows(rows, as_float32=False))
             if self.config.on_rows:
                 self.config.on_rows(rows.stop - rows.start)
+        reader.release()
         self._pca = pca
 
     @property
@@ -62,19 +65,14 @@ class ReferencePCA(Reducer):
             raise RuntimeError("ReferencePCA.transform called before fit")
         return self._pca
 
-    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+    def project(self, rows: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         pca = self._fitted()
         n = n_components
         components = pca.components_[:n].T
-        offset = pca.mean_ @ components
-        scale = np.sqrt(pca.explained_variance_[:n]) if whiten else None
-        out = np.empty((len(features), n), dtype=np.float32)
-        for rows in iter_chunks(len(features), pca_batch_size(features.shape[1])):
-            projected = np.asarray(features[rows]) @ components - offset
-            if scale is not None:
-                projected /= scale
-            out[rows] = projected
-        return out
+        projected = rows @ components - pca.mean_ @ components
+        if whiten:
+            projected /= np.sqrt(pca.explained_variance_[:n])
+        return projected.astype(np.float32)
 
 
 class ReferenceKMeans(Clusterer):
@@ -91,29 +89,40 @@ class ReferenceKMeans(Clusterer):
             max_no_improvement=None,
             random_state=rng,
         )
-        order = np.arange(len(features))
+        reader = RowReader(features)
+        order = np.arange(len(reader))
         for _ in range(cfg.epochs):
             rng.shuffle(order)
             for rows in iter_chunks(len(order), cfg.batch_size):
-                kmeans.partial_fit(features[order[rows]])
+                batch = order[rows]
+                # Gathered in file order (bounded memory), fed in the shuffled order the paper's code uses.
+                ascending = np.argsort(batch, kind="stable")
+                x = np.empty((len(batch), reader.dims), dtype=np.float32)
+                x[ascending] = reader.gather(batch[ascending])
+                kmeans.partial_fit(x)
             if cfg.on_epoch:
                 cfg.on_epoch()
+        reader.release()
         self._kmeans = kmeans
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         if self._kmeans is None:
             raise RuntimeError("ReferenceKMeans.predict called before fit")
-        out = np.empty(len(features), dtype=np.int64)
-        for rows in iter_chunks(len(features)):
-            out[rows] = self._kmeans.predict(features[rows])
+        reader = RowReader(features)
+        out = np.empty(len(reader), dtype=np.int64)
+        for rows in iter_chunks(len(reader)):
+            out[rows] = self._kmeans.predict(reader.rows(rows))
+        reader.release()
         return out
 
 
 @hookimpl
-def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
-    register(ReducerEntry(NAME, ReferencePCA, "scikit-learn IncrementalPCA, as the paper's code"))
-
-
-@hookimpl
-def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
-    register(ClustererEntry(NAME, ReferenceKMeans, "scikit-learn MiniBatchKMeans, shuffled partial_fit epochs"))
+def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None:
+    register(
+        BackendEntry(
+            NAME,
+            pca=ReferencePCA,
+            kmeans=ReferenceKMeans,
+            description="the paper's code: scikit-learn IncrementalPCA + MiniBatchKMeans, shuffled partial_fit epochs",
+        )
+    )

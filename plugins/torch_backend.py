@@ -43,12 +43,11 @@ from sslbench import hookimpl
 from sslbench.arrays import RowReader
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import (
+    BackendEntry,
     Clusterer,
     ClustererConfig,
-    ClustererEntry,
     Reducer,
     ReducerConfig,
-    ReducerEntry,
     iter_chunks,
 )
 
@@ -550,6 +549,7 @@ class TorchPCA(Reducer):
         self.mean: np.ndarray | None = None
         self.components: np.ndarray | None = None  # (n_components, d), rows by decreasing variance
         self.explained_variance: np.ndarray | None = None
+        self._cached_projection: tuple[tuple[int, bool], Tensor, Tensor] | None = None
 
     def fit(self, features: np.ndarray) -> None:
         reader = RowReader(features)
@@ -617,38 +617,38 @@ class TorchPCA(Reducer):
             raise RuntimeError("TorchPCA used before fit")
         return len(self.components)
 
-    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+    def project(self, rows: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
         torch = _torch()
-        n = n_components
-        assert self.components is not None and self.mean is not None and self.explained_variance is not None
-        weights = self.components[:n].T.astype(np.float32)
-        offset = (self.mean @ self.components[:n].T).astype(np.float32)
-        if whiten:
-            scale = np.sqrt(self.explained_variance[:n]).astype(np.float32)
-            weights, offset = weights / scale, offset / scale
-        w = torch.from_numpy(np.ascontiguousarray(weights)).to(self.device)
-        b = torch.from_numpy(offset).to(self.device)
-        reader = RowReader(features)
-        out = np.empty((len(reader), n), dtype=np.float32)
-        for rows in iter_chunks(len(reader), CHUNK_ROWS):
-            x = torch.from_numpy(reader.rows(rows)).to(self.device)
-            out[rows] = (x @ w - b).cpu().numpy()
-        reader.release()
-        return out
+        weights, offset = self._projection(n_components, whiten)
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        return (x @ weights - offset).cpu().numpy()
+
+    def _projection(self, n: int, whiten: bool) -> tuple[Tensor, Tensor]:
+        """``(W, b)`` with ``x @ W − b`` the projection; built once per (n, whiten), not per chunk."""
+        key = (n, whiten)
+        if self._cached_projection is None or self._cached_projection[0] != key:
+            torch = _torch()
+            assert self.components is not None and self.mean is not None and self.explained_variance is not None
+            weights = self.components[:n].T.astype(np.float32)
+            offset = (self.mean @ self.components[:n].T).astype(np.float32)
+            if whiten:
+                scale = np.sqrt(self.explained_variance[:n]).astype(np.float32)
+                weights, offset = weights / scale, offset / scale
+            w = torch.from_numpy(np.ascontiguousarray(weights)).to(self.device)
+            b = torch.from_numpy(offset).to(self.device)
+            self._cached_projection = (key, w, b)
+        return self._cached_projection[1], self._cached_projection[2]
 
 
 @hookimpl
-def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
-    register(ReducerEntry(NAME, TorchPCA, "exact PCA from a streamed covariance (torch / BLAS)"))
-
-
-@hookimpl
-def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
+def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None:
     register(
-        ClustererEntry(
+        BackendEntry(
             NAME,
-            TorchKMeans,
-            "scikit-learn-faithful mini-batch k-means (or Lloyd) by GEMM, CPU/GPU, torch.distributed",
-            TorchOptions,
+            pca=TorchPCA,
+            kmeans=TorchKMeans,
+            description="exact PCA from a streamed covariance; scikit-learn-faithful mini-batch k-means "
+            "(or Lloyd) by GEMM, CPU/GPU, torch.distributed",
+            options=TorchOptions,
         )
     )

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from sslbench.errors import PluginError, SSLBenchError
 from sslbench.evaluate import evaluate_features
+from sslbench.events import Event
 from sslbench.hookspecs import hookimpl
 from sslbench.interfaces import (
     Backbone,
     BackboneEntry,
+    BackendEntry,
     Clusterer,
     ClustererConfig,
-    ClustererEntry,
     Dataset,
     DatasetEntry,
     MetricEntry,
     NoOptions,
     Reducer,
     ReducerConfig,
-    ReducerEntry,
     Reporter,
     ReporterEntry,
     ScoringContext,
@@ -33,18 +33,18 @@ from sslbench.results import Results, load_results
 __all__ = [
     "Backbone",
     "BackboneEntry",
+    "BackendEntry",
     "Clusterer",
     "ClustererConfig",
-    "ClustererEntry",
     "Dataset",
     "DatasetEntry",
+    "Event",
     "MetricEntry",
     "NoOptions",
     "PluginError",
     "Plugins",
     "Reducer",
     "ReducerConfig",
-    "ReducerEntry",
     "Reporter",
     "ReporterEntry",
     "Results",

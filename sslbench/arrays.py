@@ -59,7 +59,7 @@ class RowReader:
             os.close(self._fd)
             self._fd = None
 
-    def _read(self, runs: list[tuple[int, int]], n_rows: int) -> np.ndarray:
+    def _read(self, runs: list[tuple[int, int]], n_rows: int, as_float32: bool = True) -> np.ndarray:
         assert self._fd is not None
         buffer = bytearray(n_rows * self._row_bytes)
         view = memoryview(buffer)
@@ -71,14 +71,16 @@ class RowReader:
                 raise OSError(f"short read from {self.array!r}: {done} of {size} bytes (file truncated?)")
             position += size
         rows = np.frombuffer(buffer, dtype=self.array.dtype).reshape(n_rows, self.dims)
-        return rows if rows.dtype == np.float32 else rows.astype(np.float32)
+        return rows if rows.dtype == np.float32 or not as_float32 else rows.astype(np.float32)
 
-    def rows(self, rows: slice) -> np.ndarray:
-        """Consecutive rows as a contiguous float32 array."""
+    def rows(self, rows: slice, *, as_float32: bool = True) -> np.ndarray:
+        """Consecutive rows as a contiguous float32 array (``as_float32=False``: in the array's own
+        dtype, for readers that keep float64 input exact)."""
         start, stop, _ = rows.indices(len(self.array))
         if self._fd is not None:
-            return self._read([(start, stop - start)], stop - start)
-        return np.ascontiguousarray(self.array[start:stop], dtype=np.float32)
+            return self._read([(start, stop - start)], stop - start, as_float32)
+        dtype = np.float32 if as_float32 else None
+        return np.ascontiguousarray(self.array[start:stop], dtype=dtype)
 
     def gather(self, index: np.ndarray) -> np.ndarray:
         """Rows at ``index`` (ascending) as a contiguous float32 array."""
@@ -91,3 +93,96 @@ class RowReader:
             else:
                 runs.append((row, 1))
         return self._read(runs, len(index))
+
+
+def available_memory_bytes() -> int | None:
+    """What the kernel says can still be allocated without swapping (``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def require_in_memory(n_bytes: int, what: str, headroom: float = 0.5) -> None:
+    """Refuse, in one line, to load ``n_bytes`` when they exceed ``headroom`` of the available RAM.
+
+    For backends whose libraries take whole matrices (faiss, cuML): better a clear error before the
+    work than the kernel's OOM killer after it.
+    """
+    from sslbench.errors import SSLBenchError
+
+    available = available_memory_bytes()
+    if available is not None and n_bytes > headroom * available:
+        raise SSLBenchError(
+            f"{what} needs the whole matrix in memory ({n_bytes / 1e9:.1f} GB) but only "
+            f"{available / 1e9:.1f} GB are available; use backend 'torch', which streams from disk"
+        )
+
+
+class RowWriter:
+    """A float32 ``.npy`` file of known shape written row chunk by row chunk with ``pwrite``.
+
+    Writing through a memory map would map every written page into the process (and count it in
+    its resident set until the map is dropped); ``pwrite`` leaves the data to the page cache, so
+    writing a projection larger than RAM keeps the process's memory at one chunk.
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, n_rows: int, dims: int) -> None:
+        self.path = os.fspath(path)
+        self.shape = (n_rows, dims)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+        buffer = _NpyHeader()
+        np.lib.format.write_array_header_1_0(buffer, {**header, "shape": self.shape})
+        self._row_bytes = dims * 4
+        self._offset = len(buffer.data)
+        self._written = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._write_all(bytes(buffer.data), 0)
+            os.ftruncate(self._fd, self._offset + n_rows * self._row_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_all(self, data: bytes | memoryview, position: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            done = os.pwrite(self._fd, view, position)
+            view, position = view[done:], position + done
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append ``rows`` (``(m, dims)``; converted to contiguous float32)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.shape[1] or self._written + len(rows) > self.shape[0]:
+            raise ValueError(f"rows of shape {rows.shape} do not fit {self.path} {self.shape} at row {self._written}")
+        self._write_all(
+            rows.tobytes() if not rows.flags.c_contiguous else rows.data.cast("B"),
+            self._offset + self._written * self._row_bytes,
+        )
+        self._written += len(rows)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None  # type: ignore[assignment]
+
+    def finish(self) -> np.ndarray:
+        """Close the file and open it read-only as a memory map (read with :class:`RowReader`)."""
+        if self._written != self.shape[0]:
+            raise ValueError(f"{self.path}: {self._written} of {self.shape[0]} rows written")
+        self.close()
+        return np.load(self.path, mmap_mode="r")
+
+
+class _NpyHeader:
+    """The file-like object ``write_array_header_1_0`` writes into."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.data += chunk

@@ -17,6 +17,9 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,10 @@ from sslbench.errors import SSLBenchError
 from sslbench.results import write_atomic
 
 CACHE_ENV = "SSLBENCH_CACHE"
-FORMAT_VERSION = 1
+#: Part of every key: entries written by an older layout are never read as current ones.
+FORMAT_VERSION = 2
+#: Folder under the cache root for runs' temporary files (PCA projections); not a cache entry.
+SCRATCH_FOLDER = ".scratch"
 
 
 def default_cache_root() -> Path:
@@ -37,9 +43,16 @@ def default_cache_root() -> Path:
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that determines the features; two runs with equal keys share one entry."""
+    """Everything that determines the features; two runs with equal keys share one entry.
+
+    ``plugin`` is the distribution (name and version) that provides the backbone: upgrading a plugin
+    re-extracts, since its code may compute other features under the same name and options.
+    ``backbone_fingerprint`` is the backbone's own :meth:`~sslbench.interfaces.Backbone.fingerprint`
+    (weights hash, preprocessing, anything else that changes its output).
+    """
 
     backbone: str
+    plugin: dict[str, str | None]
     backbone_options: dict[str, Any]
     backbone_fingerprint: dict[str, Any]
     dataset: str
@@ -64,6 +77,10 @@ class CommitState:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     #: Rows at which an interrupted extraction was resumed (provenance, kept in the manifest).
     resumed_at: list[int] = field(default_factory=list)
+    #: Committed rows holding NaN or inf, and the first of them (-1: none), counted as they are written
+    #: so that readers of the entry never scan it again.
+    nonfinite_rows: int = 0
+    first_nonfinite: int = -1
 
 
 class CacheEntry:
@@ -173,6 +190,8 @@ class CacheEntry:
             "dims": dims,
             "skipped": progress.skipped,
             "resumed_at": progress.resumed_at,
+            "nonfinite_rows": progress.nonfinite_rows,
+            "first_nonfinite": progress.first_nonfinite,
             **extra,
         }
         write_atomic(self.manifest_path, json.dumps(manifest, indent=2, default=str))
@@ -190,7 +209,7 @@ class FeatureCache:
         if not self.root.is_dir():
             return []
         found = []
-        for path in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 manifest = json.loads((path / "manifest.json").read_text())
             except (FileNotFoundError, json.JSONDecodeError):
@@ -206,3 +225,37 @@ class FeatureCache:
                 shutil.rmtree(path)
                 removed.append(path)
         return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def run_scratch(root: Path | None = None) -> Iterator[Path]:
+    """A private folder for one run's temporary files (PCA projections, as large as the features),
+    under the cache root (where users keep room for features; ``/tmp`` is often a small RAM disk).
+
+    Removed when the run ends, whatever the exit path; folders left by killed runs (``kill -9``)
+    are removed by the next run, as their process is gone.
+    """
+    base = (root or default_cache_root()).expanduser() / SCRATCH_FOLDER
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SSLBenchError(f"cannot create the scratch folder {base}: {exc.strerror or exc}") from None
+    for stale in base.iterdir():
+        pid = stale.name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -10,15 +10,17 @@ import argparse
 import json
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sslbench.bundled import find_spec
-from sslbench.errors import SSLBenchError
+from sslbench.errors import PluginFailure, SSLBenchError
+from sslbench.events import Event
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import rich_progress
 from sslbench.results import load_results, merge_results, write_atomic
@@ -28,6 +30,23 @@ from sslbench.spec import load_spec, resolve_spec
 def _console() -> Console:
     # Piped output keeps whole rows (ids, paths) instead of wrapping them at 80 columns.
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
+    """Events of the core on the terminal: the only place where they get colours."""
+
+    def render(event: Event) -> None:
+        if event.kind == "note":
+            console.print(f"[yellow]{escape(event.text)}")
+        elif event.kind == "features":
+            console.print(f"[bold]{escape(event.text)}")
+        elif event.kind == "run":
+            console.print(f"  {escape(event.text)}")
+        elif event.kind == "stage" and stages:
+            # Plain and greppable: benchmarks time the stages from these lines.
+            console.print(f"sslbench: stage {event.name} {event.text}", markup=False)
+
+    return render
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
@@ -43,7 +62,7 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
             plugins,
             out_dir=out_dir,
             save_predictions=args.save_predictions,
-            log=log_console.print,
+            emit=_renderer(log_console, args.stages),
             progress=progress,
         )
     plugins.reporters.get("rich").reporter.show(results, console)
@@ -68,16 +87,20 @@ def cmd_extract(args: argparse.Namespace, plugins: Plugins) -> int:
     log_console = Console(stderr=True, highlight=False)
     quiet = ranks.rank != 0
     with rich_progress(None if not quiet else Console(quiet=True)) as progress:
-        blocks = extract_spec(resolved, plugins, progress=progress, device=device)
+        models = extract_spec(
+            resolved, plugins, progress=progress, device=device, emit=_renderer(log_console, stages=False)
+        )
     if not quiet:
-        for block in blocks:
-            for split, extracted in block.extracted.items():
-                state = "cached" if extracted.from_cache else "extracted"
-                log_console.print(
-                    f"{block.model.label} / {block.dataset_spec.label} / {split}: "
-                    f"{extracted.features.shape[0]} × {extracted.features.shape[1]} {state}"
-                    + (f", {len(extracted.skipped)} skipped" if extracted.skipped else "")
-                )
+        for features in models:
+            for extracted in features.per_dataset:
+                for split, got in extracted.items():
+                    state = "cached" if got.from_cache else "extracted"
+                    log_console.print(
+                        f"{features.model.spec.label} / {split}: "
+                        f"{got.features.shape[0]} × {got.features.shape[1]} {state}"
+                        + (f", {len(got.skipped)} skipped" if got.skipped else ""),
+                        markup=False,
+                    )
     if ranks.distributed:
         import torch.distributed as dist
 
@@ -197,7 +220,8 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
     import numpy as np
 
-    from sslbench.inspect import cluster_stats, find_predictions, purest_and_least_pure
+    from sslbench.inspection import cluster_stats, purest_and_least_pure
+    from sslbench.predictions import find_predictions
 
     path = find_predictions(Path(args.run_dir), args.model, args.dataset, args.seed, args.clusters)
     with np.load(path) as saved:
@@ -221,7 +245,7 @@ def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
 
 def _cluster_grid(args: argparse.Namespace, path: Path, pred: Any, plugins: Plugins) -> Path:
     """Rebuild the run's dataset from its results.json and tile images of cluster ``args.grid``."""
-    from sslbench.inspect import as_image, cluster_members, image_grid, kept_indices
+    from sslbench.inspection import as_image, cluster_members, image_grid, kept_indices
 
     results = load_results(Path(args.run_dir))
     label = args.dataset or next((r.dataset for r in results.runs if r.model == args.model), None)
@@ -288,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="spec YAML file, or the name of a bundled spec (e.g. quickstart)")
     run.add_argument("--out", help="output directory (default: the spec's output_dir or runs/<name>)")
     run.add_argument("--save-predictions", action="store_true", help="save per-run cluster ids as .npz")
+    run.add_argument("--stages", action="store_true", help="log each protocol stage as it starts (plain lines)")
     run.set_defaults(func=cmd_run)
 
     extract = sub.add_parser(
@@ -373,6 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
+    except PluginFailure as exc:
+        traceback.print_exc()
+        print(
+            f"sslbench: error: a plugin failed (a bug in it; traceback above): {exc}".splitlines()[0], file=sys.stderr
+        )
+        return 1
     except Exception:  # noqa: BLE001 - anything else is a bug: show where, exit 1
         traceback.print_exc()
         print("sslbench: internal error (a bug in sslbench or a plugin); traceback above", file=sys.stderr)

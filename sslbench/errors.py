@@ -25,3 +25,9 @@ def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
         return ""
     quoted = " or ".join(f"'{m}'" for m in matches)
     return f" (did you mean {quoted}?)"
+
+
+class PluginFailure(RuntimeError):
+    """A plugin's code raised where it must not (a backbone's ``preprocess`` or ``embed``): a bug in
+    that plugin, not a user error. The CLI prints the traceback and exits with status 1; the message
+    names the plugin and its distribution so the user knows whom to report it to."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sslbench.cache import CacheEntry, CommitState
-from sslbench.errors import SSLBenchError
+from sslbench.errors import PluginFailure, SSLBenchError
 from sslbench.interfaces import Backbone, Split
 from sslbench.progress import NullProgress, Progress
 
@@ -44,6 +45,8 @@ class ExtractionSettings:
     amp: bool = True
     on_error: Literal["fail", "skip"] = "fail"
     commit_every: int = 20
+    #: How messages name the backbone's code when it fails: ``backbone 'x' (plugin p, dist d 1.0)``.
+    owner: str = "the backbone"
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Extracted:
     labels: np.ndarray
     skipped: list[dict[str, Any]] = field(default_factory=list)
     from_cache: bool = False
+    #: (rows with NaN or inf, first such row) when counted while writing the features; None: unknown.
+    nonfinite: tuple[int, int] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,7 +102,12 @@ def _barrier() -> None:
 
 
 class _Samples:
-    """A torch ``Dataset`` over a range of a split: (index, tensor or None, error)."""
+    """A torch ``Dataset`` over a range of a split: (index, tensor or None, error, plugin traceback).
+
+    Only what reading the sample raises makes it *unreadable* (the dataset's ``__getitem__`` reads
+    and decodes a file); what the backbone's ``preprocess`` raises is a bug in that plugin, carried
+    back as its formatted traceback (DataLoader workers cannot re-raise arbitrary exceptions).
+    """
 
     def __init__(self, split: Split, backbone: Backbone, start: int, stop: int) -> None:
         self.split, self.backbone, self.start, self.stop = split, backbone, start, stop
@@ -105,29 +115,34 @@ class _Samples:
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def __getitem__(self, i: int) -> tuple[int, Any, str]:
+    def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         index = self.start + i
         try:
-            return index, self.backbone.preprocess(self.split[index]), ""
-        except Exception as exc:  # noqa: BLE001 - a sample that cannot be decoded, whatever the cause
-            return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            sample = self.split[index]
+        except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, …: all mean unreadable
+            return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0], ""
+        try:
+            return index, self.backbone.preprocess(sample), "", ""
+        except Exception:  # noqa: BLE001 - a plugin bug, re-raised in the main process with this traceback
+            return index, None, "", traceback.format_exc()
 
 
-def _collate(items: list[tuple[int, Any, str]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[list[int], Any, list[tuple[int, str]], list[str]]:
     import torch
 
-    indices = [i for i, _, _ in items]
-    good = [t for _, t, _ in items if t is not None]
-    errors = [(i, e) for i, t, e in items if t is None]
+    indices = [i for i, _, _, _ in items]
+    good = [t for _, t, _, _ in items if t is not None]
+    errors = [(i, e) for i, t, e, bug in items if t is None and not bug]
+    bugs = [f"on sample {i}:\n{bug}" for i, _, _, bug in items if bug]
     if not good:
-        return indices, None, errors
+        return indices, None, errors, bugs
     placeholder = torch.zeros_like(good[0])
-    return indices, torch.stack([t if t is not None else placeholder for _, t, _ in items]), errors
+    return indices, torch.stack([t if t is not None else placeholder for _, t, _, _ in items]), errors, bugs
 
 
 def _batches(
     split: Split, backbone: Backbone, start: int, stop: int, settings: ExtractionSettings, device: str
-) -> Iterator[tuple[list[int], Any, list[tuple[int, str]]]]:
+) -> Iterator[tuple[list[int], Any, list[tuple[int, str]], list[str]]]:
     from torch.utils.data import DataLoader
 
     loader: DataLoader[Any] = DataLoader(
@@ -141,7 +156,16 @@ def _batches(
     yield from loader
 
 
-def _forward(backbone: Backbone, batch: Any, device: str, amp: bool) -> np.ndarray:
+def _forward(backbone: Backbone, batch: Any, device: str, amp: bool, owner: str) -> np.ndarray:
+    try:
+        return _embed(backbone, batch, device, amp)
+    except SSLBenchError:
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{owner}: embed() raised {type(exc).__name__}: {exc}") from exc
+
+
+def _embed(backbone: Backbone, batch: Any, device: str, amp: bool) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
@@ -221,13 +245,20 @@ def _extract_range(
     if progress.dims is not None:
         features = entry.open_features(stop - start, progress.dims, fresh=resume_from == 0)
     batches_since_commit = 0
-    for indices, batch, errors in _batches(split, backbone, start + resume_from, stop, settings, device):
+    for indices, batch, errors, bugs in _batches(split, backbone, start + resume_from, stop, settings, device):
+        if bugs:
+            raise PluginFailure(f"{settings.owner}: preprocess() raised {bugs[0]}")
         progress.skipped += _handle_errors(errors, split, settings, name)
         if batch is not None:
-            out = _forward(backbone, batch, device, settings.amp)
+            out = _forward(backbone, batch, device, settings.amp, settings.owner)
             _check_shape(backbone, out, len(indices))
             if errors:
                 out[[i - indices[0] for i, _ in errors]] = 0.0
+            bad = ~np.isfinite(out).all(axis=1)
+            if bad.any():
+                if progress.first_nonfinite < 0:
+                    progress.first_nonfinite = indices[0] + int(np.argmax(bad))
+                progress.nonfinite_rows += int(bad.sum())
             if features is None:
                 progress.dims = int(out.shape[1])
                 features = entry.open_features(stop - start, progress.dims, fresh=True)
@@ -263,8 +294,7 @@ def extract_split(
     if entry is None:
         raise ValueError("extract_split needs a cache entry for a model that runs batch by batch")
     if entry.is_complete():
-        features, labels, manifest = entry.load()
-        return Extracted(features, labels, manifest.get("skipped", []), from_cache=True)
+        return _loaded(entry, from_cache=True)
 
     ranks = current_ranks()
     n = len(split)
@@ -298,8 +328,13 @@ def extract_split(
             },
         )
     _barrier()
+    return _loaded(entry, from_cache=False)
+
+
+def _loaded(entry: CacheEntry, from_cache: bool) -> Extracted:
     features, labels, manifest = entry.load()
-    return Extracted(features, labels, manifest.get("skipped", []))
+    nonfinite = (int(manifest["nonfinite_rows"]), int(manifest["first_nonfinite"]))
+    return Extracted(features, labels, manifest.get("skipped", []), from_cache=from_cache, nonfinite=nonfinite)
 
 
 def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
@@ -309,6 +344,7 @@ def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
     parts = []
     skipped: list[dict[str, Any]] = []
     resumed: list[int] = []
+    nonfinite, first_nonfinite = 0, -1
     dims = None
     for start, stop in shards:
         if stop <= start:
@@ -321,11 +357,17 @@ def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
         parts.append((start, stop, shard))
         skipped += shard_progress.skipped
         resumed += shard_progress.resumed_at
+        nonfinite += shard_progress.nonfinite_rows
+        if first_nonfinite < 0:
+            first_nonfinite = shard_progress.first_nonfinite
     assert dims is not None
     features = entry.open_features(n, dims, fresh=True)
     for start, stop, shard in parts:
         features[start:stop] = np.load(shard.features_path, mmap_mode="r")
-    entry.commit(features, CommitState(committed=n, dims=dims, skipped=skipped, resumed_at=resumed))
+    entry.commit(
+        features,
+        CommitState(n, dims, skipped, resumed, nonfinite_rows=nonfinite, first_nonfinite=first_nonfinite),
+    )
     del features
     for _, _, shard in parts:
         shutil.rmtree(shard.path)

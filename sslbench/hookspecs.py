@@ -10,8 +10,10 @@ entry point in the group ``sslbench`` of an installed distribution::
 **When hooks are called.** Every registration hook is called exactly once per plugin, when the
 plugin set is loaded (:func:`sslbench.plugins.load_plugins`: on start-up of every CLI command and on
 the first call of the Python API), in the order the plugins were loaded: entry points sorted by name.
-Hooks are called one plugin at a time so that every registered name is attributed to the plugin that
-registered it.
+Hooks are called **through pluggy**, one plugin at a time, so that every registered name is
+attributed to the plugin that registered it: a plugin's ``wrapper=True`` (or old-style
+``hookwrapper=True``) implementation runs around its own implementation of the hook, and plugins
+with a ``tryfirst`` implementation are called before the others, ``trylast`` after.
 
 **The ``register`` callable.** Each hook receives ``register``, a function taking one entry object
 (see :mod:`sslbench.interfaces`) and returning ``None``. ``register`` raises
@@ -19,9 +21,11 @@ registered it.
 taken; that error names both plugins. Registering the same name twice is never silently allowed:
 a benchmark whose backbone was quietly replaced reports wrong numbers.
 
-**Validation.** An implementation whose name matches no hook below fails start-up with a one-line
-error naming the plugin and the hook (pluggy's ``check_pending``). An implementation may accept fewer
-arguments than its hook: new arguments can be added to a hook without breaking plugins.
+**Validation.** An implementation whose name matches no hook below, or that asks for an argument
+the hook does not have, fails start-up with a one-line error naming the plugin, its distribution and
+the closest valid name. An implementation may accept fewer arguments than its hook: new arguments can
+be added to a hook without breaking plugins. Every plugin error names the plugin's distribution and
+how to disable it (``SSLBENCH_DISABLE_PLUGINS=dist:name``).
 
 All hooks return ``None``; what a hook returns is ignored.
 """
@@ -36,10 +40,9 @@ import pluggy
 if TYPE_CHECKING:
     from sslbench.interfaces import (
         BackboneEntry,
-        ClustererEntry,
+        BackendEntry,
         DatasetEntry,
         MetricEntry,
-        ReducerEntry,
         ReporterEntry,
     )
 
@@ -83,25 +86,16 @@ def sslbench_register_datasets(register: Callable[[DatasetEntry], None]) -> None
 
 
 @hookspec
-def sslbench_register_reducers(register: Callable[[ReducerEntry], None]) -> None:
-    """Register dimensionality-reduction implementations (the protocol's PCA step).
+def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None:
+    """Register PCA + k-means implementations that a spec names under ``protocol.backend``.
 
-    :param register: call with one :class:`~sslbench.interfaces.ReducerEntry` per implementation.
-        Its name is a *backend* name: ``protocol.backend: NAME`` selects the reducer and the
-        clusterer registered under ``NAME``, so a backend registers both.
-
-    .. versionadded:: 0.1
-    """
-
-
-@hookspec
-def sslbench_register_clusterers(register: Callable[[ClustererEntry], None]) -> None:
-    """Register clustering implementations (the protocol's k-means step).
-
-    :param register: call with one :class:`~sslbench.interfaces.ClustererEntry` per
-        implementation, named after its backend (see :func:`sslbench_register_reducers`). Its
-        ``factory`` receives a :class:`~sslbench.interfaces.ClustererConfig` (k, epochs, batch
-        size, seed, device) and must make every random choice from ``seed``.
+    :param register: call with one :class:`~sslbench.interfaces.BackendEntry` per backend: its
+        ``pca`` factory receives a :class:`~sslbench.interfaces.ReducerConfig` and returns a
+        :class:`~sslbench.interfaces.Reducer`; its ``kmeans`` factory receives a
+        :class:`~sslbench.interfaces.ClustererConfig` (clusters, epochs, batch size, seed, device)
+        and returns a :class:`~sslbench.interfaces.Clusterer` that makes every random choice from
+        the seed; its ``options`` model validates ``protocol.backend_options`` once for both.
+        Inputs are memory-mapped float32 files that may exceed RAM: read them in row chunks.
 
     .. versionadded:: 0.1
     """

@@ -54,8 +54,12 @@ class NoOptions(BaseModel):
 class Backbone(ABC):
     """A frozen feature extractor.
 
-    The extraction loop calls :meth:`preprocess` on every sample (no augmentation), stacks the
-    tensors into a batch, and calls :meth:`embed` under ``torch.inference_mode``.
+    The extraction loop calls :meth:`preprocess` on every sample (no augmentation; possibly in
+    DataLoader worker processes), stacks the tensors into a batch, and calls :meth:`embed` under
+    ``torch.inference_mode`` (with float16 autocast and channels_last on CUDA when ``amp`` is on).
+    An exception from either is a bug in the plugin: the run stops with its traceback (exit 1).
+    The runner builds one backbone at a time and drops every reference to it before building the
+    next, so a backbone should hold its weights only through its own attributes.
     """
 
     #: Dimension of the features :meth:`embed` returns, or ``None`` when it depends on the input.
@@ -74,8 +78,15 @@ class Backbone(ABC):
         return self
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this model's features beyond its name and options: the weights' hash
-        and the preprocessing, for backbones loaded from files. Part of the feature-cache key."""
+        """What identifies this model's features beyond its name, its options and its plugin's
+        distribution and version (all three already in the feature-cache key).
+
+        Put in it everything else that changes the features: the weights file's hash, the
+        preprocessing (sizes, interpolation, mean and std), a pooling read from a config file. Keep
+        out what does not (paths, device, batch size): it would re-extract for nothing. When a fix
+        changes the features without a new release of the plugin, bump a ``"revision"`` value here.
+        Must be JSON-serialisable and cheap (it is called once per split and run).
+        """
         return {}
 
     def torch_modules(self) -> list[Any]:
@@ -136,7 +147,8 @@ class Split(ABC):
         """A digest of what the split holds (its file list), part of the feature-cache key.
 
         The default hashes the number of samples and the labels; splits read from files override
-        it with a hash of their relative paths and sizes, so a changed file list is re-extracted.
+        it with a hash of their relative file names and labels (no file is opened or stat-ed), so a
+        changed file list is re-extracted. It is computed once per split per run.
         """
         digest = hashlib.sha256(str(len(self)).encode())
         digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
@@ -173,20 +185,22 @@ class DatasetEntry:
 
 
 # --------------------------------------------------------------------------------------------------
-# Dimensionality reduction and clustering
+# Backends: the protocol's PCA and k-means steps
 
 
 class Reducer(ABC):
     """Dimensionality reduction fitted once per feature set and truncated per protocol point.
 
-    The protocol fits one reducer on the train features, then asks for projections onto the
-    leading ``n_components`` components (``None``: all). Reducers whose components are nested,
-    as PCA's are, serve every ``pca_dims`` value of a sweep from one fit.
+    The protocol fits one reducer on the train features, then projects every split **chunk by
+    chunk** through :meth:`project` and writes the projections to memory-mapped files, so no
+    projected matrix is ever whole in memory. Reducers whose components are nested, as PCA's are,
+    serve every ``pca_dims`` value of a sweep from one fit.
     """
 
     @abstractmethod
     def fit(self, features: np.ndarray) -> None:
-        """Fit on ``features`` (possibly a memmap), reading it in row chunks."""
+        """Fit on ``features`` (possibly a memmap larger than RAM), reading it in row chunks
+        (see :class:`sslbench.arrays.RowReader`)."""
 
     @property
     @abstractmethod
@@ -194,20 +208,20 @@ class Reducer(ABC):
         """Number of components available after :meth:`fit`."""
 
     @abstractmethod
-    def transform(self, features: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
-        """Project ``features`` onto the leading ``n_components`` components, float32.
+    def project(self, rows: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+        """Project one chunk of rows (a contiguous ``(m, d)`` float array: float32, or float64 when the
+        features are) onto the leading ``n_components`` components; returns float32
+        ``(m, n_components)``.
 
-        The protocol has checked ``1 <= n_components <= self.n_components``.
+        The protocol has checked ``1 <= n_components <= self.n_components``; it calls this once per
+        chunk of at most :data:`DEFAULT_CHUNK_ROWS` rows, in row order.
         """
 
 
 @dataclass(frozen=True)
 class ReducerConfig:
-    """What the protocol tells a reducer factory.
-
-    ``options`` is the spec's ``protocol.backend_options``, validated by the backend's clusterer
-    entry (a backend has one options model for both of its steps).
-    """
+    """What the protocol tells a backend's PCA factory; ``options`` is the spec's
+    ``protocol.backend_options`` validated by the backend's options model."""
 
     device: str = "cpu"
     options: BaseModel = field(default_factory=NoOptions)
@@ -217,9 +231,10 @@ class ReducerConfig:
 
 @dataclass(frozen=True)
 class ClustererConfig:
-    """What the protocol tells a clusterer factory.
+    """What the protocol tells a backend's k-means factory.
 
-    ``options`` is the spec's ``protocol.backend_options`` validated by the entry's options model.
+    ``options`` is the spec's ``protocol.backend_options`` validated by the backend's options model
+    (the same instance the PCA factory receives).
     """
 
     n_clusters: int
@@ -233,35 +248,34 @@ class ClustererConfig:
 
 
 class Clusterer(ABC):
-    """A k-means-style clusterer: fit on train features, then assign any features to clusters."""
+    """A k-means-style clusterer: fit on train features, then assign any features to clusters.
+
+    Inputs are the protocol's projections: float32 ``np.memmap`` files that may be larger than RAM.
+    Read them in row chunks or gathers (:class:`sslbench.arrays.RowReader`); a backend that needs a
+    whole matrix in memory must check that it fits and otherwise raise
+    :class:`~sslbench.errors.SSLBenchError` saying so in one line.
+    """
 
     @abstractmethod
     def fit(self, features: np.ndarray) -> None:
-        """Fit the cluster model on ``features`` (possibly a memmap)."""
+        """Fit the cluster model on ``features``; every random choice comes from the config's seed."""
 
     @abstractmethod
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Cluster index of every row, ``int64`` in ``[0, n_clusters)``."""
+        """Cluster index of every row, ``int64`` in ``[0, n_clusters)``, computed in row chunks."""
 
 
 @dataclass(frozen=True)
-class ReducerEntry:
-    """A dimensionality-reduction implementation, selected by the spec's ``protocol.backend``."""
+class BackendEntry:
+    """A PCA + k-means implementation, selected by the spec's ``protocol.backend``.
 
-    name: str
-    factory: Callable[[ReducerConfig], Reducer]
-    description: str
-
-
-@dataclass(frozen=True)
-class ClustererEntry:
-    """A clustering implementation, selected by the spec's ``protocol.backend``.
-
-    ``options`` validates the spec's ``protocol.backend_options``.
+    ``options`` validates the spec's ``protocol.backend_options`` once; the validated instance
+    reaches both factories (:attr:`ReducerConfig.options`, :attr:`ClustererConfig.options`).
     """
 
     name: str
-    factory: Callable[[ClustererConfig], Clusterer]
+    pca: Callable[[ReducerConfig], Reducer]
+    kmeans: Callable[[ClustererConfig], Clusterer]
     description: str
     options: type[BaseModel] = NoOptions
 

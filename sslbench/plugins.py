@@ -1,21 +1,48 @@
 """Loading plugins and collecting what they register.
 
 Built-in plugins (the ``sslbench_plugins`` package, shipped from ``plugins/``) and third-party
-plugins are both entry points in the group ``sslbench``; nothing here treats them differently.
+plugins are both entry points in the group ``sslbench``; the only difference is how a broken one is
+treated: a built-in that fails to import is an error (the installation is broken), a third-party one
+that fails to import is a one-line warning and is listed by ``sslbench plugins``.
+
+Every hook is called through pluggy, one plugin at a time, so that every registered name is
+attributed to the plugin that registered it. Within a plugin, pluggy's semantics apply as documented:
+wrappers (``wrapper=True``, or the older ``hookwrapper=True``) run around the plugin's other
+implementations of the hook, and ``tryfirst``/``trylast`` order them. Across plugins, the plugins
+whose implementation is ``tryfirst`` are called first and those whose implementation is ``trylast``
+last; otherwise plugins are called in load order: entry points sorted by name, then the ``extra``
+plugins in the order given. That order is also the order of the entries in each registry.
+
+Nothing is silently shadowed: two entry points with the same name, two plugins registering the same
+name, or a plugin name given twice are errors naming both sides. Every error about a plugin names
+its distribution and version (what to uninstall) and how to disable it.
 
 Environment knobs:
 
 ``SSLBENCH_DISABLE_PLUGINS``
-    Comma-separated plugin (entry-point) names not to load.
+    Comma-separated entry points not to load (not even import). Each item is one of
+
+    ``NAME``
+        every entry point named ``NAME``, whichever distribution declares it;
+    ``DIST:NAME``
+        only the entry point ``NAME`` of the distribution ``DIST`` (how to keep a built-in and drop
+        a third-party plugin that took the same name: ``SSLBENCH_DISABLE_PLUGINS=other-dist:metrics``);
+    ``DIST:*``
+        every entry point of the distribution ``DIST``.
+
+    Distribution names compare as pip compares them (case, ``-``, ``_`` and ``.`` do not matter).
+    ``extra`` plugins given to :func:`load_plugins` are never disabled: the caller chose them.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import os
+import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -25,40 +52,54 @@ from sslbench import hookspecs
 from sslbench.errors import PluginError, SSLBenchError, did_you_mean
 from sslbench.interfaces import (
     BackboneEntry,
-    ClustererEntry,
+    BackendEntry,
     DatasetEntry,
     MetricEntry,
-    ReducerEntry,
     ReporterEntry,
 )
 
 ENTRY_POINT_GROUP = "sslbench"
 DISABLE_ENV = "SSLBENCH_DISABLE_PLUGINS"
+#: The distribution whose entry points are the built-in plugins.
+BUILTIN_DISTRIBUTION = "sslbench"
 
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
-    """Named entries of one kind, each remembered with the plugin that registered it."""
+def _default_describe(plugin: str) -> str:
+    return f"plugin '{plugin}'"
 
-    def __init__(self, kind: str, entry_type: type[T]) -> None:
+
+class Registry(Generic[T]):
+    """Named entries of one kind, each remembered with the plugin that registered it.
+
+    :param describe: how errors name a plugin (the loader adds its distribution and version).
+    """
+
+    def __init__(self, kind: str, entry_type: type[T], describe: Callable[[str], str] = _default_describe) -> None:
         self.kind = kind
         self.entry_type = entry_type
+        self._describe = describe
         self._entries: dict[str, T] = {}
         self._origin: dict[str, str] = {}
 
     def add(self, entry: T, plugin: str) -> None:
+        """Add ``entry``, registered by ``plugin``.
+
+        :raises PluginError: the entry has the wrong type or no name, or its name is taken.
+        """
         if not isinstance(entry, self.entry_type):
             raise PluginError(
-                f"plugin '{plugin}' registered a {type(entry).__name__} as a {self.kind}; "
+                f"{self._describe(plugin)} registered a {type(entry).__name__} as a {self.kind}; "
                 f"expected {self.entry_type.__name__}"
             )
         name: str = entry.name  # type: ignore[attr-defined]
         if not name or not isinstance(name, str):
-            raise PluginError(f"plugin '{plugin}' registered a {self.kind} without a name")
+            raise PluginError(f"{self._describe(plugin)} registered a {self.kind} without a name")
         if name in self._entries:
             raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by plugin '{self._origin[name]}' and by plugin '{plugin}'"
+                f"{self.kind} '{name}' is registered twice: by {self._describe(self._origin[name])} "
+                f"and by {self._describe(plugin)}"
             )
         self._entries[name] = entry
         self._origin[name] = plugin
@@ -73,6 +114,7 @@ class Registry(Generic[T]):
             ) from None
 
     def origin(self, name: str) -> str:
+        """The name of the plugin that registered ``name``."""
         return self._origin[name]
 
     def names(self) -> list[str]:
@@ -104,8 +146,7 @@ class PluginInfo:
 _REGISTRATION_HOOKS: dict[str, tuple[str, type, str]] = {
     "sslbench_register_backbones": ("backbones", BackboneEntry, "backbone"),
     "sslbench_register_datasets": ("datasets", DatasetEntry, "dataset"),
-    "sslbench_register_reducers": ("reducers", ReducerEntry, "reducer"),
-    "sslbench_register_clusterers": ("clusterers", ClustererEntry, "clusterer"),
+    "sslbench_register_backends": ("backends", BackendEntry, "backend"),
     "sslbench_register_metrics": ("metrics", MetricEntry, "metric"),
     "sslbench_register_reporters": ("reporters", ReporterEntry, "reporter"),
 }
@@ -117,37 +158,139 @@ class Plugins:
 
     backbones: Registry[BackboneEntry]
     datasets: Registry[DatasetEntry]
-    reducers: Registry[ReducerEntry]
-    clusterers: Registry[ClustererEntry]
+    backends: Registry[BackendEntry]
     metrics: Registry[MetricEntry]
     reporters: Registry[ReporterEntry]
     plugins: list[PluginInfo]
 
-    def backend_names(self) -> list[str]:
-        """Backends usable in a spec: names with both a reducer and a clusterer."""
-        return [name for name in self.reducers.names() if name in self.clusterers]
-
-    def backend(self, name: str) -> tuple[ReducerEntry, ClustererEntry]:
-        backends = self.backend_names()
-        if name not in backends:
-            raise SSLBenchError(
-                f"unknown backend '{name}'{did_you_mean(name, backends)}; "
-                f"known: {', '.join(sorted(backends)) or 'none'}"
-            )
-        return self.reducers.get(name), self.clusterers.get(name)
+    def plugin_of(self, registry: Registry[Any], name: str) -> PluginInfo:
+        """The plugin (with its distribution and version) that registered ``name`` in ``registry``."""
+        origin = registry.origin(name)
+        return next(p for p in self.plugins if p.name == origin)
 
     @property
     def failures(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.error is not None]
 
 
+# ------------------------------------------------------------------------------------------------
+# Entry points, and which of them SSLBENCH_DISABLE_PLUGINS switches off.
+
+
+def _normalize(distribution: str) -> str:
+    """A distribution name as pip compares it (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed entry points of the group, in load order."""
     eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    return sorted(eps, key=lambda ep: ep.name)
+    # The distribution breaks ties between equal names, so that the order (and which side of a
+    # name conflict is reported first) does not depend on sys.path.
+    return sorted(eps, key=lambda ep: (ep.name, _normalize(ep.dist.name) if ep.dist else ""))
 
 
-def _disabled_names() -> set[str]:
-    return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+def _load_entry_point(ep: importlib.metadata.EntryPoint) -> object:
+    """Import the object an entry point names (a seam for tests that simulate a broken install)."""
+    return ep.load()
+
+
+@dataclass(frozen=True)
+class _DisableRule:
+    """One item of SSLBENCH_DISABLE_PLUGINS."""
+
+    distribution: str | None  # normalized; None: any distribution
+    name: str  # "*": any name
+
+    @classmethod
+    def parse(cls, item: str) -> _DisableRule:
+        distribution, colon, name = item.rpartition(":")
+        distribution, name = distribution.strip(), name.strip()
+        if not name or (colon and not distribution) or ":" in distribution:
+            raise PluginError(f"{DISABLE_ENV}: cannot read '{item}'; expected NAME, DIST:NAME or DIST:*")
+        return cls(_normalize(distribution) if colon else None, name)
+
+    def matches(self, ep: importlib.metadata.EntryPoint) -> bool:
+        if self.name not in ("*", ep.name):
+            return False
+        return self.distribution is None or (ep.dist is not None and _normalize(ep.dist.name) == self.distribution)
+
+
+def _disable_rules() -> list[_DisableRule]:
+    return [_DisableRule.parse(item.strip()) for item in os.environ.get(DISABLE_ENV, "").split(",") if item.strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# One plugin on its way through loading.
+
+
+@dataclass
+class _Candidate:
+    info: PluginInfo
+    entry_point: importlib.metadata.EntryPoint | None  # None: an ``extra`` plugin
+    plugin: object = None
+    # One manager per plugin rather than pm.subset_hook_caller on a shared one: subset callers keep
+    # plugins in a set, and plugin objects need not be hashable (a SimpleNamespace, a dataclass).
+    manager: pluggy.PluginManager | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.info.distribution is not None and _normalize(self.info.distribution) == BUILTIN_DISTRIBUTION
+
+    @property
+    def distribution_label(self) -> str:
+        """``"NAME VERSION"`` of the distribution (what to uninstall)."""
+        if self.info.distribution is None:
+            return "unknown distribution"
+        return f"{self.info.distribution} {self.info.version}"
+
+    @property
+    def label(self) -> str:
+        """How errors name the plugin."""
+        if self.entry_point is None:
+            # Whoever passed it to load_plugins knows where it is; its name is what they gave.
+            return f"plugin '{self.info.name}'"
+        if self.info.distribution is None:
+            return f"plugin '{self.info.name}' (unknown distribution)"
+        return f"plugin '{self.info.name}' (distribution {self.distribution_label})"
+
+    @property
+    def disable_item(self) -> str | None:
+        """The SSLBENCH_DISABLE_PLUGINS item that disables this plugin alone (None for an extra)."""
+        if self.entry_point is None:
+            return None
+        if self.info.distribution is None:
+            return self.info.name
+        return f"{self.info.distribution}:{self.info.name}"
+
+
+def _how_to_disable(candidates: Sequence[_Candidate]) -> str:
+    """``"SSLBENCH_DISABLE_PLUGINS=…"`` settings that each disable one of ``candidates`` ("" if none can be).
+
+    When a third-party plugin is involved, only it is offered: disabling a built-in would lose a
+    part of sslbench to keep a plugin that conflicts with it.
+    """
+    from_entry_points = [c for c in candidates if c.entry_point is not None]
+    offered = [c for c in from_entry_points if not c.builtin] or from_entry_points
+    items = dict.fromkeys(c.disable_item for c in offered if c.disable_item)
+    return " or ".join(f"{DISABLE_ENV}={item}" for item in items)
+
+
+def _disable_advice(candidates: Sequence[_Candidate]) -> str:
+    """``"; disable it with …"`` to end an error about ``candidates``."""
+    how = _how_to_disable(candidates)
+    if not how:
+        return ""
+    return f"; disable {'it' if len(candidates) == 1 else 'one'} with {how}"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading.
 
 
 def load_plugins(
@@ -155,75 +298,168 @@ def load_plugins(
     entry_points: bool = True,
     extra: Iterable[tuple[str, object]] = (),
     warn: Callable[[str], None] | None = None,
+    trace: Callable[[str], None] | None = None,
 ) -> Plugins:
     """Load plugins and call their registration hooks.
 
     :param entry_points: load the installed entry points of group ``sslbench`` (built-ins included).
     :param extra: ``(name, plugin)`` pairs registered after the entry points; how tests and Python
         API users add a plugin object without installing a distribution.
-    :param warn: receives one line per plugin that failed to import (default: print to stderr).
-    :raises PluginError: a hook implementation with an unknown name, or a conflicting registration.
+    :param warn: receives one line per third-party plugin that failed to import (default: print to
+        stderr).
+    :param trace: receives pluggy's trace of every hook call (pluggy's ``enable_tracing``); for
+        debugging a plugin.
+    :raises PluginError: a built-in plugin that fails to import; two plugins with the same name; a
+        hook implementation with an unknown name or unknown arguments; an exception raised by a
+        registration hook; a conflicting or mistyped registration.
     """
     warn = warn or (lambda line: print(f"sslbench: warning: {line}", file=sys.stderr))
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-    pm.add_hookspecs(hookspecs)
-    infos: list[PluginInfo] = []
-    disabled = _disabled_names()
+    candidates = _candidates(entry_points, extra)
 
-    if entry_points:
-        for ep in _entry_points():
-            if ep.name in disabled or pm.has_plugin(ep.name):
-                continue
-            dist = ep.dist
-            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
-            try:
-                module = ep.load()
-            except Exception as exc:  # noqa: BLE001 - whatever a broken plugin raises is reported
-                info.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                warn(
-                    f"plugin '{ep.name}' ({info.distribution or 'unknown distribution'}) failed to import: {info.error}"
-                )
-                infos.append(info)
-                continue
-            pm.register(module, name=ep.name)
-            infos.append(info)
+    for candidate in candidates:
+        if candidate.entry_point is not None:
+            _import(candidate, warn)
+        if candidate.info.error is None:
+            candidate.manager = _manager(candidate, trace)
 
-    for name, plugin in extra:
-        pm.register(plugin, name=name)
-        infos.append(PluginInfo(name, None, None))
-
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        hook_names = [name for name, caller in vars(pm.hook).items() if caller.spec is not None]
-        unknown = _unknown_hook_name(pm, exc.plugin)
-        hint = did_you_mean(unknown, hook_names, n=1)
-        raise PluginError(f"plugin '{pm.get_name(exc.plugin)}' implements unknown hook '{unknown}'{hint}") from None
-
+    by_name = {c.info.name: c for c in candidates}
     registries: dict[str, Registry[Any]] = {
-        attr: Registry(kind, entry_type) for attr, entry_type, kind in _REGISTRATION_HOOKS.values()
+        attr: Registry(kind, entry_type, describe=lambda plugin: by_name[plugin].label)
+        for attr, entry_type, kind in _REGISTRATION_HOOKS.values()
     }
-    for info in infos:
-        if info.error is not None:
-            continue
-        plugin = pm.get_plugin(info.name)
-        info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
-        for hook_name, (attr, _, _kind) in _REGISTRATION_HOOKS.items():
-            for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
-                registry = registries[attr]
+    for hook_name, (attr, _, _kind) in _REGISTRATION_HOOKS.items():
+        for candidate in _call_order(candidates, hook_name):
+            _call_registration_hook(candidate, hook_name, registries[attr], by_name)
 
-                def register(entry: Any, _registry: Registry[Any] = registry, _p: str = info.name) -> None:
-                    _registry.add(entry, _p)
-
-                impl.function(**{arg: register for arg in impl.argnames})
+    for candidate in candidates:
+        info = candidate.info
         for attr, _, kind in _REGISTRATION_HOOKS.values():
             names = [n for n in registries[attr].names() if registries[attr].origin(n) == info.name]
             if names:
                 info.registered[kind] = names
+    return Plugins(plugins=[c.info for c in candidates], **registries)
 
-    return Plugins(plugins=infos, **registries)
+
+def _candidates(entry_points: bool, extra: Iterable[tuple[str, object]]) -> list[_Candidate]:
+    """The plugins to load, in load order, after checking that their names are unique."""
+    candidates: list[_Candidate] = []
+    if entry_points:
+        rules = _disable_rules()
+        for ep in _entry_points():
+            if any(rule.matches(ep) for rule in rules):
+                continue
+            dist = ep.dist
+            info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
+            candidates.append(_Candidate(info, ep))
+    # Before anything is imported: a plugin that would be rejected must not run import-time code.
+    _check_unique(candidates)
+    taken = {c.info.name: c for c in candidates}
+    for name, plugin in extra:
+        candidate = _Candidate(PluginInfo(name, None, None), None, plugin)
+        if name in taken:
+            how = _how_to_disable([taken[name]])
+            raise PluginError(
+                f"plugin name '{name}' of a plugin passed to load_plugins(extra=...) is already taken by "
+                f"{taken[name].label}; rename it" + (f", or disable that one with {how}" if how else "")
+            )
+        taken[name] = candidate
+        candidates.append(candidate)
+    return candidates
+
+
+def _check_unique(candidates: Sequence[_Candidate]) -> None:
+    """Two entry points with one name: pluggy keeps one plugin per name, so one would vanish."""
+    groups: dict[str, list[_Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(candidate.info.name, []).append(candidate)
+    for name, group in groups.items():
+        if len(group) > 1:
+            sides = " and ".join(
+                f"{c.distribution_label} ({c.entry_point.value if c.entry_point else '?'})" for c in group
+            )
+            how = _how_to_disable(group)
+            raise PluginError(
+                f"plugin name '{name}' is declared by {len(group)} entry points of group '{ENTRY_POINT_GROUP}': "
+                f"{sides}; uninstall one" + (f", or disable one with {how}" if how else "")
+            )
+
+
+def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
+    assert candidate.entry_point is not None
+    try:
+        candidate.plugin = _load_entry_point(candidate.entry_point)
+    except Exception as exc:  # whatever a broken plugin raises is reported, in one line
+        candidate.info.error = _one_line(exc)
+        message = f"{candidate.label} failed to import: {candidate.info.error}"
+        if candidate.builtin:
+            # A missing built-in would only surface later as a confusing "unknown backend 'torch'".
+            how = _how_to_disable([candidate])
+            raise PluginError(f"built-in {message}; reinstall sslbench to repair it, or disable it with {how}") from exc
+        warn(message + _disable_advice([candidate]))
+
+
+def _manager(candidate: _Candidate, trace: Callable[[str], None] | None) -> pluggy.PluginManager:
+    """A plugin manager holding this plugin alone, its hook implementations validated."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    if trace is not None:
+        pm.trace.root.setwriter(trace)
+        pm.enable_tracing()
+    plugin, name = candidate.plugin, candidate.info.name
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(_validation_message(pm, candidate, exc)) from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        hook_names = [hook for hook, caller in vars(pm.hook).items() if caller.spec is not None]
+        unknown = _unknown_hook_name(pm, plugin)
+        hint = did_you_mean(unknown, hook_names, n=1)
+        raise PluginError(
+            f"{candidate.label} implements unknown hook '{unknown}'{hint}{_disable_advice([candidate])}"
+        ) from None
+    candidate.info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+    return pm
+
+
+def _validation_message(pm: pluggy.PluginManager, candidate: _Candidate, exc: pluggy.PluginValidationError) -> str:
+    """One line for pluggy's multi-line validation error, naming the bad argument when that is the fault."""
+    plugin = candidate.plugin
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        caller = getattr(pm.hook, (opts.get("specname") if opts else None) or attr, None)
+        if opts is None or caller is None or caller.spec is None:
+            continue
+        valid = [*caller.spec.argnames, *caller.spec.kwargnames]
+        bad = [arg for arg in _required_arguments(getattr(plugin, attr)) if arg not in valid]
+        if bad:
+            hint = did_you_mean(bad[0], valid, n=1)
+            quoted = ", ".join(f"'{arg}'" for arg in bad)
+            return (
+                f"{candidate.label} implements hook '{caller.name}' with unknown argument {quoted}{hint}; "
+                f"the hook's arguments are: {', '.join(valid)}{_disable_advice([candidate])}"
+            )
+    detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{candidate.label} has an invalid hook implementation: {detail}{_disable_advice([candidate])}"
+
+
+def _required_arguments(function: Callable[..., object]) -> list[str]:
+    """The arguments pluggy passes by name: positional parameters without a default."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    names = [
+        p.name
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
+    ]
+    # A function defined in a class and looked up on the class still lists its implicit first
+    # parameter, which pluggy does not pass.
+    if names and names[0] in ("self", "cls") and "." in getattr(function, "__qualname__", ""):
+        names = names[1:]
+    return names
 
 
 def _unknown_hook_name(pm: pluggy.PluginManager, plugin: object) -> str:
@@ -231,6 +467,72 @@ def _unknown_hook_name(pm: pluggy.PluginManager, plugin: object) -> str:
         if caller.spec is None and any(impl.plugin is plugin for impl in caller.get_hookimpls()):
             return name
     return "?"
+
+
+def _call_order(candidates: Sequence[_Candidate], hook_name: str) -> list[_Candidate]:
+    """The plugins implementing ``hook_name``, in the order their hooks are called.
+
+    pluggy orders implementations within one manager; across plugins this applies the same rule
+    (``tryfirst`` first, ``trylast`` last), with ties in load order rather than pluggy's
+    last-registered-first, so that registries list entries in the documented order.
+    """
+    ranked: list[tuple[int, int, _Candidate]] = []
+    for index, candidate in enumerate(candidates):
+        if candidate.manager is None:
+            continue
+        impls = getattr(candidate.manager.hook, hook_name).get_hookimpls()
+        if not impls:
+            continue
+        # A wrapper's tryfirst orders it among wrappers, not the plugin among plugins.
+        plain = [impl for impl in impls if not (impl.wrapper or impl.hookwrapper)] or impls
+        rank = min(0 if impl.tryfirst else 2 if impl.trylast else 1 for impl in plain)
+        ranked.append((rank, index, candidate))
+    return [candidate for _, _, candidate in sorted(ranked, key=lambda item: item[:2])]
+
+
+def _call_registration_hook(
+    candidate: _Candidate, hook_name: str, registry: Registry[Any], by_name: dict[str, _Candidate]
+) -> None:
+    """Call one plugin's implementations of a registration hook through pluggy.
+
+    :raises PluginError: a rejected registration, or any exception the hook raised, in one line.
+    """
+    assert candidate.manager is not None
+    rejected: list[PluginError] = []
+    accepting = True
+
+    def register(entry: Any) -> None:
+        if not accepting:
+            raise PluginError(
+                f"{candidate.label} called register after its hook '{hook_name}' returned{_disable_advice([candidate])}"
+            )
+        try:
+            registry.add(entry, candidate.info.name)
+        except PluginError as exc:
+            involved = [candidate]
+            if isinstance(entry, registry.entry_type) and entry.name in registry:
+                other = by_name[registry.origin(entry.name)]
+                if other is not candidate:
+                    involved.insert(0, other)
+            error = PluginError(f"{exc}{_disable_advice(involved)}")
+            # Kept for after the call: a wrapper or a try/except in the plugin may swallow it, and
+            # a swallowed duplicate would leave the other plugin's entry silently in place.
+            rejected.append(error)
+            raise error from None
+
+    try:
+        getattr(candidate.manager.hook, hook_name)(register=register)
+    except Exception as exc:
+        if rejected:
+            raise rejected[0] from None
+        raise PluginError(
+            f"{candidate.label} raised an exception in hook '{hook_name}': {_one_line(exc)}"
+            f"{_disable_advice([candidate])}"
+        ) from exc
+    finally:
+        accepting = False
+    if rejected:
+        raise rejected[0]
 
 
 @functools.cache

@@ -1,28 +1,36 @@
-"""``sslbench run`` and ``sslbench extract``: every model × dataset of a resolved spec.
+"""``sslbench run`` and ``sslbench extract``: a resolved spec as a plan, one model at a time.
 
-Features come from the cache when an earlier run (another k, other PCA dims) extracted them.
+::
+
+    plan (datasets loaded, splits and transfer maps checked, once)
+    for each model (outermost: one backbone alive at a time):
+        build the backbone
+        extract every dataset split and transfer target it needs (from the cache or into it)
+        free the backbone (and its device memory) before the next one is built
+        for each dataset: the protocol's stages (sslbench.pipeline); results.json rewritten
+
 results.json is rewritten after every model × dataset block, so a failure late in a long run keeps
-the blocks already finished.
+the blocks already finished. Features come from the cache when an earlier run extracted them.
 """
 
 from __future__ import annotations
 
-import atexit
-import shutil
-import tempfile
+import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
 
-from sslbench.cache import CacheEntry, CacheKey, FeatureCache
-from sslbench.errors import SSLBenchError
-from sslbench.evaluate import TransferTarget, checked_split, run_protocol
+from sslbench.cache import CacheKey, FeatureCache, run_scratch
+from sslbench.errors import PluginFailure, SSLBenchError
+from sslbench.events import Emit, Event, ignore
 from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
-from sslbench.interfaces import Backbone, Dataset, Split
-from sslbench.plugins import Plugins
+from sslbench.interfaces import Backbone, BackboneEntry, Dataset, Split
+from sslbench.pipeline import FeatureSplit, TransferTarget, checked_split, plan_protocol, run_protocol
+from sslbench.plugins import PluginInfo, Plugins
 from sslbench.progress import NullProgress, Progress
 from sslbench.results import (
     MetricSummary,
@@ -43,17 +51,6 @@ from sslbench.transfer import ClassMap, checked_class_groups
 FILE_REPORTS = ("md", "csv")
 
 
-def _split(dataset: Dataset, spec: DatasetSpec, which: str, resolved: ResolvedSpec, index: int) -> str:
-    name = getattr(spec, which)
-    if name not in dataset.splits:
-        line = resolved.loaded.lines.get(("datasets", index, which)) or resolved.loaded.lines.get(("datasets", index))
-        raise SSLBenchError(
-            f"{resolved.loaded.source}:{line}: datasets[{index}].{which}: dataset '{spec.id}' has no "
-            f"split '{name}'; it has: {', '.join(dataset.splits)}"
-        )
-    return name
-
-
 def write_reports(results: Results, out_dir: Path, plugins: Plugins) -> None:
     results.write(out_dir / "results.json")
     for name in FILE_REPORTS:
@@ -61,139 +58,137 @@ def write_reports(results: Results, out_dir: Path, plugins: Plugins) -> None:
         write_atomic(out_dir / f"results{reporter.suffix}", reporter.render(results))
 
 
-@dataclass
-class Block:
-    """One model on one dataset, with the features of its two splits."""
-
-    model: ModelSpec
-    dataset_spec: DatasetSpec
-    dataset: Dataset
-    fit_split: str
-    eval_split: str
-    extracted: dict[str, Extracted]
-    extract_s: float
-    #: Per ``transfer`` entry of the dataset spec: its checked class map and extracted split.
-    transfers: list[tuple[TransferSpec, ClassMap, Extracted]] = field(default_factory=list)
-
-
-def _settings(resolved: ResolvedSpec) -> ExtractionSettings:
-    ext = resolved.spec.extraction
-    return ExtractionSettings(ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every)
-
-
-def _dump(options: BaseModel) -> dict[str, object]:
-    return options.model_dump(mode="json")
+# --------------------------------------------------------------------------------------------------
+# The plan
 
 
 @dataclass(frozen=True)
-class _Extractor:
-    """Extracts splits with one backbone through the cache (or a scratch folder)."""
+class SplitSource:
+    """One split to extract, with what identifies it in the cache (its fingerprint, computed once)."""
 
-    model: ModelSpec
-    model_options: BaseModel | None
-    backbone: Backbone
-    settings: ExtractionSettings
+    dataset_id: str
+    label: str
+    options: BaseModel
+    name: str
+    split: Split
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    spec: TransferSpec
+    source: SplitSource
+    class_map: ClassMap
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    spec: DatasetSpec
+    dataset: Dataset
+    fit: SplitSource
+    eval: SplitSource
+    class_groups: dict[str, np.ndarray] | None
+    targets: tuple[TargetPlan, ...]
+
+    def sources(self) -> list[SplitSource]:
+        """Every split a backbone extracts for this dataset, each once."""
+        own = [self.fit] if self.fit.name == self.eval.name else [self.fit, self.eval]
+        return own + [t.source for t in self.targets]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    spec: ModelSpec
+    options: BaseModel | None
+    entry: BackboneEntry | None
+    plugin: PluginInfo | None
+
+    @property
+    def owner(self) -> str:
+        """How messages name the backbone's code: ``backbone 'x' (plugin p from dist 1.0)``."""
+        if self.plugin is None:
+            return f"backbone '{self.spec.id}'"
+        dist = f"{self.plugin.distribution} {self.plugin.version}" if self.plugin.distribution else "no distribution"
+        return f"backbone '{self.spec.id}' (plugin '{self.plugin.name}' from {dist})"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every model × dataset of a spec, resolved against the plugins and checked before any work."""
+
+    resolved: ResolvedSpec
+    models: tuple[ModelPlan, ...]
+    datasets: tuple[DatasetPlan, ...]
     device: str
     cache: FeatureCache
-    use_cache: bool
-    progress: Progress
-
-    def __call__(
-        self, dataset_id: str, dataset_label: str, options: BaseModel, split_name: str, split: Split
-    ) -> Extracted:
-        key = CacheKey(
-            backbone=self.model.id,
-            backbone_options=_dump(self.model_options) if self.model_options is not None else {},
-            backbone_fingerprint=self.backbone.fingerprint(),
-            dataset=dataset_id,
-            dataset_options=_dump(options),
-            split=split_name,
-            split_fingerprint=split.fingerprint(),
-        )
-        return extract_split(
-            self.backbone,
-            split,
-            settings=self.settings,
-            device=self.device,
-            name=f"{dataset_label}/{split_name} ({self.model.label})",
-            entry=self.cache.entry(key) if self.use_cache else _scratch_entry(key),
-            progress=self.progress,
-        )
+    settings: ExtractionSettings
 
 
-def extracted_blocks(
-    resolved: ResolvedSpec,
-    plugins: Plugins,
-    device: str,
-    progress: Progress,
-    cache: FeatureCache,
-    notes: list[str],
-) -> Iterator[Block]:
-    """Features of both splits for every model × dataset, from the cache or extracted into it.
+def _split_source(
+    d_id: str, label: str, options: BaseModel, dataset: Dataset, name: str, at: str, key: str
+) -> SplitSource:
+    if name not in dataset.splits:
+        raise SSLBenchError(f"{at}.{key}: dataset '{d_id}' has no split '{name}'; it has: {', '.join(dataset.splits)}")
+    split = dataset.splits[name]
+    return SplitSource(d_id, label, options, name, split, split.fingerprint())
 
-    Optional models whose backbone or weights are not installed are skipped, with a line in ``notes``.
-    """
+
+def _dataset_at(resolved: ResolvedSpec, index: int, key: str) -> str:
+    lines = resolved.loaded.lines
+    line = lines.get(("datasets", index, key)) or lines.get(("datasets", index))
+    return f"{resolved.loaded.source}:{line}: datasets[{index}]"
+
+
+def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
+    """Load every dataset once, check its splits, groups and transfer maps, and resolve every model."""
     spec = resolved.spec
-    settings = _settings(resolved)
-    backbones: dict[int, Backbone] = {}
-    unavailable: set[int] = set()
-    for d_index, (d_spec, d_options) in enumerate(zip(spec.datasets, resolved.dataset_options, strict=True)):
+    datasets = []
+    for index, (d_spec, d_options) in enumerate(zip(spec.datasets, resolved.dataset_options, strict=True)):
         dataset = plugins.datasets.get(d_spec.id).factory(d_options)
-        fit_split = _split(dataset, d_spec, "fit_split", resolved, d_index)
-        eval_split = _split(dataset, d_spec, "eval_split", resolved, d_index)
-        targets = _transfer_targets(resolved, plugins, d_index, dataset)
-        for m_index, (m_spec, m_options) in enumerate(zip(spec.models, resolved.model_options, strict=True)):
-            if m_index in unavailable:
-                continue
-            if m_index not in backbones:
-                try:
-                    if m_options is None:
-                        raise SSLBenchError(f"no installed plugin provides backbone '{m_spec.id}'")
-                    built = plugins.backbones.get(m_spec.id).factory(m_options)
-                except SSLBenchError as exc:
-                    if not m_spec.optional:
-                        raise
-                    unavailable.add(m_index)
-                    notes.append(f"optional model {m_spec.label} skipped: {exc}")
-                    continue
-                backbones[m_index] = prepare_backbone(built, device)
-            backbone = backbones[m_index]
-            started = time.perf_counter()
-
-            extractor = _Extractor(
-                m_spec, m_options, backbone, settings, device, cache, spec.extraction.cache, progress
+        fit, eval_ = (
+            _split_source(
+                d_spec.id,
+                d_spec.label,
+                d_options,
+                dataset,
+                getattr(d_spec, key),
+                _dataset_at(resolved, index, key),
+                key,
             )
-            extracted = {
-                name: extractor(d_spec.id, d_spec.label, d_options, name, dataset.splits[name])
-                for name in dict.fromkeys((fit_split, eval_split))
-            }
-            transfers = [
-                (
-                    t_spec,
-                    class_map,
-                    extractor(t_spec.id, t_spec.label, t_opts, t_spec.split, t_dataset.splits[t_spec.split]),
-                )
-                for t_spec, t_opts, t_dataset, class_map in targets
-            ]
-            yield Block(
-                m_spec, d_spec, dataset, fit_split, eval_split, extracted, time.perf_counter() - started, transfers
-            )
+            for key in ("fit_split", "eval_split")
+        )
+        if eval_.name == fit.name:
+            eval_ = fit
+        groups = dataset.metadata.get("class_groups")
+        class_groups = (
+            dict(checked_class_groups(groups, dataset.num_classes, f"dataset {d_spec.label}"))
+            if groups is not None
+            else None
+        )
+        datasets.append(
+            DatasetPlan(d_spec, dataset, fit, eval_, class_groups, _target_plans(resolved, plugins, index, dataset))
+        )
+    models = []
+    for m_spec, m_options in zip(spec.models, resolved.model_options, strict=True):
+        known = m_spec.id in plugins.backbones
+        entry = plugins.backbones.get(m_spec.id) if known else None
+        info = plugins.plugin_of(plugins.backbones, m_spec.id) if known else None
+        models.append(ModelPlan(m_spec, m_options, entry, info))
+    ext = spec.extraction
+    settings = ExtractionSettings(ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every)
+    cache = FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None)
+    return RunPlan(resolved, tuple(models), tuple(datasets), device, cache, settings)
 
 
-def _transfer_targets(
-    resolved: ResolvedSpec, plugins: Plugins, d_index: int, source: Dataset
-) -> list[tuple[TransferSpec, BaseModel, Dataset, ClassMap]]:
-    """The target datasets of ``datasets[d_index].transfer``, their split checked, with their class maps."""
+def _target_plans(resolved: ResolvedSpec, plugins: Plugins, d_index: int, source: Dataset) -> tuple[TargetPlan, ...]:
+    """The targets of ``datasets[d_index].transfer``, their split and class map checked."""
     d_spec = resolved.spec.datasets[d_index]
     options = resolved.transfer_options[d_index] if resolved.transfer_options else []
     targets = []
     for j, (t_spec, t_options) in enumerate(zip(d_spec.transfer, options, strict=True)):
         at = f"{resolved.loaded.source}: datasets[{d_index}].transfer[{j}]"
         target = plugins.datasets.get(t_spec.id).factory(t_options)
-        if t_spec.split not in target.splits:
-            raise SSLBenchError(
-                f"{at}.split: dataset '{t_spec.id}' has no split '{t_spec.split}'; it has: {', '.join(target.splits)}"
-            )
+        split = _split_source(t_spec.id, t_spec.label, t_options, target, t_spec.split, at, "split")
         if t_spec.class_map not in target.metadata:
             known = ", ".join(target.metadata) or "none"
             raise SSLBenchError(
@@ -202,20 +197,127 @@ def _transfer_targets(
         class_map = ClassMap.checked(
             target.metadata[t_spec.class_map], target.num_classes, source.num_classes, f"{at}.class_map"
         )
-        targets.append((t_spec, t_options, target, class_map))
-    return targets
+        targets.append(TargetPlan(t_spec, split, class_map))
+    return tuple(targets)
 
 
-def _scratch_entry(key: CacheKey) -> CacheEntry:
-    """An entry in a temporary directory removed at exit (``extraction.cache: false``)."""
-    folder = Path(tempfile.mkdtemp(prefix="sslbench-features-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return FeatureCache(folder).entry(key)
+# --------------------------------------------------------------------------------------------------
+# Features, one model at a time
 
 
-def cache_for(resolved: ResolvedSpec) -> FeatureCache:
-    cache_dir = resolved.spec.cache_dir
-    return FeatureCache(Path(cache_dir) if cache_dir else None)
+@dataclass
+class ModelFeatures:
+    """What one backbone extracted: per dataset, its splits' features by split name."""
+
+    model: ModelPlan
+    per_dataset: list[dict[str, Extracted]] = field(default_factory=list)
+    extract_s: list[float] = field(default_factory=list)
+
+
+def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource) -> CacheKey:
+    plugin = model.plugin
+    return CacheKey(
+        backbone=model.spec.id,
+        plugin={
+            "name": plugin.name if plugin else None,
+            "distribution": plugin.distribution if plugin else None,
+            "version": plugin.version if plugin else None,
+        },
+        backbone_options=model.options.model_dump(mode="json") if model.options is not None else {},
+        backbone_fingerprint=backbone.fingerprint(),
+        dataset=source.dataset_id,
+        dataset_options=source.options.model_dump(mode="json"),
+        split=source.name,
+        split_fingerprint=source.fingerprint,
+    )
+
+
+def _build(model: ModelPlan, device: str) -> Backbone:
+    if model.entry is None or model.options is None:
+        raise SSLBenchError(f"no installed plugin provides backbone '{model.spec.id}'")
+    try:
+        built = model.entry.factory(model.options)
+    except SSLBenchError:
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{model.owner}: building it raised {type(exc).__name__}: {exc}") from exc
+    return prepare_backbone(built, device)
+
+
+def _release_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def model_features(
+    plan: RunPlan, *, use_cache: bool, scratch: Path, progress: Progress, emit: Emit = ignore
+) -> Iterator[ModelFeatures]:
+    """For each model in turn: build it, extract what every dataset needs, free it, yield the features.
+
+    Optional models whose plugin or weights are missing are skipped with a ``note`` event.
+    """
+    for m_index, model in enumerate(plan.models):
+        emit(Event("stage", model.spec.label, name="build"))
+        try:
+            backbone = _build(model, plan.device)
+        except SSLBenchError as exc:
+            if not model.spec.optional:
+                raise
+            emit(Event("note", f"optional model {model.spec.label} skipped: {exc}"))
+            continue
+        settings = ExtractionSettings(**{**vars(plan.settings), "owner": model.owner})
+        features = ModelFeatures(model)
+        try:
+            for d_index, dataset in enumerate(plan.datasets):
+                started = time.perf_counter()
+                extracted = {}
+                for s_index, source in enumerate(dataset.sources()):
+                    key = _cache_key(model, backbone, source)
+                    entry = (
+                        plan.cache.entry(key)
+                        if use_cache
+                        else FeatureCache(scratch / f"features-{m_index}-{d_index}-{s_index}").entry(key)
+                    )
+                    emit(Event("stage", f"{source.label}/{source.name} ({model.spec.label})", name="extract"))
+                    extracted[f"{source.label}/{source.name}"] = extract_split(
+                        backbone,
+                        source.split,
+                        settings=settings,
+                        device=plan.device,
+                        name=f"{source.label}/{source.name} ({model.spec.label})",
+                        entry=entry,
+                        progress=progress,
+                    )
+                features.per_dataset.append(extracted)
+                features.extract_s.append(time.perf_counter() - started)
+        finally:
+            # The next backbone is built only once this one is gone (device memory included).
+            del backbone
+            _release_device_memory(plan.device)
+        yield features
+
+
+# --------------------------------------------------------------------------------------------------
+# sslbench run
+
+
+def _checked(where: str, extracted: Extracted) -> FeatureSplit:
+    if extracted.nonfinite is not None and extracted.nonfinite[0]:
+        rows, first = extracted.nonfinite
+        raise SSLBenchError(
+            f"{where} features contain NaN or inf in {rows} of {len(extracted.labels)} rows (first: sample {first})"
+        )
+    return checked_split(where, extracted.features, extracted.labels, known_finite=extracted.nonfinite is not None)
+
+
+def _skipped(model: str, source: SplitSource, extracted: Extracted) -> list[SkippedSample]:
+    return [
+        SkippedSample(model=model, dataset=source.label, split=source.name, sample=s["sample"], error=s["error"])
+        for s in extracted.skipped
+    ]
 
 
 def run_spec(
@@ -224,100 +326,86 @@ def run_spec(
     *,
     out_dir: Path,
     save_predictions: bool = False,
-    log: Callable[[str], None] = lambda line: None,
+    emit: Emit = ignore,
     progress: Progress | None = None,
 ) -> Results:
     spec = resolved.spec
     progress = progress or NullProgress()
     started = time.perf_counter()
     device = resolve_device(spec.device)
+    plan = plan_run(resolved, plugins, device)
     env = environment(device, plugins)
     spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
+    published = paper_values(resolved, plugins)
     runs: list[Run] = []
     skipped: list[SkippedSample] = []
     results: Results | None = None
-
-    notes: list[str] = []
-    for block in extracted_blocks(resolved, plugins, device, progress, cache_for(resolved), notes):
-        while notes:
-            log(f"[yellow]{notes.pop(0)}")
-        m_label, d_label = block.model.label, block.dataset_spec.label
-        splits = []
-        for split_name in (block.fit_split, block.eval_split):
-            extracted = block.extracted[split_name]
-            where = f"{d_label}/{split_name} ({m_label})"
-            splits.append(checked_split(where, extracted.features, extracted.labels))
-            skipped += [
-                SkippedSample(model=m_label, dataset=d_label, split=split_name, sample=s["sample"], error=s["error"])
-                for s in extracted.skipped
-            ]
-        source = "from the cache" if all(e.from_cache for e in block.extracted.values()) else "extracted"
-        log(f"[bold]{m_label}[/] on [bold]{d_label}[/]: features {source}")
-
-        def report(run: Run) -> None:
-            m = run.metrics
-            log(
-                f"  k={run.protocol.n_clusters} pca={run.protocol.pca_dims} seed={run.seed}: "
-                f"ACC {100 * m['acc']:.2f}  ARI {100 * m['ari']:.2f}  NMI {100 * m['nmi']:.2f}"
-                if {"acc", "ari", "nmi"} <= m.keys()
-                else f"  k={run.protocol.n_clusters} seed={run.seed}: done"
-            )
-
-        transfers = []
-        for t_spec, class_map, t_extracted in block.transfers:
-            where = f"{t_spec.label}/{t_spec.split} ({m_label})"
-            skipped += [
-                SkippedSample(
-                    model=m_label, dataset=t_spec.label, split=t_spec.split, sample=s["sample"], error=s["error"]
+    with run_scratch(plan.cache.root) as scratch:
+        for features in model_features(
+            plan, use_cache=spec.extraction.cache, scratch=scratch, progress=progress, emit=emit
+        ):
+            m_label = features.model.spec.label
+            for d_index, (dataset, extracted) in enumerate(zip(plan.datasets, features.per_dataset, strict=True)):
+                emit(Event("stage", f"{m_label} on {dataset.spec.label}", name="check"))
+                splits = {}
+                for source in dataset.sources():
+                    got = extracted[f"{source.label}/{source.name}"]
+                    splits[f"{source.label}/{source.name}"] = _checked(f"{source.label}/{source.name} ({m_label})", got)
+                    skipped += _skipped(m_label, source, got)
+                origin = "cache" if all(e.from_cache for e in extracted.values()) else "extracted"
+                said = "from the cache" if origin == "cache" else origin
+                text = f"{m_label} on {dataset.spec.label}: features {said}"
+                emit(Event("features", text, data={"source": origin}))
+                transfers = tuple(
+                    TransferTarget(
+                        label=f"{dataset.spec.label} → {t.spec.label}",
+                        split=t.spec.split,
+                        features=splits[f"{t.source.label}/{t.source.name}"],
+                        class_map=t.class_map,
+                    )
+                    for t in dataset.targets
                 )
-                for s in t_extracted.skipped
-            ]
-            transfers.append(
-                TransferTarget(
-                    label=f"{d_label} → {t_spec.label}",
-                    split=t_spec.split,
-                    features=checked_split(where, t_extracted.features, t_extracted.labels),
-                    class_map=class_map,
+                protocol_plan = plan_protocol(
+                    splits[f"{dataset.fit.label}/{dataset.fit.name}"],
+                    splits[f"{dataset.eval.label}/{dataset.eval.name}"],
+                    n_classes=dataset.dataset.num_classes,
+                    protocol=spec.protocol,
+                    plugins=plugins,
+                    model=m_label,
+                    dataset=dataset.spec.label,
+                    backend_options=resolved.backend_options,
+                    device=device,
+                    backbone=features.model.spec.id,
+                    fit_split=dataset.fit.name,
+                    eval_split=dataset.eval.name,
+                    class_groups=dataset.class_groups or {},
+                    transfers=transfers,
+                    extract_s=features.extract_s[d_index],
+                    predictions_dir=out_dir / "predictions" if save_predictions else None,
                 )
-            )
-        groups = block.dataset.metadata.get("class_groups")
-        class_groups = (
-            checked_class_groups(groups, block.dataset.num_classes, f"dataset {d_label}")
-            if groups is not None
-            else None
-        )
-        runs += run_protocol(
-            splits[0],
-            splits[1],
-            n_classes=block.dataset.num_classes,
-            protocol=spec.protocol,
-            plugins=plugins,
-            model=m_label,
-            dataset=d_label,
-            device=device,
-            extract_s=block.extract_s,
-            on_run=report,
-            predictions_dir=out_dir / "predictions" if save_predictions else None,
-            split_names=(block.fit_split, block.eval_split),
-            progress=progress,
-            class_groups=class_groups,
-            transfers=transfers,
-            backbone=block.model.id,
-        )
-        results = build_results(
-            runs,
-            spec=spec_record,
-            env=env,
-            wall_s=time.perf_counter() - started,
-            skipped=skipped,
-            published=paper_values(resolved, plugins),
-        )
-        write_reports(results, out_dir, plugins)
-    for note in notes:
-        log(f"[yellow]{note}")
+                for run in run_protocol(protocol_plan, scratch=scratch / "projections", progress=progress, emit=emit):
+                    runs.append(run)
+                    emit(Event("run", _run_line(run), run=run))
+                results = build_results(
+                    runs,
+                    spec=spec_record,
+                    env=env,
+                    wall_s=time.perf_counter() - started,
+                    skipped=skipped,
+                    published=published,
+                )
+                write_reports(results, out_dir, plugins)
     if results is None:
         raise SSLBenchError("no model of the spec could run (all were optional and unavailable)")
     return results
+
+
+def _run_line(run: Run) -> str:
+    m = run.metrics
+    head = f"{run.model} on {run.dataset} k={run.protocol.n_clusters} pca={run.protocol.pca_dims} seed={run.seed}"
+    if {"acc", "ari", "nmi"} <= m.keys():
+        return f"{head}: ACC {100 * m['acc']:.2f}  ARI {100 * m['ari']:.2f}  NMI {100 * m['nmi']:.2f}"
+    return f"{head}: done"
 
 
 def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
@@ -344,10 +432,21 @@ def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
     return lookup
 
 
+# --------------------------------------------------------------------------------------------------
+# sslbench extract
+
+
 def extract_spec(
-    resolved: ResolvedSpec, plugins: Plugins, *, progress: Progress | None = None, device: str | None = None
-) -> list[Block]:
+    resolved: ResolvedSpec,
+    plugins: Plugins,
+    *,
+    progress: Progress | None = None,
+    device: str | None = None,
+    emit: Emit = ignore,
+) -> list[ModelFeatures]:
     """Fill the cache for every model × dataset of the spec; computes no clustering."""
-    device = device or resolve_device(resolved.spec.device)
-    notes: list[str] = []
-    return list(extracted_blocks(resolved, plugins, device, progress or NullProgress(), cache_for(resolved), notes))
+    plan = plan_run(resolved, plugins, device or resolve_device(resolved.spec.device))
+    with run_scratch(plan.cache.root) as scratch:
+        return list(
+            model_features(plan, use_cache=True, scratch=scratch, progress=progress or NullProgress(), emit=emit)
+        )

@@ -385,8 +385,8 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
             target_entry = _named(loaded, (*at, "id"), plugins.datasets.get, target.id)
             targets.append(_validate_options(loaded, target_entry.options, target.options, (*at, "options")))
         transfer_options.append(targets)
-    _, clusterer = _named(loaded, ("protocol", "backend"), plugins.backend, spec.protocol.backend)
+    backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, spec.protocol.backend)
     backend_options = _validate_options(
-        loaded, clusterer.options, spec.protocol.backend_options, ("protocol", "backend_options")
+        loaded, backend.options, spec.protocol.backend_options, ("protocol", "backend_options")
     )
     return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options)

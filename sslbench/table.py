@@ -44,7 +44,9 @@ def default_metrics(summaries: list[SummaryRow]) -> tuple[str, ...]:
     present = set.intersection(*(set(row.metrics) for row in summaries)) if summaries else set()
     if "acc_tr" in present:
         return TRANSFER_METRICS
-    groups = sorted(m for m in present if m.startswith("acc_") and m not in METRIC_LABELS)
+    # Every metric is also recorded per class group as <metric>_<group>; a group's column is its ACC.
+    # acc_<x> is a group's when ari_<x> exists too (acc_majority_<group> has no ari_majority_<group>).
+    groups = sorted(m for m in present if m.startswith("acc_") and m not in METRIC_LABELS and f"ari{m[3:]}" in present)
     return (*HEADLINE_METRICS, *groups)
 
 

@@ -1,8 +1,9 @@
 """Scoring across datasets and over groups of classes: the paper's ObjectNet protocols.
 
 * **Class groups** (Table 2): clusters fitted on a dataset that declares groups of its classes
-  (ObjectNet: the classes ImageNet has and those it lacks) are also scored per group — ACC with the
-  same train assignment, counted over the eval samples of the group's classes only.
+  (ObjectNet: the classes ImageNet has and those it lacks) are also scored per group — every metric
+  with the same train assignment, over the eval samples of the group's classes only
+  (``acc_in_imagenet``; see :mod:`sslbench.pipeline`).
 * **Transfer** (Table C.2): clusters fitted on a *source* dataset (ImageNet train) predict a *target*
   dataset (ObjectNet), scored on the target classes that map onto source classes. A target class
   may map onto several source classes (ObjectNet's are unions of ImageNet classes):
@@ -31,11 +32,6 @@ from sslbench.protocol import contingency, hungarian_mapping, mapped_accuracy
 TRANSFER_METRICS = ("acc_tr", "acc_val", "ari", "ami", "nmi", "single_cluster")
 
 
-def group_metric(group: str) -> str:
-    """Name under which a class group's ACC is recorded: ``acc_in_imagenet``."""
-    return f"acc_{group}"
-
-
 def checked_class_groups(groups: object, n_classes: int, where: str) -> dict[str, np.ndarray]:
     """``{group: sorted class indices}`` from a dataset's ``metadata["class_groups"]``."""
     if not isinstance(groups, Mapping):
@@ -49,18 +45,6 @@ def checked_class_groups(groups: object, n_classes: int, where: str) -> dict[str
             raise SSLBenchError(f"{where}: class group '{name}' names a class outside [0, {n_classes})")
         checked[name] = np.unique(indices)
     return checked
-
-
-def group_accuracies(
-    mapping: np.ndarray, eval_pred: np.ndarray, eval_labels: np.ndarray, groups: Mapping[str, np.ndarray]
-) -> dict[str, float]:
-    """ACC of ``mapping`` (cluster → class) over the eval samples of each group's classes
-    (NaN for a group with no eval sample)."""
-    out = {}
-    for name, classes in groups.items():
-        inside = np.isin(eval_labels, classes)
-        out[group_metric(name)] = mapped_accuracy(mapping, eval_pred[inside], eval_labels[inside])
-    return out
 
 
 @dataclass(frozen=True)
@@ -99,6 +83,16 @@ class ClassMap:
         for t, sources in enumerate(self.targets):
             out[t, list(sources)] = True
         return out
+
+    def composed_assignment(self, source_assignment: np.ndarray) -> np.ndarray:
+        """Cluster → target class (numbered over :attr:`shared`) through each cluster's source class:
+        the first shared target class that contains it, -1 when none does. For maps where a source
+        class belongs to one target class at most (ObjectNet's), ACC under this assignment is
+        ``acc_tr``; ``acc_tr`` itself is exact for any map."""
+        shared = self.membership[self.shared]  # (m shared targets, n_source)
+        has_target = shared.any(axis=0)
+        first_target = np.where(has_target, shared.argmax(axis=0), -1)
+        return first_target[source_assignment].astype(np.int64)
 
 
 def transfer_scores(

@@ -6,19 +6,28 @@ against the card's hash), or instructions for files only obtainable by hand. It 
 ``torch.load(weights_only=True)`` (or safetensors), reshaped by the card's layout, and loaded so
 that the missing and unexpected keys must equal the card's allow-lists exactly: a backbone that
 silently loaded nothing (the ``strict=False`` failure) is an error listing the offending keys.
+
+A file's digests are computed in one read and remembered in ``digests.json`` beside the feature
+cache, keyed by the file's path, size and modification time, so a run whose weights did not change
+hashes nothing (see :func:`file_digests`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import importlib
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sslbench.cache import default_cache_root
 from sslbench.cards import Layout, ModelCard, WeightsHash, WeightSource
 from sslbench.errors import SSLBenchError
+from sslbench.results import write_atomic
 
 
 def hub_checkpoint_dir() -> Path:
@@ -121,20 +130,111 @@ def resolve_weights(card: ModelCard, override: str | None = None) -> Path:
     )
 
 
-def file_digest(path: Path, kind: str = "sha256") -> str:
-    digest = hashlib.new("md5" if kind.startswith("md5") else "sha256")
+# --------------------------------------------------------------------------------------------------
+# Digests: one read per file computes every digest asked for, remembered across runs
+
+#: What a digest cache entry may hold, with the hex length that tells a sound value from a damaged one.
+DIGEST_KINDS: dict[str, int] = {"sha256": 64, "md5": 32}
+DIGEST_CACHE_VERSION = 1
+_BLOCK = 1 << 20
+
+
+def digest_kind(kind: str) -> str:
+    """The hash algorithm behind a card's hash kind (``md5-prefix`` → ``md5``, ``sha256-prefix`` → ``sha256``)."""
+    return "md5" if kind.startswith("md5") else "sha256"
+
+
+def digest_cache_path() -> Path:
+    """``digests.json`` beside the default feature-cache folder (so it follows ``$SSLBENCH_CACHE``)."""
+    return default_cache_root().parent / "digests.json"
+
+
+def hash_file(path: Path, kinds: Iterable[str] = ("sha256",)) -> dict[str, str]:
+    """Hex digests of the file's bytes, every kind of ``kinds`` (see :data:`DIGEST_KINDS`) from one read.
+
+    The only function here that reads a file to hash it: :func:`file_digests` calls it only for what
+    its cache lacks, so counting calls to this function counts the weights files hashed.
+    """
+    # md5 identifies a file here, it protects nothing: usedforsecurity=False keeps it usable on FIPS builds.
+    hashers = {kind: hashlib.new(kind, usedforsecurity=False) for kind in dict.fromkeys(kinds)}
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            for hasher in hashers.values():
+                hasher.update(block)
+    return {kind: hasher.hexdigest() for kind, hasher in hashers.items()}
+
+
+def _read_digest_cache(path: Path) -> dict[str, Any]:
+    """The cache's entries by resolved path; a missing, unreadable or damaged file counts as empty."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8: the file is rebuilt
+        return {}
+    if not isinstance(data, dict) or data.get("version") != DIGEST_CACHE_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _cached_digests(entry: Any, stat: os.stat_result) -> dict[str, str]:
+    """The digests an entry holds if it describes the file as it is now (same size and mtime), else none."""
+    if not isinstance(entry, dict) or entry.get("size") != stat.st_size or entry.get("mtime_ns") != stat.st_mtime_ns:
+        return {}
+    return {
+        kind: value
+        for kind, length in DIGEST_KINDS.items()
+        if isinstance(value := entry.get(kind), str)
+        and len(value) == length
+        and all(c in "0123456789abcdef" for c in value)
+    }
+
+
+def file_digests(path: Path, kinds: Iterable[str] = ("sha256",)) -> dict[str, str]:
+    """Digests of ``path`` (``sha256``, ``md5``; card hash kinds are accepted too), hashing it at most once.
+
+    Digests are remembered in :func:`digest_cache_path` under the file's resolved path, its size and
+    its modification time in nanoseconds: an entry is used only while both still match, so a file
+    rewritten or replaced is hashed again. Only the kinds the entry lacks are computed, all in one read.
+    The cache is a convenience: when it cannot be read or written the file is simply hashed.
+    """
+    wanted = list(dict.fromkeys(digest_kind(kind) for kind in kinds))
+    resolved = path.resolve()
+    before = resolved.stat()
+    cache_path = digest_cache_path()
+    key = str(resolved)
+    known = _cached_digests(_read_digest_cache(cache_path).get(key), before)
+    missing = [kind for kind in wanted if kind not in known]
+    if missing:
+        known |= hash_file(resolved, missing)
+        after = resolved.stat()
+        # A file that changed while it was read has no single digest worth remembering.
+        if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+            # Re-read just before writing so that entries other processes added meanwhile are kept.
+            files = _read_digest_cache(cache_path)
+            files[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, **known}
+            # A read-only or full disk costs a re-hash next time, not the run.
+            with contextlib.suppress(OSError):
+                write_atomic(cache_path, json.dumps({"version": DIGEST_CACHE_VERSION, "files": files}, indent=1))
+    return {kind: known[kind] for kind in wanted}
+
+
+def file_digest(path: Path, kind: str = "sha256") -> str:
+    """One digest of ``path`` (see :func:`file_digests`)."""
+    return file_digests(path, (kind,))[digest_kind(kind)]
 
 
 def verify_hash(path: Path, expected: WeightsHash, card_id: str) -> str:
-    """Check the file against the card; returns its full sha256 (part of the cache key)."""
-    sha256 = file_digest(path)
-    if expected.kind == "none" or not expected.value:
+    """Check the file against the card; returns its full sha256 (part of the cache key).
+
+    Both digests a card may need come from one read of the file, or from the digest cache.
+    """
+    checked = expected.kind != "none" and bool(expected.value)
+    kind = digest_kind(expected.kind)
+    digests = file_digests(path, ("sha256", kind) if checked else ("sha256",))
+    sha256 = digests["sha256"]
+    if not checked or expected.value is None:
         return sha256
-    actual = file_digest(path, "md5") if expected.kind.startswith("md5") else sha256
+    actual = digests[kind]
     ok = actual == expected.value if expected.kind == "sha256" else actual.startswith(expected.value)
     if not ok:
         raise SSLBenchError(

@@ -14,7 +14,8 @@ from sslbench.plugins import Plugins, load_plugins
 REPO = Path(__file__).resolve().parents[1]
 
 # Every test, and every CLI subprocess a test starts, uses a private feature cache.
-os.environ["SSLBENCH_CACHE"] = tempfile.mkdtemp(prefix="sslbench-test-cache-")
+# (a sub-folder, as the weights-digest cache lives beside the feature cache)
+os.environ["SSLBENCH_CACHE"] = str(Path(tempfile.mkdtemp(prefix="sslbench-test-cache-")) / "features")
 
 #: The metrics the paper's code computes, which every run records.
 PAPER_METRICS = frozenset(

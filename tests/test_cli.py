@@ -246,7 +246,7 @@ def test_internal_errors_exit_1_with_traceback(monkeypatch, capsys):
 
 
 def test_cluster_inspection_of_saved_predictions(quickstart, tmp_path):
-    from sslbench.inspect import cluster_stats
+    from sslbench.inspection import cluster_stats
 
     proc = run_cli(
         "clusters", str(quickstart), "--model", "raw pixels", "--clusters", "15", "--seed", "3", cwd=tmp_path

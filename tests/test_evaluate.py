@@ -70,10 +70,10 @@ def test_reference_pca_is_incremental_pca_with_the_papers_batch(split_blobs):
     reducer.fit(xtr)
     expected = IncrementalPCA(batch_size=4096).fit(xtr)
     assert reducer.n_components == 12
-    np.testing.assert_allclose(reducer.transform(xev, reducer.n_components, False), expected.transform(xev), atol=1e-4)
-    np.testing.assert_allclose(reducer.transform(xev, 5, False), expected.transform(xev)[:, :5], atol=1e-4)
+    np.testing.assert_allclose(reducer.project(xev, reducer.n_components, False), expected.transform(xev), atol=1e-4)
+    np.testing.assert_allclose(reducer.project(xev, 5, False), expected.transform(xev)[:, :5], atol=1e-4)
     whitened = IncrementalPCA(batch_size=4096, whiten=True).fit(xtr).transform(xev)[:, :5]
-    np.testing.assert_allclose(reducer.transform(xev, 5, True), whitened, atol=1e-4)
+    np.testing.assert_allclose(reducer.project(xev, 5, True), whitened, atol=1e-4)
 
 
 def test_reference_kmeans_is_the_papers_loop_step_for_step():
@@ -147,7 +147,7 @@ def test_reducer_finding_fewer_components_than_asked_is_named(split_blobs):
     """The protocol checks pca_dims against what the fitted reducer found, for every backend."""
     import types
 
-    from sslbench import ClustererEntry, ReducerEntry, hookimpl, load_plugins
+    from sslbench import BackendEntry, hookimpl, load_plugins
     from sslbench_plugins.reference_backend import ReferenceKMeans
 
     class TwoComponents(ReferencePCA):
@@ -156,16 +156,10 @@ def test_reducer_finding_fewer_components_than_asked_is_named(split_blobs):
             return 2
 
     @hookimpl
-    def sslbench_register_reducers(register):
-        register(ReducerEntry("capped", TwoComponents, "finds two components"))
+    def sslbench_register_backends(register):
+        register(BackendEntry("capped", TwoComponents, ReferenceKMeans, "finds two components"))
 
-    @hookimpl
-    def sslbench_register_clusterers(register):
-        register(ClustererEntry("capped", ReferenceKMeans, "reference k-means"))
-
-    plugin = types.SimpleNamespace(
-        sslbench_register_reducers=sslbench_register_reducers, sslbench_register_clusterers=sslbench_register_clusterers
-    )
+    plugin = types.SimpleNamespace(sslbench_register_backends=sslbench_register_backends)
     plugins = load_plugins(extra=[("capped", plugin)])
     with pytest.raises(SSLBenchError, match="pca_dims=3 exceeds the 2 components the PCA of train found"):
         evaluate_features(*split_blobs, pca_dim=[2, 3], backend="capped", seeds=1, epochs=1, plugins=plugins)

@@ -28,7 +28,7 @@ def test_faiss_backend_clusters_and_projects_like_the_others():
     pca.fit(x)
     exact = PCA().fit(x.astype(np.float64))
     np.testing.assert_allclose(pca._variance, exact.explained_variance_, rtol=1e-4)
-    projected, reference = pca.transform(x, 4, False), exact.transform(x)[:, :4]
+    projected, reference = pca.project(x, 4, False), exact.transform(x)[:, :4]
     signs = np.sign((projected * reference).sum(axis=0))
     np.testing.assert_allclose(projected * signs, reference, atol=1e-3 * np.abs(reference).max())
 

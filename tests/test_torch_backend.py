@@ -32,15 +32,15 @@ def test_pca_matches_scikit_learn_exact_pca():
     ours.fit(x)
     exact = PCA().fit(x.astype(np.float64))
     np.testing.assert_allclose(ours.explained_variance, exact.explained_variance_, rtol=1e-6)
-    projected = ours.transform(x, ours.n_components, False)
+    projected = ours.project(x, ours.n_components, False)
     reference = exact.transform(x.astype(np.float64))
     signs = np.sign((projected * reference).sum(axis=0))
     np.testing.assert_allclose(projected * signs, reference, atol=2e-3 * np.abs(reference).max())
     # whitening: unit variance per component; truncation keeps the leading components
-    white = ours.transform(x, 5, True)
+    white = ours.project(x, 5, True)
     assert white.shape == (3000, 5)
     np.testing.assert_allclose(white.var(axis=0, ddof=1), 1.0, rtol=1e-3)
-    np.testing.assert_allclose(ours.transform(x, 5, False), projected[:, :5], atol=1e-4)
+    np.testing.assert_allclose(ours.project(x, 5, False), projected[:, :5], atol=1e-4)
 
 
 def test_pca_components_are_sign_fixed_and_deterministic():

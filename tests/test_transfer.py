@@ -11,7 +11,7 @@ import yaml
 
 from sslbench.errors import SSLBenchError
 from sslbench.protocol import contingency, hungarian_mapping
-from sslbench.transfer import ClassMap, group_accuracies, transfer_scores
+from sslbench.transfer import ClassMap, transfer_scores
 
 from conftest import run_cli
 
@@ -37,13 +37,73 @@ def test_transfer_scores_by_hand():
     assert {"ari", "ami", "nmi"} <= metrics.keys()
 
 
-def test_group_accuracy_by_hand():
-    mapping = np.array([0, 1, 2])
-    pred = np.array([0, 0, 1, 2, 2, 1])
-    labels = np.array([0, 1, 1, 2, 2, 0])
+def test_composed_assignment_follows_each_clusters_source_class():
+    class_map = ClassMap.checked([[0, 1], [2], []], n_target=3, n_source=4, where="test")
+    # Clusters assigned to source classes 3, 0, 2, 1: source 3 is in no target class.
+    assert class_map.composed_assignment(np.array([3, 0, 2, 1])).tolist() == [-1, 0, 1, 0]
+
+
+def _plan(plugins, train_labels, eval_labels, n_classes, **extra):
+    from sslbench.pipeline import FeatureSplit, plan_protocol
+    from sslbench.spec import ProtocolSpec
+
+    def split(name, labels):
+        return FeatureSplit(name, np.zeros((len(labels), 2), dtype=np.float32), np.asarray(labels))
+
+    protocol = ProtocolSpec(k=[n_classes], seeds=[0], epochs=[1])
+    return plan_protocol(
+        split("train", train_labels),
+        split("eval", eval_labels),
+        n_classes=n_classes,
+        protocol=protocol,
+        plugins=plugins,
+        model="m",
+        dataset="d",
+        **extra,
+    )
+
+
+def test_every_metric_is_scored_per_class_group_by_hand(plugins):
+    from sslbench.pipeline import SeedPredictions, score_seed
+
     groups = {"seen": np.array([0, 1]), "unseen": np.array([2])}
-    out = group_accuracies(mapping, pred, labels, groups)
-    assert out == {"acc_seen": pytest.approx(2 / 4), "acc_unseen": 1.0}
+    plan = _plan(plugins, [0, 1, 2], [0, 1, 1, 2, 2, 0], 3, class_groups=groups)
+    preds = SeedPredictions(np.array([0, 1, 2]), np.array([0, 0, 1, 2, 2, 1]), (), 0.0, 0.0)
+    metrics = score_seed(plan, 3, preds).metrics
+    # Train assignment: cluster c -> class c. Seen classes {0, 1}: 4 eval samples, 2 right.
+    assert metrics["acc_seen"] == pytest.approx(2 / 4)
+    assert metrics["acc_unseen"] == 1.0
+    # Every metric plugin is also computed per group: scikit-learn's ARI on the group's samples alone.
+    from sklearn.metrics import adjusted_rand_score
+
+    assert metrics["ari_seen"] == pytest.approx(adjusted_rand_score([0, 1, 1, 0], [0, 0, 1, 1]))
+    assert metrics["ari_unseen"] == pytest.approx(1.0)
+
+
+def test_transfer_rows_carry_every_metric_plugin(plugins):
+    """A transfer target is scored by the metric plugins in its own class space, plus Table C.2's columns."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from sslbench.pipeline import FeatureSplit, SeedPredictions, TransferTarget, score_seed
+
+    class_map = ClassMap.checked([[0, 1], [2], []], n_target=3, n_source=4, where="test")
+    target_labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    target_pred = np.array([0, 1, 1, 2, 2, 2, 3, 0, 3])
+    target = TransferTarget("d → t", "test", FeatureSplit("t", np.zeros((9, 2), np.float32), target_labels), class_map)
+    train = [0, 1, 2, 3, 0, 1, 2, 3]
+    plan = _plan(plugins, train, [0, 1, 2, 3], 4, transfers=(target,))
+    preds = SeedPredictions(np.array(train), np.array([0, 1, 2, 3]), (target_pred,), 0.0, 0.0)
+    ((metrics, n_scored),) = score_seed(plan, 4, preds).transfers
+    assert n_scored == 7
+    assert metrics["acc_tr"] == pytest.approx(5 / 7)
+    # The source train assignment carried into the target's classes gives ACC = ACC-tr for this map.
+    assert metrics["acc"] == pytest.approx(5 / 7)
+    assert metrics["acc_eval_assignment"] == metrics["acc_val"] == pytest.approx(6 / 7)
+    scored = target_labels < 2
+    assert metrics["nmi"] == pytest.approx(
+        normalized_mutual_info_score(target_labels[scored], target_pred[scored], average_method="arithmetic")
+    )
+    assert {"v_measure", "fowlkes_mallows", "single_cluster"} <= metrics.keys()
 
 
 @pytest.mark.parametrize(
@@ -172,7 +232,7 @@ def test_validate_counts_the_transfer_runs(tmp_path):
 
 
 def test_predictions_are_found_by_exact_dataset_and_clusters(tmp_path):
-    from sslbench.inspect import find_predictions
+    from sslbench.predictions import find_predictions
 
     folder = tmp_path / "predictions"
     folder.mkdir()

@@ -38,9 +38,10 @@ def main(spec_path: str) -> None:
         extra=[("slow", types.SimpleNamespace(sslbench_register_backbones=sslbench_register_backbones))]
     )
     resolved = resolve_spec(load_spec(spec_path), plugins)
-    for block in extract_spec(resolved, plugins, device="cpu"):
-        for name, extracted in block.extracted.items():
-            print(name, extracted.features.shape, flush=True)
+    for features in extract_spec(resolved, plugins, device="cpu"):
+        for extracted in features.per_dataset:
+            for name, got in extracted.items():
+                print(name, got.features.shape, flush=True)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ are left out of both lists, as the paper's code did (it ignored clusters under 1
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,43 +48,6 @@ def purest_and_least_pure(
     eligible = [s for s in stats if s.size >= min_size]
     ranked = sorted(eligible, key=lambda s: (-s.purity, -s.size, s.cluster))
     return ranked[:top], sorted(eligible, key=lambda s: (s.purity, -s.size, s.cluster))[:top]
-
-
-def _stem(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
-
-
-def predictions_name(model: str, dataset: str, seed: int, point: tuple[int, int, int] | None = None) -> str:
-    """File name of one run's predictions: ``<model>__<dataset>[__k<clusters>_pca<dims>_ep<epochs>]
-    __seed<seed>.npz``, names made file-safe; ``point`` (clusters, dims, epochs) when the spec sweeps.
-    :func:`find_predictions` reads the same names."""
-    tag = "" if point is None else f"__k{point[0]}_pca{point[1]}_ep{point[2]}"
-    return f"{_stem(model)}__{_stem(dataset)}{tag}__seed{seed}.npz"
-
-
-def find_predictions(run_dir: Path, model: str, dataset: str | None, seed: int, clusters: int | None) -> Path:
-    """The predictions file of one run; ambiguity (several datasets or protocol points) is an error."""
-    folder = run_dir / "predictions"
-    if not folder.is_dir():
-        raise SSLBenchError(f"{run_dir} has no predictions/ folder: run with --save-predictions")
-    found = []
-    # Names as predictions_name writes them.
-    head, tail = f"{_stem(model)}__", f"__seed{seed}.npz"
-    for path in sorted(folder.glob(f"{head}*{tail}")):
-        middle = path.name[len(head) : -len(tail)]
-        point = re.search(r"__k(\d+)_pca\d+_ep\d+$", middle)
-        dataset_part = middle[: point.start()] if point else middle
-        if dataset is not None and dataset_part != _stem(dataset):
-            continue
-        if clusters is not None and not (point and int(point.group(1)) == clusters):
-            continue
-        found.append(path)
-    if not found:
-        raise SSLBenchError(f"no predictions for model '{model}' seed {seed} in {folder}")
-    if len(found) > 1:
-        names = ", ".join(p.name for p in found)
-        raise SSLBenchError(f"several runs match ({names}); choose with --dataset and --clusters")
-    return found[0]
 
 
 def cluster_members(pred: np.ndarray, cluster: int) -> np.ndarray:

@@ -1,0 +1,597 @@
+"""The protocol on extracted features, as named stages over one resolved plan.
+
+For one model on one dataset (a :class:`ProtocolPlan`, checked by :func:`plan_protocol`)::
+
+    fit_reducer      PCA fitted once on the train features (all components)
+    project_splits   per pca_dims: train, eval and transfer features projected chunk by chunk
+                     into memory-mapped files in the run's scratch folder
+    cluster_seed     per protocol point and seed: k-means fitted on the projected train split,
+                     then every split predicted (in row chunks)
+    score_seed       the train assignment (Hungarian on the train contingency, majority for extra
+                     clusters), then every metric plugin on the eval split, on each class group
+                     and on each transfer target
+    save_predictions the run's cluster ids, when asked
+
+No stage holds a whole feature or projection matrix in memory: inputs are read and outputs written in
+row chunks, so a full ImageNet run needs a few GB of RAM whatever the feature dimension. Only the
+cluster ids (8 bytes per sample) are kept whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from sslbench.arrays import RowReader, RowWriter
+from sslbench.errors import SSLBenchError
+from sslbench.events import Emit, Event, ignore
+from sslbench.interfaces import (
+    DEFAULT_CHUNK_ROWS,
+    BackendEntry,
+    ClustererConfig,
+    MetricEntry,
+    Reducer,
+    ReducerConfig,
+    ScoringContext,
+    iter_chunks,
+)
+from sslbench.predictions import predictions_name, save_predictions
+from sslbench.progress import NullProgress, Progress
+from sslbench.protocol import contingency
+from sslbench.results import Run, RunProtocol, Timings
+from sslbench.spec import ProtocolPoint, ProtocolSpec
+from sslbench.transfer import TRANSFER_METRICS, ClassMap, transfer_scores
+
+if TYPE_CHECKING:
+    from sslbench.plugins import Plugins
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    """Features (possibly a memmap larger than RAM) and labels of one split, checked by
+    :func:`checked_split`."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class TransferTarget:
+    """Another dataset's split that the clusters fitted on train also predict (Table C.2)."""
+
+    label: str
+    split: str
+    features: FeatureSplit
+    class_map: ClassMap
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def checked_labels(name: str, labels: object) -> np.ndarray:
+    """Labels as int64 class indices; errors name the split."""
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        raise SSLBenchError(f"{name} labels must be a 1-D array of class indices, got shape {array.shape}")
+    if len(array) == 0:
+        raise SSLBenchError(f"{name} is empty")
+    integral = np.issubdtype(array.dtype, np.integer) or (
+        np.issubdtype(array.dtype, np.floating) and bool(np.all(np.mod(array, 1) == 0))
+    )
+    if not integral or array.dtype == np.bool_:
+        raise SSLBenchError(f"{name} labels must be integer class indices, got dtype {array.dtype}")
+    labels_int = array.astype(np.int64)
+    if labels_int.min() < 0:
+        raise SSLBenchError(f"{name} labels must be non-negative class indices, found {labels_int.min()}")
+    return labels_int
+
+
+def first_nonfinite_rows(features: np.ndarray) -> tuple[int, int]:
+    """(rows holding NaN or inf, the first such row or -1), read in row chunks with bounded memory."""
+    reader = RowReader(features)
+    bad_rows, first_bad = 0, -1
+    for rows in iter_chunks(len(reader)):
+        bad = ~np.isfinite(reader.rows(rows, as_float32=False)).all(axis=1)
+        if bad.any():
+            if first_bad < 0:
+                first_bad = rows.start + int(np.argmax(bad))
+            bad_rows += int(bad.sum())
+    reader.release()
+    return bad_rows, first_bad
+
+
+def checked_split(name: str, features: object, labels: object, *, known_finite: bool = False) -> FeatureSplit:
+    """Validate one split's features and labels; errors name the split and the problem.
+
+    ``known_finite``: the features were checked for NaN/inf when they were written (a feature cache
+    entry records it), so they are not read again here.
+    """
+    array = features if isinstance(features, np.ndarray) else np.asarray(features)
+    if array.ndim != 2:
+        raise SSLBenchError(f"{name} features must be a 2-D array (samples × dims), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+            raise SSLBenchError(f"{name} features must be real numbers, got dtype {array.dtype}")
+        array = array.astype(np.float32)
+    checked = checked_labels(name, labels)
+    if len(checked) != len(array):
+        raise SSLBenchError(f"{name} has {len(array)} feature rows but {len(checked)} labels; they must be equal")
+    if not known_finite:
+        bad_rows, first_bad = first_nonfinite_rows(array)
+        if bad_rows:
+            raise SSLBenchError(
+                f"{name} features contain NaN or inf in {bad_rows} of {len(array)} rows (first: row {first_bad})"
+            )
+    return FeatureSplit(name, array, checked)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class ProtocolPlan:
+    """One model on one dataset, resolved and checked: everything the stages read."""
+
+    model: str
+    dataset: str
+    train: FeatureSplit
+    eval: FeatureSplit
+    n_classes: int
+    protocol: ProtocolSpec
+    backend: BackendEntry
+    backend_options: BaseModel
+    metrics: tuple[MetricEntry, ...]
+    device: str = "cpu"
+    #: The registered backbone (null for the API's features): runs record it for the plots.
+    backbone: str | None = None
+    #: The dataset's names of the fit and eval splits, recorded in each run.
+    fit_split: str = "train"
+    eval_split: str = "val"
+    class_groups: Mapping[str, np.ndarray] = field(default_factory=dict)
+    transfers: tuple[TransferTarget, ...] = ()
+    extract_s: float = 0.0
+    predictions_dir: Path | None = None
+
+    @functools.cached_property
+    def points(self) -> list[ProtocolPoint]:
+        return self.protocol.points(self.n_classes)
+
+
+def validated_backend_options(backend: BackendEntry, options: Mapping[str, object]) -> BaseModel:
+    """``protocol.backend_options`` through the backend's options model (the API's path; a spec's
+    options are validated by :func:`sslbench.spec.resolve_spec` with file and line)."""
+    try:
+        return backend.options.model_validate(dict(options))
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in ("protocol", "backend_options", *err["loc"]))
+        raise SSLBenchError(f"{where}: {err['msg']}") from None
+
+
+def plan_protocol(
+    train: FeatureSplit,
+    eval_: FeatureSplit,
+    *,
+    n_classes: int,
+    protocol: ProtocolSpec,
+    plugins: Plugins,
+    model: str,
+    dataset: str,
+    backend_options: BaseModel | None = None,
+    **extra: object,
+) -> ProtocolPlan:
+    """Check that the splits, the protocol and the transfer targets fit together; resolve the backend
+    and the metrics. Every problem is found here, before any computation.
+
+    ``extra`` sets the other :class:`ProtocolPlan` fields (device, backbone, split names, groups,
+    transfers, extraction time, predictions folder).
+    """
+    top = max(int(train.labels.max()), int(eval_.labels.max()))
+    if top >= n_classes:
+        raise SSLBenchError(f"labels go up to {top} but the dataset has {n_classes} classes")
+    if train.features.shape[1] != eval_.features.shape[1]:
+        raise SSLBenchError(
+            f"{train.name} features have {train.features.shape[1]} dims but {eval_.name} features have "
+            f"{eval_.features.shape[1]}; both splits must come from the same model"
+        )
+    n_train, dims = train.features.shape
+    most_clusters = max(p.n_clusters for p in protocol.points(n_classes))
+    if n_train < most_clusters:
+        raise SSLBenchError(f"{train.name} has {n_train} samples, fewer than the {most_clusters} clusters asked for")
+    most_dims = max((d for d in protocol.pca_dims if d is not None), default=None)
+    if most_dims is not None and most_dims > min(n_train, dims):
+        raise SSLBenchError(
+            f"pca_dims={most_dims} exceeds what {train.name} allows: "
+            f"min({n_train} samples, {dims} feature dims) = {min(n_train, dims)}"
+        )
+    transfers: Sequence[TransferTarget] = extra.get("transfers", ())  # type: ignore[assignment]
+    for target in transfers:
+        if target.features.features.shape[1] != dims:
+            raise SSLBenchError(
+                f"{target.features.name} features have {target.features.features.shape[1]} dims but "
+                f"{train.name} features have {dims}; both must come from the same model"
+            )
+        if target.class_map.n_source != n_classes:
+            raise SSLBenchError(
+                f"{target.features.name}: its class map refers to {target.class_map.n_source} source classes "
+                f"but {train.name} has {n_classes}"
+            )
+    backend = plugins.backends.get(protocol.backend)
+    options = (
+        backend_options if backend_options is not None else validated_backend_options(backend, protocol.backend_options)
+    )
+    return ProtocolPlan(
+        model=model,
+        dataset=dataset,
+        train=train,
+        eval=eval_,
+        n_classes=n_classes,
+        protocol=protocol,
+        backend=backend,
+        backend_options=options,
+        metrics=tuple(plugins.metrics),
+        **{**extra, "transfers": tuple(transfers)},  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: fit the reducer
+
+
+@dataclass(frozen=True)
+class FittedReducer:
+    reducer: Reducer
+    n_components: int
+    fit_s: float
+
+
+def fit_reducer(plan: ProtocolPlan, progress: Progress, emit: Emit = ignore) -> FittedReducer:
+    """PCA with all components, fitted once on the train split; every ``pca_dims`` truncates it."""
+    emit(Event("stage", f"{plan.model}/{plan.dataset}: PCA on {plan.train.features.shape}", name="fit-pca"))
+    started = time.perf_counter()
+    task = progress.task(f"PCA {plan.model}/{plan.dataset}", len(plan.train.features), unit="rows")
+    reducer = plan.backend.pca(ReducerConfig(device=plan.device, options=plan.backend_options, on_rows=task.advance))
+    reducer.fit(plan.train.features)
+    found = reducer.n_components
+    too_many = [d for d in plan.protocol.pca_dims if d is not None and d > found]
+    if too_many:
+        raise SSLBenchError(
+            f"pca_dims={max(too_many)} exceeds the {found} components the PCA of {plan.train.name} found"
+        )
+    return FittedReducer(reducer, found, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: project every split
+
+
+@dataclass(frozen=True)
+class Projected:
+    """Every split projected onto ``dims`` components, as read-only memory maps."""
+
+    dims: int
+    train: np.ndarray
+    eval: np.ndarray
+    transfers: tuple[np.ndarray, ...]
+    pca_s: float
+
+
+def project_to_file(
+    reducer: Reducer, features: np.ndarray, n_components: int, whiten: bool, path: Path, name: str
+) -> np.ndarray:
+    """``features`` projected chunk by chunk into the ``.npy`` file ``path``; returns its memory map."""
+    reader = RowReader(features)
+    writer = RowWriter(path, len(reader), n_components)
+    try:
+        for rows in iter_chunks(len(reader), DEFAULT_CHUNK_ROWS):
+            projected = np.asarray(reducer.project(reader.rows(rows, as_float32=False), n_components, whiten))
+            expected = (rows.stop - rows.start, n_components)
+            if projected.shape != expected:
+                raise RuntimeError(
+                    f"backend's project() returned shape {projected.shape} for {expected[0]} rows and "
+                    f"{n_components} components"
+                )
+            if not np.isfinite(projected).all():
+                raise SSLBenchError(
+                    f"{name}: the PCA projection overflowed to NaN or inf (features of extreme magnitude?); "
+                    "rescale the features"
+                )
+            writer.write(projected)
+    except OSError as exc:
+        writer.close()
+        raise SSLBenchError(f"cannot write the projection of {name} to {path}: {exc.strerror or exc}") from None
+    finally:
+        reader.release()
+    return writer.finish()
+
+
+def project_splits(
+    plan: ProtocolPlan, fitted: FittedReducer, dims: int | None, scratch: Path, emit: Emit = ignore
+) -> Projected:
+    """The projections one ``pca_dims`` value needs, in the scratch folder (replacing the last ones)."""
+    n = fitted.n_components if dims is None else dims
+    emit(Event("stage", f"{plan.model}/{plan.dataset}: projecting onto {n} components", name="project"))
+    started = time.perf_counter()
+    whiten = plan.protocol.whiten
+    scratch.mkdir(parents=True, exist_ok=True)
+    train = project_to_file(fitted.reducer, plan.train.features, n, whiten, scratch / "train.npy", plan.train.name)
+    eval_ = project_to_file(fitted.reducer, plan.eval.features, n, whiten, scratch / "eval.npy", plan.eval.name)
+    transfers = tuple(
+        project_to_file(fitted.reducer, t.features.features, n, whiten, scratch / f"transfer{i}.npy", t.features.name)
+        for i, t in enumerate(plan.transfers)
+    )
+    return Projected(n, train, eval_, transfers, fitted.fit_s + time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: cluster one seed
+
+
+@dataclass(frozen=True)
+class SeedPredictions:
+    train_pred: np.ndarray
+    eval_pred: np.ndarray
+    transfer_pred: tuple[np.ndarray, ...]
+    kmeans_s: float
+    predict_s: float
+
+
+def cluster_seed(
+    plan: ProtocolPlan,
+    point: ProtocolPoint,
+    seed: int,
+    projected: Projected,
+    progress: Progress,
+    emit: Emit = ignore,
+) -> SeedPredictions:
+    """k-means fitted on the projected train split with ``seed``; then every split predicted."""
+    where = f"{plan.model}/{plan.dataset} k={point.n_clusters} seed {seed}"
+    emit(Event("stage", where, name="kmeans"))
+    task = progress.task(f"k-means {where}", point.epochs, unit="epochs")
+    config = ClustererConfig(
+        point.n_clusters, point.epochs, point.batch_size, seed, plan.device, plan.backend_options, task.advance
+    )
+    started = time.perf_counter()
+    clusterer = plan.backend.kmeans(config)
+    clusterer.fit(projected.train)
+    kmeans_s = time.perf_counter() - started
+
+    emit(Event("stage", where, name="predict"))
+    started = time.perf_counter()
+    named = [(plan.train.name, projected.train), (plan.eval.name, projected.eval)]
+    named += [(t.features.name, z) for t, z in zip(plan.transfers, projected.transfers, strict=True)]
+    predictions = []
+    for name, z in named:
+        pred = np.asarray(clusterer.predict(z), dtype=np.int64)
+        if pred.shape != (len(z),) or (len(pred) and (pred.min() < 0 or pred.max() >= point.n_clusters)):
+            raise RuntimeError(
+                f"backend '{plan.backend.name}' returned cluster ids outside [0, {point.n_clusters}) or of the "
+                f"wrong shape {pred.shape} for {name}"
+            )
+        predictions.append(pred)
+    return SeedPredictions(
+        predictions[0], predictions[1], tuple(predictions[2:]), kmeans_s, time.perf_counter() - started
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: assign and score
+
+
+def _context(
+    train_pred: np.ndarray,
+    train_labels: np.ndarray,
+    train_cost: np.ndarray,
+    eval_pred: np.ndarray,
+    eval_labels: np.ndarray,
+    n_clusters: int,
+    n_classes: int,
+    assignment: np.ndarray | None = None,
+) -> ScoringContext:
+    ctx = ScoringContext(
+        train_pred=train_pred,
+        train_labels=train_labels,
+        eval_pred=eval_pred,
+        eval_labels=eval_labels,
+        n_clusters=n_clusters,
+        n_classes=n_classes,
+        train_contingency=train_cost,
+        eval_contingency=contingency(eval_pred, eval_labels, n_clusters, n_classes),
+    )
+    if assignment is not None:
+        # The assignment is a function of the train contingency alone: contexts derived from one run
+        # share it instead of solving the same Hungarian problem again.
+        ctx.__dict__["train_assignment"] = assignment
+    return ctx
+
+
+def _metrics(entries: Sequence[MetricEntry], ctx: ScoringContext) -> dict[str, float]:
+    if len(ctx.eval_labels) == 0:
+        return {entry.name: float("nan") for entry in entries}
+    return {entry.name: float(entry.fn(ctx)) for entry in entries}
+
+
+def group_metric(metric: str, group: str) -> str:
+    """Name under which a metric restricted to a class group is recorded: ``acc_in_imagenet``."""
+    return f"{metric}_{group}"
+
+
+@dataclass(frozen=True)
+class SeedScores:
+    metrics: dict[str, float]
+    #: Per transfer target: its metrics and the number of target samples scored.
+    transfers: tuple[tuple[dict[str, float], int], ...]
+
+
+def score_seed(plan: ProtocolPlan, n_clusters: int, preds: SeedPredictions, emit: Emit = ignore) -> SeedScores:
+    """Every metric plugin on the eval split, on each class group's samples and on each transfer target.
+
+    The train assignment (Hungarian on the train contingency, majority for extra clusters) is solved
+    once and shared by all of them.
+    """
+    emit(Event("stage", f"{plan.model}/{plan.dataset} k={n_clusters}", name="score"))
+    train_cost = contingency(preds.train_pred, plan.train.labels, n_clusters, plan.n_classes)
+    ctx = _context(
+        preds.train_pred, plan.train.labels, train_cost, preds.eval_pred, plan.eval.labels, n_clusters, plan.n_classes
+    )
+    metrics = _metrics(plan.metrics, ctx)
+    for group, classes in plan.class_groups.items():
+        inside = np.isin(plan.eval.labels, classes)
+        sub = _context(
+            preds.train_pred,
+            plan.train.labels,
+            train_cost,
+            preds.eval_pred[inside],
+            plan.eval.labels[inside],
+            n_clusters,
+            plan.n_classes,
+            ctx.train_assignment,
+        )
+        metrics.update({group_metric(name, group): value for name, value in _metrics(plan.metrics, sub).items()})
+    transfers = tuple(
+        _score_transfer(plan, target, pred, preds.train_pred, train_cost, ctx.train_assignment, n_clusters)
+        for target, pred in zip(plan.transfers, preds.transfer_pred, strict=True)
+    )
+    return SeedScores(metrics, transfers)
+
+
+def _score_transfer(
+    plan: ProtocolPlan,
+    target: TransferTarget,
+    target_pred: np.ndarray,
+    train_pred: np.ndarray,
+    train_cost: np.ndarray,
+    assignment: np.ndarray,
+    n_clusters: int,
+) -> tuple[dict[str, float], int]:
+    """Every metric plugin in the target's class space (its classes that map onto source classes,
+    renumbered), then the Table C.2 columns, which take precedence over plugin metrics of the same name.
+
+    In the target context a cluster's assigned class is the target class containing its source-train
+    class (-1: none), so the assignment-based metrics score how the source clusters transfer.
+    """
+    class_map = target.class_map
+    table, scored = transfer_scores(assignment, target_pred, target.features.labels, class_map, n_clusters)
+    inside = np.isin(target.features.labels, class_map.shared)
+    dense = np.searchsorted(class_map.shared, target.features.labels[inside])
+    ctx = _context(
+        train_pred,
+        plan.train.labels,
+        train_cost,
+        target_pred[inside],
+        dense,
+        n_clusters,
+        len(class_map.shared),
+        class_map.composed_assignment(assignment),
+    )
+    metrics = _metrics(plan.metrics, ctx)
+    metrics.update({name: table[name] for name in TRANSFER_METRICS})
+    return metrics, scored
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages in order
+
+
+def run_protocol(
+    plan: ProtocolPlan, *, scratch: Path, progress: Progress | None = None, emit: Emit = ignore
+) -> Iterator[Run]:
+    """fit the reducer → per dims: project → per point and seed: cluster, score, save → runs.
+
+    Yields each run as soon as it is scored (transfer runs right after their source run).
+    ``scratch`` receives the projections; the caller owns it and removes it.
+    """
+    progress = progress or NullProgress()
+    fitted = fit_reducer(plan, progress, emit)
+    for dims in plan.protocol.pca_dims:
+        projected = project_splits(plan, fitted, dims, scratch, emit)
+        for point in (p for p in plan.points if p.pca_dims == dims):
+            protocol = RunProtocol(
+                fit_split=plan.fit_split,
+                eval_split=plan.eval_split,
+                n_classes=plan.n_classes,
+                k=point.k,
+                overcluster=point.overcluster,
+                n_clusters=point.n_clusters,
+                pca_dims=projected.dims,
+                whiten=point.whiten,
+                epochs=point.epochs,
+                batch_size=point.batch_size,
+                backend=plan.protocol.backend,
+            )
+            swept = None if len(plan.points) == 1 else (point.n_clusters, projected.dims, point.epochs)
+            for seed in plan.protocol.seeds:
+                preds = cluster_seed(plan, point, seed, projected, progress, emit)
+                started = time.perf_counter()
+                scores = score_seed(plan, point.n_clusters, preds, emit)
+                timings = Timings(
+                    extract_s=plan.extract_s,
+                    pca_s=projected.pca_s,
+                    kmeans_s=preds.kmeans_s,
+                    eval_s=preds.predict_s + time.perf_counter() - started,
+                )
+                run = Run(
+                    model=plan.model,
+                    backbone=plan.backbone,
+                    dataset=plan.dataset,
+                    protocol=protocol,
+                    seed=seed,
+                    n_train=len(plan.train.labels),
+                    n_eval=len(plan.eval.labels),
+                    metrics=scores.metrics,
+                    timings=timings,
+                )
+                transfer_runs = [
+                    Run(
+                        model=plan.model,
+                        backbone=plan.backbone,
+                        dataset=target.label,
+                        protocol=protocol.model_copy(
+                            update={"eval_split": target.split, "n_classes": len(target.class_map.shared)}
+                        ),
+                        seed=seed,
+                        n_train=len(plan.train.labels),
+                        n_eval=n_scored,
+                        metrics=metrics,
+                        timings=timings,
+                    )
+                    for target, (metrics, n_scored) in zip(plan.transfers, scores.transfers, strict=True)
+                ]
+                if plan.predictions_dir is not None:
+                    emit(Event("stage", f"{plan.model}/{plan.dataset} seed {seed}", name="save"))
+                    save_run_predictions(plan, preds, seed, swept)
+                yield run
+                yield from transfer_runs
+
+
+def save_run_predictions(
+    plan: ProtocolPlan, preds: SeedPredictions, seed: int, swept: tuple[int, int, int] | None
+) -> None:
+    """The run's cluster ids (and those of its transfer rows: every target sample, scored or not)."""
+    assert plan.predictions_dir is not None
+    folder = plan.predictions_dir
+    save_predictions(
+        folder / predictions_name(plan.model, plan.dataset, seed, swept),
+        preds.train_pred,
+        plan.train.labels,
+        preds.eval_pred,
+        plan.eval.labels,
+    )
+    for target, pred in zip(plan.transfers, preds.transfer_pred, strict=True):
+        save_predictions(
+            folder / predictions_name(plan.model, target.label, seed, swept),
+            preds.train_pred,
+            plan.train.labels,
+            pred,
+            target.features.labels,
+        )
