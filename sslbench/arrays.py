@@ -159,10 +159,7 @@ class RowWriter:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.shape[1] or self._written + len(rows) > self.shape[0]:
             raise ValueError(f"rows of shape {rows.shape} do not fit {self.path} {self.shape} at row {self._written}")
-        self._write_all(
-            rows.tobytes() if not rows.flags.c_contiguous else rows.data.cast("B"),
-            self._offset + self._written * self._row_bytes,
-        )
+        self._write_all(rows.data.cast("B"), self._offset + self._written * self._row_bytes)
         self._written += len(rows)
 
     def close(self) -> None:
