@@ -277,3 +277,49 @@ def test_a_fully_cached_run_touches_no_image_and_hashes_no_weights(tmp_path, mon
     first = json.loads((tmp_path / "first" / "results.json").read_text())["runs"]
     second = json.loads((tmp_path / "second" / "results.json").read_text())["runs"]
     assert [r["metrics"] for r in first] == [r["metrics"] for r in second]
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: projections on disk, scratch cleaned
+
+
+def test_projections_stream_to_scratch_files_that_are_removed(tmp_path, split_blobs, plugins):
+    from sslbench.events import Event
+
+    scratch = tmp_path / "scratch"
+    stale = scratch / ".scratch" / "999999999-dead"  # left by a killed run: its process is gone
+    stale.mkdir(parents=True)
+    (stale / "train.npy").write_bytes(b"x")
+    seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+
+    def emit(event: Event) -> None:
+        if event.name == "kmeans":
+            for path in (scratch / ".scratch").rglob("*.npy"):
+                array = np.load(path, mmap_mode="r")
+                seen[path.name] = (array.shape, array.dtype)
+
+    results = sslbench.evaluate_features(
+        *split_blobs, seeds=1, epochs=2, scratch_dir=scratch, emit=emit, plugins=plugins
+    )
+    # The projections were memory-mappable files while k-means ran.
+    assert seen == {"train.npy": ((200, 12), np.float32), "eval.npy": ((100, 12), np.float32)}
+    assert not stale.exists()
+    assert list((scratch / ".scratch").iterdir()) == []  # this run's folder is gone too
+    assert results.runs[0].metrics["acc"] > 0.9
+
+
+def test_row_writer_writes_an_npy_that_numpy_reads(tmp_path):
+    from sslbench.arrays import RowReader, RowWriter
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 7)).astype(np.float32)
+    writer = RowWriter(tmp_path / "x.npy", 1000, 7)
+    for start in range(0, 1000, 333):
+        writer.write(x[start : start + 333])
+    mapped = writer.finish()
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)  # numpy's own reader agrees
+    np.testing.assert_array_equal(RowReader(mapped).gather(np.array([3, 4, 999])), x[[3, 4, 999]])
+    short = RowWriter(tmp_path / "short.npy", 10, 7)
+    short.write(x[:5])
+    with pytest.raises(ValueError, match="5 of 10 rows written"):
+        short.finish()

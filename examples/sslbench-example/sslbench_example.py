@@ -40,6 +40,12 @@ class PooledPixels(Backbone):
 
         return F.adaptive_avg_pool2d(batch, self.grid).flatten(1)
 
+    def fingerprint(self) -> dict[str, Any]:
+        # The cache key already holds this backbone's name, its options (the grid) and this
+        # distribution's name and version. What else changes the features goes here: this model has
+        # no weights file, so only a revision, bumped when a fix changes the features between releases.
+        return {"revision": 1}
+
 
 def purity(ctx: ScoringContext) -> float:
     """Fraction of eval samples that belong to their cluster's most frequent eval class."""
