@@ -17,7 +17,7 @@ HOOKS = [(name, fn) for name, fn in vars(hookspecs).items() if name.startswith("
 
 def test_every_hook_is_documented_in_the_contract_and_contributing():
     contributing = (REPO / "CONTRIBUTING.md").read_text()
-    assert len(HOOKS) == 6
+    assert len(HOOKS) == 5
     for name, fn in HOOKS:
         doc = inspect.getdoc(fn) or ""
         assert ":param register:" in doc and "versionadded" in doc, name
