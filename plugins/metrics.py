@@ -8,9 +8,9 @@ scikit-learn's own functions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-
-from sklearn import metrics as skm
+from typing import Any
 
 from sslbench import hookimpl
 from sslbench.interfaces import MetricEntry, ScoringContext
@@ -29,11 +29,21 @@ def acc_eval_assignment(ctx: ScoringContext) -> float:
     return mapped_accuracy(hungarian_mapping(ctx.eval_contingency), ctx.eval_pred, ctx.eval_labels)
 
 
-def _partition(score: Callable[..., float], **kwargs: str) -> Callable[[ScoringContext], float]:
+def _partition(name: str, **kwargs: str) -> Callable[[ScoringContext], float]:
+    """scikit-learn's ``sklearn.metrics.<name>`` of the eval labels and clusters (scikit-learn is
+    imported at the first score, not when plugins load)."""
+
     def metric(ctx: ScoringContext) -> float:
-        return float(score(ctx.eval_labels, ctx.eval_pred, **kwargs))
+        return float(_sklearn_metric(name)(ctx.eval_labels, ctx.eval_pred, **kwargs))
 
     return metric
+
+
+@functools.cache
+def _sklearn_metric(name: str) -> Any:
+    from sklearn import metrics
+
+    return getattr(metrics, name)
 
 
 @hookimpl
@@ -41,11 +51,11 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
     register(MetricEntry("acc", acc, "ACC", "Hungarian assignment built on the train split"))
     register(MetricEntry("acc_majority", acc_majority, "ACC-maj", "majority train class per cluster"))
     register(MetricEntry("acc_eval_assignment", acc_eval_assignment, "ACC-eval", "Hungarian assignment built on eval"))
-    register(MetricEntry("ari", _partition(skm.adjusted_rand_score), "ARI", "adjusted Rand index"))
+    register(MetricEntry("ari", _partition("adjusted_rand_score"), "ARI", "adjusted Rand index"))
     register(
         MetricEntry(
             "ami",
-            _partition(skm.adjusted_mutual_info_score, average_method="arithmetic"),
+            _partition("adjusted_mutual_info_score", average_method="arithmetic"),
             "AMI",
             "adjusted mutual information (arithmetic)",
         )
@@ -53,10 +63,10 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
     register(
         MetricEntry(
             "nmi",
-            _partition(skm.normalized_mutual_info_score, average_method="arithmetic"),
+            _partition("normalized_mutual_info_score", average_method="arithmetic"),
             "NMI",
             "normalised mutual information (arithmetic)",
         )
     )
-    register(MetricEntry("v_measure", _partition(skm.v_measure_score), "V", "V-measure"))
-    register(MetricEntry("fowlkes_mallows", _partition(skm.fowlkes_mallows_score), "FM", "Fowlkes–Mallows index"))
+    register(MetricEntry("v_measure", _partition("v_measure_score"), "V", "V-measure"))
+    register(MetricEntry("fowlkes_mallows", _partition("fowlkes_mallows_score"), "FM", "Fowlkes–Mallows index"))

@@ -7,6 +7,7 @@ same loader plugins. One pydantic schema, unknown keys rejected, checks every ca
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -143,9 +144,13 @@ def cards_root() -> Path:
     return registry_root() / "cards"
 
 
+#: libyaml's loader when PyYAML was built with it (tens of times faster than the pure-Python one).
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_card_file(path: Path) -> list[ModelCard]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)  # a safe loader: no Python objects
     except (OSError, yaml.YAMLError) as exc:
         raise SSLBenchError(f"cannot read model card file {path}: {exc}") from None
     try:
@@ -161,17 +166,28 @@ def load_card_file(path: Path) -> list[ModelCard]:
 
 
 def load_cards(folder: Path | None = None) -> list[ModelCard]:
-    """Every card in ``folder`` (default: the bundled registry), ids unique."""
+    """Every card in ``folder`` (default: the bundled registry), ids unique.
+
+    Parsed once per process for the same files (every card loader plugin asks), and again only when
+    a file's size or modification time changed.
+    """
     folder = folder or cards_root()
+    files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.yaml")))
+    return list(_parsed_cards(files))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_cards(files: tuple[tuple[str, int, int], ...]) -> tuple[ModelCard, ...]:
     cards: list[ModelCard] = []
     seen: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.yaml")):
+    for name, _, _ in files:
+        path = Path(name)
         for card in load_card_file(path):
             if card.id in seen:
                 raise SSLBenchError(f"model card {card.id} is defined in both {seen[card.id]} and {path}")
             seen[card.id] = path
             cards.append(card)
-    return cards
+    return tuple(cards)
 
 
 def backbone_entries(

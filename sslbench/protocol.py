@@ -12,7 +12,6 @@ Following the paper and its code (``Randl/kmeans_selfsuper`` cluster.py):
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 
 def contingency(pred: np.ndarray, labels: np.ndarray, n_clusters: int, n_classes: int) -> np.ndarray:
@@ -29,6 +28,8 @@ def hungarian_mapping(cost: np.ndarray) -> np.ndarray:
     A cluster left unmatched takes the class it holds most of (the first such class on ties, and
     class 0 for a cluster that is empty in ``cost``), as the paper's code does.
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: `sslbench --help` need not load scipy
+
     rows, cols = linear_sum_assignment(cost, maximize=True)
     mapping = cost.argmax(axis=1)
     mapping[rows] = cols

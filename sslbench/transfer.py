@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn import metrics as skm
 
 from sslbench.errors import SSLBenchError
 from sslbench.protocol import contingency, hungarian_mapping, mapped_accuracy
@@ -110,6 +109,8 @@ def transfer_scores(
     pred, labels = target_pred[scored], target_labels[scored]
     if len(labels) == 0:
         raise SSLBenchError("no target sample belongs to a class that maps onto the source classes")
+    from sklearn import metrics as skm  # imported here: start-up commands need not load scikit-learn
+
     acc_tr = float(np.mean(class_map.membership[labels, train_assignment[pred]]))
     # Target classes renumbered 0..m-1 over the shared ones, so the assignment ignores the others.
     dense = np.searchsorted(class_map.shared, labels)
