@@ -1,4 +1,4 @@
-"""Built-in report formats: the rich terminal table, Markdown, CSV and JSON."""
+"""Built-in report formats: the rich terminal table, Markdown, LaTeX, CSV, JSON and a self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
 from sslbench.table import metric_label, summary_tables
+
+from .html_report import HTMLReporter
 
 
 class RichReporter(Reporter):
@@ -190,3 +192,8 @@ def sslbench_register_reporters(register: Callable[[ReporterEntry], None]) -> No
     register(ReporterEntry("csv", CSVReporter(), "CSV, one row per model/dataset/protocol point"))
     register(ReporterEntry("latex", LatexReporter(), "LaTeX table in the paper's Table 1 form"))
     register(ReporterEntry("json", JSONReporter(), "the results JSON"))
+    register(
+        ReporterEntry(
+            "html", HTMLReporter(), "one self-contained HTML page: sortable tables, figures, cluster statistics"
+        )
+    )

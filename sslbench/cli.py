@@ -21,6 +21,7 @@ from rich.table import Table
 from sslbench.bundled import find_spec
 from sslbench.errors import PluginFailure, SSLBenchError
 from sslbench.events import Event
+from sslbench.interfaces import ReportContext
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import rich_progress
 from sslbench.results import load_results, merge_results, write_atomic
@@ -208,12 +209,13 @@ def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
     results = merge_results([load_results(path) for path in args.results], args.results)
     reporter = plugins.reporters.get(args.format).reporter
+    context = ReportContext.from_arguments(args.results, plugins)
     if args.output:
-        write_atomic(Path(args.output), reporter.render(results))
+        write_atomic(Path(args.output), reporter.render_with_context(results, context))
     elif args.format == "rich":
         reporter.show(results, _console())
     else:
-        sys.stdout.write(reporter.render(results))
+        sys.stdout.write(reporter.render_with_context(results, context))
     return 0
 
 
@@ -376,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="render a results.json (or its run directory)")
     report.add_argument("results", nargs="+", help="results.json files or run directories (merged)")
-    report.add_argument("--format", default="rich", help="a registered reporter: rich, md, csv, json, …")
+    report.add_argument("--format", default="rich", help="a registered reporter: rich, md, csv, json, latex, html, …")
     report.add_argument("--output", "-o", help="write to this file instead of stdout")
     report.set_defaults(func=cmd_report)
     return parser

@@ -17,6 +17,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from sslbench.cards import ModelCard
+    from sslbench.plugins import Plugins
     from sslbench.results import Results
 
 #: Rows per chunk when a matrix is streamed; 16384 × 2048 float32 is 128 MiB.
@@ -323,8 +325,38 @@ class MetricEntry:
 # Reporters
 
 
+@dataclass(frozen=True)
+class ReportContext:
+    """What ``sslbench report`` knows besides the results, for reporters that show more than they hold.
+
+    :param run_dirs: the run directories the results were read from, in the order given: each
+        directory argument, and the folder of each argument named ``results.json``; a run's saved
+        ``predictions/*.npz`` are found there.
+    :param plugins: the loaded plugins (model cards give the linear top-1s of Figure 1a); ``None``
+        when the caller has none.
+    """
+
+    run_dirs: tuple[Path, ...] = ()
+    plugins: Plugins | None = None
+
+    @classmethod
+    def from_arguments(cls, arguments: Sequence[str | Path], plugins: Plugins | None = None) -> ReportContext:
+        """The context of ``sslbench report ARGUMENTS…``: results files and run directories."""
+        dirs = []
+        for argument in map(Path, arguments):
+            folder = argument if argument.is_dir() else argument.parent if argument.name == "results.json" else None
+            if folder is not None and folder not in dirs:
+                dirs.append(folder)
+        return cls(tuple(dirs), plugins)
+
+
 class Reporter(ABC):
-    """Renders a :class:`~sslbench.results.Results` object; every report is a view of results.json."""
+    """Renders a :class:`~sslbench.results.Results` object; every report is a view of results.json.
+
+    A reporter implements :meth:`render`. One that can show more when it knows where the results
+    came from (a run directory's saved predictions, the plugins' model cards) also overrides
+    :meth:`render_with_context`, which ``sslbench report`` calls; its default is :meth:`render`.
+    """
 
     #: File suffix used when the report is written to disk (``results<suffix>``).
     suffix: str = ".txt"
@@ -332,6 +364,14 @@ class Reporter(ABC):
     @abstractmethod
     def render(self, results: Results) -> str:
         """The report as text."""
+
+    def render_with_context(self, results: Results, context: ReportContext) -> str:
+        """The report as text, given the run directories and plugins in ``context``; by default
+        the context is not needed and this is :meth:`render`.
+
+        .. versionadded:: 0.1
+        """
+        return self.render(results)
 
     def show(self, results: Results, console: Console) -> None:
         """Print the report on a terminal; plain text by default."""

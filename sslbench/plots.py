@@ -6,11 +6,13 @@
 * Figure 2b — ACC and ARI against the number of clusters, likewise.
 
 A figure is drawn only when the results hold what it needs (a sweep over dims or k, linear top-1s);
-:func:`plot_results` returns what it wrote and why it skipped the others.
+:func:`plot_results` returns what it wrote and why it skipped the others; :func:`svg_figures` draws
+the same figures as SVG text in memory (the HTML report embeds them).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -141,6 +143,7 @@ def _sweep_rows(results: Results, field_name: str) -> dict[tuple[str, str], list
 
 def _sweep_figure(
     plt: Any,
+    *,
     sweeps: dict[tuple[str, str], list[SummaryRow]],
     field_name: str,
     xlabel: str,
@@ -168,6 +171,65 @@ def _sweep_figure(
     return fig
 
 
+@dataclass(frozen=True)
+class FigurePlan:
+    """One figure that the results support, not yet drawn: ``make(plt)`` returns the matplotlib figure."""
+
+    stem: str
+    title: str
+    make: Callable[[Any], Any]
+
+
+def plan_figures(
+    results: Results, *, plugins: Plugins | None = None, size: FigureSize = FigureSize()
+) -> tuple[list[FigurePlan], list[str]]:
+    """The figures the results support, in the paper's order, and why each other one is skipped."""
+    plans: list[FigurePlan] = []
+    skipped: list[str] = []
+    headline = _headline_rows(results)
+    with_linear = [(row, linear_top1(row, plugins)) for row in headline]
+    linear_points = [(row.model, top1, 100 * row.metrics["acc"].mean) for row, top1 in with_linear if top1 is not None]
+    if len(linear_points) >= 2:
+        plans.append(
+            FigurePlan(
+                "fig1_acc_vs_linear",
+                "Figure 1a: ACC vs linear",
+                lambda plt: _scatter(
+                    plt, linear_points, "linear top-1 (%)", "k-means ACC (%)", "Figure 1a: ACC vs linear", size
+                ),
+            )
+        )
+    else:
+        skipped.append(f"fig1_acc_vs_linear: {len(linear_points)} model(s) with a linear top-1 in their card; 2 needed")
+    ari_points = [(row.model, 100 * row.metrics["acc"].mean, 100 * row.metrics["ari"].mean) for row in headline]
+    if len(ari_points) >= 2:
+        plans.append(
+            FigurePlan(
+                "fig1_ari_vs_acc",
+                "Figure 1b: ARI vs ACC",
+                lambda plt: _scatter(plt, ari_points, "ACC (%)", "ARI (%)", "Figure 1b: ARI vs ACC", size),
+            )
+        )
+    else:
+        skipped.append(f"fig1_ari_vs_acc: {len(ari_points)} model(s) at the paper's protocol point; 2 needed")
+    for field_name, stem, xlabel, title in (
+        ("pca_dims", "fig2_dims", "PCA dimensions", "Figure 2a: ACC and ARI vs PCA dimensions"),
+        ("n_clusters", "fig2_clusters", "clusters", "Figure 2b: ACC and ARI vs the number of clusters"),
+    ):
+        sweeps = _sweep_rows(results, field_name)
+        if sweeps:
+            plans.append(
+                FigurePlan(
+                    stem,
+                    title,
+                    partial(_sweep_figure, sweeps=sweeps, field_name=field_name, xlabel=xlabel, size=size, log_x=True),
+                )
+            )
+        else:
+            skipped.append(f"{stem}: no sweep over {xlabel} in the results")
+    return plans, skipped
+
+
 def plot_results(
     results: Results,
     out_dir: Path,
@@ -182,41 +244,36 @@ def plot_results(
         raise SSLBenchError(f"unknown figure format '{unknown[0]}'; choose from {', '.join(FORMATS)}")
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcome = PlotOutcome()
-
-    def draw(stem: str, make: Callable[[], Any]) -> None:
-        fig = make()
+    plans, skipped = plan_figures(results, plugins=plugins, size=size)
+    outcome = PlotOutcome(skipped=skipped)
+    for plan in plans:
+        fig = plan.make(plt)
         try:
-            outcome.written += _save(fig, out_dir, stem, size, formats)
+            outcome.written += _save(fig, out_dir, plan.stem, size, formats)
         finally:
             plt.close(fig)
-
-    headline = _headline_rows(results)
-    with_linear = [(row, linear_top1(row, plugins)) for row in headline]
-    linear_points = [(row.model, top1, 100 * row.metrics["acc"].mean) for row, top1 in with_linear if top1 is not None]
-    if len(linear_points) >= 2:
-        draw(
-            "fig1_acc_vs_linear",
-            lambda: _scatter(
-                plt, linear_points, "linear top-1 (%)", "k-means ACC (%)", "Figure 1a: ACC vs linear", size
-            ),
-        )
-    else:
-        outcome.skipped.append(
-            f"fig1_acc_vs_linear: {len(linear_points)} model(s) with a linear top-1 in their card; 2 needed"
-        )
-    ari_points = [(row.model, 100 * row.metrics["acc"].mean, 100 * row.metrics["ari"].mean) for row in headline]
-    if len(ari_points) >= 2:
-        draw("fig1_ari_vs_acc", lambda: _scatter(plt, ari_points, "ACC (%)", "ARI (%)", "Figure 1b: ARI vs ACC", size))
-    else:
-        outcome.skipped.append(f"fig1_ari_vs_acc: {len(ari_points)} model(s) at the paper's protocol point; 2 needed")
-    for field_name, stem, xlabel in (
-        ("pca_dims", "fig2_dims", "PCA dimensions"),
-        ("n_clusters", "fig2_clusters", "clusters"),
-    ):
-        sweeps = _sweep_rows(results, field_name)
-        if sweeps:
-            draw(stem, partial(_sweep_figure, plt, sweeps, field_name, xlabel, size, log_x=True))
-        else:
-            outcome.skipped.append(f"{stem}: no sweep over {xlabel} in the results")
     return outcome
+
+
+def svg_figures(
+    results: Results, *, plugins: Plugins | None = None, size: FigureSize = FigureSize()
+) -> tuple[list[tuple[FigurePlan, str]], list[str]]:
+    """Every figure the results support as an SVG document drawn in memory (text kept as text, ids
+    stable for a given figure), and why the others are skipped; :class:`SSLBenchError` without matplotlib."""
+    plt = _pyplot()
+    import matplotlib
+
+    plans, skipped = plan_figures(results, plugins=plugins, size=size)
+    drawn = []
+    for plan in plans:
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"sslbench-{plan.stem}"}):
+            fig = plan.make(plt)
+            try:
+                buffer = io.StringIO()
+                fig.savefig(
+                    buffer, format="svg", dpi=size.dpi, metadata=dict.fromkeys(("Creator", "Date", "Format", "Type"))
+                )
+            finally:
+                plt.close(fig)
+        drawn.append((plan, buffer.getvalue()))
+    return drawn, skipped
