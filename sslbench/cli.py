@@ -36,16 +36,17 @@ def _console() -> Console:
 def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
     """Events of the core on the terminal: the only place where they get colours."""
 
+    # soft_wrap: a line is never cut into pieces, so notes (paths, URLs) stay copyable and greppable.
     def render(event: Event) -> None:
         if event.kind == "note":
-            console.print(f"[yellow]{escape(event.text)}")
+            console.print(f"[yellow]{escape(event.text)}", soft_wrap=True)
         elif event.kind == "features":
-            console.print(f"[bold]{escape(event.text)}")
+            console.print(f"[bold]{escape(event.text)}", soft_wrap=True)
         elif event.kind == "run":
-            console.print(f"  {escape(event.text)}")
+            console.print(f"  {escape(event.text)}", soft_wrap=True)
         elif event.kind == "stage" and stages:
             # Plain and greppable: benchmarks time the stages from these lines.
-            console.print(f"sslbench: stage {event.name} {event.text}", markup=False)
+            console.print(f"sslbench: stage {event.name} {event.text}", markup=False, soft_wrap=True)
 
     return render
 

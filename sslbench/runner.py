@@ -46,6 +46,7 @@ from sslbench.results import (
 )
 from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec
 from sslbench.transfer import ClassMap, checked_class_groups
+from sslbench.weights import no_downloads
 
 #: Reports written next to results.json by ``sslbench run``.
 FILE_REPORTS = ("md", "csv")
@@ -262,7 +263,11 @@ def model_features(
     for m_index, model in enumerate(plan.models):
         emit(Event("stage", model.spec.label, name="build"))
         try:
-            backbone = _build(model, plan.device)
+            if model.spec.optional:
+                with no_downloads():
+                    backbone = _build(model, plan.device)
+            else:
+                backbone = _build(model, plan.device)
         except SSLBenchError as exc:
             if not model.spec.optional:
                 raise

@@ -20,7 +20,9 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +61,48 @@ def _from_timm(source: WeightSource) -> Path:
     if cfg.hf_hub_id:
         from huggingface_hub import hf_hub_download
 
+        try:
+            from huggingface_hub.errors import EntryNotFoundError
+        except ImportError:  # huggingface_hub < 0.23 kept its errors in utils
+            from huggingface_hub.utils import EntryNotFoundError
+        _require_downloads(f"{source.timm_name} from the Hugging Face hub ({cfg.hf_hub_id})")
         for filename in ("model.safetensors", "pytorch_model.bin"):
             try:
                 return Path(hf_hub_download(cfg.hf_hub_id, filename))
-            except Exception:  # noqa: BLE001 - try the next file name the hub may hold
+            except EntryNotFoundError:  # the repository holds the other file name
                 continue
-        raise SSLBenchError(f"could not download {source.timm_name} from the Hugging Face hub ({cfg.hf_hub_id})")
+            except OSError as exc:  # network and disk errors (requests' errors are OSErrors)
+                raise SSLBenchError(
+                    f"cannot download {source.timm_name} from the Hugging Face hub ({cfg.hf_hub_id}): "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from None
+        raise SSLBenchError(
+            f"the Hugging Face hub repository {cfg.hf_hub_id} holds no weights file of {source.timm_name}"
+        )
     url = cfg.url if isinstance(cfg.url, str) else None
     if url:
         return download(url, url.rsplit("/", 1)[-1])
     raise SSLBenchError(f"timm's {source.timm_name} has no download location")
+
+
+#: Whether weights may be fetched from the network now. The runner turns it off while it builds an
+#: optional model: an optional model whose weights are absent is skipped, never downloaded unannounced.
+downloads_allowed: ContextVar[bool] = ContextVar("sslbench_downloads_allowed", default=True)
+
+
+@contextmanager
+def no_downloads() -> Iterator[None]:
+    """Within the block, a weights file that is not on this machine is an error saying how to get it."""
+    token = downloads_allowed.set(False)
+    try:
+        yield
+    finally:
+        downloads_allowed.reset(token)
+
+
+def _require_downloads(what: str) -> None:
+    if not downloads_allowed.get():
+        raise SSLBenchError(f"{what} is not on this machine and optional models are never downloaded")
 
 
 def download(url: str, file_name: str) -> Path:
@@ -78,6 +112,7 @@ def download(url: str, file_name: str) -> Path:
     target = hub_checkpoint_dir() / file_name
     if target.is_file():
         return target
+    _require_downloads(f"{file_name} (from {url}; to get it: download it into {target.parent})")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(target), progress=True)

