@@ -12,7 +12,6 @@ import pytest
 
 from conftest import blobs, run_cli
 
-
 NO_NETWORK = Path(__file__).with_name("helpers") / "no_network"
 
 
