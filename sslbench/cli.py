@@ -24,7 +24,7 @@ from sslbench.events import Event
 from sslbench.interfaces import ReportContext
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import rich_progress
-from sslbench.results import load_results, merge_results, write_atomic
+from sslbench.results import Run, load_results, merge_results, write_atomic
 from sslbench.spec import load_spec, resolve_spec
 
 
@@ -33,8 +33,26 @@ def _console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
+def point_summary(runs: list[Run]) -> str:
+    """``model on dataset k=10 pca=64: ACC 71.89 ± 9.13  ARI …  (5 seeds)`` for one protocol point."""
+    import statistics
+
+    first = runs[0]
+    head = f"{first.model} on {first.dataset} k={first.protocol.n_clusters} pca={first.protocol.pca_dims}"
+    parts = []
+    for name, label in (("acc", "ACC"), ("ari", "ARI"), ("nmi", "NMI"), ("acc_tr", "ACC-tr")):
+        values = [100 * r.metrics[name] for r in runs if name in r.metrics]
+        if len(values) == len(runs):
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+            parts.append(f"{label} {statistics.fmean(values):.2f}{spread}")
+    seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+    return f"{head}: {'  '.join(parts) or 'done'}  ({seeds})"
+
+
 def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
     """Events of the core on the terminal: the only place where they get colours."""
+
+    pending: dict[tuple[object, ...], list[Run]] = {}
 
     # soft_wrap: a line is never cut into pieces, so notes (paths, URLs) stay copyable and greppable.
     def render(event: Event) -> None:
@@ -42,8 +60,13 @@ def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
             console.print(f"[yellow]{escape(event.text)}", soft_wrap=True)
         elif event.kind == "features":
             console.print(f"[bold]{escape(event.text)}", soft_wrap=True)
-        elif event.kind == "run":
-            console.print(f"  {escape(event.text)}", soft_wrap=True)
+        elif event.kind == "run" and event.run is not None:
+            # One line per protocol point once all its seeds are in, not one per seed.
+            run = event.run
+            key = (run.model, run.dataset, run.protocol.n_clusters, run.protocol.pca_dims, run.protocol.epochs)
+            pending.setdefault(key, []).append(run)
+            if len(pending[key]) >= int(event.data.get("seeds", 1)):
+                console.print(f"  {escape(point_summary(pending.pop(key)))}", soft_wrap=True)
         elif event.kind == "stage" and stages:
             # Plain and greppable: benchmarks time the stages from these lines.
             console.print(f"sslbench: stage {event.name} {event.text}", markup=False, soft_wrap=True)

@@ -1,4 +1,9 @@
-"""Progress reporting: a rich progress bar on a terminal, nothing in the Python API and tests."""
+"""Progress reporting: a rich progress bar on a terminal, nothing in the Python API and tests.
+
+Bars live only while their work runs: a finished bar is removed, so a long spec leaves on the
+terminal the lines the CLI prints per stage (features ready, one summary per protocol point), not
+hundreds of finished bars.
+"""
 
 from __future__ import annotations
 
@@ -70,10 +75,15 @@ class _RichTask:
         self.bar, self.task_id, self.unit = bar, task_id, unit
 
     def advance(self, amount: float = 1) -> None:
+        if self.task_id not in self.bar.task_ids:
+            return
         self.bar.advance(self.task_id, amount)
-        speed = self.bar._tasks[self.task_id].speed
-        if speed and self.unit:
-            self.bar.update(self.task_id, rate=f"{speed:,.1f} {self.unit}/s")
+        task = self.bar._tasks[self.task_id]
+        if task.finished:
+            self.bar.remove_task(self.task_id)
+            return
+        if task.speed and self.unit:
+            self.bar.update(self.task_id, rate=f"{task.speed:,.1f} {self.unit}/s")
 
 
 @contextmanager

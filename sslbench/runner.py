@@ -390,7 +390,7 @@ def run_spec(
                 )
                 for run in run_protocol(protocol_plan, scratch=scratch / "projections", progress=progress, emit=emit):
                     runs.append(run)
-                    emit(Event("run", _run_line(run), run=run))
+                    emit(Event("run", _run_line(run), run=run, data={"seeds": len(spec.protocol.seeds)}))
                 results = build_results(
                     runs,
                     spec=spec_record,
