@@ -868,7 +868,7 @@ def parse_spec(text: str, source: str = "<spec>") -> LoadedSpec:
     accepted: JSON's types only (strings, numbers, booleans, null, lists, mappings), with anchors,
     aliases and ``<<`` merges, at most :data:`MAX_YAML_NODES` values with aliases expanded and
     :data:`MAX_YAML_DEPTH` levels; a key may appear once per mapping."""
-    source = one_line(source, 300)
+    source = one_line(source)  # escaped, not cut: it also gives the run its default name
     data, lines = read_yaml(text, source)
     if not isinstance(data, dict):
         raise SSLBenchError(f"{source}: a spec must be a YAML mapping with `models` and `datasets`")
@@ -889,7 +889,7 @@ def parse_spec(text: str, source: str = "<spec>") -> LoadedSpec:
 def load_spec(path: str | Path) -> LoadedSpec:
     """Read and validate a spec file; every problem is an :class:`SSLBenchError` naming the line."""
     path = Path(path)
-    shown = one_line(str(path), 300)
+    shown = one_line(str(path), 300)  # for messages only
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_SPEC_BYTES + 1)

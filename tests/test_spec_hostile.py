@@ -303,8 +303,6 @@ def test_unreadable_spec_paths(tmp_path):
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"name: caf\xe9\n")
     assert one_line_error(lambda: load_spec(latin)).endswith("not UTF-8 text (byte 9)")
-    proc = run_cli("validate", too_long, cwd=tmp_path)
-    assert_one_line_error(proc, "cannot read spec file")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,7 +696,7 @@ def assert_one_line_error(proc, expected: str) -> None:
     assert expected in lines[0], lines[0]
 
 
-@settings(max_examples=3, deadline=None, derandomize=True, database=None)
+@settings(max_examples=2, deadline=None, derandomize=True, database=None)
 @given(mutated_specs())
 def test_mutated_specs_through_the_command_line(tmp_path_factory, text):
     folder = tmp_path_factory.mktemp("cli")
