@@ -16,9 +16,16 @@ def bundled_specs() -> dict[str, Path]:
     return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL in it: the reader says so
+        return False
+
+
 def find_spec(argument: str) -> Path:
     """``argument`` as a path if it exists, else the bundled spec of that name, else the path."""
     path = Path(argument)
-    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in argument:
+    if _exists(path) or path.suffix in (".yaml", ".yml") or "/" in argument:
         return path
     return bundled_specs().get(argument, path)

@@ -176,8 +176,12 @@ def cmd_prepare_imagenet_val(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.spec import missing_paths
+
     loaded = load_spec(find_spec(args.spec))
-    resolve_spec(loaded, plugins)
+    resolved = resolve_spec(loaded, plugins)
+    for warning in missing_paths(resolved):
+        print(f"sslbench: warning: {warning}", file=sys.stderr)
     spec = loaded.spec
     protocol = spec.protocol
     per_dataset = len(protocol.pca_dims) * len(protocol.k) * len(protocol.overcluster) * len(protocol.epochs)
