@@ -314,12 +314,8 @@ def _model_table(
     return rows, nested
 
 
-def _model_section(model: type[BaseModel], prefix: str, level: str, heading: str) -> list[str]:
-    """A heading, the model's docstring and rules, its table, then each nested model's section."""
-    parts = [f"{level} {heading}", ""]
-    doc = _docstring(model)
-    if doc:
-        parts += [rst_to_markdown(doc), ""]
+def _rules(model: type[BaseModel]) -> list[str]:
+    """A "Rules:" paragraph: the model's configuration and its model validators' docstrings."""
     config = model.model_config
     rules = []
     if config.get("extra") == "forbid":
@@ -327,8 +323,16 @@ def _model_section(model: type[BaseModel], prefix: str, level: str, heading: str
     if config.get("strict"):
         rules.append("values are not coerced (`'3'` is not an integer)")
     rules += _validator_notes(model)
-    if rules:
-        parts += ["Rules: " + "; ".join(rules) + ".", ""]
+    return ["Rules: " + "; ".join(rules) + ".", ""] if rules else []
+
+
+def _model_section(model: type[BaseModel], prefix: str, level: str, heading: str) -> list[str]:
+    """A heading, the model's docstring and rules, its table, then each nested model's section."""
+    parts = [f"{level} {heading}", ""]
+    doc = _docstring(model)
+    if doc:
+        parts += [rst_to_markdown(doc), ""]
+    parts += _rules(model)
     if not model.model_fields:
         return [*parts, "No fields.", ""]
     rows, nested = _model_table(model, prefix, lambda inner: None)
@@ -360,8 +364,7 @@ def _spec_sections() -> list[str]:
         doc = _docstring(model)
         if doc:
             parts += [rst_to_markdown(doc), ""]
-        rules = ["unknown keys are errors", "values are not coerced (`'3'` is not an integer)"]
-        parts += ["Rules: " + "; ".join(rules + _validator_notes(model)) + ".", ""]
+        parts += _rules(model)
         rows, _ = _model_table(model, prefix, lambda inner: headings.get(inner))
         parts += [*rows, ""]
     return parts
