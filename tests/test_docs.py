@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import os
 
+import pytest
 from pydantic import BaseModel
 
-from sslbench import hookspecs
+from sslbench import docgen, hookspecs
 from sslbench.results import Results, Run, RunProtocol, SummaryRow, Timings
-from sslbench.spec import DatasetSpec, ExtractionSpec, ModelSpec, ProtocolSpec, Spec
+from sslbench.spec import DatasetSpec, ExtractionSpec, ModelSpec, ProtocolSpec, Spec, TransferSpec
 
 from conftest import REPO
 
@@ -41,3 +44,120 @@ def test_every_results_key_is_in_the_readme():
     for model in (Results, Run, RunProtocol, Timings, SummaryRow):
         for field in _fields(model):
             assert f"`{field}`" in readme, (model.__name__, field)
+
+
+# ------------------------------------------------------------------------------------------------
+# The generated references (sslbench/docgen.py): checked in, and never stale.
+
+
+@pytest.fixture(scope="module")
+def generated() -> dict[str, str]:
+    return docgen.generate()
+
+
+@pytest.mark.parametrize("name", [docgen.SPEC_REFERENCE, docgen.PLUGIN_REFERENCE])
+def test_checked_in_reference_is_up_to_date(generated, name):
+    path = REPO / "docs" / name
+    assert path.is_file(), f"docs/{name} is missing: run {docgen.REGENERATE}"
+    checked_in = path.read_text(encoding="utf-8")
+    if checked_in != generated[name]:
+        diff = difflib.unified_diff(
+            checked_in.splitlines(), generated[name].splitlines(), f"docs/{name}", "generated", lineterm="", n=1
+        )
+        excerpt = "\n".join(list(diff)[:30])
+        pytest.fail(f"docs/{name} is stale: run {docgen.REGENERATE}\n{excerpt}", pytrace=False)
+
+
+def test_spec_reference_has_every_field_and_every_builtin_option(generated, plugins):
+    text = generated[docgen.SPEC_REFERENCE]
+    for model, prefix in (
+        (Spec, ""),
+        (ModelSpec, "models[]."),
+        (DatasetSpec, "datasets[]."),
+        (TransferSpec, "datasets[].transfer[]."),
+        (ProtocolSpec, "protocol."),
+        (ExtractionSpec, "extraction."),
+    ):
+        for field in model.model_fields:
+            assert f"| `{prefix}{field}` |" in text, (model.__name__, field)
+    for registry, prefix in (
+        (plugins.backbones, "models[].options."),
+        (plugins.datasets, "datasets[].options."),
+        (plugins.backends, "protocol.backend_options."),
+    ):
+        for entry in registry:
+            if plugins.plugin_of(registry, entry.name).distribution != "sslbench":
+                continue  # third-party plugins installed here are not documented by sslbench
+            assert f"`{entry.name}`" in text, entry.name
+            for field in entry.options.model_fields:
+                assert f"| `{prefix}{field}` |" in text, (entry.name, field)
+    # Third-party plugins installed in this environment (the example) stay out of sslbench's docs.
+    assert "pooled_pixels" not in text and "purity" not in text
+
+
+def test_spec_reference_shows_constraints_and_defaults(generated):
+    text = generated[docgen.SPEC_REFERENCE]
+    assert "| `device` | `string` | `auto` | matches `^(auto\\|cpu\\|cuda(:\\d+)?\\|mps)$`" in text
+    assert "| `extraction.on_error` | `fail \\| skip` | `fail` | one of `fail`, `skip` |" in text
+    assert "| `protocol.overcluster` | `list[number]` | `[1.0]` | items ≥ 1.0, items finite, " in text
+    assert (
+        "| `protocol.seeds` | `list[integer]` | `[0, 1, 2, 3, 4]` | items ≥ 0, not empty, no repeated values |" in text
+    )
+
+
+def test_machine_dependent_defaults_are_documented_as_their_rule():
+    """The generated files are the same on every machine: a default computed from the machine is
+    documented as its rule, which must still be the rule the code uses."""
+    assert ExtractionSpec.model_fields["workers"].default == min(4, os.cpu_count() or 1)
+    assert docgen.MACHINE_DEFAULTS[("ExtractionSpec", "workers")] == "min(4, CPU cores)"
+
+
+def test_plugin_reference_has_every_hook_and_interface(generated):
+    text = generated[docgen.PLUGIN_REFERENCE]
+    for name, fn in HOOKS:
+        assert f"### `{name}`" in text and docgen.rst_to_markdown(inspect.getdoc(fn) or "").splitlines()[0] in text, (
+            name
+        )
+    import sslbench
+    from sslbench import events, interfaces
+
+    for module in (interfaces, events):
+        for name, obj in vars(module).items():
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
+                assert f"### `{name}`" in text, name
+    for name in ("preprocess", "embed", "to", "torch_modules", "fingerprint", "describe", "train_assignment"):
+        assert f"- `{name}" in text, name
+    assert {"Backbone", "Split", "ScoringContext", "ReportContext", "Event"} <= set(sslbench.__all__)
+
+
+def test_generated_text_is_deterministic_and_machine_free(generated):
+    assert docgen.generate() == generated
+    for text in generated.values():
+        assert " at 0x" not in text and "/work/" not in text and "/tmp/" not in text
+        assert "0.1.0" not in text  # no versions: a release must not make the docs stale
+
+
+def test_docgen_check_reports_stale_files(tmp_path, capsys):
+    assert docgen.main(["--out", str(tmp_path), "--check"]) == 1
+    assert f"{tmp_path / docgen.SPEC_REFERENCE} is stale: run python -m sslbench.docgen" in capsys.readouterr().err
+    assert docgen.main(["--out", str(tmp_path)]) == 0
+    assert docgen.main(["--out", str(tmp_path), "--check"]) == 0
+
+
+def test_rst_to_markdown():
+    text = """Intro with ``code`` and :class:`~sslbench.interfaces.Backbone`::
+
+    [section]
+    key = 1
+
+:param register: one line
+    and its continuation.
+:raises PluginError: when it breaks.
+
+.. versionadded:: 0.1"""
+    markdown = docgen.rst_to_markdown(text, lambda target: "#backbone" if target.endswith("Backbone") else None)
+    assert markdown == (
+        "Intro with `code` and [`Backbone`](#backbone):\n\n```\n[section]\nkey = 1\n```\n\n"
+        "- **register**: one line and its continuation.\n- **raises** `PluginError`: when it breaks.\n\n"
+        "*New in version 0.1.*"
+    )
