@@ -101,6 +101,10 @@ def _barrier() -> None:
 # Reading samples
 
 
+#: Marks a preprocessing failure that the plugin reported as a user error (SSLBenchError), not a bug.
+USER_ERROR = "sslbench-user-error: "
+
+
 class _Samples:
     """A torch ``Dataset`` over a range of a split: (index, tensor or None, error, plugin traceback).
 
@@ -123,6 +127,8 @@ class _Samples:
             return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0], ""
         try:
             return index, self.backbone.preprocess(sample), "", ""
+        except SSLBenchError as exc:  # the plugin's own one-line user error (a sample it cannot take)
+            return index, None, "", f"{USER_ERROR}{exc}"
         except Exception:  # noqa: BLE001 - a plugin bug, re-raised in the main process with this traceback
             return index, None, "", traceback.format_exc()
 
@@ -247,6 +253,9 @@ def _extract_range(
     batches_since_commit = 0
     for indices, batch, errors, bugs in _batches(split, backbone, start + resume_from, stop, settings, device):
         if bugs:
+            _, _, problem = bugs[0].partition(":\n")
+            if problem.startswith(USER_ERROR):
+                raise SSLBenchError(f"{name}: {problem[len(USER_ERROR) :]}")
             raise PluginFailure(f"{settings.owner}: preprocess() raised {bugs[0]}")
         progress.skipped += _handle_errors(errors, split, settings, name)
         if batch is not None:

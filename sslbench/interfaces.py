@@ -58,8 +58,9 @@ class Backbone(ABC):
 
     The extraction loop calls :meth:`preprocess` on every sample (no augmentation; possibly in
     DataLoader worker processes), stacks the tensors into a batch, and calls :meth:`embed` under
-    ``torch.inference_mode`` (with float16 autocast and channels_last on CUDA when ``amp`` is on).
-    An exception from either is a bug in the plugin: the run stops with its traceback (exit 1).
+    ``torch.inference_mode`` (on CUDA: channels_last always, float16 autocast when ``amp`` is on).
+    An :class:`~sslbench.errors.SSLBenchError` from either is the user's problem (one line, exit 2);
+    any other exception is a bug in the plugin: the run stops with its traceback (exit 1).
     The runner builds one backbone at a time and drops every reference to it before building the
     next, so a backbone should hold its weights only through its own attributes.
     """

@@ -327,8 +327,10 @@ class Spec(_StrictModel):
     )
     models: list[ModelSpec] = Field(min_length=1, description="Backbones to evaluate.")
     datasets: list[DatasetSpec] = Field(min_length=1, description="Datasets to cluster.")
-    protocol: ProtocolSpec = ProtocolSpec()
-    extraction: ExtractionSpec = ExtractionSpec()
+    protocol: ProtocolSpec = Field(ProtocolSpec(), description="PCA, k-means, seeds and backend; see `protocol.*`.")
+    extraction: ExtractionSpec = Field(
+        ExtractionSpec(), description="How features are extracted and cached; see `extraction.*`."
+    )
     output_dir: Folder | None = Field(None, description="Where results go; default runs/<name>.")
     cache_dir: Folder | None = Field(
         None, description="Feature cache; default $SSLBENCH_CACHE or ~/.cache/sslbench/features."
