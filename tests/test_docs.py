@@ -97,11 +97,12 @@ def test_spec_reference_has_every_field_and_every_builtin_option(generated, plug
 
 def test_spec_reference_shows_constraints_and_defaults(generated):
     text = generated[docgen.SPEC_REFERENCE]
-    assert "| `device` | `string` | `auto` | matches `^(auto\\|cpu\\|cuda(:\\d+)?\\|mps)$`" in text
+    assert "| `device` | `string` | `auto` | matches `^(auto\\|cpu\\|cuda(:[0-9]{1,4})?\\|mps)$`" in text
     assert "| `extraction.on_error` | `fail \\| skip` | `fail` | one of `fail`, `skip` |" in text
-    assert "| `protocol.overcluster` | `list[number]` | `[1.0]` | items ≥ 1.0, items finite, " in text
+    assert "| `protocol.overcluster` | `list[number]` | `[1.0]` | items ≥ 1.0, items ≤ 16777216, items finite, " in text
     assert (
-        "| `protocol.seeds` | `list[integer]` | `[0, 1, 2, 3, 4]` | items ≥ 0, not empty, no repeated values |" in text
+        "| `protocol.seeds` | `list[integer]` | `[0, 1, 2, 3, 4]` | items ≥ 0, items ≤ 2147483647, not empty, "
+        "no repeated values |" in text
     )
 
 
