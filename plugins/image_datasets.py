@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -241,9 +241,15 @@ FASHION_MNIST_CLASSES = (
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
+PositiveCount = Annotated[int, Field(ge=1)]
+
+
 class FashionMNISTOptions(_Options):
     root: str = Field(DEBIAN_FASHION_MNIST, description="folder with the four IDX files (.gz or not)")
-    limit: int | None = Field(None, ge=1, description="use only the first N images of each split")
+    limit: PositiveCount | dict[Literal["train", "test"], PositiveCount] | None = Field(
+        None,
+        description="use only the first N images of each split, or per split: {train: 5000, test: 1000}",
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -285,11 +291,13 @@ def _idx_file(root: Path, stem: str) -> Path:
 def load_fashion_mnist(options: FashionMNISTOptions) -> Dataset:
     root = Path(options.root).expanduser()
     splits: dict[str, Split] = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
+    names: tuple[tuple[Literal["train", "test"], str], ...] = (("train", "train"), ("test", "t10k"))
+    for split, prefix in names:
         images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-        if options.limit:
-            images, labels = images[: options.limit], labels[: options.limit]
+        limit = options.limit.get(split) if isinstance(options.limit, dict) else options.limit
+        if limit:
+            images, labels = images[:limit], labels[:limit]
         splits[split] = ArraySplit(images, labels, as_image=True)
     return Dataset("fashion_mnist", list(FASHION_MNIST_CLASSES), splits, f"Fashion-MNIST from {root}")
 

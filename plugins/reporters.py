@@ -26,7 +26,7 @@ class RichReporter(Reporter):
     def tables(self, results: Results) -> list[RichTable]:
         out = []
         for table in summary_tables(results):
-            rich_table = RichTable(caption=table.caption, caption_justify="left", title=table.dataset)
+            rich_table = RichTable(title=table.dataset)
             rich_table.add_column("Method")
             for metric in table.metrics:
                 rich_table.add_column(metric_label(metric), justify="right")
@@ -46,8 +46,12 @@ class RichReporter(Reporter):
         return out
 
     def show(self, results: Results, console: Console) -> None:
-        for table in self.tables(results):
-            console.print(table)
+        # The caption is a paragraph under the table, wrapped at the terminal (at most 100 columns),
+        # not squeezed to the table's width as a rich caption would be.
+        for rich_table, table in zip(self.tables(results), summary_tables(results), strict=True):
+            console.print(rich_table)
+            console.print(Text(table.caption, style="dim"), width=min(console.width, 100))
+            console.print()
 
     def render(self, results: Results) -> str:
         console = Console(file=io.StringIO(), width=160, color_system=None, record=True)

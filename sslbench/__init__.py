@@ -30,6 +30,10 @@ from sslbench.interfaces import (
 )
 from sslbench.plugins import Plugins, load_plugins
 from sslbench.results import Results, load_results
+from sslbench.results import sslbench_version as _sslbench_version
+
+#: The installed distribution's version (``0+unknown`` when run from a source tree without metadata).
+__version__: str = _sslbench_version()
 
 __all__ = [
     "Backbone",
@@ -53,6 +57,7 @@ __all__ = [
     "SSLBenchError",
     "ScoringContext",
     "Split",
+    "__version__",
     "evaluate_features",
     "hookimpl",
     "load_plugins",

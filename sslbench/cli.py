@@ -217,9 +217,7 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
     from sslbench.weights import cached_path
 
-    table = Table(title="registered backbones")
-    for column in ("id", "family", "dim", "linear top-1", "paper ACC", "weights", "plugin"):
-        table.add_column(column)
+    rows = []
     for entry in plugins.backbones:
         dim = str(entry.feature_dim) if entry.feature_dim is not None else "input"
         card = entry.card
@@ -229,8 +227,25 @@ def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
             weights = entry.weights
         else:
             weights = "cached" if cached_path(card) is not None else f"not cached ({entry.weights})"
-        table.add_row(entry.name, entry.family, dim, linear, paper, weights, plugins.backbones.origin(entry.name))
-    _console().print(table)
+        rows.append((entry.name, entry.family, dim, linear, paper, weights, plugins.backbones.origin(entry.name)))
+    columns = ("id", "family", "dim", "linear top-1", "paper ACC", "weights", "plugin")
+    if args.plain or not sys.stdout.isatty():
+        # Piped: one tab-separated line per backbone, ids whole, for grep and cut.
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join(row))
+        return 0
+    console = _console()
+    # On a narrow terminal the family and plugin columns go first (`--plain` has them all).
+    keep = [0, 2, 3, 4, 5] if console.width < 120 else list(range(len(columns)))
+    table = Table(title="registered backbones")
+    # The id is what users copy into a spec: never cut or wrapped; the other columns wrap instead.
+    table.add_column("id", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=2))
+    for index in keep[1:]:
+        table.add_column(columns[index], overflow="fold")
+    for row in rows:
+        table.add_row(*(row[index] for index in keep))
+    console.print(table)
     return 0
 
 
@@ -402,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(func=cmd_plugins)
 
     models = sub.add_parser("models", help="list registered backbones")
+    models.add_argument("--plain", action="store_true", help="tab-separated lines (the default when piped)")
     models.set_defaults(func=cmd_models)
 
     report = sub.add_parser("report", help="render a results.json (or its run directory)")

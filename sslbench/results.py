@@ -90,6 +90,8 @@ class SummaryRow(_Model):
     seeds: list[int]
     metrics: dict[str, MetricSummary]
     published: Published | None = None
+    #: The results file a row came from, set when several files are merged (rows may look alike).
+    source: str | None = None
 
 
 class SkippedSample(_Model):
@@ -239,7 +241,11 @@ def merge_results(parts: list[Results], sources: list[str]) -> Results:
         environment=parts[0].environment,
         wall_s=sum(part.wall_s for part in parts),
         runs=[run for part in parts for run in part.runs],
-        summary=[row for part in parts for row in part.summary],
+        summary=[
+            row.model_copy(update={"source": row.source or source})
+            for part, source in zip(parts, sources, strict=True)
+            for row in part.summary
+        ],
         skipped=[sample for part in parts for sample in part.skipped],
     )
 

@@ -106,8 +106,41 @@ def _row_label(row: SummaryRow, varying: list[str]) -> str:
 
 
 def _values(protocols: list[RunProtocol], field: str) -> str:
-    values = sorted({getattr(p, field) for p in protocols})
-    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    """``10 and 15``, ``10, 15 and 20``: the distinct values, read as a list in a sentence."""
+    values = [f"{v:g}" if isinstance(v, float) else str(v) for v in sorted({getattr(p, field) for p in protocols})]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
+
+
+def _caption(dataset: str, summaries: list[SummaryRow], varying: list[str], wall_s: float) -> str:
+    """The table's caption as prose: what was fitted where, with what, over how many seeds."""
+    protocols = [row.protocol for row in summaries]
+    first = protocols[0]
+    clusters = _values(protocols, "n_clusters")
+    sentences = [
+        f"{dataset}: fitted on {first.fit_split}, scored on {first.eval_split} ({first.n_classes} classes)",
+        f"{clusters} cluster{'s' if clusters != '1' else ''}",
+    ]
+    dims = {p.pca_dims for p in protocols}
+    if "pca_dims" in varying:
+        sentences.append("PCA dimensions as in each row")
+    elif len(dims) == 1:
+        sentences.append(f"PCA to {first.pca_dims} dimensions")
+    else:  # one value per model: all of each model's components
+        sentences.append(f"PCA to each model's dimension ({min(dims)} to {max(dims)})")
+    seeds = sorted({row.n_seeds for row in summaries})
+    count = " or ".join(str(s) for s in seeds)
+    sentences.append(f"mean ± std over {count} seed{'s' if seeds != [1] else ''}")
+    sentences.append(f"{_values(protocols, 'backend')} backend, {wall_s:.1f} s in all")
+    return "; ".join(sentences) + ". Bold: best; marked: within one std of the best."
+
+
+def _disambiguated(labels: list[str], summaries: list[SummaryRow]) -> list[str]:
+    """Rows that would read the same (merged files of one model) get their source file appended."""
+    counts = {label: labels.count(label) for label in labels}
+    return [
+        f"{label} [{row.source}]" if counts[label] > 1 and row.source else label
+        for label, row in zip(labels, summaries, strict=True)
+    ]
 
 
 def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> list[Table]:
@@ -117,7 +150,6 @@ def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> 
     tables = []
     for dataset in datasets:
         summaries = [row for row in results.summary if row.dataset == dataset]
-        protocols = [row.protocol for row in summaries]
         varying = [
             field
             for field, _ in _VARYING
@@ -132,7 +164,8 @@ def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> 
         for metric in shown:
             best[metric] = max(summaries, key=lambda row: row.metrics[metric].mean)
         rows = []
-        for summary in summaries:
+        labels = _disambiguated([_row_label(summary, varying) for summary in summaries], summaries)
+        for summary, label in zip(summaries, labels, strict=True):
             cells = {}
             for metric in shown:
                 value = summary.metrics[metric]
@@ -143,15 +176,6 @@ def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> 
             published = None
             if summary.published is not None:
                 published = {m: Cell(v.mean, v.std) for m, v in summary.published.metrics.items() if m in shown}
-            rows.append(Row(_row_label(summary, varying), summary, cells, published))
-        seeds = sorted({row.n_seeds for row in summaries})
-        caption = (
-            f"{dataset} ({protocols[0].fit_split} → {protocols[0].eval_split}, "
-            f"{protocols[0].n_classes} classes): k = {_values(protocols, 'n_clusters')}, "
-            f"PCA dims = {_values(protocols, 'pca_dims')}, "
-            f"seeds = {'/'.join(str(s) for s in seeds)} per row (mean ± std), "
-            f"backend = {_values(protocols, 'backend')}, wall time {results.wall_s:.1f} s. "
-            f"Bold: best; marked: within one std of the best."
-        )
-        tables.append(Table(dataset, shown, rows, caption))
+            rows.append(Row(label, summary, cells, published))
+        tables.append(Table(dataset, shown, rows, _caption(dataset, summaries, varying, results.wall_s)))
     return tables

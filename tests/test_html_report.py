@@ -178,7 +178,7 @@ def test_one_sortable_table_per_dataset_with_marks_and_published_rows(page, resu
     assert [h.attrs["data-key"] for h in headers] == ["method", "acc", "ari", "ami", "nmi"]
     assert [h.text() for h in headers] == ["Method", "ACC", "ARI", "AMI", "NMI"]
     assert all(h.find("button").attrs["type"] == "button" for h in headers)
-    assert "ImageNet (train → val, 1000 classes)" in imagenet.find("caption").text()
+    assert "ImageNet: fitted on train, scored on val (1000 classes)" in imagenet.find("caption").text()
 
     rows = {}
     for group in imagenet.iter("tbody"):
