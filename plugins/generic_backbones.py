@@ -400,17 +400,16 @@ class TimmBackbone(Backbone):
             path, source = url_weights_file(name, cfg), "url"
         else:
             raise SSLBenchError(f"{self.where}: timm has no weights file sslbench can load for it")
-        state = read_checkpoint(path)
         try:
-            # timm's own pretrained loading (checkpoint filter, classifier and input checks, its strictness),
-            # fed the tensors of the file found above instead of fetching them itself.
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **kwargs)
+            # timm's own pretrained loading (its file reader with weights_only, the checkpoint filter, the
+            # classifier and input checks, its strictness), pointed at the file found above instead of
+            # fetching one itself. (A `state_dict` overlay would be deep-copied with timm's config.)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
         except RuntimeError as exc:
             if not str(exc).startswith("Error(s) in loading state_dict"):
                 raise
-            raise SSLBenchError(f"{self.where}: {path} does not fit the architecture: {_first_line(exc)}") from None
-        if isinstance(model.pretrained_cfg, dict):
-            model.pretrained_cfg.pop("state_dict", None)  # the tensors now live in the model only
+            why = " ".join(str(exc).split())[:500]  # torch lists the keys on the lines after a header
+            raise SSLBenchError(f"{self.where}: {path} does not fit the architecture: {why}") from None
         self.weights = {"source": source, "file": path.name, "sha256": file_digests(path)["sha256"]}
         return model
 

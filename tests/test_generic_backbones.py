@@ -165,6 +165,17 @@ def test_timm_weights_absent_from_the_cache_are_a_one_line_error(hf_cache, monke
     assert str(hf_cache) in message
 
 
+def test_timm_loading_of_a_cached_file_stays_strict(hf_cache):
+    state = random_state(timm.create_model(TINY, pretrained=False), seed=1)
+    del state["blocks.0.norm1.weight"]
+    snapshot = write_hf_cache(hf_cache, f"timm/{TINY}", state)
+    with pytest.raises(SSLBenchError) as caught:
+        TimmBackbone(TimmOptions(model=TINY))
+    message = str(caught.value)
+    assert "\n" not in message and str(snapshot) in message and "does not fit the architecture" in message
+    assert "blocks.0.norm1.weight" in message
+
+
 def test_timm_reads_the_cache_named_by_hf_home_in_a_fresh_process_without_network(tmp_path):
     """The environment variables themselves (HF_HOME, HF_HUB_OFFLINE), read by huggingface_hub at import."""
     state = random_state(timm.create_model(TINY, pretrained=False), seed=2)
