@@ -224,8 +224,10 @@ class TimmOptions(_Options):
     init_seed: int = Field(0, ge=0, description="seed of the random initialisation (pretrained: false)")
     pool: TimmPool = Field(
         "default",
-        description="default: timm's pre-logits (the model's own pooling); cls; mean (patch tokens only); "
-        "cls+mean (concatenated); head: the pretrained head's output",
+        description="default: timm's pre-logits, the model's own pooling (class token for DINO, DINOv2, MAE, "
+        "DINOv3 ViTs; patch average for _gap models; average pool for CNNs); cls; mean (patch tokens, class and "
+        "register tokens skipped; spatial mean for CNNs); cls+mean (concatenated); head: the pretrained head's "
+        "output (e.g. CLIP's projection)",
     )
     img_size: int | None = Field(None, ge=8, description="input size instead of the pretrained config's")
 
