@@ -28,6 +28,7 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
     assert names == {
         "basic_backbones": "sslbench_plugins.basic_backbones",
         "pytorch_zoo": "sslbench_plugins.pytorch_zoo",
+        "generic_backbones": "sslbench_plugins.generic_backbones",
         "simclrv2": "sslbench_plugins.simclrv2",
         "bigbigan": "sslbench_plugins.bigbigan",
         "datasets": "sslbench_plugins.datasets",
