@@ -77,6 +77,8 @@ CHUNK_BYTES = 16 << 20
 READ_BUFFER_BYTES = 8 << 20
 #: A manifest larger than this is not read (it would be a corrupt or foreign file).
 MAX_JSON_BYTES = 256 << 20
+#: Entries whose lock this process holds (real path → pid; a forked child does not inherit the hold).
+_HELD: dict[str, int] = {}
 _TEMP = re.compile(r"^\..+\.\d+-[0-9a-f]+\.tmp$")
 
 
@@ -131,7 +133,7 @@ def rm_command(name: str, root: Path) -> str:
     """The exact command that removes entry ``name`` of the cache at ``root``."""
     command = f"sslbench cache rm {shlex.quote(name)}"
     if root.expanduser().absolute() != default_cache_root().absolute():
-        command += f" --dir {shlex.quote(str(root))}"
+        command += f" --dir {shlex.quote(str(root.expanduser().absolute()))}"
     return command
 
 
@@ -644,7 +646,7 @@ class CacheEntry:
         if problem:
             raise self.corrupt(problem)
         if not os.path.lexists(self.manifest_path):
-            raise SSLBenchError(f"feature cache entry {self.path} is incomplete")
+            raise self.corrupt(f"it has no {MANIFEST} (it is incomplete)")
         manifest = self.read_manifest()
         labels = self._read_labels(manifest)
         try:
@@ -719,7 +721,11 @@ class CacheEntry:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the entry's writer lock (waiting for another writer to finish); temporary files left in
-        it by crashed writers are removed once it is held."""
+        it by crashed writers are removed once it is held. Re-entrant within a process."""
+        held = os.path.realpath(self.path)
+        if _HELD.get(held) == os.getpid():
+            yield
+            return
         problem = self._layout_problem()
         if problem:
             raise self.corrupt(problem)
@@ -734,11 +740,13 @@ class CacheEntry:
             raise self.corrupt(f"its {LOCK} file cannot be opened ({exc.strerror or exc})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            _HELD[held] = os.getpid()
             for child in os.scandir(self.path):
                 if _TEMP.match(child.name) and not child.is_dir(follow_symlinks=False):
                     os.unlink(child.path)
             yield
         finally:
+            _HELD.pop(held, None)
             os.close(fd)
 
     def discard(self) -> None:
@@ -794,9 +802,14 @@ class CacheEntry:
     def finish(self, labels: np.ndarray, extra: dict[str, Any]) -> None:
         """Drop skipped rows, save labels and the manifest (last): the entry is then complete.
 
-        Call under :meth:`locked`, after the last commit. Every step can be interrupted: run again, it
-        goes on from what is on disk (``progress.json`` and the header of ``features.npy``).
+        Call after the last commit; it takes the entry's lock, so concurrent calls take turns and agree.
+        Every step can be interrupted: run again, it goes on from what is on disk (``progress.json`` and
+        the header of ``features.npy``).
         """
+        with self.locked():
+            self._finish(labels, extra)
+
+    def _finish(self, labels: np.ndarray, extra: dict[str, Any]) -> None:
         if os.path.lexists(self.manifest_path):
             self.read_manifest()  # finished by another process, or by a run interrupted just after (or broken)
             with _writing(self.progress_path), contextlib.suppress(FileNotFoundError):
