@@ -737,13 +737,16 @@ class CacheEntry:
         try:
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
         except OSError as exc:
-            raise self.corrupt(f"its {LOCK} file cannot be opened ({exc.strerror or exc})") from None
+            if exc.errno == errno.ELOOP:
+                raise self.corrupt(f"its {LOCK} file is a symbolic link") from None
+            raise _write_failed(str(self.path / LOCK), exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             _HELD[held] = os.getpid()
             for child in os.scandir(self.path):
                 if _TEMP.match(child.name) and not child.is_dir(follow_symlinks=False):
-                    os.unlink(child.path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(child.path)
             yield
         finally:
             _HELD.pop(held, None)
