@@ -138,30 +138,24 @@ def cmd_cache(args: argparse.Namespace, plugins: Plugins) -> int:
 
     cache = FeatureCache(Path(args.dir) if args.dir else None)
     if args.cache_command == "rm":
-        removed = cache.remove(args.patterns)
-        for path in removed:
+        for path in cache.remove(args.patterns, everything=args.all):
             print(f"removed {path}")
-        if not removed:
-            raise SSLBenchError(f"no cache entry in {cache.root} matches {' '.join(args.patterns)}")
         return 0
     table = Table(title=f"feature cache: {cache.root}")
     for column in ("entry", "backbone", "dataset", "split", "rows × dims", "state", "size"):
         table.add_column(column)
-    for path, manifest in cache.entries():
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        if manifest:
-            key = manifest["key"]
-            table.add_row(
-                path.name,
-                key["backbone"],
-                key["dataset"],
-                key["split"],
-                f"{manifest['n']} × {manifest['dims']}",
-                "complete",
-                f"{size / 1e6:.1f} MB",
-            )
+    for status in cache.scan():
+        size = f"{status.size / 1e6:.1f} MB"
+        if status.manifest is not None:
+            key = status.manifest.key
+            cells = [str(key.get(k, "")) for k in ("backbone", "dataset", "split")]
+            cells.append(f"{status.manifest.n} × {status.manifest.dims}")
         else:
-            table.add_row(path.name, "", "", "", "", "partial (resumable)", f"{size / 1e6:.1f} MB")
+            cells = ["", "", "", f"{status.committed} committed" if status.state == "partial" else ""]
+        state = {"complete": "complete", "partial": "partial (resumable)"}.get(
+            status.state, f"broken ({status.reason})"
+        )
+        table.add_row(escape(status.path.name), *(escape(c) for c in cells), escape(state), size)
     _console().print(table)
     return 0
 
@@ -367,11 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(func=cmd_extract)
 
     cache = sub.add_parser("cache", help="list or remove feature-cache entries")
-    cache.add_argument("--dir", help="cache root (default: $SSLBENCH_CACHE or ~/.cache/sslbench/features)")
+    dir_help = "cache root (default: $SSLBENCH_CACHE or ~/.cache/sslbench/features)"
+    cache.add_argument("--dir", help=dir_help)
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    cache_sub.add_parser("ls", help="list entries")
-    rm = cache_sub.add_parser("rm", help="remove entries whose name contains a pattern ('all': every one)")
-    rm.add_argument("patterns", nargs="+")
+    ls = cache_sub.add_parser("ls", help="list entries: complete, partial (resumable) or broken (why)")
+    rm = cache_sub.add_parser("rm", help="remove entries by exact name or shell-style pattern (quoted), or --all")
+    rm.add_argument("patterns", nargs="*", metavar="NAME", help="an entry's name or a pattern such as '*__val__*'")
+    rm.add_argument("--all", action="store_true", help="remove every entry")
+    for action in (ls, rm):  # --dir also after the action: `sslbench cache rm NAME --dir ROOT`
+        action.add_argument("--dir", default=argparse.SUPPRESS, help=dir_help)
     cache.set_defaults(func=cmd_cache)
 
     clusters = sub.add_parser("clusters", help="the purest and least pure clusters of a saved run")

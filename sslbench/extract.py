@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sslbench.cache import CacheEntry, CommitState
+from sslbench.cache import CacheEntry, CommitState, CorruptEntry, FeatureWriter
 from sslbench.errors import PluginFailure, SSLBenchError
 from sslbench.interfaces import Backbone, Split
 from sslbench.progress import NullProgress, Progress
@@ -238,49 +238,55 @@ def _extract_range(
     name: str,
     task: Any,
 ) -> None:
-    """Extract rows ``[start, stop)`` of ``split`` into ``entry``, resuming from its progress."""
+    """Extract rows ``[start, stop)`` of ``split`` into ``entry``, resuming from its progress (call with
+    the entry locked)."""
     progress = entry.progress()
-    if progress.committed >= stop - start and entry.features_path.is_file():
+    if progress.dims is not None and progress.committed >= stop - start:
         task.advance(stop - start)
         return
     resume_from = progress.committed
-    if resume_from:
+    writer: FeatureWriter | None = None
+    if resume_from and progress.dims is not None:
+        writer = entry.open_features(stop - start, progress.dims, progress, fresh=False)
         progress.resumed_at.append(start + resume_from)
+    else:
+        progress = CommitState()
     task.advance(resume_from)
-    features = None
-    if progress.dims is not None:
-        features = entry.open_features(stop - start, progress.dims, fresh=resume_from == 0)
-    batches_since_commit = 0
-    for indices, batch, errors, bugs in _batches(split, backbone, start + resume_from, stop, settings, device):
-        if bugs:
-            _, _, problem = bugs[0].partition(":\n")
-            if problem.startswith(USER_ERROR):
-                raise SSLBenchError(f"{name}: {problem[len(USER_ERROR) :]}")
-            raise PluginFailure(f"{settings.owner}: preprocess() raised {bugs[0]}")
-        progress.skipped += _handle_errors(errors, split, settings, name)
-        if batch is not None:
-            out = _forward(backbone, batch, device, settings.amp, settings.owner)
-            _check_shape(backbone, out, len(indices))
-            if errors:
-                out[[i - indices[0] for i, _ in errors]] = 0.0
-            bad = ~np.isfinite(out).all(axis=1)
-            if bad.any():
-                if progress.first_nonfinite < 0:
-                    progress.first_nonfinite = indices[0] + int(np.argmax(bad))
-                progress.nonfinite_rows += int(bad.sum())
-            if features is None:
-                progress.dims = int(out.shape[1])
-                features = entry.open_features(stop - start, progress.dims, fresh=True)
-            features[indices[0] - start : indices[-1] - start + 1] = out
-        progress.committed = indices[-1] - start + 1
-        batches_since_commit += 1
-        task.advance(len(indices))
-        if features is not None and batches_since_commit >= settings.commit_every:
-            entry.commit(features, progress)
-            batches_since_commit = 0
-    if features is None:
-        raise SSLBenchError(f"{name}: no sample could be read")
-    entry.commit(features, progress)
+    try:
+        batches_since_commit = 0
+        for indices, batch, errors, bugs in _batches(split, backbone, start + resume_from, stop, settings, device):
+            if bugs:
+                _, _, problem = bugs[0].partition(":\n")
+                if problem.startswith(USER_ERROR):
+                    raise SSLBenchError(f"{name}: {problem[len(USER_ERROR) :]}")
+                raise PluginFailure(f"{settings.owner}: preprocess() raised {bugs[0]}")
+            progress.skipped += _handle_errors(errors, split, settings, name)
+            if batch is not None:
+                out = _forward(backbone, batch, device, settings.amp, settings.owner)
+                _check_shape(backbone, out, len(indices))
+                if errors:
+                    out[[i - indices[0] for i, _ in errors]] = 0.0
+                bad = ~np.isfinite(out).all(axis=1)
+                if bad.any():
+                    if progress.first_nonfinite < 0:
+                        progress.first_nonfinite = indices[0] + int(np.argmax(bad))
+                    progress.nonfinite_rows += int(bad.sum())
+                if writer is None:
+                    progress.dims = int(out.shape[1])
+                    writer = entry.open_features(stop - start, progress.dims, progress, fresh=True)
+                writer.write(indices[0] - start, out)
+            progress.committed = indices[-1] - start + 1
+            batches_since_commit += 1
+            task.advance(len(indices))
+            if writer is not None and batches_since_commit >= settings.commit_every:
+                writer.commit(progress.committed)
+                batches_since_commit = 0
+        if writer is None:
+            raise SSLBenchError(f"{name}: no sample could be read")
+        writer.commit(stop - start, final=True)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def extract_split(
@@ -292,8 +298,14 @@ def extract_split(
     name: str,
     entry: CacheEntry | None,
     progress: Progress | None = None,
+    reextract_corrupt: bool = False,
 ) -> Extracted:
-    """Features of every sample of ``split`` in order: from the cache, or extracted into it."""
+    """Features of every sample of ``split`` in order: from the cache, or extracted into it.
+
+    A cached entry is verified before use (key, shape, checksums of every byte); a corrupt one stops
+    the run with one line naming it and the command that removes it (:class:`CorruptEntry`), or, with
+    ``reextract_corrupt``, is emptied and extracted again.
+    """
     progress = progress or NullProgress()
     whole = split.as_array()
     if whole is not None:
@@ -302,83 +314,116 @@ def extract_split(
             return Extracted(direct, split.labels)
     if entry is None:
         raise ValueError("extract_split needs a cache entry for a model that runs batch by batch")
-    if entry.is_complete():
-        return _loaded(entry, from_cache=True)
-
     ranks = current_ranks()
+    corrupt = None
+    if entry.claims_complete():
+        try:
+            return _loaded(entry, from_cache=True)
+        except CorruptEntry as exc:
+            if not reextract_corrupt:
+                raise
+            corrupt = exc
+    if corrupt is not None:
+        _barrier()  # every rank has read the entry before rank 0 empties it
+        if ranks.rank == 0:
+            _discard(entry)
+        _barrier()
+
     n = len(split)
     task = progress.task(f"extract {name}", n if not ranks.distributed else None, unit="img")
     started = time.perf_counter()
+
+    def provenance() -> dict[str, Any]:
+        return {
+            "batch_size": settings.batch_size,
+            "device": device,
+            "amp": settings.amp and device.startswith("cuda"),
+            "ranks": ranks.world,
+            "extract_s": time.perf_counter() - started,
+            "sample_count": n,
+        }
+
     if not ranks.distributed:
-        _extract_range(backbone, split, entry, 0, n, settings, device, name, task)
-        final = entry.progress()
+        with entry.locked():
+            for attempt in (0, 1):
+                try:
+                    if entry.claims_complete():  # finished by another process while this one waited
+                        return _loaded(entry, from_cache=True)
+                    _extract_range(backbone, split, entry, 0, n, settings, device, name, task)
+                    entry.finish(split.labels, provenance())
+                    break
+                except CorruptEntry:
+                    if not reextract_corrupt or attempt:
+                        raise
+                    entry.discard()
     else:
         shards = batch_shards(n, settings.batch_size, ranks.world)
         start, stop = shards[ranks.rank]
-        shard_entry = CacheEntry(entry.path / f"shard-{start}-{stop}", entry.key)
+        shard_entry = _shard(entry, start, stop)
         if stop > start:
-            _extract_range(backbone, split, shard_entry, start, stop, settings, device, name, task)
+            with shard_entry.locked():
+                _extract_range(backbone, split, shard_entry, start, stop, settings, device, name, task)
         _barrier()
-        final = CommitState(committed=n)
         if ranks.rank == 0:
-            _assemble(entry, shards, n)
-            final = entry.progress()
-    if ranks.rank == 0:
-        entry.finish(
-            split.labels,
-            final,
-            {
-                "batch_size": settings.batch_size,
-                "device": device,
-                "amp": settings.amp and device.startswith("cuda"),
-                "ranks": ranks.world,
-                "extract_s": time.perf_counter() - started,
-                "sample_count": n,
-            },
-        )
-    _barrier()
+            with entry.locked():
+                if not entry.claims_complete():
+                    _assemble(entry, shards, n)
+                    entry.finish(split.labels, provenance())
+        _barrier()
     return _loaded(entry, from_cache=False)
+
+
+def _discard(entry: CacheEntry) -> None:
+    """Empty a corrupt entry (a link or a file in its place is removed itself)."""
+    if entry.path.is_dir() and not entry.path.is_symlink():
+        with entry.locked():
+            entry.discard()
+    else:
+        entry.discard()
+
+
+def _shard(entry: CacheEntry, start: int, stop: int) -> CacheEntry:
+    return CacheEntry(entry.path / f"shard-{start}-{stop}", entry.key, entry.root)
 
 
 def _loaded(entry: CacheEntry, from_cache: bool) -> Extracted:
     features, labels, manifest = entry.load()
-    nonfinite = (int(manifest["nonfinite_rows"]), int(manifest["first_nonfinite"]))
-    return Extracted(features, labels, manifest.get("skipped", []), from_cache=from_cache, nonfinite=nonfinite)
+    nonfinite = (manifest.nonfinite_rows, manifest.first_nonfinite)
+    return Extracted(features, labels, manifest.skipped, from_cache=from_cache, nonfinite=nonfinite)
 
 
 def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
-    """Rank 0: copy every rank's shard into the entry's features, in order."""
+    """Rank 0: copy every rank's shard into the entry's features, in order, checking each shard's
+    checksums on the way; the entry's checksums are the shards' (rows offset by the shard's start), so
+    the copy is the only pass over the data."""
     import shutil
 
     parts = []
-    skipped: list[dict[str, Any]] = []
-    resumed: list[int] = []
-    nonfinite, first_nonfinite = 0, -1
-    dims = None
+    state = CommitState()
     for start, stop in shards:
         if stop <= start:
             continue
-        shard = CacheEntry(entry.path / f"shard-{start}-{stop}", entry.key)
+        shard = _shard(entry, start, stop)
         shard_progress = shard.progress()
-        if shard_progress.committed != stop - start:
+        if shard_progress.committed != stop - start or shard_progress.dims is None:
             raise RuntimeError(f"shard {start}-{stop} is incomplete ({shard_progress.committed} rows)")
-        dims = shard_progress.dims
-        parts.append((start, stop, shard))
-        skipped += shard_progress.skipped
-        resumed += shard_progress.resumed_at
-        nonfinite += shard_progress.nonfinite_rows
-        if first_nonfinite < 0:
-            first_nonfinite = shard_progress.first_nonfinite
-    assert dims is not None
-    features = entry.open_features(n, dims, fresh=True)
-    for start, stop, shard in parts:
-        features[start:stop] = np.load(shard.features_path, mmap_mode="r")
-    entry.commit(
-        features,
-        CommitState(n, dims, skipped, resumed, nonfinite_rows=nonfinite, first_nonfinite=first_nonfinite),
-    )
-    del features
-    for _, _, shard in parts:
+        state.dims = shard_progress.dims
+        parts.append((start, stop, shard, shard_progress))
+        state.skipped += shard_progress.skipped
+        state.resumed_at += shard_progress.resumed_at
+        state.nonfinite_rows += shard_progress.nonfinite_rows
+        if state.first_nonfinite < 0:
+            state.first_nonfinite = shard_progress.first_nonfinite
+    assert state.dims is not None
+    writer = entry.open_features(n, state.dims, state, fresh=True)
+    try:
+        for start, _, shard, shard_progress in parts:
+            writer.copy_shard(shard, shard_progress, start)
+        state.committed = n
+        writer.commit(n, final=True)
+    finally:
+        writer.close()
+    for _, _, shard, _ in parts:
         shutil.rmtree(shard.path)
 
 

@@ -63,7 +63,7 @@ def test_second_run_reuses_the_cache_and_cache_commands(tmp_path):
 
     listing = run_cli("cache", "--dir", str(cache), "ls", cwd=tmp_path)
     assert listing.returncode == 0 and "random_cnn" in listing.stdout and "1348 × 64" in listing.stdout
-    removed = run_cli("cache", "--dir", str(cache), "rm", "__val__", cwd=tmp_path)
+    removed = run_cli("cache", "--dir", str(cache), "rm", "*__val__*", cwd=tmp_path)
     assert removed.returncode == 0 and removed.stdout.count("removed") == 1
     assert len(FeatureCache(cache).entries()) == 1
     missing = run_cli("cache", "--dir", str(cache), "rm", "nothing-like-this", cwd=tmp_path)
