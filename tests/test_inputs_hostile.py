@@ -1,0 +1,334 @@
+"""Hostile inputs and outputs: nothing silent, nothing lost.
+
+One contract for features and labels (the API and the ``features`` dataset alike), extreme but finite
+magnitudes clustered as exact arithmetic would, output places checked before any work, damaged
+results and predictions files named in one line, SIGTERM/SIGHUP cleaning up, and property tests
+(hypothesis) of all of it on random inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslbench import SSLBenchError, evaluate_features
+from sslbench.pipeline import (
+    checked_labels,
+    class_index,
+)
+from sslbench.results import load_results
+
+from conftest import blobs, run_cli
+
+
+@pytest.fixture(scope="module")
+def separable():
+    """Five well-separated blobs: every backend and seed recovers them exactly."""
+    x, y = blobs(40, 5, 6, seed=4, spread=0.3)
+    return x[:150], y[:150], x[150:], y[150:]
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text, repr(text)
+    return text
+
+
+def api_error(*args, **kwargs) -> str:
+    with pytest.raises(SSLBenchError) as info:
+        evaluate_features(*args, **{"seeds": 1, "epochs": 1, "device": "cpu", **kwargs})
+    return one_line(info.value)
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """``sslbench ARGV`` in this process: exit 2, one ``sslbench: error:`` line last on stderr, no traceback."""
+    from sslbench import cli
+
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("sslbench: error: ")]
+    assert errors == [lines[-1]], err
+    return errors[0]
+
+
+def assert_cli_user_error(proc: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("sslbench: error: ")]
+    assert errors == [lines[-1]], proc.stderr
+    assert expected in errors[0], errors[0]
+
+
+FEATURES_SPEC = """\
+models: [{{id: raw}}]
+datasets:
+  - id: features
+    options:
+{source}
+protocol: {{epochs: {epochs}, seeds: 1{extra}}}
+device: cpu
+extraction: {{cache: {cache}}}
+"""
+
+
+def features_spec(folder: Path, xtr, ytr, xev, yev, *, epochs: int = 2, cache: bool = True, extra: str = "") -> Path:
+    """A spec of the ``features`` dataset over .npy files written to ``folder``."""
+    for name, array in (("train", xtr), ("train_labels", ytr), ("val", xev), ("val_labels", yev)):
+        np.save(folder / f"{name}.npy", array)
+    source = (
+        "      splits:\n"
+        f"        train: {{features: {folder / 'train.npy'}, labels: {folder / 'train_labels.npy'}}}\n"
+        f"        val: {{features: {folder / 'val.npy'}, labels: {folder / 'val_labels.npy'}}}"
+    )
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        FEATURES_SPEC.format(source=source, epochs=epochs, cache=str(cache).lower(), extra=extra), encoding="utf-8"
+    )
+    return spec
+
+
+def npz_spec(folder: Path, archive: Path) -> Path:
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        FEATURES_SPEC.format(source=f"      file: {archive}", epochs=1, cache="true", extra=""), encoding="utf-8"
+    )
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. The feature input contract
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        (lambda x: x > 0, "train features must be real numbers (a floating or integer dtype), got dtype bool"),
+        (lambda x: x.astype(np.complex64), "got dtype complex64"),
+        (lambda x: x.astype("datetime64[s]"), "got dtype datetime64[s]"),
+        (lambda x: x.astype("timedelta64[s]"), "got dtype timedelta64[s]"),
+        (lambda x: x.astype(str), "got dtype <U"),
+        (lambda x: x.astype(object), "got dtype object"),
+        (lambda x: np.zeros(len(x), dtype=[("a", "f4"), ("b", "f4")]), "got dtype [('a', '<f4'), ('b', '<f4')]"),
+        (lambda x: np.float32(3.0), "train features must be a 2-D array (samples × dims), got shape ()"),
+        (lambda x: x[:, 0], "train features must be a 2-D array (samples × dims), got shape (150,)"),
+        (lambda x: x[:0], "train features have no rows (shape (0, 6))"),
+        (lambda x: x[:, :0], "train features have no dimensions (shape (150, 0))"),
+        (lambda x: [[1.0, 2.0], [3.0]], "train features cannot be read as an array"),
+        (lambda x: x * np.float32(2.0**101), "train features reach a magnitude of"),
+        (lambda x: x.astype(np.float64) * 1e200, "outside what float32 arithmetic keeps"),
+        (lambda x: x.astype(np.float64) * 1e-200, "train features reach a magnitude of"),
+    ],
+)
+def test_unusable_features_are_refused_in_one_line(separable, features, message):
+    xtr, ytr, xev, yev = separable
+    assert message in api_error(features(xtr), ytr, xev, yev)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (lambda y: y.astype(str), "train labels must be integer class indices, got dtype <U"),
+        (lambda y: y.astype(object), "got dtype object"),
+        (lambda y: y > 2, "got dtype bool"),
+        (lambda y: y.astype(complex), "got dtype complex128"),
+        (
+            lambda y: np.where(np.arange(len(y)) == 7, np.nan, y),
+            "train labels must be integer class indices, got nan at row 7",
+        ),
+        (lambda y: np.where(np.arange(len(y)) == 3, np.inf, y), "got inf at row 3"),
+        (lambda y: y + 0.25, "got 2.25 at row 0"),
+        (lambda y: y - 3, "train labels must be non-negative class indices, found -3"),
+        (lambda y: y.astype(np.uint64) + np.uint64(2**63), "train labels must be below 2^63"),
+        (lambda y: y.astype(np.float64) + 2.0**64, "train labels must be below 2^63"),
+        (
+            lambda y: y[:, None].repeat(2, axis=1),
+            "train labels must be a 1-D array of class indices, got shape (150, 2)",
+        ),
+        (lambda y: y[:0], "train is empty"),
+    ],
+)
+def test_unusable_labels_are_refused_in_one_line(separable, labels, message):
+    xtr, ytr, xev, yev = separable
+    assert message in api_error(xtr, labels(ytr), xev, yev)
+
+
+def test_any_integer_dtype_and_whole_floats_are_labels(separable):
+    xtr, ytr, xev, yev = separable
+    reference = evaluate_features(xtr, ytr, xev, yev, seeds=1, epochs=1, device="cpu")
+    for dtype in (np.uint8, np.int16, np.uint32, np.float16):
+        same = evaluate_features(xtr, ytr.astype(dtype), xev, yev.astype(dtype), seeds=1, epochs=1, device="cpu")
+        assert same.runs[0].metrics == reference.runs[0].metrics, dtype
+
+
+def test_integer_features_are_features(separable):
+    xtr, ytr, xev, yev = separable
+    as_int = evaluate_features(
+        np.rint(xtr * 100).astype(np.int32), ytr, np.rint(xev * 100).astype(np.int32), yev, seeds=1, epochs=2
+    )
+    assert as_int.runs[0].metrics["acc"] == 1.0
+
+
+def test_numpy_integers_are_accepted_as_parameters(separable):
+    xtr, ytr, xev, yev = separable
+    plain = evaluate_features(xtr, ytr, xev, yev, n_clusters=5, pca_dim=4, seeds=[0, 1], epochs=2, n_classes=5)
+    numpy = evaluate_features(
+        xtr,
+        ytr,
+        xev,
+        yev,
+        n_clusters=np.int64(5),
+        pca_dim=np.int32(4),
+        seeds=np.arange(2),
+        epochs=np.int16(2),
+        n_classes=np.uint8(5),
+        overcluster=np.float32(1.0),
+        whiten=np.bool_(False),
+        batch_size=np.int64(2048),
+    )
+    assert [r.metrics for r in numpy.runs] == [r.metrics for r in plain.runs]
+    assert evaluate_features(xtr, ytr, xev, yev, seeds=np.int64(1), epochs=1).runs[0].seed == 0
+    lloyd = {"algorithm": "lloyd", "max_iter": 5}
+    a = evaluate_features(xtr, ytr, xev, yev, seeds=1, backend_options={**lloyd, "max_iter": np.int64(5)})
+    b = evaluate_features(xtr, ytr, xev, yev, seeds=1, backend_options=lloyd)
+    assert a.runs[0].metrics == b.runs[0].metrics
+    assert "evaluate_features: n_classes: must be a positive integer (got 2.5)" in api_error(
+        xtr, ytr, xev, yev, n_classes=2.5
+    )
+    assert "evaluate_features: k: Input should be a valid integer" in api_error(xtr, ytr, xev, yev, n_clusters=np.True_)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "", "CPU"])
+def test_unknown_device_lists_the_valid_ones(separable, device):
+    assert api_error(*separable, device=device) == (
+        f"evaluate_features: device: {device!r} is not a device; valid devices: auto, cpu, cuda, cuda:N, mps"
+    )
+
+
+def test_class_index_renumbers_sparse_labels_only():
+    contiguous = class_index([np.arange(10), np.arange(5)])
+    assert contiguous.n_classes == 10 and contiguous.ids is None
+    gapped = class_index([np.array([0, 1, 2, 4, 70])])  # 70 < 2·5 + 64: as given
+    assert gapped.n_classes == 71 and gapped.ids is None
+    sparse = class_index([np.array([10**12, 5, 5]), np.array([74])])
+    assert sparse.n_classes == 3
+    np.testing.assert_array_equal(sparse.ids, [5, 74, 10**12])
+    np.testing.assert_array_equal(sparse.apply(np.array([74, 10**12, 5])), [1, 2, 0])
+    assert checked_labels("x", np.array([3.0, 1.0])).dtype == np.int64
+
+
+def test_sparse_labels_cluster_as_their_dense_renumbering(separable):
+    """A label of 10^12 does not make 10^12 classes: sparse labels are renumbered in increasing order,
+    so any order-preserving relabelling gives the same numbers; contiguous labels are never renumbered."""
+    xtr, ytr, xev, yev = separable
+    dense = evaluate_features(xtr, ytr, xev, yev, seeds=2, epochs=2)
+    sparse = evaluate_features(xtr, ytr * 10**12 + 7, xev, yev * 10**12 + 7, seeds=2, epochs=2)
+    assert sparse.runs[0].protocol.n_classes == 5 and sparse.runs[0].protocol.n_clusters == 5
+    assert [r.metrics for r in sparse.runs] == [r.metrics for r in dense.runs]
+    # A few missing classes are not sparse: max label + 1 classes, as before.
+    shifted = evaluate_features(xtr, ytr + 1, xev, yev + 1, seeds=1, epochs=1)
+    assert shifted.runs[0].protocol.n_classes == 6
+    # An explicit n_classes is taken as given (and labels must be below it).
+    assert "labels go up to 1000000000004 but the dataset has 5 classes" in api_error(
+        xtr, ytr + 10**12, xev, yev, n_classes=5
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The features dataset: the same contract, one line naming the file
+
+
+def test_features_dataset_refuses_what_the_api_refuses(tmp_path, capsys, separable):
+    xtr, ytr, xev, yev = separable
+    cases = {
+        "complex": (xtr.astype(np.complex64), ytr, "train (", "features must be real numbers"),
+        "bool": (xtr > 0, ytr, "train.npy) features must be real numbers", "got dtype bool"),
+        "datetime": (xtr.astype("datetime64[s]"), ytr, "train.npy) features", "got dtype datetime64[s]"),
+        "empty": (xtr[:0], ytr[:0], "train.npy) features have no rows", "(0, 6)"),
+        "no dims": (xtr[:, :0], ytr, "features have no dimensions", "(150, 0)"),
+        "1-D": (xtr[:, 0], ytr, "features must be a 2-D array", "got shape (150,)"),
+        "string labels": (xtr, ytr.astype(str), "train_labels.npy) labels must be integer class indices", "<U"),
+        "nan labels": (xtr, np.where(ytr == 2, np.nan, ytr), "labels must be integer class indices, got nan", "row"),
+        "one-hot-ish": (xtr, np.eye(5)[ytr] * 0.5, "must be one-hot rows", "(150, 5)"),
+        "nan features": (
+            np.where(ytr[:, None] == 1, np.nan, xtr),
+            ytr,
+            "features/train (raw) features contain NaN",
+            "row 3",
+        ),
+    }
+    for case, (features, labels, *expected) in cases.items():
+        folder = tmp_path / case.replace(" ", "-")
+        folder.mkdir()
+        spec = features_spec(folder, features, labels, xev, yev)
+        message = cli_error(capsys, "run", str(spec), "--out", str(folder / "out"))
+        assert all(part in message for part in expected), (case, message)
+
+
+def test_features_dataset_labels_sparse_one_hot_and_columns(tmp_path, capsys, separable):
+    """Sparse labels are renumbered (their names kept as class names), one-hot rows and a single
+    column of indices are labels: all give the numbers of plain labels."""
+    from sslbench import cli
+
+    xtr, ytr, xev, yev = separable
+    results = {}
+    for case, (train, val) in {
+        "plain": (ytr, yev),
+        "sparse": (ytr * 10**12, yev * 10**12),
+        "one-hot": (np.eye(5, dtype=np.uint8)[ytr], np.eye(5, dtype=np.uint8)[yev]),
+        "column": (ytr[:, None], yev[:, None]),
+    }.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        spec = features_spec(folder, xtr, train, xev, val)
+        assert cli.main(["run", str(spec), "--out", str(folder / "out")]) == 0, capsys.readouterr().err
+        results[case] = load_results(folder / "out")
+    capsys.readouterr()
+    for case, got in results.items():
+        assert got.runs[0].protocol.n_classes == 5, case
+        assert got.runs[0].metrics == results["plain"].runs[0].metrics, case
+
+
+@pytest.mark.slow
+def test_features_dataset_bad_file_in_a_real_process(tmp_path, separable):
+    """The CLI in its own process: exit 2, one line, no traceback (a .npy where `file` wants an .npz
+    used to be an AttributeError)."""
+    np.save(tmp_path / "feats.npy", separable[0])
+    proc = run_cli("run", str(npz_spec(tmp_path, tmp_path / "feats.npy")), "--out", "out", cwd=tmp_path)
+    assert_cli_user_error(proc, "feats.npy: `file` takes an .npz archive of <split>_embs and <split>_labs arrays")
+
+
+def test_npz_layout_problems_name_the_file(tmp_path, capsys, separable):
+    xtr, ytr, xev, yev = separable
+    np.savez(tmp_path / "labs.npz", train_embs=xtr, val_embs=xev, val_labs=yev)
+    assert "labs.npz: has train_embs but no train_labs" in cli_error(
+        capsys, "run", str(npz_spec(tmp_path, tmp_path / "labs.npz")), "--out", str(tmp_path / "out")
+    )
+    np.savez(tmp_path / "pickled.npz", train_embs=xtr, train_labs=np.array([{}] * 150, dtype=object))
+    assert "cannot read" in cli_error(
+        capsys, "run", str(npz_spec(tmp_path, tmp_path / "pickled.npz")), "--out", str(tmp_path / "out")
+    )
+    np.savez(tmp_path / "cut.npz", train_embs=xtr, train_labs=ytr, val_embs=xev, val_labs=yev)
+    data = (tmp_path / "cut.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    assert f"cannot read {tmp_path / 'cut.npz'}: File is not a zip file" in cli_error(
+        capsys, "run", str(npz_spec(tmp_path, tmp_path / "cut.npz")), "--out", str(tmp_path / "out")
+    )
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04" + os.urandom(200))
+    assert "garbage.npz" in cli_error(
+        capsys, "run", str(npz_spec(tmp_path, tmp_path / "garbage.npz")), "--out", str(tmp_path / "out")
+    )
+    # An .npz where `splits` wants .npy files.
+    spec = features_spec(tmp_path, xtr, ytr, xev, yev)
+    np.savez(tmp_path / "train.npy.npz", x=xtr)
+    os.replace(tmp_path / "train.npy.npz", tmp_path / "train.npy")
+    assert "train.npy: `splits` takes .npy files, this is an .npz archive" in cli_error(
+        capsys, "run", str(spec), "--out", str(tmp_path / "out")
+    )
