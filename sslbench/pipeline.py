@@ -20,6 +20,8 @@ cluster ids (8 bytes per sample) are kept whole.
 from __future__ import annotations
 
 import functools
+import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -395,12 +397,34 @@ class Projected:
     pca_s: float
 
 
+#: Train projections whose largest magnitude lies in this range reach k-means as computed; others are
+#: first scaled by a power of two (see :func:`projection_scale`).
+PROJECTION_RANGE = (2.0**-32, 2.0**32)
+
+
+def projection_scale(max_abs: float) -> int:
+    """The exponent of the power of two the projections are multiplied by before k-means: 0 (left as
+    they are) when the train projections' largest magnitude lies in :data:`PROJECTION_RANGE`, else the
+    one that brings it into [0.5, 1).
+
+    k-means sees features only through float32 squared distances, which overflow for projections of
+    magnitude 1e20 and underflow to zero for 1e-30 (every point then ties with every centre). k-means
+    is scale-invariant and multiplying by a power of two is exact, so rescaled projections get the
+    assignments that exact arithmetic gives the original ones.
+    """
+    if max_abs == 0 or PROJECTION_RANGE[0] <= max_abs <= PROJECTION_RANGE[1]:
+        return 0
+    return -math.frexp(max_abs)[1]
+
+
 def project_to_file(
     reducer: Reducer, features: np.ndarray, n_components: int, whiten: bool, path: Path, name: str
-) -> np.ndarray:
-    """``features`` projected chunk by chunk into the ``.npy`` file ``path``; returns its memory map."""
+) -> tuple[np.ndarray, float]:
+    """``features`` projected chunk by chunk into the ``.npy`` file ``path``; returns its memory map
+    and the projections' largest magnitude."""
     reader = RowReader(features)
     writer = RowWriter(path, len(reader), n_components)
+    max_abs = 0.0
     try:
         for rows in iter_chunks(len(reader), DEFAULT_CHUNK_ROWS):
             projected = np.asarray(reducer.project(reader.rows(rows, as_float32=False), n_components, whiten))
@@ -415,31 +439,66 @@ def project_to_file(
                     f"{name}: the PCA projection overflowed to NaN or inf (features of extreme magnitude?); "
                     "rescale the features"
                 )
+            max_abs = max(max_abs, float(np.abs(projected).max()))
             writer.write(projected)
     except OSError as exc:
         writer.close()
         raise SSLBenchError(f"cannot write the projection of {name} to {path}: {exc.strerror or exc}") from None
     finally:
         reader.release()
-    return writer.finish()
+    return writer.finish(), max_abs
+
+
+def rescale_projection(projection: np.ndarray, exponent: int, path: Path, name: str) -> np.ndarray:
+    """The projection file ``path`` (memory-mapped as ``projection``) multiplied by ``2**exponent``,
+    exactly, in row chunks; returns the new memory map."""
+    scaled_path = path.with_name(f"{path.stem}.scaled.npy")
+    reader = RowReader(projection)
+    writer = RowWriter(scaled_path, *projection.shape)
+    try:
+        for rows in iter_chunks(len(reader), DEFAULT_CHUNK_ROWS):
+            writer.write(np.ldexp(reader.rows(rows), exponent))
+    except OSError as exc:
+        writer.close()
+        raise SSLBenchError(f"cannot write the projection of {name} to {scaled_path}: {exc.strerror or exc}") from None
+    finally:
+        reader.release()
+    del projection
+    writer.finish()
+    os.replace(scaled_path, path)
+    # Readers open a memory map's file by name: map the file under its final name.
+    return np.load(path, mmap_mode="r")
 
 
 def project_splits(
     plan: ProtocolPlan, fitted: FittedReducer, dims: int | None, scratch: Path, emit: Emit = ignore
 ) -> Projected:
-    """The projections one ``pca_dims`` value needs, in the scratch folder (replacing the last ones)."""
+    """The projections one ``pca_dims`` value needs, in the scratch folder (replacing the last ones);
+    rescaled by one power of two when the train projections' magnitude needs it (:func:`projection_scale`)."""
     n = fitted.n_components if dims is None else dims
     emit(Event("stage", f"{plan.model}/{plan.dataset}: projecting onto {n} components", name="project"))
     started = time.perf_counter()
     whiten = plan.protocol.whiten
     scratch.mkdir(parents=True, exist_ok=True)
-    train = project_to_file(fitted.reducer, plan.train.features, n, whiten, scratch / "train.npy", plan.train.name)
-    eval_ = project_to_file(fitted.reducer, plan.eval.features, n, whiten, scratch / "eval.npy", plan.eval.name)
-    transfers = tuple(
-        project_to_file(fitted.reducer, t.features.features, n, whiten, scratch / f"transfer{i}.npy", t.features.name)
-        for i, t in enumerate(plan.transfers)
-    )
-    return Projected(n, train, eval_, transfers, fitted.fit_s + time.perf_counter() - started)
+    named = [(plan.train.name, plan.train.features, "train"), (plan.eval.name, plan.eval.features, "eval")]
+    named += [(t.features.name, t.features.features, f"transfer{i}") for i, t in enumerate(plan.transfers)]
+    projected = []
+    for name, features, stem in named:
+        path = scratch / f"{stem}.npy"
+        projected.append((*project_to_file(fitted.reducer, features, n, whiten, path, name), path, name))
+    exponent = projection_scale(projected[0][1])
+    if exponent:
+        emit(
+            Event(
+                "note",
+                f"{plan.model}/{plan.dataset}: PCA projections of magnitude {projected[0][1]:.3g} scaled by "
+                f"2^{exponent} for float32 k-means (exact; k-means is scale-invariant)",
+            )
+        )
+        arrays = [rescale_projection(z, exponent, path, name) for z, _, path, name in projected]
+    else:
+        arrays = [z for z, _, _, _ in projected]
+    return Projected(n, arrays[0], arrays[1], tuple(arrays[2:]), fitted.fit_s + time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,11 +16,18 @@ import numpy as np
 import pytest
 
 from sslbench import SSLBenchError, evaluate_features
+from sslbench.cache import run_scratch
 from sslbench.pipeline import (
     checked_labels,
+    checked_split,
     class_index,
+    plan_protocol,
+    projection_scale,
+    run_protocol,
 )
+from sslbench.plugins import get_plugins
 from sslbench.results import load_results
+from sslbench.spec import ProtocolSpec
 
 from conftest import blobs, run_cli
 
@@ -239,6 +246,76 @@ def test_sparse_labels_cluster_as_their_dense_renumbering(separable):
     assert "labels go up to 1000000000004 but the dataset has 5 classes" in api_error(
         xtr, ytr + 10**12, xev, yev, n_classes=5
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Finite but extreme magnitudes
+
+
+def eval_predictions(tmp_path: Path, x: np.ndarray, y: np.ndarray, backend: str, options=None) -> tuple[dict, list]:
+    """Per seed, the eval split's cluster ids and the run's metrics, through the protocol's stages."""
+    xtr, ytr, xev, yev = x[:150], y[:150], x[150:], y[150:]
+    folder = tmp_path / f"predictions-{len(list(tmp_path.iterdir()))}"
+    protocol = ProtocolSpec.model_validate(
+        {"epochs": [3], "seeds": [0, 1], "backend": backend, "backend_options": options or {}}
+    )
+    plan = plan_protocol(
+        checked_split("train", xtr, ytr),
+        checked_split("eval", xev, yev),
+        n_classes=5,
+        protocol=protocol,
+        plugins=get_plugins(),
+        model="m",
+        dataset="d",
+        predictions_dir=folder,
+    )
+    notes: list[str] = []
+    with run_scratch(tmp_path / "cache") as scratch:
+        runs = list(
+            run_protocol(plan, scratch=scratch, emit=lambda e: notes.append(e.text) if e.kind == "note" else None)
+        )
+    preds = {}
+    for path in sorted(folder.iterdir()):
+        with np.load(path) as saved:
+            preds[path.name] = saved["eval_pred"]
+    return preds, [r.metrics for r in runs], notes
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [("torch", {}), ("torch", {"pca_precision": "float32"}), ("torch", {"algorithm": "lloyd"}), ("reference", {})],
+)
+def test_extreme_magnitudes_cluster_as_ordinary_ones(tmp_path, backend, options):
+    """float32 squared distances of features ×1e20 overflow and of ×1e-30 underflow (every run used
+    to score NMI 0.000): the protocol rescales by powers of two, so the clusters are those of ×1."""
+    x, y = blobs(40, 5, 6, seed=4, spread=0.3)
+    base_preds, base_metrics, base_notes = eval_predictions(tmp_path, x, y, backend, options)
+    assert all(m["acc"] == 1.0 and m["nmi"] == 1.0 for m in base_metrics) and not base_notes
+    for scale in (1e20, 1e-30, 2.0**66, 2.0**-99):
+        preds, metrics, notes = eval_predictions(tmp_path, x * np.float32(scale), y, backend, options)
+        assert metrics == base_metrics, scale
+        assert preds.keys() == base_preds.keys()
+        for name, pred in preds.items():
+            np.testing.assert_array_equal(pred, base_preds[name])
+        assert len(notes) == 1 and "scaled by 2^" in notes[0], notes
+
+
+def test_power_of_two_scaling_is_exact(tmp_path):
+    """Scaling by a power of two changes no bit of the assignments, rescaled or not."""
+    x, y = blobs(40, 5, 6, seed=9, spread=2.5)  # overlapping: a rounding difference would show
+    base_preds, base_metrics, _ = eval_predictions(tmp_path, x, y, "torch")
+    for exponent in (-90, -40, -20, 20, 40, 90):
+        preds, metrics, _ = eval_predictions(tmp_path, np.ldexp(x, exponent), y, "torch")
+        assert metrics == base_metrics, exponent
+        for name, pred in preds.items():
+            np.testing.assert_array_equal(pred, base_preds[name])
+
+
+def test_projection_scale():
+    assert projection_scale(0.0) == 0
+    assert projection_scale(1.0) == projection_scale(2.0**32) == projection_scale(2.0**-32) == 0
+    assert projection_scale(1e20) == -67 and 0.5 <= 1e20 * 2.0**-67 < 1
+    assert projection_scale(1e-30) == 99 and 0.5 <= 1e-30 * 2.0**99 < 1
 
 
 # --------------------------------------------------------------------------------------------------
