@@ -23,7 +23,7 @@ from sslbench.errors import PluginFailure, SSLBenchError
 from sslbench.events import Event
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import rich_progress
-from sslbench.results import load_results, merge_results, write_atomic
+from sslbench.results import load_results, merge_results, write_output
 from sslbench.spec import load_spec, resolve_spec
 
 
@@ -209,7 +209,7 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
     results = merge_results([load_results(path) for path in args.results], args.results)
     reporter = plugins.reporters.get(args.format).reporter
     if args.output:
-        write_atomic(Path(args.output), reporter.render(results))
+        write_output(Path(args.output), reporter.render(results))
     elif args.format == "rich":
         reporter.show(results, _console())
     else:

@@ -6,6 +6,7 @@ The writer (the protocol's *save* stage) and the reader (:mod:`sslbench.inspecti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -31,16 +32,17 @@ def save_predictions(
     path: Path, train_pred: np.ndarray, train_labels: np.ndarray, eval_pred: np.ndarray, eval_labels: np.ndarray
 ) -> None:
     """Write one run's cluster ids atomically: a crash or a full disk never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             np.savez_compressed(
                 handle, train_pred=train_pred, train_labels=train_labels, eval_pred=eval_pred, eval_labels=eval_labels
             )
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise SSLBenchError(f"cannot write predictions {path}: {exc.strerror or exc}") from None
 
 

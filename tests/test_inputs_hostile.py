@@ -8,8 +8,10 @@ results and predictions files named in one line, SIGTERM/SIGHUP cleaning up, and
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from sslbench.pipeline import (
     run_protocol,
 )
 from sslbench.plugins import get_plugins
-from sslbench.results import load_results
+from sslbench.results import load_results, write_atomic
 from sslbench.spec import ProtocolSpec
 
 from conftest import blobs, run_cli
@@ -409,3 +411,89 @@ def test_npz_layout_problems_name_the_file(tmp_path, capsys, separable):
     assert "train.npy: `splits` takes .npy files, this is an .npz archive" in cli_error(
         capsys, "run", str(spec), "--out", str(tmp_path / "out")
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Output checked before any work
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("file", "the output directory {tmp}/file exists and is not a directory"),
+        ("file/below", "cannot create the output directory {tmp}/file/below: Not a directory"),
+        ("x" * 300, "cannot create the output directory {tmp}/" + "x" * 300 + ": File name too long"),
+        ("nul\0name", "cannot create the output directory '{tmp}/nul\\x00name': embedded null byte"),
+    ],
+)
+def test_unusable_output_directory_is_refused_before_any_work(tmp_path, capsys, separable, out, message):
+    (tmp_path / "file").write_text("not a directory")
+    spec = features_spec(tmp_path, *separable, epochs=10_000)  # would take minutes
+    started = time.perf_counter()
+    assert cli_error(capsys, "run", str(spec), "--out", f"{tmp_path}/{out}") == "sslbench: error: " + message.format(
+        tmp=tmp_path
+    )
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory_is_refused(tmp_path, capsys, separable):
+    spec = features_spec(tmp_path, *separable)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert f"cannot write to the output directory {tmp_path}/ro: Permission denied" in cli_error(
+        capsys, "run", str(spec), "--out", str(tmp_path / "ro")
+    )
+
+
+def test_unusable_cache_directory_is_refused_before_any_work(tmp_path, capsys, separable):
+    (tmp_path / "file").write_text("")
+    spec = features_spec(tmp_path, *separable, epochs=10_000)
+    spec.write_text(spec.read_text() + f"cache_dir: {tmp_path / 'file' / 'cache'}\n")
+    expected = f"cannot create the cache directory {tmp_path}/file/cache: Not a directory"
+    assert expected in cli_error(capsys, "run", str(spec), "--out", str(tmp_path / "out"))
+    assert expected in cli_error(capsys, "extract", str(spec))
+
+
+def test_results_are_written_with_ordinary_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        write_atomic(tmp_path / "b.json", "{}")
+        (tmp_path / "c.json").write_text("")
+        (tmp_path / "c.json").chmod(0o640)
+        write_atomic(tmp_path / "c.json", "{}")  # a replaced file keeps its permissions
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "a.json": 0o644,
+        "b.json": 0o600,
+        "c.json": 0o640,
+    }
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, separable):
+    from sslbench import predictions
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    spec = features_spec(tmp_path, *separable, epochs=1)
+    with monkeypatch.context() as patch:
+        patch.setattr("sslbench.results.os.fsync", full)
+        message = cli_error(capsys, "run", str(spec), "--out", str(tmp_path / "out"))
+    assert message == f"sslbench: error: cannot write {tmp_path}/out/results.json: No space left on device"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predictions.np, "savez_compressed", full)
+        message = cli_error(capsys, "run", str(spec), "--out", str(tmp_path / "out2"), "--save-predictions")
+    assert message.startswith(f"sslbench: error: cannot write predictions {tmp_path}/out2/predictions/raw__features")
+    assert message.endswith(": No space left on device")
+
+    results = evaluate_features(*separable, seeds=1, epochs=1)
+    with monkeypatch.context() as patch:
+        patch.setattr("sslbench.results.os.fsync", full)
+        with pytest.raises(SSLBenchError) as info:
+            results.write(tmp_path / "r.json")
+    assert one_line(info.value) == f"cannot write {tmp_path}/r.json: No space left on device"
