@@ -218,14 +218,11 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
-    import numpy as np
-
     from sslbench.inspection import cluster_stats, purest_and_least_pure
-    from sslbench.predictions import find_predictions
+    from sslbench.predictions import find_predictions, load_predictions
 
     path = find_predictions(Path(args.run_dir), args.model, args.dataset, args.seed, args.clusters)
-    with np.load(path) as saved:
-        pred, labels = saved[f"{args.split}_pred"], saved[f"{args.split}_labels"]
+    pred, labels = load_predictions(path, args.split)
     stats = cluster_stats(pred, labels)
     purest, impure = purest_and_least_pure(stats, args.top, args.min_size)
     console = _console()
@@ -388,13 +385,39 @@ def _version() -> str:
     return f"sslbench {sslbench_version()}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that ``finally`` blocks (a run's scratch
+    folder, a cache entry's commit) run as they do on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+        raise Terminated(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                previous[signum] = signal.signal(signum, terminate)
     try:
         return int(args.func(args, get_plugins()))
     except SSLBenchError as exc:
         print(f"sslbench: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"sslbench: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
@@ -408,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("sslbench: internal error (a bug in sslbench or a plugin); traceback above", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -505,6 +505,15 @@ def project_splits(
 # Stage: cluster one seed
 
 
+def kmeans_steps(options: BaseModel, epochs: int) -> tuple[int, str]:
+    """What a k-means fit reports through ``on_epoch``, for its progress bar: ``epochs`` epochs, or for
+    a full-batch Lloyd fit (``algorithm: lloyd``), at most ``max_iter`` iterations."""
+    max_iter = getattr(options, "max_iter", None)
+    if getattr(options, "algorithm", None) == "lloyd" and isinstance(max_iter, int):
+        return max_iter, "iterations"
+    return epochs, "epochs"
+
+
 @dataclass(frozen=True)
 class SeedPredictions:
     train_pred: np.ndarray
@@ -525,14 +534,24 @@ def cluster_seed(
     """k-means fitted on the projected train split with ``seed``; then every split predicted."""
     where = f"{plan.model}/{plan.dataset} k={point.n_clusters} seed {seed}"
     emit(Event("stage", where, name="kmeans"))
-    task = progress.task(f"k-means {where}", point.epochs, unit="epochs")
+    total, unit = kmeans_steps(plan.backend_options, point.epochs)
+    task = progress.task(f"k-means {where}", total, unit=unit)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        task.advance()
+
     config = ClustererConfig(
-        point.n_clusters, point.epochs, point.batch_size, seed, plan.device, plan.backend_options, task.advance
+        point.n_clusters, point.epochs, point.batch_size, seed, plan.device, plan.backend_options, step
     )
     started = time.perf_counter()
     clusterer = plan.backend.kmeans(config)
     clusterer.fit(projected.train)
     kmeans_s = time.perf_counter() - started
+    if done < total:  # a fit that converged early: the bar ends full
+        task.advance(total - done)
 
     emit(Event("stage", where, name="predict"))
     started = time.perf_counter()

@@ -247,6 +247,7 @@ def merge_results(parts: list[Results], sources: list[str]) -> Results:
 
 
 def load_results(path: str | Path) -> Results:
+    """A results.json (or the one in a run directory); anything else is a one-line :class:`SSLBenchError`."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
@@ -254,12 +255,17 @@ def load_results(path: str | Path) -> Results:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SSLBenchError(f"results file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise SSLBenchError(f"{path}: not an sslbench results file: not UTF-8 text (a binary file?)") from None
+    except (OSError, ValueError) as exc:
+        raise SSLBenchError(f"cannot read results file {path}: {reason(exc)}") from None
     try:
         return Results.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise SSLBenchError(f"{path}: not an sslbench results file: {where}: {first['msg']}") from None
+        message = (str(first["msg"]).strip().splitlines() or [""])[0]
+        raise SSLBenchError(f"{path}: not an sslbench results file: {where}: {message}") from None
 
 
 def reason(exc: BaseException) -> str:

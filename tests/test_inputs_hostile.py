@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from sslbench.pipeline import (
     checked_labels,
     checked_split,
     class_index,
+    kmeans_steps,
     plan_protocol,
     projection_scale,
     run_protocol,
@@ -497,3 +500,216 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, 
         with pytest.raises(SSLBenchError) as info:
             results.write(tmp_path / "r.json")
     assert one_line(info.value) == f"cannot write {tmp_path}/r.json: No space left on device"
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Damaged results and predictions files; signals; Lloyd's progress
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not an sslbench results file: not UTF-8 text (a binary file?)"),
+        (b"", "not an sslbench results file: (top level): Invalid JSON"),
+        (b"{runs: [}", "not an sslbench results file: (top level): Invalid JSON"),
+        (b"[1, 2]", "not an sslbench results file: (top level): Input should be an object"),
+        (b'{"schema_version": 1}', "not an sslbench results file: sslbench_version: Field required"),
+    ],
+)
+def test_report_of_a_file_that_is_not_results(tmp_path, capsys, content, message):
+    (tmp_path / "results.json").write_bytes(content)
+    assert f"{tmp_path}/results.json: {message}" in cli_error(capsys, "report", str(tmp_path))
+    assert message in cli_error(capsys, "plot", str(tmp_path / "results.json"), "--out", str(tmp_path / "f"))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, separable):
+    """A run directory with predictions, written once by the CLI."""
+    from sslbench import cli
+
+    folder = tmp_path_factory.mktemp("saved")
+    spec = features_spec(folder, *separable, epochs=1)
+    assert cli.main(["run", str(spec), "--out", str(folder / "run"), "--save-predictions"]) == 0
+    (path,) = (folder / "run" / "predictions").iterdir()
+    return folder / "run", path
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(b"not a zip"), "{path}: not a predictions file (not an .npz archive)"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-40]), "cannot read predictions {path}: File is not a zip file"),
+        (lambda p: _write_npy(p, np.arange(3)), "{path}: not a predictions file (not an .npz archive)"),
+        (
+            lambda p: _write_npz(p, train_pred=np.arange(3)),
+            "{path}: not a predictions file: no eval_pred or eval_labels",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.zeros(3), eval_labels=np.zeros(3, int)),
+            "{path}: eval_pred must be a 1-D integer array, got float64 of shape (3,)",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.zeros((3, 2), int), eval_labels=np.zeros(3, int)),
+            "eval_pred must be a 1-D integer array, got int64 of shape (3, 2)",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.array(["a"]), eval_labels=np.zeros(1, int)),
+            "eval_pred must be a 1-D integer array, got <U1",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.array([0, -1]), eval_labels=np.zeros(2, int)),
+            "eval_pred holds values outside [0, 2^63) (-1 to 0)",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.zeros(3, int), eval_labels=np.zeros(2, int)),
+            "eval_pred has 3 entries but eval_labels 2",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.zeros(0, int), eval_labels=np.zeros(0, int)),
+            "the eval split has no predictions",
+        ),
+        (
+            lambda p: _write_npz(p, eval_pred=np.array([0, 1], dtype=object), eval_labels=np.zeros(2, int)),
+            "cannot read predictions {path}: Object arrays cannot be loaded when allow_pickle=False",
+        ),
+    ],
+)
+def test_clusters_of_a_damaged_predictions_file(saved_run, capsys, damage, message):
+    run_dir, path = saved_run
+    original = path.read_bytes()
+    try:
+        damage(path)
+        got = cli_error(capsys, "clusters", str(run_dir), "--model", "raw")
+    finally:
+        path.write_bytes(original)
+    assert message.format(path=path) in got
+
+
+def test_clusters_with_huge_labels_and_cluster_ids_use_little_memory(saved_run, capsys):
+    from sslbench import cli
+
+    run_dir, path = saved_run
+    original = path.read_bytes()
+    try:
+        _write_npz(path, eval_pred=np.array([10**12, 10**12, 3] * 4), eval_labels=np.array([10**15, 10**15, 2] * 4))
+        assert cli.main(["clusters", str(run_dir), "--model", "raw", "--min-size", "1"]) == 0
+    finally:
+        path.write_bytes(original)
+    out = capsys.readouterr().out
+    assert "2 non-empty clusters" in out and "1000000000000" in out and "1000000000000000" in out
+
+
+@pytest.mark.slow
+def test_a_terminated_run_removes_its_scratch_folder(tmp_path, separable):
+    """``cache: false`` keeps features in the run's scratch folder: SIGTERM runs the cleanup that
+    Ctrl-C runs (it used to leave the folder until the next run), and the exit status says so."""
+    signum = signal.SIGTERM
+    x, y = blobs(400, 5, 32, seed=1)
+    spec = features_spec(tmp_path, x[:1500], y[:1500], x[1500:], y[1500:], epochs=1_000_000, cache=False)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sslbench", "run", str(spec), "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        env={**os.environ, "SSLBENCH_CACHE": str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        mine: list[Path] = []
+        while not mine or not any((folder / "projections").exists() for folder in mine):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never reached clustering"
+            time.sleep(0.2)
+            mine = list((cache / ".scratch").glob(f"{proc.pid}-*")) if (cache / ".scratch").is_dir() else []
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"sslbench: terminated ({signal.Signals(signum).name})"
+    assert not [folder for folder in mine if folder.exists()]
+
+
+def test_sighup_unwinds_like_sigterm_and_handlers_are_restored(capsys, monkeypatch):
+    from sslbench import cli
+
+    cleaned = []
+
+    def hung_up(args, plugins):
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler interrupts this
+        finally:
+            cleaned.append(True)
+        return 0
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(cli, "cmd_models", hung_up)
+    started = time.perf_counter()
+    assert cli.main(["models"]) == 128 + signal.SIGHUP
+    assert time.perf_counter() - started < 4 and cleaned == [True]
+    assert capsys.readouterr().err.strip() == "sslbench: terminated (SIGHUP)"
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+class _Recorder:
+    """A Progress that records each task's total, unit and advances."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict] = []
+
+    def task(self, description, total, unit=""):
+        record = {"description": description, "total": total, "unit": unit, "done": 0}
+        self.tasks.append(record)
+
+        class Task:
+            def advance(self, amount=1):
+                record["done"] += amount
+
+        return Task()
+
+
+@pytest.mark.parametrize(
+    ("options", "total", "unit"),
+    [
+        ({}, 2, "epochs"),
+        ({"algorithm": "lloyd"}, 300, "iterations"),
+        ({"algorithm": "lloyd", "max_iter": 7}, 7, "iterations"),
+    ],
+)
+def test_kmeans_progress_counts_what_the_algorithm_runs(tmp_path, separable, options, total, unit):
+    """Lloyd runs up to max_iter iterations, not epochs: the bar says so, and ends full when the fit
+    converges early (it used to show "10 of 2 epochs")."""
+    xtr, ytr, xev, yev = separable
+    protocol = ProtocolSpec.model_validate({"epochs": [2], "seeds": [0], "backend_options": options})
+    plugins = get_plugins()
+    backend_options = plugins.backends.get("torch").options.model_validate(options)
+    assert kmeans_steps(backend_options, 2) == (total, unit)
+    plan = plan_protocol(
+        checked_split("train", xtr, ytr),
+        checked_split("eval", xev, yev),
+        n_classes=5,
+        protocol=protocol,
+        plugins=plugins,
+        model="m",
+        dataset="d",
+    )
+    recorder = _Recorder()
+    with run_scratch(tmp_path) as scratch:
+        list(run_protocol(plan, scratch=scratch, progress=recorder))
+    (kmeans,) = [t for t in recorder.tasks if t["description"].startswith("k-means")]
+    assert (kmeans["total"], kmeans["unit"], kmeans["done"]) == (total, unit, total)
