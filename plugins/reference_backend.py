@@ -59,7 +59,10 @@ class ReferencePCA(Reducer):
                 # for features of magnitude 1e20 and underflow for 1e-30: such features are fitted
                 # scaled by a power of two (exact; the components do not change), chosen on the first batch.
                 self._exponent = projection_scale(float(np.abs(x).max()))
-            pca.partial_fit(np.ldexp(x, self._exponent) if self._exponent else x)
+            # Constant features (a collapsed model's) have no variance: scikit-learn's explained
+            # variance *ratio*, which nothing here uses, is then 0/0. Overflow still warns.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pca.partial_fit(np.ldexp(x, self._exponent) if self._exponent else x)
             if self.config.on_rows:
                 self.config.on_rows(rows.stop - rows.start)
         reader.release()

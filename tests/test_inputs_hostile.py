@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from sslbench import SSLBenchError, evaluate_features
 from sslbench.cache import run_scratch
 from sslbench.pipeline import (
+    MAX_FEATURE_MAGNITUDE,
     checked_labels,
     checked_split,
     class_index,
@@ -35,6 +38,10 @@ from sslbench.results import load_results, write_atomic
 from sslbench.spec import ProtocolSpec
 
 from conftest import blobs, run_cli
+
+#: Ranges of the metrics every run records: fractions, and the chance-adjusted ARI and AMI.
+UNIT_METRICS = ("acc", "acc_majority", "acc_eval_assignment", "nmi", "v_measure", "fowlkes_mallows")
+SIGNED_METRICS = ("ari", "ami")
 
 
 @pytest.fixture(scope="module")
@@ -379,12 +386,20 @@ def test_features_dataset_labels_sparse_one_hot_and_columns(tmp_path, capsys, se
 
 
 @pytest.mark.slow
-def test_features_dataset_bad_file_in_a_real_process(tmp_path, separable):
+def test_features_dataset_bad_files_in_a_real_process(tmp_path, separable):
     """The CLI in its own process: exit 2, one line, no traceback (a .npy where `file` wants an .npz
-    used to be an AttributeError)."""
-    np.save(tmp_path / "feats.npy", separable[0])
+    was an AttributeError; complex features lost their imaginary part without a word)."""
+    xtr, ytr, xev, yev = separable
+    np.save(tmp_path / "feats.npy", xtr)
     proc = run_cli("run", str(npz_spec(tmp_path, tmp_path / "feats.npy")), "--out", "out", cwd=tmp_path)
     assert_cli_user_error(proc, "feats.npy: `file` takes an .npz archive of <split>_embs and <split>_labs arrays")
+
+    spec = features_spec(tmp_path, xtr + 1j * xtr, ytr, xev, yev)
+    proc = run_cli("run", str(spec), "--out", "out", cwd=tmp_path)
+    assert_cli_user_error(
+        proc, "train.npy) features must be real numbers (a floating or integer dtype), got dtype complex"
+    )
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_npz_layout_problems_name_the_file(tmp_path, capsys, separable):
@@ -713,3 +728,170 @@ def test_kmeans_progress_counts_what_the_algorithm_runs(tmp_path, separable, opt
         list(run_protocol(plan, scratch=scratch, progress=recorder))
     (kmeans,) = [t for t in recorder.tasks if t["description"].startswith("k-means")]
     assert (kmeans["total"], kmeans["unit"], kmeans["done"]) == (total, unit, total)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Properties on random inputs (hypothesis; derandomized, bounded)
+
+#: Features and labels every backend takes, in every dtype and magnitude the contract allows.
+FEATURE_DTYPES = (np.float32, np.float32, np.float64, np.float16, np.int64, np.int16, np.uint8)
+MAGNITUDES = (1.0, 1.0, 2.0**40, 2.0**-40, 1e20, 1e-30, 2.0**90, 2.0**-95)
+LABEL_KINDS = ("int64", "int64", "uint8", "int32", "whole floats", "sparse", "sparse")
+#: What may be wrong with an example, at most two things at once (half the examples have none).
+FLAWS = (
+    "dtype bool",
+    "dtype complex",
+    "dtype datetime",
+    "dtype str",
+    "dtype object",
+    "nan",
+    "inf",
+    "huge",
+    "tiny",
+    "no rows",
+    "no dims",
+    "1-D",
+    "3-D",
+    "fraction labels",
+    "nan labels",
+    "str labels",
+    "negative labels",
+    "bool labels",
+    "2-D labels",
+    "fewer labels",
+)
+
+
+@st.composite
+def hostile_inputs(draw):
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    n_classes = draw(st.integers(1, 4))
+    n_train, n_eval, dims = draw(st.integers(4, 40)), draw(st.integers(1, 15)), draw(st.integers(1, 5))
+    centres = rng.normal(scale=4.0, size=(n_classes, dims))
+    ytr, yev = rng.integers(0, n_classes, n_train), rng.integers(0, n_classes, n_eval)
+    xtr = centres[ytr] + rng.normal(size=(n_train, dims))
+    xev = centres[yev] + rng.normal(size=(n_eval, dims))
+    count = draw(st.sampled_from([0, 0, 1, 1, 2]))
+    flaws = set(draw(st.lists(st.sampled_from(FLAWS), min_size=count, max_size=count)))
+    event(f"flaws: {len(flaws)}")
+    magnitude = draw(st.sampled_from(MAGNITUDES))
+    magnitude = 2.0**120 if "huge" in flaws else 2.0**-120 if "tiny" in flaws else magnitude
+    xtr, xev = xtr * magnitude, xev * magnitude
+    if "nan" in flaws or "inf" in flaws:
+        xtr.flat[draw(st.integers(0, xtr.size - 1))] = np.nan if "nan" in flaws else -np.inf
+    dtype = draw(st.sampled_from(FEATURE_DTYPES))
+    for flaw, bad in (("bool", np.bool_), ("complex", np.complex64), ("datetime", "datetime64[ms]")):
+        dtype = bad if f"dtype {flaw}" in flaws else dtype
+    dtype = np.str_ if "dtype str" in flaws else object if "dtype object" in flaws else dtype
+    with np.errstate(all="ignore"):
+        if dtype == "datetime64[ms]":
+            xtr, xev = xtr.astype(np.int64), xev.astype(np.int64)
+        xtr, xev = (np.asarray(x).astype(dtype) for x in (xtr, xev))
+    if "no rows" in flaws:
+        xtr, ytr = xtr[:0], ytr[:0]
+    if "no dims" in flaws:
+        xev = xev[:, :0]
+    if "1-D" in flaws:
+        xtr = xtr[:, 0]
+    if "3-D" in flaws:
+        xev = xev[:, :, None]
+    kind = draw(st.sampled_from(LABEL_KINDS))
+    if kind == "sparse":
+        ids = np.array(draw(st.lists(st.integers(0, 2**62), min_size=n_classes, max_size=n_classes, unique=True)))
+        ytr, yev = ids[ytr], ids[yev]
+    elif kind == "whole floats":
+        ytr, yev = ytr.astype(np.float64), yev.astype(np.float32)
+    elif kind != "int64":
+        ytr, yev = ytr.astype(kind), yev.astype(kind)
+    if "fraction labels" in flaws:
+        ytr = ytr + 0.5
+    if "nan labels" in flaws:
+        yev = np.where(np.arange(len(yev)) == 0, np.nan, yev)
+    if "str labels" in flaws:
+        ytr = ytr.astype(str)
+    if "negative labels" in flaws:
+        ytr = ytr.astype(np.int64) - 2**62
+    if "bool labels" in flaws:
+        yev = yev > 0
+    if "2-D labels" in flaws:
+        ytr = ytr[:, None].repeat(2, axis=1)
+    if "fewer labels" in flaws:
+        yev = yev[:-1]
+    params = {
+        "n_clusters": draw(st.sampled_from([None, None, 1, 2, np.int64(2), np.uint16(3)])),
+        "epochs": draw(st.sampled_from([1, 2, np.int32(1)])),
+        "seeds": draw(st.sampled_from([1, np.int64(1), [np.int16(3)]])),
+        "backend": draw(st.sampled_from(["torch", "reference"])),
+        "pca_dim": draw(st.sampled_from([None, None, 1, np.int8(2)])),
+    }
+    return xtr, ytr, xev, yev, params
+
+
+def assert_valid_metrics(results) -> None:
+    for run in results.runs:
+        for name in UNIT_METRICS:
+            assert -1e-9 <= run.metrics[name] <= 1 + 1e-9, (name, run.metrics[name])
+        for name in SIGNED_METRICS:
+            assert -1 - 1e-9 <= run.metrics[name] <= 1 + 1e-9, (name, run.metrics[name])
+
+
+@settings(
+    derandomize=True,
+    max_examples=70,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(hostile_inputs())
+def test_any_input_is_refused_in_one_line_or_scored_in_range(inputs):
+    """Random dtypes, shapes, NaN/inf sprinkles, huge and tiny magnitudes, sparse or broken labels and
+    NumPy-typed parameters: either a one-line SSLBenchError, or metrics in their ranges."""
+    xtr, ytr, xev, yev, params = inputs
+    try:
+        results = evaluate_features(xtr, ytr, xev, yev, device="cpu", **params)
+    except SSLBenchError as exc:
+        one_line(exc)
+        event(f"refused: {str(exc).split(' ', 1)[1][:40]}")
+        return
+    event("scored")
+    assert_valid_metrics(results)
+
+
+@st.composite
+def lossless_changes(draw):
+    """Clean inputs, and a lossless change of them: features times a power of two, labels through an
+    order-preserving map onto sparse ids (renumbered back to the same classes)."""
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    n_classes, dims = draw(st.integers(2, 4)), draw(st.integers(1, 5))
+    n_train, n_eval = draw(st.integers(8, 40)), draw(st.integers(2, 15))
+    centres = rng.normal(scale=draw(st.sampled_from([1.0, 4.0])), size=(n_classes, dims))
+    ytr, yev = rng.integers(0, n_classes, n_train), rng.integers(0, n_classes, n_eval)
+    ytr[:n_classes] = np.arange(n_classes)  # every class occurs: the classes are 0..n-1 either way
+    xtr = (centres[ytr] + rng.normal(size=(n_train, dims))).astype(np.float32)
+    xev = (centres[yev] + rng.normal(size=(n_eval, dims))).astype(np.float32)
+    exponent = draw(st.sampled_from([0, 3, -7, 40, -40, 66, -95, 90]))
+    steps = np.cumsum(draw(st.lists(st.integers(1, 2**50), min_size=n_classes, max_size=n_classes)))
+    relabel = draw(st.booleans())
+    params = {
+        "backend": draw(st.sampled_from(["torch", "reference"])),
+        "epochs": draw(st.sampled_from([1, 2])),
+        "n_clusters": draw(st.sampled_from([None, 2, 3])),
+        "whiten": draw(st.booleans()),
+    }
+    return (xtr, ytr, xev, yev), exponent, (steps + 2**60 if relabel else None), params
+
+
+@settings(derandomize=True, max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lossless_changes())
+def test_lossless_changes_change_no_metric(change):
+    (xtr, ytr, xev, yev), exponent, ids, params = change
+    clean = evaluate_features(xtr, ytr, xev, yev, seeds=1, device="cpu", **params)
+    assert_valid_metrics(clean)
+    assert np.all(np.abs(np.ldexp(xtr, exponent)) <= MAX_FEATURE_MAGNITUDE)
+    train_labels, eval_labels = (ytr, yev) if ids is None else (ids[ytr], ids[yev])
+    changed = evaluate_features(
+        np.ldexp(xtr, exponent), train_labels, np.ldexp(xev, exponent), eval_labels, seeds=1, device="cpu", **params
+    )
+    assert changed.runs[0].metrics == clean.runs[0].metrics
+    assert changed.runs[0].protocol.n_classes == clean.runs[0].protocol.n_classes
