@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sslbench import hookimpl
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Dataset, DatasetEntry, NoOptions, Split
+from sslbench.pipeline import checked_feature_array, checked_labels, class_index
 
 
 class ArraySplit(Split):
@@ -66,7 +69,7 @@ class SplitFiles(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     features: str = Field(description=".npy file of shape (n, d); memory-mapped")
-    labels: str = Field(description=".npy file of n class indices (or one-hot rows)")
+    labels: str = Field(description=".npy file of n non-negative integer class indices (or one-hot rows)")
 
 
 class FeaturesOptions(BaseModel):
@@ -76,7 +79,12 @@ class FeaturesOptions(BaseModel):
 
     file: str | None = Field(None, description=".npz with <split>_embs and <split>_labs arrays")
     splits: dict[str, SplitFiles] | None = Field(None, description="split name → .npy files")
-    num_classes: int | None = Field(None, ge=1, description="default: max label + 1")
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        description="default: max label + 1; sparse labels (max ≥ 2 × distinct labels + 64) are renumbered "
+        "0..m-1 in increasing order instead",
+    )
     class_groups: dict[str, list[int]] | None = Field(
         None, description="group name → class indices; ACC is also reported per group (acc_<group>)"
     )
@@ -92,65 +100,154 @@ class FeaturesOptions(BaseModel):
         return self
 
 
-def _labels(array: np.ndarray) -> np.ndarray:
-    """Class indices; one-hot rows, as some extraction scripts save labels, become indices.
+#: What reading a damaged .npy or .npz raises.
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
-    Dtype and range are checked by the protocol, which names the split.
-    """
+
+def _labels(array: np.ndarray, where: str) -> np.ndarray:
+    """Checked class indices (:func:`~sslbench.pipeline.checked_labels`); one-hot rows, as some
+    extraction scripts save labels, become indices, and a single column is a column of indices."""
     array = np.asarray(array)
-    return array.argmax(axis=1) if array.ndim == 2 else array.reshape(-1)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array.reshape(-1)
+    elif array.ndim == 2:
+        if array.dtype.kind not in "biuf" or not bool(
+            np.all((array == 0) | (array == 1)) and np.all(array.sum(axis=1) == 1)
+        ):
+            raise SSLBenchError(
+                f"{where} labels of shape {array.shape} must be one-hot rows (a single 1 per row, 0 elsewhere)"
+            )
+        array = array.argmax(axis=1)
+    return checked_labels(where, array)
 
 
-def _features(array: np.ndarray) -> np.ndarray:
-    # The paper's code saved some features as (n, d, 1, 1); a reshape keeps a memmap a memmap.
-    return array.reshape(len(array), -1)
+def _features(array: np.ndarray, where: str) -> np.ndarray:
+    """Checked features (:func:`~sslbench.pipeline.checked_feature_array`; values are checked when the
+    split is used). The paper's code saved some as (n, d, 1, 1): a reshape keeps a memmap a memmap."""
+    if array.ndim > 2:
+        array = array.reshape(array.shape[0], int(np.prod(array.shape[1:])))
+    return checked_feature_array(where, array)
+
+
+def _file_format(path: Path) -> str | None:
+    """``npy`` or ``npz`` by the file's first bytes (``None``: neither)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError as exc:
+        raise SSLBenchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head == b"\x93NUMPY":
+        return "npy"
+    return "npz" if head.startswith(b"PK") else None
 
 
 def _load_npy(path_text: str) -> np.ndarray:
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise SSLBenchError(f"features file not found: {path}")
+    kind = _file_format(path)
+    if kind == "npz":
+        raise SSLBenchError(f"{path}: `splits` takes .npy files, this is an .npz archive (give it as `file`)")
+    if kind is None:
+        raise SSLBenchError(f"cannot read {path}: not an .npy file")
     try:
         return np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as exc:
-        raise SSLBenchError(f"cannot read {path}: {exc}") from None
+    except _READ_ERRORS as exc:
+        raise SSLBenchError(f"cannot read {path}: {_first_line(exc)}") from None
 
 
-def load_features_dataset(options: FeaturesOptions) -> Dataset:
-    splits: dict[str, Split] = {}
-    if options.file is not None:
-        path = Path(options.file).expanduser()
-        if not path.is_file():
-            raise SSLBenchError(f"features file not found: {path}")
-        try:
-            archive = np.load(path)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features and labels per split of the paper's .npz layout (``<split>_embs``, ``<split>_labs``)."""
+    kind = _file_format(path)
+    if kind == "npy":
+        raise SSLBenchError(
+            f"{path}: `file` takes an .npz archive of <split>_embs and <split>_labs arrays, this is "
+            "a .npy array (give .npy files under `splits`)"
+        )
+    if kind is None:
+        raise SSLBenchError(f"cannot read {path}: not an .npz archive")
+    splits = {}
+    try:
+        # Opened here, so that a damaged archive leaves no file open.
+        with open(path, "rb") as handle, np.load(handle) as archive:
             names = sorted(key[: -len("_embs")] for key in archive.files if key.endswith("_embs"))
             for name in names:
                 if f"{name}_labs" not in archive.files:
                     raise SSLBenchError(f"{path}: has {name}_embs but no {name}_labs")
-                splits[name] = ArraySplit(
-                    _features(archive[f"{name}_embs"]),
-                    _labels(archive[f"{name}_labs"]),
-                    as_image=False,
-                )
-        except (ValueError, OSError, EOFError) as exc:
-            raise SSLBenchError(f"cannot read {path}: {exc}") from None
-        if not splits:
-            raise SSLBenchError(f"{path}: no <split>_embs arrays (expected e.g. train_embs, val_embs)")
+                splits[name] = (archive[f"{name}_embs"], archive[f"{name}_labs"])
+    except _READ_ERRORS as exc:
+        raise SSLBenchError(f"cannot read {path}: {_first_line(exc)}") from None
+    if not splits:
+        raise SSLBenchError(f"{path}: no <split>_embs arrays (expected e.g. train_embs, val_embs)")
+    return splits
+
+
+def load_features_dataset(options: FeaturesOptions) -> Dataset:
+    """Features and labels per split, checked as the API checks them (dtype, shape, label values).
+
+    Without ``num_classes``, labels index the classes directly (``max label + 1`` of them) unless they
+    are sparse, as :func:`~sslbench.pipeline.class_index` decides for every split together: then the
+    distinct labels are renumbered 0..m-1 in increasing order, the class names are the original
+    labels, and ``class_groups`` name original labels too.
+    """
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if options.file is not None:
+        path = Path(options.file).expanduser()
+        if not path.is_file():
+            raise SSLBenchError(f"features file not found: {path}")
+        for name, (features, labels) in _load_npz(path).items():
+            where = f"{name} ({path.name})"
+            arrays[name] = (_features(features, where), _labels(labels, where))
     else:
         assert options.splits is not None
         for name, files in options.splits.items():
-            splits[name] = ArraySplit(
-                _features(_load_npy(files.features)),
-                _labels(_load_npy(files.labels)),
-                as_image=False,
-            )
-    top = max(int(split.labels.max()) for split in splits.values() if len(split))
-    n_classes = options.num_classes or top + 1
+            features = _features(_load_npy(files.features), f"{name} ({files.features})")
+            arrays[name] = (features, _labels(_load_npy(files.labels), f"{name} ({files.labels})"))
+    group_ids: dict[str, list[int]] | None = options.class_groups
+    if options.num_classes is not None:
+        n_classes = options.num_classes
+        for name, (_, labels) in arrays.items():
+            if int(labels.max()) >= n_classes:
+                raise SSLBenchError(f"{name} labels go up to {int(labels.max())} but num_classes is {n_classes}")
+        names = [str(c) for c in range(n_classes)]
+    else:
+        index = class_index([labels for _, labels in arrays.values()])
+        n_classes = index.n_classes
+        names = [str(c) for c in range(n_classes)] if index.ids is None else [str(c) for c in index.ids]
+        if index.ids is not None:
+            arrays = {name: (features, index.apply(labels)) for name, (features, labels) in arrays.items()}
+            group_ids = _renumbered_groups(options, index.ids)
+    splits: dict[str, Split] = {
+        name: ArraySplit(features, labels, as_image=False) for name, (features, labels) in arrays.items()
+    }
     metadata: dict[str, object] = dict(options.class_maps or {})
-    if options.class_groups is not None:
-        metadata["class_groups"] = options.class_groups
-    return Dataset("features", [str(c) for c in range(n_classes)], splits, "precomputed features", metadata)
+    if group_ids is not None:
+        metadata["class_groups"] = group_ids
+    return Dataset("features", names, splits, "precomputed features", metadata)
+
+
+def _renumbered_groups(options: FeaturesOptions, ids: np.ndarray) -> dict[str, list[int]] | None:
+    """``class_groups`` (original labels) in the renumbered classes of sparse labels."""
+    if options.class_maps:
+        raise SSLBenchError(
+            f"the labels are sparse ({len(ids)} distinct, up to {int(ids[-1])}) and are renumbered, which "
+            "class_maps cannot follow: set num_classes, or give labels 0..n-1"
+        )
+    if options.class_groups is None:
+        return None
+    position = {int(label): index for index, label in enumerate(ids)}
+    groups = {}
+    for group, classes in options.class_groups.items():
+        missing = [c for c in classes if c not in position]
+        if missing:
+            raise SSLBenchError(f"class_groups.{group}: class {missing[0]} is not a label of any split")
+        groups[group] = [position[c] for c in classes]
+    return groups
 
 
 @hookimpl

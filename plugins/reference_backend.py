@@ -31,6 +31,7 @@ from sslbench.interfaces import (
     ReducerConfig,
     iter_chunks,
 )
+from sslbench.pipeline import projection_scale
 
 NAME = "reference"
 
@@ -44,13 +45,24 @@ class ReferencePCA(Reducer):
     def __init__(self, config: ReducerConfig) -> None:
         self.config = config
         self._pca: IncrementalPCA | None = None
+        #: The fit saw the features times 2**_exponent (0 for features of ordinary magnitude).
+        self._exponent = 0
 
     def fit(self, features: np.ndarray) -> None:
         reader = RowReader(features)
         batch = pca_batch_size(reader.dims)
         pca = IncrementalPCA(n_components=None, batch_size=batch)
         for rows in iter_chunks(len(reader), batch):
-            pca.partial_fit(reader.rows(rows, as_float32=False))
+            x = reader.rows(rows, as_float32=False)
+            if rows.start == 0:
+                # IncrementalPCA keeps float32 input in float32, whose squared singular values overflow
+                # for features of magnitude 1e20 and underflow for 1e-30: such features are fitted
+                # scaled by a power of two (exact; the components do not change), chosen on the first batch.
+                self._exponent = projection_scale(float(np.abs(x).max()))
+            # Constant features (a collapsed model's) have no variance: scikit-learn's explained
+            # variance *ratio*, which nothing here uses, is then 0/0. Overflow still warns.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pca.partial_fit(np.ldexp(x, self._exponent) if self._exponent else x)
             if self.config.on_rows:
                 self.config.on_rows(rows.stop - rows.start)
         reader.release()
@@ -69,9 +81,13 @@ class ReferencePCA(Reducer):
         pca = self._fitted()
         n = n_components
         components = pca.components_[:n].T
+        if self._exponent:
+            rows = np.ldexp(rows, self._exponent)
         projected = rows @ components - pca.mean_ @ components
         if whiten:
             projected /= np.sqrt(pca.explained_variance_[:n])
+        elif self._exponent:
+            projected = np.ldexp(projected, -self._exponent)
         return projected.astype(np.float32)
 
 

@@ -50,6 +50,7 @@ from sslbench.interfaces import (
     ReducerConfig,
     iter_chunks,
 )
+from sslbench.pipeline import projection_scale
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -337,6 +338,8 @@ class TorchKMeans(Clusterer):
             self.centers = self._lloyd(reader, ranks, centers)
         self.iterations_s = time.perf_counter() - started
         stream.release()
+        if not bool(torch.isfinite(self.centers).all()):
+            raise SSLBenchError("k-means: the centres overflowed to NaN or inf (features of extreme magnitude?)")
 
     def _minibatch(
         self, reader: _DeviceRows, ranks: _Ranks, centers: Tensor, generator: torch_types.Generator
@@ -556,20 +559,34 @@ class TorchPCA(Reducer):
         n, d = len(reader), reader.dims
         if n < 2:
             raise SSLBenchError("PCA needs at least 2 samples")
-        shift = reader.rows(slice(0, min(n, CHUNK_ROWS))).astype(np.float64).mean(axis=0)
+        first = reader.rows(slice(0, min(n, CHUNK_ROWS))).astype(np.float64)
+        shift = first.mean(axis=0)
+        # float32 products overflow for features of magnitude 1e20 and underflow for 1e-30: such rows
+        # are multiplied by a power of two (exact) chosen on the first chunk, and the sums scaled back.
+        exponent = projection_scale(float(np.abs(first - shift).max())) if self.dtype == np.float32 else 0
+        del first
         total = np.zeros(d)
         if self.device == "cpu":
             scatter = np.zeros((d, d))
             for rows in iter_chunks(n, CHUNK_ROWS):
                 x = reader.rows(rows).astype(self.dtype) - shift.astype(self.dtype)
+                if exponent:
+                    x = np.ldexp(x, exponent)
                 total += x.sum(axis=0, dtype=np.float64)
                 scatter += self._upper_gram(x)
                 if self.on_rows:
                     self.on_rows(rows.stop - rows.start)
             scatter = np.triu(scatter) + np.triu(scatter, 1).T
         else:
-            scatter = self._device_scatter(reader, shift, total)
+            scatter = self._device_scatter(reader, shift, total, exponent)
         reader.release()
+        if exponent:
+            total, scatter = np.ldexp(total, -exponent), np.ldexp(scatter, -2 * exponent)
+        if not np.isfinite(scatter).all():
+            raise SSLBenchError(
+                "PCA: the covariance of the features overflowed (features of extreme magnitude); "
+                "with pca_precision: float32, try float64"
+            )
         centred = total / n
         covariance = (scatter - n * np.outer(centred, centred)) / (n - 1)
         torch = _torch()
@@ -593,9 +610,10 @@ class TorchPCA(Reducer):
         # upper triangle of (x.T)(x.T)ᵀ = xᵀx with half the flops of a GEMM.
         return syrk(1.0, x.T, trans=0)
 
-    def _device_scatter(self, reader: RowReader, shift: np.ndarray, total: np.ndarray) -> np.ndarray:
+    def _device_scatter(self, reader: RowReader, shift: np.ndarray, total: np.ndarray, exponent: int) -> np.ndarray:
         """``Σ (x − shift)ᵀ(x − shift)`` accumulated on the device (float32 rows cast there), adding
-        ``Σ (x − shift)`` into ``total``; one transfer of the result instead of one per chunk."""
+        ``Σ (x − shift)`` into ``total``; one transfer of the result instead of one per chunk. With
+        ``exponent``, of ``(x − shift)·2^exponent``."""
         torch = _torch()
         dtype = torch.float64 if self.dtype == np.float64 else torch.float32
         d = reader.dims
@@ -604,6 +622,8 @@ class TorchPCA(Reducer):
         centre = torch.from_numpy(shift).to(self.device, dtype)
         for rows in iter_chunks(len(reader), CHUNK_ROWS):
             x = torch.from_numpy(reader.rows(rows)).to(self.device).to(dtype) - centre
+            if exponent:
+                x = x * 2.0**exponent
             sums += x.sum(dim=0, dtype=torch.float64)
             scatter += (x.T @ x).double()
             if self.on_rows:

@@ -24,7 +24,7 @@ from sslbench.events import Event
 from sslbench.interfaces import ReportContext
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.progress import rich_progress
-from sslbench.results import Run, load_results, merge_results, write_atomic
+from sslbench.results import Run, load_results, merge_results, write_output
 from sslbench.spec import load_spec, resolve_spec
 
 
@@ -248,7 +248,7 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
     reporter = plugins.reporters.get(args.format).reporter
     context = ReportContext.from_arguments(args.results, plugins)
     if args.output:
-        write_atomic(Path(args.output), reporter.render_with_context(results, context))
+        write_output(Path(args.output), reporter.render_with_context(results, context))
     elif args.format == "rich":
         reporter.show(results, _console())
     else:
@@ -257,14 +257,11 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
-    import numpy as np
-
     from sslbench.inspection import cluster_stats, purest_and_least_pure
-    from sslbench.predictions import find_predictions
+    from sslbench.predictions import find_predictions, load_predictions
 
     path = find_predictions(Path(args.run_dir), args.model, args.dataset, args.seed, args.clusters)
-    with np.load(path) as saved:
-        pred, labels = saved[f"{args.split}_pred"], saved[f"{args.split}_labels"]
+    pred, labels = load_predictions(path, args.split)
     stats = cluster_stats(pred, labels)
     purest, impure = purest_and_least_pure(stats, args.top, args.min_size)
     console = _console()
@@ -432,13 +429,39 @@ def _version() -> str:
     return f"sslbench {sslbench_version()}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that ``finally`` blocks (a run's scratch
+    folder, a cache entry's commit) run as they do on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+        raise Terminated(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                previous[signum] = signal.signal(signum, terminate)
     try:
         return int(args.func(args, get_plugins()))
     except SSLBenchError as exc:
         print(f"sslbench: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"sslbench: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("sslbench: interrupted", file=sys.stderr)
         return 130
@@ -452,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("sslbench: internal error (a bug in sslbench or a plugin); traceback above", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

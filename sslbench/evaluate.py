@@ -6,18 +6,20 @@ features in memory or memory-mapped on disk and returns the same typed :class:`R
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from sslbench.cache import run_scratch
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
 from sslbench.extract import resolve_device
-from sslbench.pipeline import checked_split, plan_protocol, run_protocol
+from sslbench.pipeline import FeatureSplit, checked_split, class_index, plan_protocol, run_protocol
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.results import Results, build_results, environment
 from sslbench.spec import ProtocolSpec
@@ -52,6 +54,11 @@ def evaluate_features(
     with the cluster → class assignment built on the train split. Every metric is computed per seed
     and summarised as mean ± sample std.
 
+    Inputs follow one contract (the same as the ``features`` dataset of a spec): features are a
+    non-empty 2-D array of a floating or integer dtype, finite, of largest magnitude between 2^-100 and
+    2^100 (or all zero); labels are non-negative integers (any integer dtype, or whole-number floats).
+    Integer parameters may be NumPy integers, and ``seeds`` or ``pca_dim`` NumPy arrays.
+
     :param train_features: ``(n_train, d)`` array (a ``np.memmap`` is read in chunks).
     :param train_labels: ``(n_train,)`` integer class indices.
     :param n_clusters: clusters before overclustering; ``None`` = number of classes.
@@ -60,28 +67,32 @@ def evaluate_features(
     :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds.
     :param backend: ``reference`` (the paper's scikit-learn code) or ``torch`` (fast, CPU or GPU).
     :param backend_options: options of the backend's clusterer, e.g. ``{"algorithm": "lloyd"}``.
-    :param device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; used by backends that run on GPUs.
-    :param n_classes: number of classes; ``None`` = ``max(label) + 1`` over both splits.
+    :param device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; used by backends that run on GPUs.
+    :param n_classes: number of classes (every label must be below it); ``None`` = ``max(label) + 1``
+        over both splits, unless the labels are sparse (the largest at least twice the number of
+        distinct labels plus 64): then the distinct labels are renumbered 0..m-1 in increasing order
+        and there are m classes. Contiguous labels are never renumbered.
     :param scratch_dir: where the PCA projections are written while the runs last (removed after);
         default a folder beside the feature cache (``$SSLBENCH_CACHE``).
     :param emit: receives :class:`~sslbench.events.Event` objects (stages, runs) as they happen.
     :returns: :class:`~sslbench.results.Results` with ``runs`` (per seed) and ``summary``.
-    :raises SSLBenchError: unusable input (NaN/inf, mismatched shapes, k larger than the train set).
+    :raises SSLBenchError: unusable input (a dtype, shape or value outside the contract, NaN/inf,
+        mismatched shapes, k larger than the train set, an unknown device), in one line.
     """
     started = time.perf_counter()
     plugins = plugins or get_plugins()
     try:
         protocol = ProtocolSpec.model_validate(
             {
-                "pca_dims": list(pca_dim) if isinstance(pca_dim, Sequence) else pca_dim,
-                "whiten": whiten,
-                "k": n_clusters,
-                "overcluster": list(overcluster) if isinstance(overcluster, Sequence) else overcluster,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "seeds": list(seeds) if isinstance(seeds, Sequence) else seeds,
+                "pca_dims": _plain(pca_dim),
+                "whiten": _plain(whiten),
+                "k": _plain(n_clusters),
+                "overcluster": _plain(overcluster),
+                "epochs": _plain(epochs),
+                "batch_size": _plain(batch_size),
+                "seeds": _plain(seeds),
                 "backend": backend,
-                "backend_options": backend_options or {},
+                "backend_options": _plain(dict(backend_options or {})),
             }
         )
     except ValidationError as exc:
@@ -90,8 +101,15 @@ def evaluate_features(
         raise SSLBenchError(f"evaluate_features: {field}: {err['msg']} (got {err.get('input')!r})") from None
     train = checked_split("train", train_features, train_labels)
     eval_ = checked_split("eval", eval_features, eval_labels)
-    classes = n_classes if n_classes is not None else int(max(train.labels.max(), eval_.labels.max())) + 1
-    device = resolve_device(device)
+    if n_classes is None:
+        index = class_index([train.labels, eval_.labels])
+        classes = index.n_classes
+        if index.ids is not None:
+            train = FeatureSplit(train.name, train.features, index.apply(train.labels))
+            eval_ = FeatureSplit(eval_.name, eval_.features, index.apply(eval_.labels))
+    else:
+        classes = _count("n_classes", n_classes)
+    device = resolve_device(_checked_device(device))
     plan = plan_protocol(
         train, eval_, n_classes=classes, protocol=protocol, plugins=plugins, model=model, dataset=dataset, device=device
     )
@@ -100,3 +118,44 @@ def evaluate_features(
     env = environment(device, plugins)
     spec = {"api": "evaluate_features", "protocol": protocol.model_dump(mode="json")}
     return build_results(runs, spec=spec, env=env, wall_s=time.perf_counter() - started)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars and arrays as the Python numbers and lists the protocol's model takes (a seed
+    given as ``np.int64(3)`` or ``np.arange(5)`` is as good as ``3`` or ``range(5)``)."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence | range) and not isinstance(value, str | bytes):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _count(name: str, value: Any) -> int:
+    """A positive integer parameter: a Python or NumPy integer (not a bool)."""
+    plain = _plain(value)
+    if isinstance(plain, bool) or not isinstance(plain, int) or plain < 1:
+        raise SSLBenchError(f"evaluate_features: {name}: must be a positive integer (got {value!r})")
+    return plain
+
+
+#: What ``device`` may be: as a spec's ``device``.
+DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _checked_device(device: Any) -> str:
+    if not isinstance(device, str) or not DEVICES.match(device):
+        raise SSLBenchError(
+            f"evaluate_features: device: {device!r} is not a device; valid devices: auto, cpu, cuda, cuda:N, mps"
+        )
+    import torch
+
+    if device.startswith("cuda:") and torch.cuda.is_available() and int(device[5:]) >= torch.cuda.device_count():
+        raise SSLBenchError(
+            f"evaluate_features: device: {device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SSLBenchError("evaluate_features: device: 'mps' but torch sees no Apple GPU; use auto or cpu")
+    return device

@@ -29,16 +29,19 @@ class ClusterStat:
 
 
 def cluster_stats(pred: np.ndarray, labels: np.ndarray) -> list[ClusterStat]:
-    """Size, majority class and purity of every non-empty cluster."""
-    n_clusters, n_classes = int(pred.max()) + 1, int(labels.max()) + 1
-    counts = np.bincount(pred * n_classes + labels, minlength=n_clusters * n_classes).reshape(n_clusters, n_classes)
-    sizes = counts.sum(axis=1)
+    """Size, majority class (the smallest of tied ones) and purity of every non-empty cluster.
+
+    Counted over the (cluster, class) pairs that occur, so memory follows the samples, not the
+    largest cluster id or label.
+    """
+    pairs, counts = np.unique(np.stack([pred, labels], axis=1), axis=0, return_counts=True)
+    # Rows are sorted by cluster, then class: each cluster is one run of rows.
+    starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]])
+    sizes = np.add.reduceat(counts, starts)
     stats = []
-    for cluster in np.flatnonzero(sizes):
-        majority = int(counts[cluster].argmax())
-        stats.append(
-            ClusterStat(int(cluster), int(sizes[cluster]), majority, counts[cluster, majority] / sizes[cluster])
-        )
+    for start, stop, size in zip(starts, [*starts[1:], len(pairs)], sizes, strict=True):
+        best = start + int(np.argmax(counts[start:stop]))
+        stats.append(ClusterStat(int(pairs[start, 0]), int(size), int(pairs[best, 1]), counts[best] / size))
     return stats
 
 

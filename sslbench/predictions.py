@@ -6,8 +6,11 @@ The writer (the protocol's *save* stage) and the reader (:mod:`sslbench.inspecti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +34,52 @@ def save_predictions(
     path: Path, train_pred: np.ndarray, train_labels: np.ndarray, eval_pred: np.ndarray, eval_labels: np.ndarray
 ) -> None:
     """Write one run's cluster ids atomically: a crash or a full disk never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             np.savez_compressed(
                 handle, train_pred=train_pred, train_labels=train_labels, eval_pred=eval_pred, eval_labels=eval_labels
             )
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise SSLBenchError(f"cannot write predictions {path}: {exc.strerror or exc}") from None
+
+
+#: What reading a damaged or foreign .npz raises.
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def load_predictions(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster ids, labels) of ``split`` (``train`` or ``eval``) from a predictions file, checked: both
+    1-D arrays of non-negative integers of one length. Anything else (not an .npz, truncated, keys
+    missing, other dtypes) is a one-line :class:`SSLBenchError` naming the file."""
+    try:
+        # Opened here, so that a damaged archive leaves no file open.
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"PK":
+                raise SSLBenchError(f"{path}: not a predictions file (not an .npz archive)")
+            handle.seek(0)
+            with np.load(handle) as saved:
+                missing = [key for key in (f"{split}_pred", f"{split}_labels") if key not in saved.files]
+                if missing:
+                    raise SSLBenchError(f"{path}: not a predictions file: no {' or '.join(missing)} array")
+                pred, labels = saved[f"{split}_pred"], saved[f"{split}_labels"]
+    except _READ_ERRORS as exc:
+        text = str(exc).strip().splitlines()
+        raise SSLBenchError(f"cannot read predictions {path}: {text[0] if text else type(exc).__name__}") from None
+    for key, array in ((f"{split}_pred", pred), (f"{split}_labels", labels)):
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise SSLBenchError(f"{path}: {key} must be a 1-D integer array, got {array.dtype} of shape {array.shape}")
+        if len(array) and (array.min() < 0 or int(array.max()) > np.iinfo(np.int64).max):
+            raise SSLBenchError(f"{path}: {key} holds values outside [0, 2^63) ({array.min()} to {array.max()})")
+    if len(pred) != len(labels):
+        raise SSLBenchError(f"{path}: {split}_pred has {len(pred)} entries but {split}_labels {len(labels)}")
+    if len(pred) == 0:
+        raise SSLBenchError(f"{path}: the {split} split has no predictions")
+    return pred.astype(np.int64), labels.astype(np.int64)
 
 
 def find_predictions(run_dir: Path, model: str, dataset: str | None, seed: int, clusters: int | None) -> Path:

@@ -10,6 +10,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import stat
 import statistics
 import tempfile
 from collections.abc import Callable, Iterable
@@ -137,7 +138,8 @@ class Results(_Model):
         return self.model_dump_json(indent=2) + "\n"
 
     def write(self, path: str | Path) -> Path:
-        return write_atomic(Path(path), self.to_json())
+        """Write results.json atomically; an unwritable place or a full disk raises :class:`SSLBenchError`."""
+        return write_output(Path(path), self.to_json())
 
 
 def version_of(distribution: str) -> str | None:
@@ -251,6 +253,7 @@ def merge_results(parts: list[Results], sources: list[str]) -> Results:
 
 
 def load_results(path: str | Path) -> Results:
+    """A results.json (or the one in a run directory); anything else is a one-line :class:`SSLBenchError`."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
@@ -258,25 +261,76 @@ def load_results(path: str | Path) -> Results:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SSLBenchError(f"results file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise SSLBenchError(f"{path}: not an sslbench results file: not UTF-8 text (a binary file?)") from None
+    except (OSError, ValueError) as exc:
+        raise SSLBenchError(f"cannot read results file {path}: {reason(exc)}") from None
     try:
         return Results.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise SSLBenchError(f"{path}: not an sslbench results file: {where}: {first['msg']}") from None
+        message = (str(first["msg"]).strip().splitlines() or [""])[0]
+        raise SSLBenchError(f"{path}: not an sslbench results file: {where}: {message}") from None
+
+
+def reason(exc: BaseException) -> str:
+    """An OS error's reason in one line (``Permission denied``), or the exception's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so that a reader never sees a partial file."""
+    """Write ``text`` to ``path`` so that a reader never sees a partial file.
+
+    The file gets the permissions of a file created by ``open`` (``0o666`` less the umask), or keeps
+    those of the file it replaces; the temporary file it is written to is private until then.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_output(path: Path, text: str) -> Path:
+    """:func:`write_atomic` for a file the user asked for (results, reports): an unwritable place or a
+    full disk is a one-line :class:`SSLBenchError` naming the file."""
+    try:
+        return write_atomic(path, text)
+    except (OSError, ValueError) as exc:
+        raise SSLBenchError(f"cannot write {shown_path(path)}: {reason(exc)}") from None
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as messages show it: as is, or quoted with escapes when it holds unprintable characters."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)

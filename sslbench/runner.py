@@ -16,6 +16,8 @@ the blocks already finished. Features come from the cache when an earlier run ex
 from __future__ import annotations
 
 import gc
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +44,9 @@ from sslbench.results import (
     SkippedSample,
     build_results,
     environment,
-    write_atomic,
+    reason,
+    shown_path,
+    write_output,
 )
 from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec
 from sslbench.transfer import ClassMap, checked_class_groups
@@ -56,7 +60,27 @@ def write_reports(results: Results, out_dir: Path, plugins: Plugins) -> None:
     results.write(out_dir / "results.json")
     for name in FILE_REPORTS:
         reporter = plugins.reporters.get(name).reporter
-        write_atomic(out_dir / f"results{reporter.suffix}", reporter.render(results))
+        write_output(out_dir / f"results{reporter.suffix}", reporter.render(results))
+
+
+def checked_writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (with its parents) and prove that it takes a file (one is written and removed),
+    before any work: an unusable place is a one-line :class:`SSLBenchError` naming it, not a traceback
+    after hours of extraction and clustering."""
+    shown = shown_path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SSLBenchError(f"the {what} {shown} exists and is not a directory") from None
+    except (OSError, ValueError) as exc:
+        raise SSLBenchError(f"cannot create the {what} {shown}: {reason(exc)}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".sslbench-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, ValueError) as exc:
+        raise SSLBenchError(f"cannot write to the {what} {shown}: {reason(exc)}") from None
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +361,8 @@ def run_spec(
     spec = resolved.spec
     progress = progress or NullProgress()
     started = time.perf_counter()
+    checked_writable_dir(out_dir, "output directory")
+    checked_writable_dir(FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None).root, "cache directory")
     device = resolve_device(spec.device)
     plan = plan_run(resolved, plugins, device)
     env = environment(device, plugins)
@@ -450,6 +476,8 @@ def extract_spec(
     emit: Emit = ignore,
 ) -> list[ModelFeatures]:
     """Fill the cache for every model × dataset of the spec; computes no clustering."""
+    spec = resolved.spec
+    checked_writable_dir(FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None).root, "cache directory")
     plan = plan_run(resolved, plugins, device or resolve_device(resolved.spec.device))
     with run_scratch(plan.cache.root) as scratch:
         return list(

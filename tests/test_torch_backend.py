@@ -152,6 +152,34 @@ def test_bad_input_errors(split_blobs):
         evaluate_features(bad, ytr, xev, yev, backend="torch")
 
 
+@pytest.mark.parametrize("device_path", [False, True], ids=["cpu-path", "device-path"])
+@pytest.mark.parametrize("exponent", [66, -99])
+def test_float32_pca_of_extreme_magnitudes_is_exact(device_path, exponent):
+    """``pca_precision: float32`` squares overflow for features of 1e20 and underflow for 1e-30; rows are
+    scaled by a power of two before the products, so the PCA is bit for bit the one of ordinary features."""
+
+    def fit(x: np.ndarray) -> TorchPCA:
+        pca = TorchPCA(ReducerConfig(options=TorchOptions(pca_precision="float32")))
+        if device_path:
+            pca.device = "cpu:0"  # the code path of a GPU, run on the CPU
+        pca.fit(x)
+        return pca
+
+    x = spectrum_data(n=500, d=8)
+    base, scaled = fit(x), fit(np.ldexp(x, exponent))
+    np.testing.assert_array_equal(scaled.components, base.components)
+    np.testing.assert_array_equal(scaled.explained_variance, np.ldexp(base.explained_variance, 2 * exponent))
+    np.testing.assert_array_equal(scaled.mean, np.ldexp(base.mean, exponent))
+
+
+def test_kmeans_refuses_centres_that_overflowed():
+    x = np.full((20, 2), 3e38, dtype=np.float32)
+    x[::2] *= -1
+    kmeans = TorchKMeans(ClustererConfig(n_clusters=2, epochs=1, batch_size=8, seed=0))
+    with pytest.raises(SSLBenchError, match="k-means: the centres overflowed to NaN or inf"):
+        kmeans.fit(x)
+
+
 WORKER = Path(__file__).with_name("distributed_kmeans_worker.py")
 
 
