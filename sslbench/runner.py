@@ -319,6 +319,7 @@ def model_features(
                         name=f"{source.label}/{source.name} ({model.spec.label})",
                         entry=entry,
                         progress=progress,
+                        reextract_corrupt=plan.resolved.spec.extraction.on_corrupt == "reextract",
                     )
                 features.per_dataset.append(extracted)
                 features.extract_s.append(time.perf_counter() - started)

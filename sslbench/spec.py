@@ -316,6 +316,11 @@ class ExtractionSpec(_StrictModel):
     )
     commit_every: Batch = Field(20, description="Batches between durable commits to the cache (at most 2^24).")
     cache: bool = Field(True, description="Keep features in the cache and reuse them.")
+    on_corrupt: Literal["fail", "reextract"] = Field(
+        "fail",
+        description="A cache entry that fails its checksums: stop naming it (and the `sslbench cache rm` to run), "
+        "or extract it again.",
+    )
 
 
 class Spec(_StrictModel):
