@@ -32,6 +32,20 @@ def quickstart(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_network_block_catches_a_real_attempt(tmp_path):
+    """The blocker the offline tests rely on does see a download attempt (so their empty logs mean something)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "net.log"
+    code = "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/models/x.pth', timeout=5)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **offline_env(log)}, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "network blocked by the test" in proc.stderr
+    assert log.read_text().strip()
+
+
 def test_quickstart_opens_no_socket(quickstart):
     log = quickstart / "network-attempts.log"
     assert not log.exists() or log.read_text() == ""

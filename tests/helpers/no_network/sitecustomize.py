@@ -24,10 +24,22 @@ def _blocked(what: str):  # type: ignore[no-untyped-def]
     return refuse
 
 
+def _inet_only(what: str, real):  # type: ignore[no-untyped-def]
+    """Refuse internet sockets; local (AF_UNIX) ones carry DataLoader workers' file descriptors."""
+    refuse = _blocked(what)
+
+    def connect(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            return refuse(self, *args, **kwargs)
+        return real(self, *args, **kwargs)
+
+    return connect
+
+
 socket.getaddrinfo = _blocked("getaddrinfo")
 socket.create_connection = _blocked("create_connection")
-socket.socket.connect = _blocked("socket.connect")  # type: ignore[method-assign]
-socket.socket.connect_ex = _blocked("socket.connect_ex")  # type: ignore[method-assign]
+socket.socket.connect = _inet_only("socket.connect", socket.socket.connect)  # type: ignore[method-assign]
+socket.socket.connect_ex = _inet_only("socket.connect_ex", socket.socket.connect_ex)  # type: ignore[method-assign]
 
 for _name in filter(None, os.environ.get("SSLBENCH_TEST_HIDE_MODULES", "").split(",")):
     sys.modules[_name] = None  # type: ignore[assignment]
