@@ -24,8 +24,19 @@ def _exists(path: Path) -> bool:
 
 
 def find_spec(argument: str) -> Path:
-    """``argument`` as a path if it exists, else the bundled spec of that name, else the path."""
+    """``argument`` as a path if it exists, else the bundled spec of that name.
+
+    A bare name that is neither is an error suggesting the closest bundled spec (``quickstrat``).
+    """
     path = Path(argument)
     if _exists(path) or path.suffix in (".yaml", ".yml") or "/" in argument:
         return path
-    return bundled_specs().get(argument, path)
+    bundled = bundled_specs()
+    if argument in bundled:
+        return bundled[argument]
+    from sslbench.errors import SSLBenchError, did_you_mean
+
+    raise SSLBenchError(
+        f"no spec file '{argument}' and no bundled spec of that name{did_you_mean(argument, bundled)}; "
+        f"bundled: {', '.join(bundled)}"
+    )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslbench.errors import SSLBenchError
+from sslbench.errors import SSLBenchError, did_you_mean
 
 
 def file_stem(text: str) -> str:
@@ -99,7 +99,14 @@ def find_predictions(run_dir: Path, model: str, dataset: str | None, seed: int, 
             continue
         found.append(path)
     if not found:
-        raise SSLBenchError(f"no predictions for model '{model}' seed {seed} in {folder}")
+        models = sorted({p.name.split("__", 1)[0] for p in folder.glob("*__seed*.npz")})
+        stem = file_stem(model).lower()
+        prefixed = [m for m in models if m.lower().startswith(stem)]
+        hint = did_you_mean(prefixed[0], prefixed[:1]) if len(prefixed) == 1 else did_you_mean(stem, models)
+        raise SSLBenchError(
+            f"no predictions for model '{model}' seed {seed} in {folder}{hint}; models there (file-safe names): "
+            f"{', '.join(models) or 'none'}"
+        )
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise SSLBenchError(f"several runs match ({names}); choose with --dataset and --clusters")

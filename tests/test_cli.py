@@ -356,3 +356,30 @@ def test_plot_of_a_run_with_an_overclustering_sweep(quickstart, tmp_path):
     assert png.size == (320, 240)  # 6.4 × 4.8 inches at 50 dpi
     assert (tmp_path / "figs" / "fig1_ari_vs_acc.svg").read_text().lstrip().startswith("<?xml")
     assert "skipped fig2_dims: no sweep over PCA dimensions" in proc.stdout
+
+
+def test_a_misspelled_bundled_spec_suggests_the_name(capsys):
+    from sslbench import cli
+
+    assert cli.main(["validate", "quickstrat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'quickstart'?" in err
+
+
+def test_clusters_for_an_unknown_model_lists_the_models_there(quickstart, capsys):
+    from sslbench import cli
+
+    assert cli.main(["clusters", str(quickstart), "--model", "raw"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "did you mean 'raw-pixels'?" in err and "random-init-CNN" in err
+
+
+def test_models_piped_into_head_exits_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        f"{sys.executable} -m sslbench models | head -1", shell=True, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.stdout.startswith("id\tfamily\tdim")
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
