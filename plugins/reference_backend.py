@@ -16,10 +16,9 @@ paper's code feeds it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from sklearn.cluster import MiniBatchKMeans
-from sklearn.decomposition import IncrementalPCA
 
 from sslbench import hookimpl
 from sslbench.arrays import RowReader
@@ -44,13 +43,15 @@ def pca_batch_size(n_features: int) -> int:
 class ReferencePCA(Reducer):
     def __init__(self, config: ReducerConfig) -> None:
         self.config = config
-        self._pca: IncrementalPCA | None = None
+        self._pca: Any = None  # sklearn's IncrementalPCA once fitted
         #: The fit saw the features times 2**_exponent (0 for features of ordinary magnitude).
         self._exponent = 0
 
     def fit(self, features: np.ndarray) -> None:
         reader = RowReader(features)
         batch = pca_batch_size(reader.dims)
+        from sklearn.decomposition import IncrementalPCA  # here: listing plugins must not load scikit-learn
+
         pca = IncrementalPCA(n_components=None, batch_size=batch)
         for rows in iter_chunks(len(reader), batch):
             x = reader.rows(rows, as_float32=False)
@@ -72,7 +73,7 @@ class ReferencePCA(Reducer):
     def n_components(self) -> int:
         return int(self._fitted().n_components_)
 
-    def _fitted(self) -> IncrementalPCA:
+    def _fitted(self) -> Any:
         if self._pca is None:
             raise RuntimeError("ReferencePCA.transform called before fit")
         return self._pca
@@ -94,11 +95,13 @@ class ReferencePCA(Reducer):
 class ReferenceKMeans(Clusterer):
     def __init__(self, config: ClustererConfig) -> None:
         self.config = config
-        self._kmeans: MiniBatchKMeans | None = None
+        self._kmeans: Any = None  # sklearn's MiniBatchKMeans once fitted
 
     def fit(self, features: np.ndarray) -> None:
         cfg = self.config
         rng = np.random.RandomState(cfg.seed)
+        from sklearn.cluster import MiniBatchKMeans
+
         kmeans = MiniBatchKMeans(
             n_clusters=cfg.n_clusters,
             batch_size=cfg.batch_size,

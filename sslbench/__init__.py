@@ -6,34 +6,84 @@ internal.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from sslbench.errors import PluginError, SSLBenchError
-from sslbench.evaluate import evaluate_features
-from sslbench.events import Event
 from sslbench.hookspecs import hookimpl
-from sslbench.interfaces import (
-    Backbone,
-    BackboneEntry,
-    BackendEntry,
-    Clusterer,
-    ClustererConfig,
-    Dataset,
-    DatasetEntry,
-    MetricEntry,
-    NoOptions,
-    Reducer,
-    ReducerConfig,
-    ReportContext,
-    Reporter,
-    ReporterEntry,
-    ScoringContext,
-    Split,
-)
-from sslbench.plugins import Plugins, load_plugins
-from sslbench.results import Results, load_results
-from sslbench.results import sslbench_version as _sslbench_version
+
+if TYPE_CHECKING:
+    from sslbench.evaluate import evaluate_features
+    from sslbench.events import Event
+    from sslbench.interfaces import (
+        Backbone,
+        BackboneEntry,
+        BackendEntry,
+        Clusterer,
+        ClustererConfig,
+        Dataset,
+        DatasetEntry,
+        MetricEntry,
+        NoOptions,
+        Reducer,
+        ReducerConfig,
+        ReportContext,
+        Reporter,
+        ReporterEntry,
+        ScoringContext,
+        Split,
+    )
+    from sslbench.plugins import Plugins, load_plugins
+    from sslbench.results import Results, load_results
+
+# Where each public name lives. They are imported on first use (PEP 562), so that `sslbench --help`
+# and the listing commands do not pay for numpy, pydantic and the protocol's modules up front.
+_LAZY = {
+    "evaluate_features": "sslbench.evaluate",
+    "Event": "sslbench.events",
+    **dict.fromkeys(
+        [
+            "Backbone",
+            "BackboneEntry",
+            "BackendEntry",
+            "Clusterer",
+            "ClustererConfig",
+            "Dataset",
+            "DatasetEntry",
+            "MetricEntry",
+            "NoOptions",
+            "Reducer",
+            "ReducerConfig",
+            "ReportContext",
+            "Reporter",
+            "ReporterEntry",
+            "ScoringContext",
+            "Split",
+        ],
+        "sslbench.interfaces",
+    ),
+    "Plugins": "sslbench.plugins",
+    "load_plugins": "sslbench.plugins",
+    "Results": "sslbench.results",
+    "load_results": "sslbench.results",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from sslbench.results import sslbench_version
+
+        return sslbench_version()
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sslbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 #: The installed distribution's version (``0+unknown`` when run from a source tree without metadata).
-__version__: str = _sslbench_version()
+__version__: str
 
 __all__ = [
     "Backbone",

@@ -13,23 +13,24 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from sslbench.bundled import find_spec
 from sslbench.errors import PluginFailure, SSLBenchError
-from sslbench.events import Event
-from sslbench.interfaces import ReportContext
-from sslbench.plugins import Plugins, get_plugins
-from sslbench.progress import rich_progress
-from sslbench.results import Run, load_results, merge_results, write_output
-from sslbench.spec import load_spec, resolve_spec
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sslbench.events import Event
+    from sslbench.plugins import Plugins
+    from sslbench.results import Run
+
+# Everything else is imported inside the command that uses it: `sslbench --help` and the listing
+# commands start in a fraction of a second instead of loading numpy, pydantic, rich and torch first.
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # Piped output keeps whole rows (ids, paths) instead of wrapping them at 80 columns.
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -52,6 +53,7 @@ def point_summary(runs: list[Run]) -> str:
 
 def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
     """Events of the core on the terminal: the only place where they get colours."""
+    from rich.markup import escape
 
     pending: dict[tuple[object, ...], list[Run]] = {}
 
@@ -76,7 +78,12 @@ def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
 
 
 def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.console import Console
+
+    from sslbench.bundled import find_spec
+    from sslbench.progress import rich_progress
     from sslbench.runner import run_spec
+    from sslbench.spec import load_spec, resolve_spec
 
     resolved = resolve_spec(load_spec(find_spec(args.spec)), plugins)
     out_dir = Path(args.out or resolved.spec.output_dir or Path("runs") / resolved.loaded.name)
@@ -99,8 +106,13 @@ def cmd_run(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_extract(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.console import Console
+
+    from sslbench.bundled import find_spec
     from sslbench.extract import init_distributed_from_env
+    from sslbench.progress import rich_progress
     from sslbench.runner import extract_spec
+    from sslbench.spec import load_spec, resolve_spec
 
     ranks = init_distributed_from_env()
     resolved = resolve_spec(load_spec(find_spec(args.spec)), plugins)
@@ -135,6 +147,9 @@ def cmd_extract(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_cache(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
     from sslbench.cache import FeatureCache
 
     cache = FeatureCache(Path(args.dir) if args.dir else None)
@@ -171,7 +186,8 @@ def cmd_prepare_imagenet_val(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
-    from sslbench.spec import missing_paths
+    from sslbench.bundled import find_spec
+    from sslbench.spec import load_spec, missing_paths, resolve_spec
 
     loaded = load_spec(find_spec(args.spec))
     resolved = resolve_spec(loaded, plugins)
@@ -193,6 +209,8 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.table import Table
+
     if args.json:
         print(json.dumps([vars(p) for p in plugins.plugins], indent=2))
         return 0
@@ -210,6 +228,8 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.table import Table
+
     from sslbench.weights import cached_path
 
     rows = []
@@ -245,6 +265,9 @@ def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
+    from sslbench.interfaces import ReportContext
+    from sslbench.results import load_results, merge_results, write_output
+
     results = merge_results([load_results(path) for path in args.results], args.results)
     reporter = plugins.reporters.get(args.format).reporter
     context = ReportContext.from_arguments(args.results, plugins)
@@ -258,6 +281,8 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.table import Table
+
     from sslbench.inspection import cluster_stats, purest_and_least_pure
     from sslbench.predictions import find_predictions, load_predictions
 
@@ -283,6 +308,7 @@ def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
 def _cluster_grid(args: argparse.Namespace, path: Path, pred: Any, plugins: Plugins) -> Path:
     """Rebuild the run's dataset from its results.json and tile images of cluster ``args.grid``."""
     from sslbench.inspection import as_image, cluster_members, image_grid, kept_indices
+    from sslbench.results import load_results
 
     results = load_results(Path(args.run_dir))
     label = args.dataset or next((r.dataset for r in results.runs if r.model == args.model), None)
@@ -323,6 +349,7 @@ def _images_of(spec: dict[str, Any], label: str | None, which: str) -> tuple[str
 
 def cmd_plot(args: argparse.Namespace, plugins: Plugins) -> int:
     from sslbench.plots import FigureSize, plot_results
+    from sslbench.results import load_results, merge_results
 
     results = merge_results([load_results(path) for path in args.results], args.results)
     size = FigureSize(args.width, args.height, args.dpi)
@@ -425,9 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from sslbench.results import sslbench_version
+    import importlib.metadata
 
-    return f"sslbench {sslbench_version()}"
+    try:
+        return f"sslbench {importlib.metadata.version('sslbench')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "sslbench 0+unknown"
 
 
 class Terminated(KeyboardInterrupt):
@@ -443,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version end here, before any heavy import
+
+    from sslbench.plugins import get_plugins
 
     def terminate(signum: int, frame: object) -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once

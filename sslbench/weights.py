@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,9 +34,16 @@ from sslbench.results import write_atomic
 
 
 def hub_checkpoint_dir() -> Path:
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch.hub's checkpoint folder, found as torch.hub finds it but without importing torch (a
+    listing command should not pay seconds for it) unless torch is already loaded (it may have been
+    redirected with ``torch.hub.set_dir``)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "torch"
+    )
+    return Path(torch_home).expanduser() / "hub" / "checkpoints"
 
 
 def _from_package(source: WeightSource) -> Path:
