@@ -60,7 +60,16 @@ def main() -> None:
     forward_rate = len(split) / forward_s
 
     with tempfile.TemporaryDirectory() as folder:
-        key = CacheKey("random_cnn", {}, {}, "bench", {}, "test", split.fingerprint())
+        key = CacheKey(
+            backbone="random_cnn",
+            plugin={"name": "basic_backbones", "distribution": "sslbench", "version": None},
+            backbone_options={},
+            backbone_fingerprint={},
+            dataset="bench",
+            dataset_options={},
+            split="test",
+            split_fingerprint=split.fingerprint(),
+        )
         entry = FeatureCache(Path(folder)).entry(key)
         settings = ExtractionSettings(batch_size=args.batch_size, workers=args.workers, commit_every=20)
         t0 = time.perf_counter()
