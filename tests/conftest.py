@@ -23,6 +23,13 @@ PAPER_METRICS = frozenset(
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the quick start's full run (minutes of clustering) is slow, whoever wrote it."""
+    for item in items:
+        if "quickstart" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def plugins() -> Plugins:
     return load_plugins()

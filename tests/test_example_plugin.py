@@ -41,6 +41,7 @@ def test_example_plugin_in_process():
     assert 0.0 < results.runs[0].metrics["purity"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not _installed() and os.environ.get("SSLBENCH_REQUIRE_EXAMPLE_PLUGIN") != "1",
     reason="pip install examples/sslbench-example to run (CI does)",

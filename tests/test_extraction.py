@@ -45,6 +45,7 @@ device: cpu
 """
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_cache_and_cache_commands(tmp_path):
     cache = tmp_path / "cache"
     (tmp_path / "a.yaml").write_text(DIGITS_SPEC.format(k=10, cache=cache))
@@ -152,6 +153,7 @@ device: cpu
 """
 
 
+@pytest.mark.slow
 def test_imagefolder_runs_with_workers(tmp_path):
     _image_tree(tmp_path / "data", corrupt=False)
     (tmp_path / "spec.yaml").write_text(IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=2, on_error="fail"))
@@ -163,6 +165,7 @@ def test_imagefolder_runs_with_workers(tmp_path):
     assert data["skipped"] == []
 
 
+@pytest.mark.slow
 def test_unreadable_image_fails_naming_it(tmp_path):
     _image_tree(tmp_path / "data", corrupt=True)
     (tmp_path / "spec.yaml").write_text(IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=0, on_error="fail"))
@@ -173,6 +176,7 @@ def test_unreadable_image_fails_naming_it(tmp_path):
     assert "n02/img03.png" in last and "on_error: skip" in last and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_image_skipped_and_listed(tmp_path):
     _image_tree(tmp_path / "data", corrupt=True)
     (tmp_path / "spec.yaml").write_text(IMAGEFOLDER_SPEC.format(root=tmp_path / "data", workers=0, on_error="skip"))
@@ -186,6 +190,7 @@ def test_unreadable_image_skipped_and_listed(tmp_path):
     assert "1 unreadable sample(s) skipped" in proc.stderr
 
 
+@pytest.mark.slow
 def test_prepare_imagenet_val_sorts_the_flat_folder(tmp_path):
     val = tmp_path / "val"
     val.mkdir()
@@ -218,6 +223,7 @@ def test_prepare_imagenet_val_sorts_the_flat_folder(tmp_path):
     assert proc.returncode == 2 and "val folder not found" in proc.stderr
 
 
+@pytest.mark.slow
 def test_objectnet_mapping_is_recorded(tmp_path):
     from sslbench_plugins.image_datasets import ObjectNetOptions, load_objectnet
 
@@ -240,6 +246,7 @@ def test_objectnet_mapping_is_recorded(tmp_path):
     assert len(dataset.splits["test"]) == 3
 
 
+@pytest.mark.slow
 def test_missing_dataset_files_say_how_to_get_them(tmp_path):
     for spec, expected in [
         ("{id: cifar10, options: {root: nowhere}}", "cifar10 not found under nowhere"),
@@ -268,6 +275,7 @@ def test_idx_reader_rejects_truncated_files(tmp_path):
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not FASHION.is_dir() and os.environ.get("SSLBENCH_REQUIRE_FASHION_MNIST") != "1",
     reason="apt-get install dataset-fashion-mnist (CI does)",

@@ -73,6 +73,7 @@ def test_every_figure_is_written_at_the_asked_size(plugins, tmp_path):
         assert root.tag.endswith("svg") and root.attrib["width"] == "360pt"  # 5 in × 72 pt
 
 
+@pytest.mark.slow
 def test_plot_command_merges_files_and_rejects_unknown_formats(plugins, tmp_path):
     results = _results(plugins)
     half = len(results.runs) // 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sslbench.results import MetricSummary, Published, Results, RunProtocol, SummaryRow, environment
 from sslbench.table import summary_tables
 
@@ -72,6 +74,7 @@ def test_best_bold_within_std_marked_and_published_beside(plugins):
     assert "↳ published" in rich and "33.17 ± 0.32" in rich
 
 
+@pytest.mark.slow
 def test_latex_export_of_merged_results_files(plugins, tmp_path):
     first = _results([_row("MoCo v2 (ResNet-50)", 0.2309, 0.0016), _row("SwAV_R50", 0.1504, 0.0077)], plugins)
     second = _results([_row("InfoMin (ResNeXt-152)", 0.3860, 0.0067), _row("SimCLRv2", 0.3800, 0.0020)], plugins)

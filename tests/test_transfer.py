@@ -130,6 +130,7 @@ def _save(folder, name, features, labels):
     return {"features": str(folder / f"{name}_x.npy"), "labels": str(folder / f"{name}_y.npy")}
 
 
+@pytest.mark.slow
 def test_transfer_and_class_groups_end_to_end(tmp_path):
     """Source: 4 well-separated classes. Target ('ObjectNet'): class 0 = source classes 0 and 1, class 1 =
     source class 2, class 2 = a new centre. Perfectly separable, so ACC-tr and ACC-val are exactly 1."""
@@ -203,6 +204,7 @@ def test_transfer_and_class_groups_end_to_end(tmp_path):
     assert "| Method | ACC-tr | ACC-val | ARI | AMI | NMI | 1 cluster |" in report
 
 
+@pytest.mark.slow
 def test_transfer_with_a_missing_class_map_fails_in_one_line(tmp_path):
     x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
     y = np.arange(40) % 4
@@ -225,6 +227,7 @@ def test_transfer_with_a_missing_class_map_fails_in_one_line(tmp_path):
     assert "datasets[0].transfer[0].class_map: dataset 'features' has no metadata 'imagenet_classes'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_validate_counts_the_transfer_runs(tmp_path):
     proc = run_cli("validate", "paper-objectnet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

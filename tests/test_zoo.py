@@ -216,6 +216,7 @@ CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, E
 ESPRESSO = 967
 
 
+@pytest.mark.slow
 @needs_offline
 @pytest.mark.parametrize("card_id", ["tf_efficientnet_lite0.offline_in1k", "mobilenetv2_100.tv_in1k"])
 def test_offline_weights_are_really_loaded(card_id):
@@ -237,6 +238,7 @@ def test_offline_weights_are_really_loaded(card_id):
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow
 @needs_offline
 @pytest.mark.slow
 @pytest.mark.skipif(
@@ -266,6 +268,7 @@ device: cpu
         assert summary["pretrained"][metric]["mean"] > summary["random init"][metric]["mean"] + 0.1, metric
 
 
+@pytest.mark.slow
 def test_models_command_lists_cards(tmp_path):
     proc = run_cli("models", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
