@@ -91,6 +91,11 @@ class Preprocessing(_Card):
 class Feature(_Card):
     kind: Literal["pooled"] = "pooled"
     dim: int = Field(ge=1)
+    pool: Literal["default", "cls", "mean", "cls+mean"] = Field(
+        "default",
+        description="default: timm's pre-logits; cls, mean (patch tokens; class and register tokens skipped) or "
+        "cls+mean (twice the width) of forward_features' tokens, e.g. for a family's linear-probe convention",
+    )
 
 
 class Reference(_Card):

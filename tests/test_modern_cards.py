@@ -401,3 +401,20 @@ def test_a_checkpoint_whose_keys_all_miss_is_refused_naming_them(tmp_path):
     assert f"{len(encoder)} model keys missing from the file: blocks.0." in message
     assert f"{len(encoder)} unexpected file keys: trunk." in message
     assert "\n" not in message
+
+
+def test_feature_pool_option_follows_a_family_convention():
+    """DINOv2's linear probe reads the class token and the mean patch token; registers are never averaged."""
+    card = _small(CARDS["vit_small_patch14_reg4_dinov2.lvd142m"])
+    x = torch.rand(1, 3, 112, 112)
+    default = CardBackbone(card, CardOptions(pretrained=False))
+    feature = card.feature.model_copy(update={"pool": "cls+mean", "dim": 768})
+    both = CardBackbone(card.model_copy(update={"feature": feature}), CardOptions(pretrained=False))
+    with torch.inference_mode():
+        tokens = default.model.forward_features(x)
+        assert torch.allclose(default.embed(x), tokens[:, 0])
+        assert torch.allclose(both.embed(x), torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=1))
+    ijepa = _card_for_test("vit_huge_patch14_gap_224.in1k_ijepa")
+    no_cls = ijepa.model_copy(update={"feature": ijepa.feature.model_copy(update={"pool": "cls"})})
+    with pytest.raises(SSLBenchError, match=r"has no class token: feature.pool 'cls' does not apply"):
+        CardBackbone(no_cls, CardOptions(pretrained=False))
