@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sslbench import hookimpl
 from sslbench.cards import ModelCard, backbone_entries
+from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Backbone, BackboneEntry
 from sslbench.weights import apply_layout, read_checkpoint, resolve_weights, verify_hash
 from sslbench.weights import load_state as load_state_strict
@@ -52,7 +53,8 @@ def build_architecture(card: ModelCard, seed: int = 0) -> Any:
 
 
 class CardBackbone(Backbone):
-    """A timm architecture with the card's weights; features are the pooled pre-logits."""
+    """A timm architecture with the card's weights; features are the pooled pre-logits, or the tokens of
+    ``forward_features`` pooled as the card's ``feature.pool`` says."""
 
     def __init__(self, card: ModelCard, options: CardOptions) -> None:
         import torch
@@ -70,6 +72,8 @@ class CardBackbone(Backbone):
             self.model = build_architecture(card, options.init_seed)
             self.weights_sha256 = f"random-init-{options.init_seed}"
         self.model.eval()
+        if card.feature.pool in ("cls", "cls+mean") and getattr(self.model, "cls_token", None) is None:
+            raise SSLBenchError(f"{where} has no class token: feature.pool '{card.feature.pool}' does not apply")
         pre = card.preprocessing
         self.crop = options.crop or pre.crop
         self.resize = round(pre.resize * self.crop / pre.crop)
@@ -113,7 +117,13 @@ class CardBackbone(Backbone):
         return (pixels - self._mean) / self._std
 
     def embed(self, batch: Any) -> Any:
-        return self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+        features = self.model.forward_features(batch)
+        pool = self.card.feature.pool
+        if pool == "default":
+            return self.model.forward_head(features, pre_logits=True)
+        from .generic_backbones import pool_output
+
+        return pool_output(features, pool, getattr(self.model, "num_prefix_tokens", 0), f"model {self.card.id}")
 
     def logits(self, batch: Any) -> Any:
         """Class scores, for cards whose architecture keeps its classifier."""

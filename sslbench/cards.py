@@ -91,6 +91,11 @@ class Preprocessing(_Card):
 class Feature(_Card):
     kind: Literal["pooled"] = "pooled"
     dim: int = Field(ge=1)
+    pool: Literal["default", "cls", "mean", "cls+mean"] = Field(
+        "default",
+        description="default: timm's pre-logits; cls, mean (patch tokens; class and register tokens skipped) or "
+        "cls+mean (twice the width) of forward_features' tokens, e.g. for a family's linear-probe convention",
+    )
 
 
 class Reference(_Card):
@@ -128,9 +133,43 @@ class ModelCard(_Card):
     feature: Feature
     preprocessing: Preprocessing
     linear_top1: Reference | None = Field(None, description="top-1 belonging to this exact file")
+    knn_top1: Reference | None = Field(None, description="k-NN top-1 belonging to this exact file")
     paper: list[PaperMetrics] = Field(default_factory=list)
     license: str
     notes: str | None = None
+
+    @model_validator(mode="after")
+    def _known_silent_failures(self) -> ModelCard:
+        problem = silent_failure(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def _openai_weights(card: ModelCard) -> bool:
+    return card.id.endswith(".openai") or any(
+        (w.timm_name or "").endswith(".openai") or "openaipublic" in (w.url or "") for w in card.weights
+    )
+
+
+def silent_failure(card: ModelCard) -> str | None:
+    """Why the card would load without error yet compute the wrong function (None: no known trap).
+
+    Checked when a card is read, because strict loading cannot see these: the weight shapes are the same.
+    """
+    arch = card.architecture
+    quick_gelu = "quickgelu" in arch.name or arch.args.get("act_layer") == "quick_gelu"
+    if _openai_weights(card) and "_clip_" in arch.name and not quick_gelu:
+        return (
+            f"{card.id}: OpenAI CLIP weights were trained with QuickGELU; architecture {arch.name} uses GELU "
+            "(use the _clip_quickgelu_ variant)"
+        )
+    if card.family == "mocov3" and arch.name.startswith("vit_small") and arch.args.get("num_heads") != 12:
+        return (
+            f"{card.id}: MoCo v3 ViT-S has 12 attention heads, timm's {arch.name} has 6 with the same weight "
+            "shapes: set architecture.args.num_heads: 12"
+        )
+    return None
 
 
 class CardFile(_Card):
