@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sslbench import hookimpl
 from sslbench.errors import SSLBenchError
+from sslbench.inputs import checked_feature_array, checked_labels, class_index
 from sslbench.interfaces import Dataset, DatasetEntry, NoOptions, Split
-from sslbench.pipeline import checked_feature_array, checked_labels, class_index
 
 
 class ArraySplit(Split):
@@ -105,7 +105,7 @@ _READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _labels(array: np.ndarray, where: str) -> np.ndarray:
-    """Checked class indices (:func:`~sslbench.pipeline.checked_labels`); one-hot rows, as some
+    """Checked class indices (:func:`~sslbench.inputs.checked_labels`); one-hot rows, as some
     extraction scripts save labels, become indices, and a single column is a column of indices."""
     array = np.asarray(array)
     if array.ndim == 2 and array.shape[1] == 1:
@@ -122,7 +122,7 @@ def _labels(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def _features(array: np.ndarray, where: str) -> np.ndarray:
-    """Checked features (:func:`~sslbench.pipeline.checked_feature_array`; values are checked when the
+    """Checked features (:func:`~sslbench.inputs.checked_feature_array`; values are checked when the
     split is used). The paper's code saved some as (n, d, 1, 1): a reshape keeps a memmap a memmap."""
     if array.ndim > 2:
         array = array.reshape(array.shape[0], int(np.prod(array.shape[1:])))
@@ -191,7 +191,7 @@ def load_features_dataset(options: FeaturesOptions) -> Dataset:
     """Features and labels per split, checked as the API checks them (dtype, shape, label values).
 
     Without ``num_classes``, labels index the classes directly (``max label + 1`` of them) unless they
-    are sparse, as :func:`~sslbench.pipeline.class_index` decides for every split together: then the
+    are sparse, as :func:`~sslbench.inputs.class_index` decides for every split together: then the
     distinct labels are renumbered 0..m-1 in increasing order, the class names are the original
     labels, and ``class_groups`` name original labels too.
     """

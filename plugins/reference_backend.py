@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sslbench import hookimpl
-from sslbench.arrays import RowReader
+from sslbench.arrays import RowReader, projection_scale
 from sslbench.interfaces import (
     BackendEntry,
     Clusterer,
@@ -30,7 +30,6 @@ from sslbench.interfaces import (
     ReducerConfig,
     iter_chunks,
 )
-from sslbench.pipeline import projection_scale
 
 NAME = "reference"
 

@@ -40,7 +40,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sslbench import hookimpl
-from sslbench.arrays import RowReader
+from sslbench.arrays import RowReader, projection_scale
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import (
     BackendEntry,
@@ -50,7 +50,6 @@ from sslbench.interfaces import (
     ReducerConfig,
     iter_chunks,
 )
-from sslbench.pipeline import projection_scale
 
 if TYPE_CHECKING:
     import torch as torch_types

@@ -10,6 +10,7 @@ holds only what it asked for. Other arrays are read by slicing.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from typing import Any
@@ -183,3 +184,23 @@ class _NpyHeader:
 
     def write(self, chunk: bytes) -> None:
         self.data += chunk
+
+
+#: Train projections whose largest magnitude lies in this range reach k-means as computed; others are
+#: first scaled by a power of two (see :func:`projection_scale`).
+PROJECTION_RANGE = (2.0**-32, 2.0**32)
+
+
+def projection_scale(max_abs: float) -> int:
+    """The exponent of the power of two the projections are multiplied by before k-means: 0 (left as
+    they are) when the train projections' largest magnitude lies in :data:`PROJECTION_RANGE`, else the
+    one that brings it into [0.5, 1).
+
+    k-means sees features only through float32 squared distances, which overflow for projections of
+    magnitude 1e20 and underflow to zero for 1e-30 (every point then ties with every centre). k-means
+    is scale-invariant and multiplying by a power of two is exact, so rescaled projections get the
+    assignments that exact arithmetic gives the original ones.
+    """
+    if max_abs == 0 or PROJECTION_RANGE[0] <= max_abs <= PROJECTION_RANGE[1]:
+        return 0
+    return -math.frexp(max_abs)[1]

@@ -19,7 +19,8 @@ from sslbench.cache import run_scratch
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
 from sslbench.extract import resolve_device
-from sslbench.pipeline import FeatureSplit, checked_split, class_index, plan_protocol, run_protocol
+from sslbench.inputs import FeatureSplit, checked_split, class_index
+from sslbench.pipeline import plan_protocol, run_protocol
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.results import Results, build_results, environment
 from sslbench.spec import ProtocolSpec

@@ -30,8 +30,9 @@ from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.errors import PluginFailure, SSLBenchError
 from sslbench.events import Emit, Event, ignore
 from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
+from sslbench.inputs import FeatureSplit, checked_split
 from sslbench.interfaces import Backbone, BackboneEntry, Dataset, Split
-from sslbench.pipeline import FeatureSplit, TransferTarget, checked_split, plan_protocol, run_protocol
+from sslbench.pipeline import TransferTarget, plan_protocol, run_protocol
 from sslbench.plugins import PluginInfo, Plugins
 from sslbench.progress import NullProgress, Progress
 from sslbench.results import (

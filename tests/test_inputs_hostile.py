@@ -22,17 +22,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sslbench import SSLBenchError, evaluate_features
+from sslbench.arrays import projection_scale
 from sslbench.cache import run_scratch
-from sslbench.pipeline import (
-    MAX_FEATURE_MAGNITUDE,
-    checked_labels,
-    checked_split,
-    class_index,
-    kmeans_steps,
-    plan_protocol,
-    projection_scale,
-    run_protocol,
-)
+from sslbench.inputs import MAX_FEATURE_MAGNITUDE, checked_labels, checked_split, class_index
+from sslbench.pipeline import kmeans_steps, plan_protocol, run_protocol
 from sslbench.plugins import get_plugins
 from sslbench.results import load_results, write_atomic
 from sslbench.spec import ProtocolSpec

@@ -44,7 +44,8 @@ def test_composed_assignment_follows_each_clusters_source_class():
 
 
 def _plan(plugins, train_labels, eval_labels, n_classes, **extra):
-    from sslbench.pipeline import FeatureSplit, plan_protocol
+    from sslbench.inputs import FeatureSplit
+    from sslbench.pipeline import plan_protocol
     from sslbench.spec import ProtocolSpec
 
     def split(name, labels):
@@ -84,7 +85,8 @@ def test_transfer_rows_carry_every_metric_plugin(plugins):
     """A transfer target is scored by the metric plugins in its own class space, plus Table C.2's columns."""
     from sklearn.metrics import normalized_mutual_info_score
 
-    from sslbench.pipeline import FeatureSplit, SeedPredictions, TransferTarget, score_seed
+    from sslbench.inputs import FeatureSplit
+    from sslbench.pipeline import SeedPredictions, TransferTarget, score_seed
 
     class_map = ClassMap.checked([[0, 1], [2], []], n_target=3, n_source=4, where="test")
     target_labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
