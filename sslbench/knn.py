@@ -33,12 +33,16 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sslbench.arrays import RowReader
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import iter_chunks
+
+if TYPE_CHECKING:
+    import torch as torch_types
 
 #: DINO's temperature of the neighbour weights ``exp(sim / T)``.
 DEFAULT_TEMPERATURE = 0.07
@@ -87,7 +91,7 @@ def _exact_float32() -> Iterator[None]:
 _LOW = 2**32
 
 
-def _keys(sims, first_index: int):  # type: ignore[no-untyped-def]
+def _keys(sims: torch_types.Tensor, first_index: int) -> torch_types.Tensor:
     """int64 keys ordering (similarity desc, train index asc) for a block of float32 similarities
     whose column ``j`` is train row ``first_index + j``."""
     import torch
@@ -99,7 +103,7 @@ def _keys(sims, first_index: int):  # type: ignore[no-untyped-def]
     return ordered * _LOW + (_LOW - 1 - index)
 
 
-def _decode(keys):  # type: ignore[no-untyped-def]
+def _decode(keys: torch_types.Tensor) -> tuple[torch_types.Tensor, torch_types.Tensor]:
     """(float32 similarities, train indices) of keys made by :func:`_keys`."""
     import torch
 
