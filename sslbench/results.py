@@ -49,12 +49,14 @@ class RunProtocol(_Model):
 
 
 class Timings(_Model):
-    """Wall-clock seconds. ``extract_s`` and ``pca_s`` are shared by the runs that reuse them."""
+    """Wall-clock seconds. ``extract_s``, ``pca_s`` and ``knn_s`` are shared by the runs that reuse them."""
 
     extract_s: float
     pca_s: float
     kmeans_s: float
     eval_s: float
+    #: The kNN search and vote (``protocol.knn``), once per model × dataset; 0 when kNN is off.
+    knn_s: float = 0.0
 
 
 class Run(_Model):
