@@ -706,7 +706,8 @@ def _score_transfer(
 class KnnScores:
     #: ``knn_top1_k<k>`` → top-1 (a fraction), for every k of ``protocol.knn``; empty when it is off.
     metrics: dict[str, float]
-    knn_s: float
+    #: None when it is off.
+    knn_s: float | None
 
 
 def score_knn(plan: ProtocolPlan, emit: Emit = ignore) -> KnnScores:
@@ -715,7 +716,7 @@ def score_knn(plan: ProtocolPlan, emit: Emit = ignore) -> KnnScores:
     neither the PCA nor the seed, so it runs once per plan."""
     ks = plan.protocol.knn
     if not ks:
-        return KnnScores({}, 0.0)
+        return KnnScores({}, None)
     emit(Event("stage", f"{plan.model}/{plan.dataset}: kNN k={', '.join(map(str, ks))}", name="knn"))
     result = knn_top1(
         plan.train.features,

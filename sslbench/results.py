@@ -18,7 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from sslbench.errors import SSLBenchError
 
@@ -55,8 +62,16 @@ class Timings(_Model):
     pca_s: float
     kmeans_s: float
     eval_s: float
-    #: The kNN search and vote (``protocol.knn``), once per model × dataset; 0 when kNN is off.
-    knn_s: float = 0.0
+    #: The kNN search and vote (``protocol.knn``), once per model × dataset; None, and left out of the
+    #: JSON, when kNN is off, so that results without kNN read as before (older readers forbid new keys).
+    knn_s: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_knn_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.knn_s is None:
+            data.pop("knn_s", None)
+        return data
 
 
 class Run(_Model):

@@ -180,10 +180,12 @@ def test_api_records_knn_once_per_model_and_dataset():
 
     x, y = load_digits(return_X_y=True)
     off = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=1, epochs=2, device="cpu")
-    assert not any(m.startswith("knn") for m in off.runs[0].metrics) and off.runs[0].timings.knn_s == 0
+    assert not any(m.startswith("knn") for m in off.runs[0].metrics) and off.runs[0].timings.knn_s is None
+    assert "knn_s" not in off.to_json()  # results without kNN read exactly as before
     assert [metric_label(m) for m in summary_tables(off)[0].metrics] == ["ACC", "ARI", "AMI", "NMI"]
     on = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=2, epochs=2, device="cpu", knn=[10, 20])
     values = [run.metrics[knn_metric(20)] for run in on.runs]
+    assert on.runs[0].timings.knn_s is not None and '"knn_s"' in on.to_json()
     assert values[0] == values[1] > 0.9  # digits: kNN on raw pixels is easy
     assert on.summary[0].metrics["knn_top1_k20"].std == 0.0
     reference = knn_top1(x[::2], y[::2], x[1::2], y[1::2], [20], n_classes=10).top1[20]
