@@ -74,7 +74,8 @@ def main() -> int:
         worst = max(worst, (median, command))
         print(
             f"sslbench {' '.join(command):<22} wall median {median:5.2f} s "
-            f"(min {min(times):.2f}, max {max(times):.2f}), CPU median {statistics.median(cpu):.2f} s  target ≤ {args.target} s: {'met' if ok else 'MISSED'}"
+            f"(min {min(times):.2f}, max {max(times):.2f}), CPU median {statistics.median(cpu):.2f} s  "
+            f"target ≤ {args.target} s: {'met' if ok else 'MISSED'}"
         )
     print(f"slowest imports of `sslbench {' '.join(worst[1])}` (cumulative):")
     for line in slowest_imports(worst[1]):

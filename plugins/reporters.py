@@ -13,7 +13,7 @@ from rich.text import Text
 from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
-from sslbench.table import metric_label, summary_tables
+from sslbench.table import KNN_METRIC, metric_label, summary_tables
 
 from .html_report import HTMLReporter
 
@@ -129,12 +129,19 @@ class LatexReporter(Reporter):
 
 
 class CSVReporter(Reporter):
-    """One row per model × dataset × protocol point: every metric's mean and std, as fractions."""
+    """One row per model × dataset × protocol point: every metric's mean and std, as fractions; for a kNN
+    metric some row has a published value of, also ``<metric>_published`` and ``<metric>_delta`` (ours
+    minus published)."""
 
     suffix = ".csv"
 
     def render(self, results: Results) -> str:
         metrics = list(dict.fromkeys(name for row in results.summary for name in row.metrics))
+        compared = [
+            m
+            for m in metrics
+            if KNN_METRIC.match(m) and any(row.published and m in row.published.metrics for row in results.summary)
+        ]
         protocol_fields = [
             "fit_split",
             "eval_split",
@@ -157,6 +164,7 @@ class CSVReporter(Reporter):
                 *protocol_fields,
                 "n_seeds",
                 *(f"{m}_{s}" for m in metrics for s in ("mean", "std")),
+                *(f"{m}_{s}" for m in compared for s in ("published", "delta")),
             ]
         )
         for row in results.summary:
@@ -167,6 +175,14 @@ class CSVReporter(Reporter):
                     ["", ""]
                     if summary is None
                     else [repr(summary.mean), "" if summary.std is None else repr(summary.std)]
+                )
+            for metric in compared:
+                paper = row.published.metrics.get(metric) if row.published else None
+                ours = row.metrics.get(metric)
+                values += (
+                    ["", ""]
+                    if paper is None
+                    else [repr(paper.mean), "" if ours is None else repr(ours.mean - paper.mean)]
                 )
             writer.writerow(
                 [

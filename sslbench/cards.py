@@ -133,7 +133,9 @@ class ModelCard(_Card):
     feature: Feature
     preprocessing: Preprocessing
     linear_top1: Reference | None = Field(None, description="top-1 belonging to this exact file")
-    knn_top1: Reference | None = Field(None, description="k-NN top-1 belonging to this exact file")
+    knn_top1: Reference | None = Field(
+        None, description="published 20-NN top-1 of this exact file, DINO protocol (ImageNet val)"
+    )
     paper: list[PaperMetrics] = Field(default_factory=list)
     license: str
     notes: str | None = None

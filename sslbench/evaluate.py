@@ -41,6 +41,8 @@ def evaluate_features(
     seeds: int | Sequence[int] = 5,
     backend: str = "torch",
     backend_options: dict[str, Any] | None = None,
+    knn: int | Sequence[int] = (),
+    knn_temperature: float = 0.07,
     device: str = "auto",
     n_classes: int | None = None,
     model: str = "features",
@@ -68,6 +70,9 @@ def evaluate_features(
     :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds.
     :param backend: ``reference`` (the paper's scikit-learn code) or ``torch`` (fast, CPU or GPU).
     :param backend_options: options of the backend's clusterer, e.g. ``{"algorithm": "lloyd"}``.
+    :param knn: weighted kNN top-1 (the DINO protocol: cosine, ``exp(sim / T)`` votes) on the raw
+        features for each k, recorded in every run's metrics as ``knn_top1_k<k>``; ``()`` = off.
+    :param knn_temperature: ``T`` of the kNN weights.
     :param device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; used by backends that run on GPUs.
     :param n_classes: number of classes (every label must be below it); ``None`` = ``max(label) + 1``
         over both splits, unless the labels are sparse (the largest at least twice the number of
@@ -94,6 +99,8 @@ def evaluate_features(
                 "seeds": _plain(seeds),
                 "backend": backend,
                 "backend_options": _plain(dict(backend_options or {})),
+                "knn": _plain(list(knn) if isinstance(knn, Sequence | range | np.ndarray) else knn),
+                "knn_temperature": _plain(knn_temperature),
             }
         )
     except ValidationError as exc:

@@ -12,6 +12,16 @@ For one model on one dataset (a :class:`ProtocolPlan`, checked by :func:`plan_pr
                      and on each transfer target
     save_predictions the run's cluster ids, when asked
 
+and, once per plan before the clustering stages, when ``protocol.knn`` lists any k::
+
+    score_knn        weighted kNN top-1 (the DINO protocol, :mod:`sslbench.knn`) of the eval split
+                     against the train split, on the raw features (no PCA, no seed)
+
+Where kNN lives in the results: its top-1 for each k is added to the metrics of every run of that model
+× dataset as ``knn_top1_k<k>`` (not to transfer runs), and its time to ``timings.knn_s``. So the
+summaries, reports, CSV and merges carry it with no new structure; the value is the same for every
+seed (its std is 0 by construction), and runs without kNN keep exactly the metrics they had.
+
 No stage holds a whole feature or projection matrix in memory: inputs are read and outputs written in
 row chunks, so a full ImageNet run needs a few GB of RAM whatever the feature dimension. Only the
 cluster ids (8 bytes per sample) are kept whole.
@@ -46,6 +56,7 @@ from sslbench.interfaces import (
     ScoringContext,
     iter_chunks,
 )
+from sslbench.knn import check_knn, knn_metric, knn_top1
 from sslbench.predictions import predictions_name, save_predictions
 from sslbench.progress import NullProgress, Progress
 from sslbench.protocol import contingency
@@ -159,6 +170,7 @@ def plan_protocol(
                 f"{target.features.name}: its class map refers to {target.class_map.n_source} source classes "
                 f"but {train.name} has {n_classes}"
             )
+    check_knn(protocol.knn, n_train, train.name)
     backend = plugins.backends.get(protocol.backend)
     options = (
         backend_options if backend_options is not None else validated_backend_options(backend, protocol.backend_options)
@@ -489,18 +501,52 @@ def _score_transfer(
 
 
 # --------------------------------------------------------------------------------------------------
+# Stage: kNN
+
+
+@dataclass(frozen=True)
+class KnnScores:
+    #: ``knn_top1_k<k>`` → top-1 (a fraction), for every k of ``protocol.knn``; empty when it is off.
+    metrics: dict[str, float]
+    #: None when it is off.
+    knn_s: float | None
+
+
+def score_knn(plan: ProtocolPlan, emit: Emit = ignore) -> KnnScores:
+    """Weighted kNN top-1 of the eval split against the train split for every ``protocol.knn`` k, on the
+    raw features (L2-normalised, cosine, ``exp(sim / T)`` votes; see :mod:`sslbench.knn`). It depends on
+    neither the PCA nor the seed, so it runs once per plan."""
+    ks = plan.protocol.knn
+    if not ks:
+        return KnnScores({}, None)
+    emit(Event("stage", f"{plan.model}/{plan.dataset}: kNN k={', '.join(map(str, ks))}", name="knn"))
+    result = knn_top1(
+        plan.train.features,
+        plan.train.labels,
+        plan.eval.features,
+        plan.eval.labels,
+        ks,
+        n_classes=plan.n_classes,
+        temperature=plan.protocol.knn_temperature,
+        device=plan.device,
+    )
+    return KnnScores({knn_metric(k): result.top1[k] for k in ks}, result.seconds)
+
+
+# --------------------------------------------------------------------------------------------------
 # The stages in order
 
 
 def run_protocol(
     plan: ProtocolPlan, *, scratch: Path, progress: Progress | None = None, emit: Emit = ignore
 ) -> Iterator[Run]:
-    """fit the reducer → per dims: project → per point and seed: cluster, score, save → runs.
+    """kNN (when asked) → fit the reducer → per dims: project → per point and seed: cluster, score, save → runs.
 
     Yields each run as soon as it is scored (transfer runs right after their source run).
     ``scratch`` receives the projections; the caller owns it and removes it.
     """
     progress = progress or NullProgress()
+    knn = score_knn(plan, emit)
     fitted = fit_reducer(plan, progress, emit)
     for dims in plan.protocol.pca_dims:
         projected = project_splits(plan, fitted, dims, scratch, emit)
@@ -528,6 +574,7 @@ def run_protocol(
                     pca_s=projected.pca_s,
                     kmeans_s=preds.kmeans_s,
                     eval_s=preds.predict_s + time.perf_counter() - started,
+                    knn_s=knn.knn_s,
                 )
                 run = Run(
                     model=plan.model,
@@ -537,7 +584,7 @@ def run_protocol(
                     seed=seed,
                     n_train=len(plan.train.labels),
                     n_eval=len(plan.eval.labels),
-                    metrics=scores.metrics,
+                    metrics={**scores.metrics, **knn.metrics},
                     timings=timings,
                 )
                 transfer_runs = [

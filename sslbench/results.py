@@ -18,7 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from sslbench.errors import SSLBenchError
 
@@ -49,12 +56,22 @@ class RunProtocol(_Model):
 
 
 class Timings(_Model):
-    """Wall-clock seconds. ``extract_s`` and ``pca_s`` are shared by the runs that reuse them."""
+    """Wall-clock seconds. ``extract_s``, ``pca_s`` and ``knn_s`` are shared by the runs that reuse them."""
 
     extract_s: float
     pca_s: float
     kmeans_s: float
     eval_s: float
+    #: The kNN search and vote (``protocol.knn``), once per model × dataset; None, and left out of the
+    #: JSON, when kNN is off, so that results without kNN read as before (older readers forbid new keys).
+    knn_s: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_knn_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.knn_s is None:
+            data.pop("knn_s", None)
+        return data
 
 
 class Run(_Model):

@@ -53,6 +53,8 @@ MAX_SEED = 2**31 - 1
 MAX_SEEDS = 10_000
 #: Protocol points (the product of the sweep lists' lengths).
 MAX_POINTS = 10_000
+#: kNN neighbours at most (the running top-k is n_eval × k).
+MAX_KNN = 4096
 MAX_CLUSTERS = 2**24
 MAX_PCA_DIMS = 2**20
 MAX_EPOCHS = 2**20
@@ -202,6 +204,7 @@ Overcluster = Annotated[float, Field(ge=1.0, le=MAX_CLUSTERS, allow_inf_nan=Fals
 Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
 Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+KnnK = Annotated[int, Field(ge=1, le=MAX_KNN)]
 
 
 class ProtocolSpec(_StrictModel):
@@ -229,8 +232,18 @@ class ProtocolSpec(_StrictModel):
     backend_options: dict[str, Any] = Field(
         default={}, description="Options of the backend's clusterer (e.g. torch: algorithm)."
     )
+    knn: list[KnnK] = Field(
+        default=[],
+        description=(
+            "Weighted kNN top-1 (DINO protocol) on the raw features for each k, e.g. [10, 20, 200]; "
+            "[] = off. Recorded once per model × dataset as metric knn_top1_k<k>."
+        ),
+    )
+    knn_temperature: float = Field(
+        0.07, gt=0, le=1e6, allow_inf_nan=False, description="Temperature T of the kNN weights exp(sim / T)."
+    )
 
-    _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
+    _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", "knn", mode="before")(_as_list)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -243,6 +256,13 @@ class ProtocolSpec(_StrictModel):
             return list(range(value))
         if isinstance(value, list) and len(value) > MAX_SEEDS:
             raise ValueError(f"at most {MAX_SEEDS} seeds, got a list of {len(value)}")
+        return value
+
+    @field_validator("knn")
+    @classmethod
+    def _unique_knn(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"has repeated values: {one_line(str(value), 80)}")
         return value
 
     @field_validator("pca_dims", "k", "overcluster", "epochs", "seeds")

@@ -7,6 +7,7 @@ minus the best row's std (the paper's red marks).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sslbench.results import Results, RunProtocol, SummaryRow
@@ -29,10 +30,18 @@ METRIC_LABELS = {
 }
 
 
+#: kNN top-1 columns: ``knn_top1_k20`` → ``kNN-20``.
+KNN_METRIC = re.compile(r"^knn_top1_k(\d+)$")
+
+
 def metric_label(name: str) -> str:
-    """Column title: ``ACC``, ``ACC-tr``, and ``ACC in imagenet`` for a class group's ``acc_in_imagenet``."""
+    """Column title: ``ACC``, ``ACC-tr``, ``kNN-20`` for ``knn_top1_k20``, and ``ACC in imagenet`` for a
+    class group's ``acc_in_imagenet``."""
     if name in METRIC_LABELS:
         return METRIC_LABELS[name]
+    knn = KNN_METRIC.match(name)
+    if knn:
+        return f"kNN-{knn.group(1)}"
     if name.startswith("acc_"):
         return "ACC " + name[len("acc_") :].replace("_", " ")
     return name
@@ -40,14 +49,16 @@ def metric_label(name: str) -> str:
 
 def default_metrics(summaries: list[SummaryRow]) -> tuple[str, ...]:
     """The paper's columns for these rows: Table C.2's for transfer runs, else Table 1's, followed by
-    the per-class-group ACCs when every row has them (Table 2's in / not in ImageNet split)."""
+    the per-class-group ACCs when every row has them (Table 2's in / not in ImageNet split), then the kNN
+    top-1 columns (``protocol.knn``, by increasing k) when every row has them."""
     present = set.intersection(*(set(row.metrics) for row in summaries)) if summaries else set()
     if "acc_tr" in present:
         return TRANSFER_METRICS
     # Every metric is also recorded per class group as <metric>_<group>; a group's column is its ACC.
     # acc_<x> is a group's when ari_<x> exists too (acc_majority_<group> has no ari_majority_<group>).
     groups = sorted(m for m in present if m.startswith("acc_") and m not in METRIC_LABELS and f"ari{m[3:]}" in present)
-    return (*HEADLINE_METRICS, *groups)
+    knn = sorted((m for m in present if KNN_METRIC.match(m)), key=lambda m: int(m[len("knn_top1_k") :]))
+    return (*HEADLINE_METRICS, *groups, *knn)
 
 
 @dataclass(frozen=True)
