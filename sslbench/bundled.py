@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import re
 from pathlib import Path
 
 
@@ -34,6 +35,8 @@ def find_spec(argument: str) -> Path:
     bundled = bundled_specs()
     if argument in bundled:
         return bundled[argument]
+    if len(argument) > 100 or not re.fullmatch(r"[A-Za-z0-9_.-]+", argument):
+        return path  # not a name a bundled spec could have: the reader reports the path
     from sslbench.errors import SSLBenchError, did_you_mean
 
     raise SSLBenchError(

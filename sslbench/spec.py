@@ -670,7 +670,7 @@ def _scalar(node: yaml.ScalarNode, source: str) -> Any:
         raise SSLBenchError(f"{where}: {_shown(value)} is too long for {kind} ({len(value)} characters)")
     try:
         return _CONVERT[node.tag](node)
-    except (ValueError, KeyError, TypeError, OverflowError):  # e.g. `!!int abc`, `!!bool maybe`
+    except (ValueError, KeyError, TypeError, OverflowError, IndexError):  # `!!int abc`, `!!bool maybe`, `!!int ''`
         raise SSLBenchError(f"{where}: {_shown(value)} is not {kind}") from None
 
 

@@ -709,3 +709,12 @@ def test_mutated_specs_through_the_command_line(tmp_path_factory, text):
         assert errors == [] and "ok:" in proc.stdout
     else:
         assert len(errors) == 1 and errors[0].startswith("sslbench: error: spec.yaml"), proc.stderr
+
+
+def test_an_empty_tagged_number_is_one_line():
+    """Found by the mutation test: PyYAML's int constructor indexes into the text (IndexError on '')."""
+    from sslbench.spec import parse_spec
+
+    with pytest.raises(SSLBenchError) as caught:
+        parse_spec("models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {k: !!int ''}\n", "spec.yaml")
+    assert "\n" not in str(caught.value) and "spec.yaml:3" in str(caught.value)
