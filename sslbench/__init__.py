@@ -13,7 +13,7 @@ from sslbench.errors import PluginError, SSLBenchError
 from sslbench.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from sslbench.evaluate import evaluate_features
+    from sslbench.evaluate import evaluate_features, evaluate_model
     from sslbench.events import Event
     from sslbench.interfaces import (
         Backbone,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 # and the listing commands do not pay for numpy, pydantic and the protocol's modules up front.
 _LAZY = {
     "evaluate_features": "sslbench.evaluate",
+    "evaluate_model": "sslbench.evaluate",
     "Event": "sslbench.events",
     **dict.fromkeys(
         [
@@ -109,6 +110,7 @@ __all__ = [
     "Split",
     "__version__",
     "evaluate_features",
+    "evaluate_model",
     "hookimpl",
     "load_plugins",
     "load_results",

@@ -1,7 +1,8 @@
-"""The Python API on precomputed features: what an SSL paper calls from its own eval suite.
+"""The Python API: what an SSL paper calls from its own eval suite or training loop.
 
 :func:`evaluate_features` runs the same stages as ``sslbench run`` (:mod:`sslbench.pipeline`) on
-features in memory or memory-mapped on disk and returns the same typed :class:`Results`.
+features in memory or memory-mapped on disk; :func:`evaluate_model` first extracts them with a model
+in memory. Both return the same typed :class:`Results`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from sslbench.cache import run_scratch
+from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
 from sslbench.extract import resolve_device
 from sslbench.inputs import FeatureSplit, checked_split, class_index
+from sslbench.interfaces import Backbone, Dataset
 from sslbench.pipeline import plan_protocol, run_protocol
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.results import Results, build_results, environment
@@ -167,3 +169,178 @@ def _checked_device(device: Any) -> str:
     if device == "mps" and not torch.backends.mps.is_available():
         raise SSLBenchError("evaluate_features: device: 'mps' but torch sees no Apple GPU; use auto or cpu")
     return device
+
+
+# --------------------------------------------------------------------------------------------------
+# A model in memory
+
+
+def imagenet_eval_transform(resize: int = 256, crop: int = 224) -> Any:
+    """torchvision's ImageNet evaluation transform (resize the short side, centre crop, normalise),
+    the default preprocessing of :func:`evaluate_model`; any sample is converted to RGB first."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Lambda(_as_rgb),
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+
+
+def _as_rgb(sample: Any) -> Any:
+    from PIL import Image
+
+    image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
+    return image.convert("RGB")
+
+
+class _InMemoryModel(Backbone):
+    """A user's model (a ``torch.nn.Module`` or any callable batch → features) as a backbone."""
+
+    def __init__(self, model: Any, transform: Any) -> None:
+        self.model, self.transform = model, transform
+
+    def preprocess(self, sample: Any) -> Any:
+        return self.transform(sample)
+
+    def embed(self, batch: Any) -> Any:
+        out = self.model(batch)
+        if not hasattr(out, "ndim") or out.ndim != 2:
+            shape = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+            raise SSLBenchError(f"evaluate_model: the model must return (batch, dims) features, got {shape}")
+        return out
+
+    def torch_modules(self) -> list[Any]:
+        import torch
+
+        return [self.model] if isinstance(self.model, torch.nn.Module) else []
+
+
+def _model_device(model: Any) -> str:
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return str(tensor.device)
+    return "cpu"
+
+
+def evaluate_model(
+    model: Any,
+    dataset: str | Dataset,
+    *,
+    dataset_options: dict[str, Any] | None = None,
+    transform: Any = None,
+    fit_split: str = "train",
+    eval_split: str | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    amp: bool = True,
+    name: str = "model",
+    plugins: Plugins | None = None,
+    scratch_dir: str | Path | None = None,
+    emit: Emit = ignore,
+    **protocol: Any,
+) -> Results:
+    """Extract features of ``dataset`` with a model in memory, then cluster and score them exactly
+    as :func:`evaluate_features` does (the same typed :class:`Results`).
+
+    Meant to be called from a training loop every N epochs::
+
+        for epoch in range(epochs):
+            train_one_epoch(encoder)
+            if epoch % 10 == 0:
+                results = sslbench.evaluate_model(encoder, "fashion_mnist", transform=eval_tf, seeds=3, epochs=20)
+                log(epoch, results.summary[0].metrics["acc"].mean)
+
+    :param model: a ``torch.nn.Module`` (put in eval mode while features are extracted, its training
+        mode restored after; never moved: batches go to the device of its parameters) or any callable
+        mapping a batch tensor to ``(batch, dims)`` features. Called under ``torch.inference_mode``,
+        with float16 autocast on CUDA when ``amp``.
+    :param dataset: a registered dataset id (``digits``, ``fashion_mnist``, ``imagefolder`` …, with
+        ``dataset_options``) or a :class:`~sslbench.interfaces.Dataset`.
+    :param transform: sample (a PIL image or an array) → input tensor; default
+        :func:`imagenet_eval_transform`.
+    :param fit_split: the split PCA and k-means are fitted on; ``eval_split`` (default: ``val`` if the
+        dataset has it, else ``test``) is predicted and scored.
+    :param protocol: every keyword :func:`evaluate_features` takes for the protocol (``n_clusters``,
+        ``overcluster``, ``pca_dim``, ``epochs``, ``seeds``, ``backend``, ``knn`` …).
+    :returns: the results; ``spec`` records ``{"api": "evaluate_model", "dataset": …}``.
+
+    Features go to a scratch folder removed at the end (nothing is cached: a model being trained
+    changes between calls).
+    """
+    import torch
+
+    from sslbench.extract import ExtractionSettings, extract_split
+
+    plugins = plugins or get_plugins()
+    if isinstance(dataset, str):
+        entry = plugins.datasets.get(dataset)
+        try:
+            options = entry.options.model_validate(dataset_options or {})
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise SSLBenchError(f"evaluate_model: dataset_options.{field}: {err['msg']}") from None
+        data, label = entry.factory(options), dataset
+    else:
+        data, label = dataset, dataset.name
+    eval_split = eval_split or ("val" if "val" in data.splits else "test")
+    for split in (fit_split, eval_split):
+        if split not in data.splits:
+            raise SSLBenchError(
+                f"evaluate_model: dataset '{label}' has no split '{split}'; it has: {', '.join(data.splits)}"
+            )
+    backbone = _InMemoryModel(model, transform if transform is not None else imagenet_eval_transform())
+    device = _model_device(model)
+    settings = ExtractionSettings(batch_size, workers, amp, "fail", 20, owner=f"evaluate_model's model ({name})")
+    training = model.training if isinstance(model, torch.nn.Module) else None
+    started = time.perf_counter()
+    with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
+        try:
+            if isinstance(model, torch.nn.Module):
+                model.eval()
+            extracted = {}
+            for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
+                key = CacheKey(
+                    backbone=name,
+                    plugin={},
+                    backbone_options={},
+                    backbone_fingerprint={},
+                    dataset=label,
+                    dataset_options={},
+                    split=split,
+                    split_fingerprint=f"in-memory-{index}",
+                )
+                extracted[split] = extract_split(
+                    backbone,
+                    data.splits[split],
+                    settings=settings,
+                    device=device,
+                    name=f"{label}/{split} ({name})",
+                    entry=FeatureCache(scratch / f"features-{index}").entry(key),
+                )
+        finally:
+            if training is not None:
+                model.train(training)
+        results = evaluate_features(
+            extracted[fit_split].features,
+            extracted[fit_split].labels,
+            extracted[eval_split].features,
+            extracted[eval_split].labels,
+            n_classes=data.num_classes,
+            model=name,
+            dataset=label,
+            plugins=plugins,
+            scratch_dir=scratch,
+            emit=emit,
+            **protocol,
+        )
+    spec = {**(results.spec or {}), "api": "evaluate_model", "dataset": label, "fit_split": fit_split}
+    spec["eval_split"] = eval_split
+    return results.model_copy(update={"spec": spec, "wall_s": time.perf_counter() - started})
