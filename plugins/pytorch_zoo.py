@@ -57,7 +57,6 @@ class CardBackbone(Backbone):
     ``forward_features`` pooled as the card's ``feature.pool`` says."""
 
     def __init__(self, card: ModelCard, options: CardOptions) -> None:
-        import torch
 
         self.card = card
         self.feature_dim = card.feature.dim
@@ -77,8 +76,7 @@ class CardBackbone(Backbone):
         pre = card.preprocessing
         self.crop = options.crop or pre.crop
         self.resize = round(pre.resize * self.crop / pre.crop)
-        self._mean = torch.tensor(pre.mean).view(3, 1, 1)
-        self._std = torch.tensor(pre.std).view(3, 1, 1)
+        self._transform = self._eval_transform()
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -89,6 +87,7 @@ class CardBackbone(Backbone):
                 **self.card.preprocessing.model_dump(),
                 "crop": self.crop,
                 "resize": self.resize,
+                "transform": "torchvision Resize(int) + CenterCrop",
             },
         }
 
@@ -100,21 +99,31 @@ class CardBackbone(Backbone):
         return [self.model]
 
     def preprocess(self, sample: Any) -> Any:
-        import torch
         from PIL import Image
 
-        pre = self.card.preprocessing
         image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
-        image = image.convert("RGB")
-        method = Image.Resampling.BICUBIC if pre.interpolation == "bicubic" else Image.Resampling.BILINEAR
-        width, height = image.size
-        scale = self.resize / min(width, height)
-        size = (max(self.crop, round(width * scale)), max(self.crop, round(height * scale)))
-        image = image.resize(size, method)
-        left, top = (image.width - self.crop) // 2, (image.height - self.crop) // 2
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (pixels - self._mean) / self._std
+        return self._transform(image.convert("RGB"))
+
+    def _eval_transform(self) -> Any:
+        """torchvision's own evaluation transform for the card: ``Resize(int)`` of the short side (its
+        rounding, not a re-implementation: they differ on about half of all aspect ratios), ``CenterCrop``,
+        ``ToTensor``, ``Normalize``."""
+        from torchvision import transforms
+
+        pre = self.card.preprocessing
+        mode = (
+            transforms.InterpolationMode.BICUBIC
+            if pre.interpolation == "bicubic"
+            else transforms.InterpolationMode.BILINEAR
+        )
+        return transforms.Compose(
+            [
+                transforms.Resize(self.resize, interpolation=mode),
+                transforms.CenterCrop(self.crop),
+                transforms.ToTensor(),
+                transforms.Normalize(pre.mean, pre.std),
+            ]
+        )
 
     def embed(self, batch: Any) -> Any:
         features = self.model.forward_features(batch)

@@ -297,3 +297,34 @@ def test_random_init_is_seeded_and_differs_from_pretrained_fingerprint():
     wa, wb, wc = (m.model.conv1.weight.detach().numpy() for m in (a, b, c))
     assert np.array_equal(wa, wb) and not np.array_equal(wa, wc)
     assert a.fingerprint()["weights_sha256"] == "random-init-1"
+
+
+def test_card_preprocessing_is_torchvisions_over_hundreds_of_sizes():
+    """The card path resizes exactly as torchvision's Resize(int) + CenterCrop (its rounding: 500×353
+    becomes 362×256, where rounding the scaled side would give 363), on a few hundred aspect ratios."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from sslbench_plugins.pytorch_zoo import CardBackbone, CardOptions
+
+    card = next(c for c in load_cards() if c.id == "mobilenetv2_100.tv_in1k")
+    backbone = CardBackbone(card, CardOptions(pretrained=False, crop=32))
+    pre = card.preprocessing
+    reference = transforms.Compose(
+        [
+            transforms.Resize(round(pre.resize * 32 / pre.crop), interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    sizes = [(500, 353), (353, 500), (37, 36)] + [tuple(int(v) for v in rng.integers(33, 700, 2)) for _ in range(300)]
+    rounding_differs = 0
+    for width, height in sizes:
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        assert torch.equal(backbone.preprocess(image), reference(image)), (width, height)
+        short, long = min(width, height), max(width, height)
+        rounding_differs += round(long * 37 / short) != int(long * 37 / short)
+    assert rounding_differs > 50  # the sizes do exercise the case a hand-written resize got wrong
