@@ -133,7 +133,7 @@ def test_bundled_quickstart_resolves(plugins):
     assert loaded.spec.protocol.overcluster == [1.0, 1.5]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "paper-table1", "paper-objectnet"])
+@pytest.mark.parametrize("name", ["quickstart", "paper-table1", "paper-objectnet", "modern-zoo"])
 def test_every_bundled_spec_resolves(plugins, name):
     from sslbench.bundled import bundled_specs
 
@@ -158,3 +158,13 @@ def test_transfer_options_are_validated_with_their_line(plugins):
     with pytest.raises(SSLBenchError) as info:
         resolve_spec(parse_spec(text, "spec.yaml"), plugins)
     assert str(info.value).startswith("spec.yaml:8: datasets[0].transfer[0].options.rooot: unknown key"), info.value
+
+
+def test_the_modern_zoo_spec_runs_every_modern_card_with_knn(plugins):
+    from sslbench.bundled import bundled_specs
+    from sslbench.cards import load_cards
+
+    paper = {"mocov2", "infomin", "swav", "supervised", "offline", "simclrv2", "bigbigan"}
+    spec = resolve_spec(load_spec(bundled_specs()["modern-zoo"]), plugins).spec
+    assert {m.id for m in spec.models} == {c.id for c in load_cards() if c.family not in paper}
+    assert spec.protocol.knn == [10, 20, 200]
