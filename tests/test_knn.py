@@ -303,9 +303,9 @@ def test_pretrained_knn_beats_random_init_on_fashion_mnist():
     points and above 65 %."""
     from PIL import Image
 
-    from plugins.image_datasets import read_idx
-    from plugins.pytorch_zoo import CardBackbone, CardOptions
     from sslbench.cards import load_cards
+    from sslbench_plugins.image_datasets import read_idx
+    from sslbench_plugins.pytorch_zoo import CardBackbone, CardOptions
 
     cards = {card.id: card for card in load_cards()}
     train_x = read_idx(FASHION / "train-images-idx3-ubyte.gz")[:500]
