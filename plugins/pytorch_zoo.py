@@ -18,8 +18,6 @@ from sslbench import hookimpl
 from sslbench.cards import ModelCard, backbone_entries
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Backbone, BackboneEntry
-from sslbench.weights import apply_layout, read_checkpoint, resolve_weights, verify_hash
-from sslbench.weights import load_state as load_state_strict
 
 LOADER = "pytorch"
 
@@ -63,10 +61,13 @@ class CardBackbone(Backbone):
         where = f"model {card.id}"
         if options.pretrained:
             self.model = build_architecture(card)
+            # Imported here: `sslbench plugins` and `models` need no weights machinery (cache, hashing).
+            from sslbench.weights import apply_layout, load_state, read_checkpoint, resolve_weights, verify_hash
+
             path = resolve_weights(card, options.weights)
             self.weights_sha256 = verify_hash(path, card.hash, card.id)
             state = apply_layout(read_checkpoint(path), card.layout, where)
-            load_state_strict(self.model, state, card.layout, where)
+            load_state(self.model, state, card.layout, where)
         else:
             self.model = build_architecture(card, options.init_seed)
             self.weights_sha256 = f"random-init-{options.init_seed}"

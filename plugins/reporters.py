@@ -5,15 +5,16 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
-
-from rich.console import Console
-from rich.table import Table as RichTable
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
 from sslbench.table import KNN_METRIC, metric_label, summary_tables
+
+if TYPE_CHECKING:  # rich is imported by the methods that draw: listing plugins need not load it
+    from rich.console import Console
+    from rich.table import Table as RichTable
 
 from .html_report import HTMLReporter
 
@@ -24,6 +25,9 @@ class RichReporter(Reporter):
     suffix = ".txt"
 
     def tables(self, results: Results) -> list[RichTable]:
+        from rich.table import Table as RichTable
+        from rich.text import Text
+
         out = []
         for table in summary_tables(results):
             rich_table = RichTable(title=table.dataset)
@@ -46,6 +50,8 @@ class RichReporter(Reporter):
         return out
 
     def show(self, results: Results, console: Console) -> None:
+        from rich.text import Text
+
         # The caption is a paragraph under the table, wrapped at the terminal (at most 100 columns),
         # not squeezed to the table's width as a rich caption would be.
         for rich_table, table in zip(self.tables(results), summary_tables(results), strict=True):
@@ -54,6 +60,8 @@ class RichReporter(Reporter):
             console.print()
 
     def render(self, results: Results) -> str:
+        from rich.console import Console
+
         console = Console(file=io.StringIO(), width=160, color_system=None, record=True)
         self.show(results, console)
         return console.export_text()

@@ -31,7 +31,6 @@ from sslbench.cards import ModelCard, backbone_entries
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Backbone, BackboneEntry
 from sslbench.tf_bundle import TFCheckpoint
-from sslbench.weights import download, file_digest, hub_checkpoint_dir
 
 LOADER = "simclrv2"
 BN_EPSILON = 1e-5
@@ -354,6 +353,8 @@ class SimCLRv2Options(BaseModel):
 def resolve_checkpoint(card: ModelCard, override: str | None) -> TFCheckpoint:
     """The card's TF checkpoint: the override, a copy in the torch.hub cache, or a download of its
     ``.index`` and ``.data-00000-of-00001`` files."""
+    from sslbench.weights import download, hub_checkpoint_dir  # here: listing plugins needs neither
+
     if override is not None:
         return TFCheckpoint(override)
     for source in card.weights:
@@ -389,6 +390,8 @@ class SimCLRv2Backbone(Backbone):
         if options.pretrained:
             checkpoint = resolve_checkpoint(card, options.weights)
             load_tf_checkpoint(self.model, checkpoint, "ema_model" if options.ema else "base_model")
+            from sslbench.weights import file_digest
+
             # The index holds a CRC-32C of every tensor, so its digest identifies the weights.
             self.weights_sha256 = file_digest(Path(f"{checkpoint.prefix}.index"))
         else:

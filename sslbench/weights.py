@@ -27,10 +27,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from sslbench.cache import default_cache_root
 from sslbench.cards import Layout, ModelCard, WeightsHash, WeightSource
 from sslbench.errors import SSLBenchError
-from sslbench.results import write_atomic
 
 
 def hub_checkpoint_dir() -> Path:
@@ -189,6 +187,8 @@ def digest_kind(kind: str) -> str:
 
 def digest_cache_path() -> Path:
     """``digests.json`` beside the default feature-cache folder (so it follows ``$SSLBENCH_CACHE``)."""
+    from sslbench.cache import default_cache_root  # here: plugins import this module at start-up
+
     return default_cache_root().parent / "digests.json"
 
 
@@ -257,6 +257,8 @@ def file_digests(path: Path, kinds: Iterable[str] = ("sha256",)) -> dict[str, st
             files[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, **known}
             # A read-only or full disk costs a re-hash next time, not the run.
             with contextlib.suppress(OSError):
+                from sslbench.results import write_atomic
+
                 write_atomic(cache_path, json.dumps({"version": DIGEST_CACHE_VERSION, "files": files}, indent=1))
     return {kind: known[kind] for kind in wanted}
 
