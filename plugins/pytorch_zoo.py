@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sslbench import hookimpl
-from sslbench.cards import ModelCard, backbone_entries
+from sslbench.cards import ModelCard, backbone_entries, cards_from
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Backbone, BackboneEntry
 
@@ -149,6 +149,15 @@ def _weights_summary(card: ModelCard) -> str:
         "file": "local file",
         "manual": "manual",
     }[first.kind]
+
+
+def card_backbones(source: Any, where: str = "cards") -> list[BackboneEntry]:
+    """Backbone entries for a third party's PyTorch model cards, built exactly as the bundled ones
+    (timm architecture, strict loading, the card's preprocessing): pass the folder of ``*.yaml`` card
+    files your package ships (``importlib.resources.files("mypkg") / "cards"``) or card mappings, and
+    register what it returns from your ``sslbench_register_backbones``. Card ids must not clash with
+    any other registered backbone (the loader says which plugins clash)."""
+    return backbone_entries(LOADER, CardBackbone, CardOptions, _weights_summary, cards_from(source, where))
 
 
 @hookimpl

@@ -8,7 +8,7 @@ same loader plugins. One pydantic schema, unknown keys rejected, checks every ca
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -236,13 +236,15 @@ def backbone_entries(
     build: Callable[[ModelCard, Any], Backbone],
     options: type[BaseModel],
     weights: Callable[[ModelCard], str],
+    cards: Sequence[ModelCard] | None = None,
 ) -> list[BackboneEntry]:
-    """One backbone entry per bundled card whose ``loader`` is ``loader``, named by the card's id;
-    ``build(card, options)`` makes the backbone, ``weights(card)`` says where its weights come from."""
+    """One backbone entry per card (default: the bundled registry's) whose ``loader`` is ``loader``,
+    named by the card's id; ``build(card, options)`` makes the backbone, ``weights(card)`` says where
+    its weights come from."""
     from sslbench.interfaces import BackboneEntry
 
     entries = []
-    for card in load_cards():
+    for card in load_cards() if cards is None else cards:
         if card.loader != loader:
             continue
 
@@ -262,3 +264,26 @@ def backbone_entries(
             )
         )
     return entries
+
+
+def cards_from(source: Any, where: str = "cards") -> list[ModelCard]:
+    """A third party's cards: every ``*.yaml`` card file of a folder (a path, or the
+    ``importlib.resources.files(...)`` of a package folder), or a sequence of card mappings given in
+    code; each validated by the schema, one-line errors naming ``where``."""
+    if isinstance(source, str | Path) or hasattr(source, "iterdir"):
+        folder = Path(str(source))
+        if not folder.is_dir():
+            raise SSLBenchError(f"{where}: card folder not found: {folder}")
+        return load_cards(folder)
+    cards = []
+    for index, item in enumerate(source):
+        if isinstance(item, ModelCard):
+            cards.append(item)
+            continue
+        try:
+            cards.append(ModelCard.model_validate(dict(item)))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise SSLBenchError(f"{where}[{index}]: {field}: {err['msg']}") from None
+    return cards

@@ -33,7 +33,7 @@ def test_example_plugin_in_process():
         for name, mod in (("metrics", "metrics"), ("reference", "reference_backend"))
     ]
     plugins = load_plugins(entry_points=False, extra=[*builtins, ("example_local", module)])
-    assert plugins.backbones.names() == ["pooled_pixels"]
+    assert plugins.backbones.names() == ["pooled_pixels", "resnet18.example_tv_in1k"]
     x, y = blobs(40, 4, 6, seed=5)
     results = evaluate_features(
         x[:120], y[:120], x[120:], y[120:], seeds=1, epochs=2, backend="reference", plugins=plugins
@@ -50,7 +50,10 @@ def test_installed_example_plugin_through_entry_points(tmp_path):
     proc = run_cli("plugins", "--json", cwd=tmp_path)
     listed = {p["name"]: p for p in json.loads(proc.stdout)}
     assert listed["example"]["distribution"] == "sslbench-example"
-    assert listed["example"]["registered"] == {"backbone": ["pooled_pixels"], "metric": ["purity"]}
+    assert listed["example"]["registered"] == {
+        "backbone": ["pooled_pixels", "resnet18.example_tv_in1k"],
+        "metric": ["purity"],
+    }
 
     proc = run_cli("run", str(EXAMPLE / "spec.yaml"), "--out", "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -61,3 +64,50 @@ def test_installed_example_plugin_through_entry_points(tmp_path):
         p["distribution"] for p in json.loads((tmp_path / "out" / "results.json").read_text())["environment"]["plugins"]
     }
     assert "sslbench-example" in dists
+
+
+def test_a_plugins_card_builds_and_loads_the_official_file_layout(tmp_path):
+    """The example's card goes through sslbench's own card loader: a torchvision-layout ResNet-18 file
+    loads with every tensor equal, a wrong layout fails naming keys, a bad card is one line."""
+    import torch
+    import torchvision
+
+    from sslbench.errors import SSLBenchError
+    from sslbench_plugins.pytorch_zoo import CardOptions, card_backbones
+
+    spec = importlib.util.spec_from_file_location("sslbench_example_cards", EXAMPLE / "sslbench_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (entry,) = card_backbones(module.EXAMPLE_CARDS)
+    assert entry.name == "resnet18.example_tv_in1k" and entry.feature_dim == 512 and entry.card is not None
+    torch.manual_seed(0)
+    official = torchvision.models.resnet18().state_dict()  # torchvision's own key names
+    path = tmp_path / "resnet18.pth"
+    torch.save(official, path)
+    with pytest.raises(SSLBenchError, match=r"does not match resnet18\.example_tv_in1k's sha256-prefix f37072fd"):
+        entry.factory(CardOptions(weights=str(path), crop=64))  # not the published file
+    (entry,) = card_backbones([{**module.EXAMPLE_CARDS[0], "hash": {"kind": "none"}}])
+    backbone = entry.factory(CardOptions(weights=str(path), crop=64))
+    loaded = backbone.model.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in official.items())
+    torch.save({f"module.{k}": v for k, v in official.items()}, tmp_path / "wrapped.pth")
+    with pytest.raises(SSLBenchError, match="missing from the file"):
+        entry.factory(CardOptions(weights=str(tmp_path / "wrapped.pth"), crop=64))
+    with pytest.raises(SSLBenchError, match=r"mine\[0\]: feature"):
+        card_backbones([{**module.EXAMPLE_CARDS[0], "feature": {}}], where="mine")
+
+
+def test_a_folder_of_card_files_registers_the_same_backbones(tmp_path):
+    import yaml
+
+    from sslbench.errors import SSLBenchError
+    from sslbench_plugins.pytorch_zoo import card_backbones
+
+    spec = importlib.util.spec_from_file_location("sslbench_example_folder", EXAMPLE / "sslbench_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump({"family": "example", "cards": module.EXAMPLE_CARDS}))
+    (entry,) = card_backbones(tmp_path)
+    assert entry.card == card_backbones(module.EXAMPLE_CARDS)[0].card
+    with pytest.raises(SSLBenchError, match="card folder not found"):
+        card_backbones(tmp_path / "missing")

@@ -1,4 +1,5 @@
-"""A complete third-party sslbench plugin: a backbone (``pooled_pixels``) and a metric (``purity``).
+"""A complete third-party sslbench plugin: a backbone (``pooled_pixels``), a model card
+(``resnet18.example_tv_in1k``: built by sslbench's own card loader) and a metric (``purity``).
 
 Install it with ``pip install examples/sslbench-example``; ``sslbench plugins`` then lists it and a
 spec can use ``id: pooled_pixels``. Everything it touches is sslbench's public API.
@@ -47,6 +48,32 @@ class PooledPixels(Backbone):
         return {"revision": 1}
 
 
+#: A model card shipped by this package, validated by sslbench's card schema and built exactly as the
+#: bundled cards are (timm architecture, strict loading, torchvision preprocessing). A package with many
+#: cards ships a folder of YAML card files instead and passes its path to ``card_backbones``.
+EXAMPLE_CARDS = [
+    {
+        "id": "resnet18.example_tv_in1k",
+        "family": "example",
+        "description": "torchvision ResNet-18 ImageNet-1k weights (example of a card shipped by a plugin)",
+        "architecture": {"source": "timm", "name": "resnet18", "num_classes": 1000},
+        "weights": [{"kind": "url", "url": "https://download.pytorch.org/models/resnet18-f37072fd.pth"}],
+        "hash": {"kind": "sha256-prefix", "value": "f37072fd"},
+        "layout": {},
+        "feature": {"dim": 512},
+        "preprocessing": {
+            "resize": 256,
+            "crop": 224,
+            "interpolation": "bilinear",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
+        "linear_top1": {"value": 69.758, "source": "supervised top-1, torchvision ResNet18_Weights.IMAGENET1K_V1"},
+        "license": "BSD-3-Clause",
+    }
+]
+
+
 def purity(ctx: ScoringContext) -> float:
     """Fraction of eval samples that belong to their cluster's most frequent eval class."""
     return float(ctx.eval_contingency.max(axis=1).sum() / ctx.eval_contingency.sum())
@@ -64,6 +91,11 @@ def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> No
             feature_dim=16,
         )
     )
+    # Imported here: loading the plugin stays light until backbones are registered.
+    from sslbench_plugins.pytorch_zoo import card_backbones
+
+    for entry in card_backbones(EXAMPLE_CARDS, where="sslbench_example.EXAMPLE_CARDS"):
+        register(entry)
 
 
 @hookimpl
