@@ -659,6 +659,13 @@ class TorchPCA(Reducer):
         return self._cached_projection[1], self._cached_projection[2]
 
 
+def progress_steps(options: BaseModel, epochs: int) -> tuple[int, str]:
+    """A mini-batch fit reports ``epochs`` epochs; a full-batch Lloyd fit at most ``max_iter`` iterations."""
+    if isinstance(options, TorchOptions) and options.algorithm == "lloyd":
+        return options.max_iter, "iterations"
+    return epochs, "epochs"
+
+
 @hookimpl
 def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None:
     register(
@@ -669,5 +676,6 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             description="exact PCA from a streamed covariance; scikit-learn-faithful mini-batch k-means "
             "(or Lloyd) by GEMM, CPU/GPU, torch.distributed",
             options=TorchOptions,
+            progress_steps=progress_steps,
         )
     )

@@ -281,6 +281,13 @@ class BackendEntry:
     kmeans: Callable[[ClustererConfig], Clusterer]
     description: str
     options: type[BaseModel] = NoOptions
+    #: How many times a fit calls :attr:`ClustererConfig.on_epoch` at most, and what they are, given
+    #: the validated options and the protocol's epochs (progress display only); default: the epochs.
+    progress_steps: Callable[[BaseModel, int], tuple[int, str]] | None = None
+
+    def steps(self, options: BaseModel, epochs: int) -> tuple[int, str]:
+        """``(total, unit)`` of a fit's progress: the entry's rule, or ``epochs`` epochs."""
+        return self.progress_steps(options, epochs) if self.progress_steps else (epochs, "epochs")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -319,15 +319,6 @@ def project_splits(
 # Stage: cluster one seed
 
 
-def kmeans_steps(options: BaseModel, epochs: int) -> tuple[int, str]:
-    """What a k-means fit reports through ``on_epoch``, for its progress bar: ``epochs`` epochs, or for
-    a full-batch Lloyd fit (``algorithm: lloyd``), at most ``max_iter`` iterations."""
-    max_iter = getattr(options, "max_iter", None)
-    if getattr(options, "algorithm", None) == "lloyd" and isinstance(max_iter, int):
-        return max_iter, "iterations"
-    return epochs, "epochs"
-
-
 @dataclass(frozen=True)
 class SeedPredictions:
     train_pred: np.ndarray
@@ -348,7 +339,7 @@ def cluster_seed(
     """k-means fitted on the projected train split with ``seed``; then every split predicted."""
     where = f"{plan.model}/{plan.dataset} k={point.n_clusters} seed {seed}"
     emit(Event("stage", where, name="kmeans"))
-    total, unit = kmeans_steps(plan.backend_options, point.epochs)
+    total, unit = plan.backend.steps(plan.backend_options, point.epochs)
     task = progress.task(f"k-means {where}", total, unit=unit)
     done = 0
 

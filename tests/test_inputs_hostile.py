@@ -25,7 +25,7 @@ from sslbench import SSLBenchError, evaluate_features
 from sslbench.arrays import projection_scale
 from sslbench.cache import run_scratch
 from sslbench.inputs import MAX_FEATURE_MAGNITUDE, checked_labels, checked_split, class_index
-from sslbench.pipeline import kmeans_steps, plan_protocol, run_protocol
+from sslbench.pipeline import plan_protocol, run_protocol
 from sslbench.plugins import get_plugins
 from sslbench.results import load_results, write_atomic
 from sslbench.spec import ProtocolSpec
@@ -705,8 +705,8 @@ def test_kmeans_progress_counts_what_the_algorithm_runs(tmp_path, separable, opt
     xtr, ytr, xev, yev = separable
     protocol = ProtocolSpec.model_validate({"epochs": [2], "seeds": [0], "backend_options": options})
     plugins = get_plugins()
-    backend_options = plugins.backends.get("torch").options.model_validate(options)
-    assert kmeans_steps(backend_options, 2) == (total, unit)
+    backend = plugins.backends.get("torch")
+    assert backend.steps(backend.options.model_validate(options), 2) == (total, unit)
     plan = plan_protocol(
         checked_split("train", xtr, ytr),
         checked_split("eval", xev, yev),
