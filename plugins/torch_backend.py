@@ -30,9 +30,11 @@ all-reduced, so the result matches a single-process fit up to floating-point sum
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
@@ -50,6 +52,7 @@ from sslbench.interfaces import (
     ReducerConfig,
     iter_chunks,
 )
+from sslbench.threads import available_cores, compute_threads, torch_threads
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -57,6 +60,8 @@ if TYPE_CHECKING:
 
 NAME = "torch"
 CHUNK_ROWS = 8192
+#: k·d below which bfloat16 screening is not worth its second pass over the scores.
+SCREEN_MIN_WORK = 1 << 14
 
 
 def _torch() -> ModuleType:
@@ -167,70 +172,222 @@ def _closest(x: Tensor, centers: Tensor, center_sq: Tensor) -> tuple[Tensor, Ten
     return labels, best
 
 
+#: Unit roundoffs: bfloat16 keeps 8 significant bits, float32 24.
+BF16_UNIT = 2.0**-8
+FP32_UNIT = 2.0**-24
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where a bfloat16 GEMM runs at
+    twice the float32 rate; elsewhere it is emulated and no faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+class _Nearest:
+    """The exact nearest centre of every row (ties to the lowest index) at GEMM speed, on the CPU.
+
+    Scores ``‖c‖² − 2x·c`` come from one GEMM — in bfloat16 when ``screen`` (twice the float32 rate
+    on a CPU with AVX512-BF16), else in float32 — with a rigorous bound on each row's score errors.
+    A row whose best score beats every other by more than twice its bound has its nearest centre
+    settled exactly. The few others are recomputed: in float32 when screened, then, among the
+    centres still within twice the bound, as exact float64 squared distances, computed pair by pair
+    by the same NumPy reduction whatever the batch. So the labels depend neither on the precision
+    of the products nor on which rows are computed together (a float32 GEMM rounds a row differently
+    depending on the batch's shape, and near-ties then flip): pruned, screened, chunked and plain
+    fits assign identically.
+
+    Error bounds, with ``u = 2^-24``, ``c_max`` the largest centre norm, ``‖x‖`` the row's norm: a float32
+    GEMM score is within ``(d+2)·u·(c_max² + 2‖x‖c_max)`` of the exact one (any summation order). In
+    bfloat16 (unit roundoff ``2^-8``, products exact in float32, sums in float32, the result rounded to
+    bfloat16) every product ``x·c`` is within ``e·‖x‖‖c‖`` with ``e = 4·2^-8 + 2d·u`` (generous in the
+    second-order terms), so a score within ``2e·‖x‖c_max`` plus the float32 bound. Both carry 1 %
+    slack for the rounding of the bounds themselves.
+    """
+
+    def __init__(self, centers: Tensor, center_sq: Tensor, screen: bool) -> None:
+        torch = _torch()
+        self.centers, self.center_sq = centers, center_sq
+        self.low = centers.bfloat16() if screen else None
+        self.exact_centers: np.ndarray | None = None
+        d = centers.shape[1]
+        self.c_max = float(torch.linalg.vector_norm(centers, dim=1).max())
+        e32 = 1.01 * (d + 2) * FP32_UNIT
+        #: A float32 score's error bound: ``norm_32 · ‖x‖ + const_32``.
+        self.norm_32, self.const_32 = 2 * e32 * self.c_max, e32 * self.c_max**2
+        e16 = 1.01 * (4 * BF16_UNIT + 2 * d * FP32_UNIT)
+        self.norm_16 = 2 * e16 * self.c_max + self.norm_32
+
+    def scores(self, x: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
+        """Approximate scores of every row and centre, and a bound on each row's score errors."""
+        torch = _torch()
+        if self.low is None:
+            return _scores(x, self.centers, self.center_sq), self.norm_32 * norms + self.const_32
+        approx = torch.mm(x.bfloat16(), self.low.T).float().mul_(-2.0).add_(self.center_sq)
+        return approx, self.norm_16 * norms + self.const_32
+
+    def labels(self, x: Tensor, scores: Tensor, err: Tensor, norms: Tensor) -> Tensor:
+        """The exact nearest centres, from approximate ``scores`` within ``err`` of the exact ones (rows
+        recomputed in float32 get their scores and bounds updated in place)."""
+        torch = _torch()
+        best, labels = scores.min(dim=1)
+        rows = torch.nonzero(_contenders(scores, best, err) > 1).flatten()
+        if len(rows) and self.low is not None:
+            scores[rows] = _scores(x[rows], self.centers, self.center_sq)
+            err[rows] = self.norm_32 * norms[rows] + self.const_32
+            best_rows, labels[rows] = scores[rows].min(dim=1)
+            still = _contenders(scores[rows], best_rows, err[rows]) > 1
+            rows = rows[still]
+        if len(rows):
+            within = scores[rows] <= (scores[rows].min(dim=1).values + 2 * err[rows])[:, None]
+            labels[rows] = self._exact(x[rows], within)
+        return labels
+
+    def _exact(self, x: Tensor, within: Tensor) -> Tensor:
+        """For every row, the nearest of the centres marked in ``within`` by exact float64 squared
+        distances (ties to the lowest index)."""
+        torch = _torch()
+        if self.exact_centers is None:
+            self.exact_centers = self.centers.cpu().double().numpy()
+        pair_row, pair_centre = (t.cpu().numpy() for t in torch.nonzero(within, as_tuple=True))
+        rows64 = x.cpu().double().numpy()
+        distance = np.square(rows64[pair_row] - self.exact_centers[pair_centre]).sum(axis=1)
+        order = np.lexsort((pair_centre, distance, pair_row))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = pair_row[order][1:] != pair_row[order][:-1]
+        return torch.from_numpy(pair_centre[order][first]).to(x.device)
+
+    def closest(self, x: Tensor) -> Tensor:
+        """The exact nearest centre of every row of ``x``."""
+        norms = _torch().linalg.vector_norm(x, dim=1)
+        scores, err = self.scores(x, norms)
+        return self.labels(x, scores, err, norms)
+
+
+def _contenders(scores: Tensor, best: Tensor, err: Tensor) -> Tensor:
+    """Per row, how many centres score within twice the error bound of the best (1: settled)."""
+    return (scores <= (best + 2 * err)[:, None]).sum(dim=1)
+
+
+def _nearest(x: Tensor, centers: Tensor, center_sq: Tensor, screen: bool) -> Tensor:
+    """The nearest centre of every row: exact (:class:`_Nearest`) on the CPU; on a GPU, where nothing
+    varies the batch shapes, the float32 GEMM's (without a host round trip per batch)."""
+    if x.is_cuda:
+        return _closest(x, centers, center_sq)[0]
+    return _Nearest(centers, center_sq, screen).closest(x)
+
+
+#: The k-means++ sample's Gram matrix is precomputed when it takes at most this many bytes...
+GRAM_BYTES = 1 << 30
+#: ...and costs at most this many times the per-step products' flops: those read the whole sample for
+#: a few candidate rows (memory-bound, measured ≈ 1/8 of the GEMM rate on a 2-core EPYC), where the
+#: Gram matrix is one GEMM at full rate.
+GRAM_FLOP_RATIO = 8
+
+
 def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Generator) -> Tensor:
-    """Greedy k-means++ (scikit-learn's): ``2 + ln k`` candidates per step, keep the best one."""
+    """Greedy k-means++ (scikit-learn's): ``2 + ln k`` candidates per step, keep the best one.
+
+    Candidates are sample rows, so their products with the sample are rows of the sample's Gram
+    matrix: when it is small enough and worth it, it is computed once by one GEMM, and each of the k
+    steps reads ``2 + ln k`` of its rows instead of the whole sample (a matrix-vector product bound by
+    memory bandwidth).
+    """
     torch = _torch()
     n = len(sample)
     trials = 2 + int(math.log(n_clusters))
     sq = (sample * sample).sum(dim=1)
+    gram: Tensor | None = None
+    if n * n * sample.element_size() <= GRAM_BYTES and n <= GRAM_FLOP_RATIO * n_clusters * trials:
+        gram = sample @ sample.T
+
+    def products(rows: Tensor) -> Tensor:
+        return gram[rows] if gram is not None else sample[rows] @ sample.T
+
     centers = torch.empty((n_clusters, sample.shape[1]), dtype=sample.dtype, device=sample.device)
-    first = int(torch.randint(n, (1,), generator=generator).item())
-    centers[0] = sample[first]
-    closest = (sq - 2 * sample @ sample[first] + sq[first]).clamp_min_(0)
+    first = torch.randint(n, (1,), generator=generator).to(sample.device)
+    centers[0] = sample[first[0]]
+    closest = (sq - 2 * products(first)[0] + sq[first]).clamp_min_(0)
     potential = closest.sum()
     for c in range(1, n_clusters):
         uniform = torch.rand(trials, generator=generator, dtype=torch.float64).to(sample.device)
         cumulative = torch.cumsum(closest.double(), dim=0)
         candidates = torch.searchsorted(cumulative, uniform * potential.double()).clamp_(max=n - 1)
-        cand = sample[candidates]
-        dist = (sq[None, :] - 2 * cand @ sample.T + sq[candidates][:, None]).clamp_min_(0)
+        dist = (sq[None, :] - 2 * products(candidates) + sq[candidates][:, None]).clamp_min_(0)
         updated = torch.minimum(closest[None, :], dist)
         totals = updated.sum(dim=1)
         best = int(torch.argmin(totals).item())
-        centers[c] = cand[best]
+        centers[c] = sample[candidates[best]]
         closest = updated[best]
         potential = totals[best]
     return centers
 
 
-def _closest_two(x: Tensor, centers: Tensor, center_sq: Tensor, x_sq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Nearest centre of every row, and the distances to the nearest and the second nearest
-    (``x_sq``: the rows' squared norms)."""
-    top2 = _scores(x, centers, center_sq).topk(2, dim=1, largest=False)
-    distances = (top2.values + x_sq[:, None]).clamp_min_(0).sqrt_()
-    return top2.indices[:, 0], distances[:, 0], distances[:, 1]
+def _round_down(values: Tensor) -> Tensor:
+    """float64 → float32, never above the float64 value (a lower bound stays one)."""
+    torch = _torch()
+    low = values.float()
+    above = low.double() > values
+    return torch.where(above, torch.nextafter(low, torch.tensor(-torch.inf)), low)
+
+
+def _centre_groups(centers: Tensor, n_groups: int) -> Tensor:
+    """Group of every centre: a few Lloyd iterations over the centres themselves (Yinyang k-means), so
+    that a group holds nearby centres and its lower bound stays tight."""
+    torch = _torch()
+    seeds = centers[torch.linspace(0, len(centers) - 1, n_groups).round().long()].clone()
+    groups = torch.zeros(len(centers), dtype=torch.int64)
+    for _ in range(5):
+        groups = _closest(centers, seeds, (seeds * seeds).sum(dim=1))[0]
+        sums = torch.zeros_like(seeds).index_add_(0, groups, centers)
+        sizes = torch.bincount(groups, minlength=n_groups).clamp_min(1)
+        seeds = sums / sizes[:, None].to(sums.dtype)
+    return groups
 
 
 class _Bounds:
-    """Hamerly's bounds for mini-batch k-means, per local sample, to skip provably unchanged rows.
+    """Yinyang-style bounds for mini-batch k-means, per local sample, to skip provably unchanged rows.
 
-    At a sample's last exact visit: ``upper`` = distance to its nearest centre, ``lower`` = distance to
-    the second nearest. Since then its centre moved by at most ``drift[c] − drift_at`` (a sum of that
-    centre's update movements) and any other centre by at most ``max_drift − max_drift_at`` (a sum of
-    the largest movement of each update). Centres re-seeded since the visit jumped arbitrarily far:
-    their distances are computed exactly instead (a small product), and a sample whose own centre was
-    re-seeded is computed in full. By the triangle inequality the centre is still the nearest while
-    ``upper + own drift < min(lower − any drift, distances to re-seeded centres)``; a relative margin
-    covers float32 rounding, so the labels are those of the full computation (a test compares both).
+    Centres are split into ``t`` groups of nearby centres. At a sample's last exact visit: ``upper`` =
+    distance to its nearest centre and, per group, ``lower[g]`` = distance to the group's nearest centre
+    other than that one. Since then its centre moved by at most ``drift[c] − drift_at`` (a sum of that
+    centre's update movements) and every centre of group ``g`` by at most the group's summed largest
+    movement per update (stored as ``lower[g] + group_drift[g]`` at the visit, so the current bound is
+    that minus ``group_drift[g]`` now). Centres re-seeded since the visit jumped arbitrarily far: their
+    distances are computed exactly instead (a small product), and a sample whose own centre was re-seeded
+    is computed in full. By the triangle inequality the centre is still the nearest while ``upper +
+    own drift < min over groups of the group bounds (and the distances to re-seeded centres)``; a
+    relative margin covers float32 rounding, so the labels are those of the full computation (tests
+    compare both). One far-moving centre (a starved one just re-seeded moves far on its next update)
+    weakens only its group's bound, where a single bound over all centres (Hamerly's) would lose every row.
     """
 
     MARGIN = 1e-3
+    #: At most this many groups (memory: 4 bytes per sample and group).
+    MAX_GROUPS = 64
 
-    def __init__(self, n_local: int, n_clusters: int) -> None:
+    def __init__(self, n_local: int, centers: Tensor) -> None:
         torch = _torch()
+        k = len(centers)
+        self.n_groups = max(1, min(self.MAX_GROUPS, k // 10))
+        self.group = _centre_groups(centers, self.n_groups)
         self.label = torch.full((n_local,), -1, dtype=torch.int64)
         self.upper = torch.zeros(n_local, dtype=torch.float64)
-        self.lower = torch.zeros(n_local, dtype=torch.float64)
+        self.lower = torch.zeros((n_local, self.n_groups), dtype=torch.float32)
         self.drift_at = torch.zeros(n_local, dtype=torch.float64)
-        self.max_drift_at = torch.zeros(n_local, dtype=torch.float64)
         self.visit = torch.full((n_local,), -1, dtype=torch.int64)
-        self.drift = torch.zeros(n_clusters, dtype=torch.float64)
-        self.reseeded = torch.full((n_clusters,), -1, dtype=torch.int64)
-        self.max_drift = 0.0
+        self.drift = torch.zeros(k, dtype=torch.float64)
+        self.group_drift = torch.zeros(self.n_groups, dtype=torch.float64)
+        self.reseeded = torch.full((k,), -1, dtype=torch.int64)
         self.step = 0
         self.skipped = 0
+        self.visits = 0
 
-    def labels(self, local: Tensor, x: Tensor, centers: Tensor) -> Tensor:
+    def labels(self, local: Tensor, x: Tensor, centers: Tensor, screen: bool) -> Tensor:
         """Labels of the batch rows ``x`` (local sample numbers ``local``), computing only the rows
         whose bounds do not settle them."""
         torch = _torch()
@@ -239,9 +396,10 @@ class _Bounds:
         seen = label >= 0
         own = label.clamp_min(0)
         upper = self.upper[local] + (self.drift[own] - self.drift_at[local])
-        lower = self.lower[local] - (self.max_drift - self.max_drift_at[local])
+        lower = (self.lower[local].double() - self.group_drift).min(dim=1).values
         settled = seen & (self.reseeded[own] < visit)
         x_sq = (x * x).sum(dim=1)
+        norms = x_sq.sqrt()
         if bool(seen.any()):
             jumped = torch.nonzero(self.reseeded > int(visit[seen].min())).flatten()
             if len(jumped) > len(centers) // 8:
@@ -250,30 +408,56 @@ class _Bounds:
                 settled[:] = False
             elif len(jumped):
                 moved = centers[jumped]
-                scores = _scores(x, moved, (moved * moved).sum(dim=1))
-                exact = (scores + x_sq[:, None]).clamp_min_(0).sqrt_().double()
+                near = _Nearest(moved, (moved * moved).sum(dim=1), screen=False)
+                scores, err = near.scores(x, norms)
+                slack = err.double() + 1.01 * x.shape[1] * FP32_UNIT * x_sq.double()
+                exact = (scores.double() + (x_sq.double() - slack)[:, None]).clamp_min_(0).sqrt_()
                 since = self.reseeded[jumped][None, :] > visit[:, None]
                 lower = torch.minimum(lower, torch.where(since, exact, torch.inf).min(dim=1).values)
-        norms = x_sq.sqrt().double()
-        settled &= upper <= lower - self.MARGIN * (lower.abs() + norms)
+        settled &= upper <= lower - self.MARGIN * (lower.abs() + norms.double())
         todo = torch.nonzero(~settled).flatten()
+        self.visits += len(local)
         self.skipped += len(local) - len(todo)
         if len(todo):
-            found, nearest, second = _closest_two(x[todo], centers, (centers * centers).sum(dim=1), x_sq[todo])
+            found, nearest, group_lower = self._exact(x[todo], centers, x_sq[todo], norms[todo], screen)
             rows = local[todo]
             label[todo] = found
             self.label[rows] = found
-            self.upper[rows] = nearest.double()
-            self.lower[rows] = second.double()
+            self.upper[rows] = nearest
+            self.lower[rows] = _round_down(group_lower + self.group_drift)
             self.drift_at[rows] = self.drift[found]
-            self.max_drift_at[rows] = self.max_drift
             self.visit[rows] = self.step
         return label
 
+    def _exact(
+        self, x: Tensor, centers: Tensor, x_sq: Tensor, norms: Tensor, screen: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact nearest centre of every row (:class:`_Nearest`), an upper bound on the distance to
+        it, and per group a lower bound on the distance to the group's other centres (float64)."""
+        torch = _torch()
+        center_sq = (centers * centers).sum(dim=1)
+        nearest = _Nearest(centers, center_sq, screen)
+        scores, err = nearest.scores(x, norms)
+        found = nearest.labels(x, scores, err, norms)
+        best = scores.gather(1, found[:, None])[:, 0]
+        scores.scatter_(1, found[:, None], torch.inf)
+        group_best = torch.full((len(x), self.n_groups), torch.inf).scatter_reduce_(
+            1, self.group.expand(len(x), -1), scores, "amin"
+        )
+        # Squared distance = score + ‖x‖², each within its bound (‖x‖² summed in float32).
+        slack = err.double() + 1.01 * x.shape[1] * FP32_UNIT * x_sq.double()
+        upper = (best.double() + x_sq.double() + slack).clamp_min_(0).sqrt_()
+        group_lower = (group_best.double() + (x_sq.double() - slack)[:, None]).clamp_min_(0).sqrt_()
+        return found, upper, group_lower
+
     def moved(self, movement: Tensor) -> None:
         """One update moved every centre by at most ``movement``."""
-        self.drift += movement.double().cpu()
-        self.max_drift += float(movement.max())
+        torch = _torch()
+        movement = movement.double().cpu()
+        self.drift += movement
+        self.group_drift += torch.zeros(self.n_groups, dtype=torch.float64).scatter_reduce_(
+            0, self.group, movement, "amax"
+        )
         self.step += 1
 
     def reseed(self, jumped: Tensor) -> None:
@@ -296,9 +480,16 @@ class TorchOptions(BaseModel):
         description="minibatch: skip distance products for rows whose centre provably stays the nearest "
         "(triangle-inequality bounds; same assignments); null = on for the CPU, off on a GPU",
     )
-    pca_precision: Literal["float64", "float32"] = Field(
-        "float64",
-        description="arithmetic of the covariance products: float64 (exact) or float32 (2× faster on CPU)",
+    screen: bool | None = Field(
+        None,
+        description="nearest centres from bfloat16 products, float32 only for rows they cannot settle (the "
+        "same labels as float32, proven by an error bound); null = on for a CPU with native bfloat16",
+    )
+    pca_precision: Literal["float32", "float64"] = Field(
+        "float32",
+        description="arithmetic of each chunk's covariance product (chunks are centred and summed in float64): "
+        "float32 (2× faster on CPU; explained variances within 1e-5 relative of scikit-learn's float64 PCA, "
+        "benchmarks/clustering_engine.py) or float64",
     )
 
 
@@ -311,6 +502,11 @@ class TorchKMeans(Clusterer):
         self.centers: Tensor | None = None
 
     def fit(self, features: np.ndarray) -> None:
+        cfg = self.config
+        with torch_threads(2 * cfg.batch_size * cfg.n_clusters * features.shape[1]):
+            self._fit(features)
+
+    def _fit(self, features: np.ndarray) -> None:
         torch = _torch()
         stream = RowReader(features)
         reader = _DeviceRows(stream, self.device)
@@ -357,7 +553,8 @@ class TorchKMeans(Clusterer):
         # Counts by index_add of ones: torch.bincount on CUDA reads the largest label back to the host.
         ones = torch.ones(cfg.batch_size, dtype=torch.float64, device=device)
         prune = self.options.prune if self.options.prune is not None else device == "cpu"
-        bounds = _Bounds(ranks.n_local, k) if prune and not on_device and k > 1 else None
+        bounds = _Bounds(ranks.n_local, centers) if prune and not on_device and k > 1 else None
+        screen = self._screen(reader.dims)
         for _ in range(cfg.epochs):
             order = torch.randperm(ranks.n_total, generator=generator)
             order_on_device = order.to(device) if on_device else order
@@ -375,9 +572,9 @@ class TorchKMeans(Clusterer):
                     x = reader.gather(local) if len(local) else None
                 if x is not None:
                     if bounds is not None:
-                        labels = bounds.labels(torch.from_numpy(local), x, centers)
+                        labels = bounds.labels(torch.from_numpy(local), x, centers, screen)
                     else:
-                        labels, _ = _closest(x, centers, (centers * centers).sum(dim=1))
+                        labels = _nearest(x, centers, (centers * centers).sum(dim=1), screen)
                     sums.index_add_(0, labels, x)
                     batch_counts.index_add_(0, labels, ones[: len(labels)])
                 ranks.sum_(sums)
@@ -406,6 +603,13 @@ class TorchKMeans(Clusterer):
                 cfg.on_epoch()
         self.pruned_rows = bounds.skipped if bounds is not None else 0
         return centers
+
+    def _screen(self, dims: int) -> bool:
+        """Whether nearest centres are screened by bfloat16 products (see :class:`_Screen`): by default on
+        a CPU that multiplies bfloat16 natively, for products large enough to be worth a second pass."""
+        if self.options.screen is not None:
+            return self.options.screen
+        return self.device == "cpu" and cpu_has_bf16() and self.config.n_clusters * dims >= SCREEN_MIN_WORK
 
     def _reassign(
         self,
@@ -529,15 +733,21 @@ class TorchKMeans(Clusterer):
         return list(zip(rows[top].to(self.device), labels[top].tolist(), strict=True))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        torch = _torch()
         if self.centers is None:
             raise RuntimeError("TorchKMeans.predict called before fit")
+        with torch_threads(2 * self.options.chunk_rows * self.centers.numel()):
+            return self._predict(features)
+
+    def _predict(self, features: np.ndarray) -> np.ndarray:
+        torch = _torch()
+        assert self.centers is not None
         reader = RowReader(features)
         center_sq = (self.centers * self.centers).sum(dim=1)
+        screen = self._screen(reader.dims)
         out = np.empty(len(reader), dtype=np.int64)
         for rows in iter_chunks(len(reader), self.options.chunk_rows):
             x = torch.from_numpy(reader.rows(rows)).to(self.device)
-            out[rows] = _closest(x, self.centers, center_sq)[0].cpu().numpy()
+            out[rows] = _nearest(x, self.centers, center_sq, screen).cpu().numpy()
         reader.release()
         return out
 
@@ -566,16 +776,10 @@ class TorchPCA(Reducer):
         del first
         total = np.zeros(d)
         if self.device == "cpu":
-            scatter = np.zeros((d, d))
-            for rows in iter_chunks(n, CHUNK_ROWS):
-                x = reader.rows(rows).astype(self.dtype) - shift.astype(self.dtype)
-                if exponent:
-                    x = np.ldexp(x, exponent)
-                total += x.sum(axis=0, dtype=np.float64)
-                scatter += self._upper_gram(x)
-                if self.on_rows:
-                    self.on_rows(rows.stop - rows.start)
-            scatter = np.triu(scatter) + np.triu(scatter, 1).T
+            from threadpoolctl import threadpool_limits  # scipy's BLAS has its own thread pool
+
+            with threadpool_limits(compute_threads(CHUNK_ROWS * d * d, available_cores()), user_api="blas"):
+                scatter = self._host_scatter(reader, shift, total, exponent)
         else:
             scatter = self._device_scatter(reader, shift, total, exponent)
         reader.release()
@@ -598,6 +802,22 @@ class TorchPCA(Reducer):
         self.components = np.ascontiguousarray((vectors * signs).T)
         self.explained_variance = np.clip(values, 0.0, None)
         self.mean = shift + centred
+
+    def _host_scatter(self, reader: RowReader, shift: np.ndarray, total: np.ndarray, exponent: int) -> np.ndarray:
+        """``Σ (x − shift)ᵀ(x − shift)`` over chunks of rows, each chunk's product in the arithmetic of
+        :attr:`dtype` and the sum of the chunks in float64, adding ``Σ (x − shift)`` into ``total``."""
+        scatter = np.zeros((reader.dims, reader.dims))
+        centre = shift.astype(self.dtype)
+        for rows in iter_chunks(len(reader), CHUNK_ROWS):
+            x = reader.rows(rows, as_float32=False).astype(self.dtype, copy=False)
+            x = np.subtract(x, centre, dtype=self.dtype)
+            if exponent:
+                x = np.ldexp(x, exponent, out=x)
+            total += x.sum(axis=0, dtype=np.float64)
+            scatter += self._upper_gram(x)
+            if self.on_rows:
+                self.on_rows(rows.stop - rows.start)
+        return np.triu(scatter) + np.triu(scatter, 1).T
 
     @staticmethod
     def _upper_gram(x: np.ndarray) -> np.ndarray:
@@ -640,7 +860,8 @@ class TorchPCA(Reducer):
         torch = _torch()
         weights, offset = self._projection(n_components, whiten)
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
-        return (x @ weights - offset).cpu().numpy()
+        with torch_threads(2 * weights.numel() * len(rows)):
+            return (x @ weights - offset).cpu().numpy()
 
     def _projection(self, n: int, whiten: bool) -> tuple[Tensor, Tensor]:
         """``(W, b)`` with ``x @ W − b`` the projection; built once per (n, whiten), not per chunk."""

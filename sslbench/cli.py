@@ -475,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)  # --help and --version end here, before any heavy import
 
+    from sslbench.threads import prefer_sleeping_threads
+
+    prefer_sleeping_threads()  # before torch is imported, or OpenMP never reads it
+
     from sslbench.plugins import get_plugins
 
     def terminate(signum: int, frame: object) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 from sslbench.arrays import RowReader
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import iter_chunks
+from sslbench.threads import torch_threads
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -140,7 +141,8 @@ def nearest_neighbours(
     sims_out = np.empty((len(evals), k), dtype=np.float32)
     index_out = np.empty((len(evals), k), dtype=np.int64)
     try:
-        with _exact_float32(), torch.no_grad():
+        work = 2 * min(eval_chunk, len(evals)) * min(train_chunk, len(train)) * train.dims
+        with _exact_float32(), torch.no_grad(), torch_threads(work):
             for erows in iter_chunks(len(evals), eval_chunk):
                 queries = torch.from_numpy(normalized_rows(evals, erows)).to(device)
                 # Candidates: [running best (width columns) | keys of the new train chunk].

@@ -13,6 +13,10 @@ from sslbench.plugins import Plugins, load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 
+# As the CLI does (sslbench.threads): OpenMP threads sleep rather than spin while they wait, so tests
+# on a shared, loaded machine do not slow to a crawl. Before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Every test, and every CLI subprocess a test starts, uses a private feature cache.
 # (a sub-folder, as the weights-digest cache lives beside the feature cache)
 os.environ["SSLBENCH_CACHE"] = str(Path(tempfile.mkdtemp(prefix="sslbench-test-cache-")) / "features")

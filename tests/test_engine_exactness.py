@@ -1,0 +1,161 @@
+"""The fast paths of the torch k-means change no assignment: bfloat16 screening and Yinyang bounds
+against the plain float32 GEMM, on generated hostile data (near-ties, duplicates, scales)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sslbench.interfaces import ClustererConfig
+from sslbench.threads import SMALL_WORK, _cgroup_quota, available_cores, compute_threads, torch_threads
+from sslbench_plugins.torch_backend import (
+    TorchKMeans,
+    TorchOptions,
+    _Bounds,
+    _closest,
+    _Nearest,
+    _round_down,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@st.composite
+def hostile_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """Centres, and rows on the hyperplanes between pairs of them (ties up to rounding), copies of
+    centres, duplicated centres, zero rows and ordinary rows, at one of many scales."""
+    k = draw(st.integers(2, 24))
+    d = draw(st.integers(1, 48))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = 2.0 ** draw(st.integers(-30, 30))
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * scale
+    if draw(st.booleans()):
+        centers[rng.integers(k)] = centers[rng.integers(k)]  # duplicated centre: exact ties
+    pairs = rng.integers(0, k, size=(64, 2))
+    t = rng.uniform(0.0, 1.0, size=(64, 1))
+    midpoints = 0.5 * (centers[pairs[:, 0]] + centers[pairs[:, 1]])
+    jitter = rng.normal(size=midpoints.shape) * scale * 10.0 ** draw(st.integers(-9, -2))
+    rows = np.concatenate(
+        [
+            midpoints + jitter,
+            t * centers[pairs[:, 0]] + (1 - t) * centers[pairs[:, 1]],
+            centers,
+            np.zeros((2, d)),
+            rng.normal(size=(32, d)) * scale,
+        ]
+    )
+    return rows.astype(np.float32), centers.astype(np.float32)
+
+
+@SETTINGS
+@given(hostile_rows())
+def test_bfloat16_screening_gives_the_float32_labels(case):
+    rows, centers = (torch.from_numpy(a) for a in case)
+    center_sq = (centers * centers).sum(dim=1)
+    plain = _closest(rows, centers, center_sq)[0]
+    exact = _Nearest(centers, center_sq, screen=False).closest(rows)
+    screened = _Nearest(centers, center_sq, screen=True).closest(rows)
+    assert torch.equal(screened, exact)
+    # The exact labels are those of float64 squared distances (ties to the lowest index)...
+    distance = ((rows.double()[:, None, :] - centers.double()[None]) ** 2).sum(dim=2)
+    reference = distance.min(dim=1)
+    assert bool((distance.gather(1, exact[:, None])[:, 0] == reference.values).all())
+    # ...and the float32 GEMM's wherever its own rounding does not decide.
+    assert int((exact != plain).sum()) <= int((screened != plain).sum())
+
+
+@SETTINGS
+@given(hostile_rows())
+def test_screened_scores_are_within_their_error_bound(case):
+    rows, centers = (torch.from_numpy(a) for a in case)
+    center_sq = (centers * centers).sum(dim=1)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    scores, err = _Nearest(centers, center_sq, screen=True).scores(rows, norms)
+    exact = (centers.double() ** 2).sum(dim=1)[None, :] - 2 * rows.double() @ centers.double().T
+    assert bool(((scores.double() - exact.double()).abs() <= err.double()[:, None]).all())
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    k=st.integers(2, 40),
+    duplicates=st.booleans(),
+    ratio=st.sampled_from([0.0, 0.01, 0.5]),
+)
+def test_pruned_and_screened_fits_equal_the_plain_fit(seed, k, duplicates, ratio):
+    """Centres bit for bit, across Yinyang bounds and bfloat16 screening, with duplicate rows (duplicate
+    centres, exact ties) and re-seeding all along."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(6, 12)) * 4)[rng.integers(0, 6, 600)] + rng.normal(size=(600, 12))
+    if duplicates:
+        x[::3] = x[0]
+    x = x.astype(np.float32)
+    fits = {}
+    for prune, screen in [(False, False), (True, False), (False, True), (True, True)]:
+        options = TorchOptions(prune=prune, screen=screen, reassignment_ratio=ratio)
+        kmeans = TorchKMeans(ClustererConfig(k, 6, 64, seed % 1000, options=options))
+        kmeans.fit(x)
+        fits[prune, screen] = kmeans
+    plain = fits[False, False]
+    for kmeans in fits.values():
+        assert torch.equal(kmeans.centers, plain.centers)
+        assert np.array_equal(kmeans.predict(x), plain.predict(x))
+
+
+def test_yinyang_bounds_settle_most_rows_once_centres_settle():
+    """On separated blobs, after the first epochs, the group bounds skip most rows (the point of them)."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(40, 32)) * 6)[rng.integers(0, 40, 8000)] + rng.normal(size=(8000, 32))
+    kmeans = TorchKMeans(ClustererConfig(40, 12, 512, 0, options=TorchOptions(prune=True, screen=False)))
+    kmeans.fit(x.astype(np.float32))
+    assert kmeans.pruned_rows > 0.5 * 12 * len(x)
+
+
+@SETTINGS
+@given(st.lists(st.floats(-1e30, 1e30, allow_nan=False), min_size=1, max_size=50))
+def test_round_down_never_rounds_up(values):
+    exact = torch.tensor(values, dtype=torch.float64)
+    low = _round_down(exact)
+    assert low.dtype == torch.float32
+    assert bool((low.double() <= exact).all())
+    assert bool((exact - low.double() <= exact.abs() * 2**-23 + 2**-149).all())
+
+
+def test_centre_groups_cover_every_centre():
+    centers = torch.randn(300, 8)
+    bounds = _Bounds(10, centers)
+    assert bounds.n_groups == 30
+    assert bounds.group.shape == (300,)
+    assert int(bounds.group.min()) >= 0 and int(bounds.group.max()) < 30
+
+
+def test_small_products_run_on_one_thread_and_large_ones_on_at_most_the_available_cores():
+    assert compute_threads(SMALL_WORK - 1, 8) == 1
+    assert compute_threads(SMALL_WORK, 1) == 1  # the user's choice of one thread stands
+    assert compute_threads(SMALL_WORK, 10_000) == available_cores()
+    before = torch.get_num_threads()
+    with torch_threads(10.0) as inside:
+        assert inside == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000"}, None),
+        ({"cpu.max": "150000 100000"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, 2.0),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota_is_read_from_either_cgroup_version(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert _cgroup_quota(tmp_path) == expected
