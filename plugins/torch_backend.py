@@ -52,7 +52,7 @@ from sslbench.interfaces import (
     ReducerConfig,
     iter_chunks,
 )
-from sslbench.threads import available_cores, compute_threads, torch_threads
+from sslbench.threads import torch_threads
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -327,6 +327,23 @@ def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Gen
     return centers
 
 
+#: Column blocks of the PCA's Gram products are at least this wide (narrower GEMMs lose their rate).
+GRAM_BLOCK = 512
+
+
+def _upper_gram(x: Tensor, out: Tensor) -> None:
+    """The upper block triangle of ``xᵀx`` into ``out`` (the rest is left as it was): one GEMM per
+    block row of columns, ``(d/b + 1)/(2d/b)`` of a full product's flops (0.625 of it for 4 blocks),
+    through torch's BLAS and thread pool — scipy's ``syrk`` halves the flops but runs on its own
+    pool, whose threads spin for cores a competing process holds (6.6× slower under load)."""
+    d = x.shape[1]
+    blocks = max(1, min(4, d // GRAM_BLOCK))
+    width = -(-d // blocks)
+    for start in range(0, d, width):
+        stop = min(start + width, d)
+        _torch().mm(x[:, start:stop].T, x[:, start:], out=out[start:stop, start:])
+
+
 def _round_down(values: Tensor) -> Tensor:
     """float64 → float32, never above the float64 value (a lower bound stays one)."""
     torch = _torch()
@@ -379,6 +396,7 @@ class _Bounds:
         self.upper = torch.zeros(n_local, dtype=torch.float64)
         self.lower = torch.zeros((n_local, self.n_groups), dtype=torch.float32)
         self.drift_at = torch.zeros(n_local, dtype=torch.float64)
+        self.sq = torch.zeros(n_local, dtype=torch.float32)
         self.visit = torch.full((n_local,), -1, dtype=torch.int64)
         self.drift = torch.zeros(k, dtype=torch.float64)
         self.group_drift = torch.zeros(self.n_groups, dtype=torch.float64)
@@ -398,7 +416,13 @@ class _Bounds:
         upper = self.upper[local] + (self.drift[own] - self.drift_at[local])
         lower = (self.lower[local].double() - self.group_drift).min(dim=1).values
         settled = seen & (self.reseeded[own] < visit)
-        x_sq = (x * x).sum(dim=1)
+        # Squared norms are computed at a row's first visit and kept: a pass over the batch saved.
+        x_sq = self.sq[local]
+        unseen = torch.nonzero(~seen).flatten()
+        if len(unseen):
+            fresh = x[unseen]
+            x_sq[unseen] = (fresh * fresh).sum(dim=1)
+            self.sq[local[unseen]] = x_sq[unseen]
         norms = x_sq.sqrt()
         if bool(seen.any()):
             jumped = torch.nonzero(self.reseeded > int(visit[seen].min())).flatten()
@@ -500,6 +524,9 @@ class TorchKMeans(Clusterer):
         self.options = options if isinstance(options, TorchOptions) else TorchOptions()
         self.device = _resolve(config.device)
         self.centers: Tensor | None = None
+        #: Rows whose bounds settled them without a product: in all, and per epoch (mini-batch).
+        self.pruned_rows = 0
+        self.pruned_per_epoch: list[int] = []
 
     def fit(self, features: np.ndarray) -> None:
         cfg = self.config
@@ -554,6 +581,7 @@ class TorchKMeans(Clusterer):
         ones = torch.ones(cfg.batch_size, dtype=torch.float64, device=device)
         prune = self.options.prune if self.options.prune is not None else device == "cpu"
         bounds = _Bounds(ranks.n_local, centers) if prune and not on_device and k > 1 else None
+        self.pruned_per_epoch = []
         screen = self._screen(reader.dims)
         for _ in range(cfg.epochs):
             order = torch.randperm(ranks.n_total, generator=generator)
@@ -599,6 +627,8 @@ class TorchKMeans(Clusterer):
                     jumps = self._reassign(reader, ranks, centers, counts, batch, x, generator)
                     if bounds is not None and jumps is not None:
                         bounds.reseed(jumps > 0)
+            if bounds is not None:
+                self.pruned_per_epoch.append(bounds.skipped - sum(self.pruned_per_epoch))
             if cfg.on_epoch:
                 cfg.on_epoch()
         self.pruned_rows = bounds.skipped if bounds is not None else 0
@@ -776,9 +806,7 @@ class TorchPCA(Reducer):
         del first
         total = np.zeros(d)
         if self.device == "cpu":
-            from threadpoolctl import threadpool_limits  # scipy's BLAS has its own thread pool
-
-            with threadpool_limits(compute_threads(CHUNK_ROWS * d * d, available_cores()), user_api="blas"):
+            with torch_threads(CHUNK_ROWS * d * d):
                 scatter = self._host_scatter(reader, shift, total, exponent)
         else:
             scatter = self._device_scatter(reader, shift, total, exponent)
@@ -806,7 +834,10 @@ class TorchPCA(Reducer):
     def _host_scatter(self, reader: RowReader, shift: np.ndarray, total: np.ndarray, exponent: int) -> np.ndarray:
         """``Σ (x − shift)ᵀ(x − shift)`` over chunks of rows, each chunk's product in the arithmetic of
         :attr:`dtype` and the sum of the chunks in float64, adding ``Σ (x − shift)`` into ``total``."""
-        scatter = np.zeros((reader.dims, reader.dims))
+        torch = _torch()
+        d = reader.dims
+        scatter = torch.zeros((d, d), dtype=torch.float64)
+        gram = torch.zeros((d, d), dtype=torch.float32 if self.dtype == np.float32 else torch.float64)
         centre = shift.astype(self.dtype)
         for rows in iter_chunks(len(reader), CHUNK_ROWS):
             x = reader.rows(rows, as_float32=False).astype(self.dtype, copy=False)
@@ -814,20 +845,12 @@ class TorchPCA(Reducer):
             if exponent:
                 x = np.ldexp(x, exponent, out=x)
             total += x.sum(axis=0, dtype=np.float64)
-            scatter += self._upper_gram(x)
+            _upper_gram(torch.from_numpy(x), out=gram)
+            scatter += gram
             if self.on_rows:
                 self.on_rows(rows.stop - rows.start)
-        return np.triu(scatter) + np.triu(scatter, 1).T
-
-    @staticmethod
-    def _upper_gram(x: np.ndarray) -> np.ndarray:
-        """``xᵀx`` in the arithmetic of ``x`` by BLAS ``syrk``; only its upper triangle is valid."""
-        from scipy.linalg.blas import dsyrk, ssyrk
-
-        syrk = dsyrk if x.dtype == np.float64 else ssyrk
-        # x.T of a C-ordered x is Fortran-ordered, so BLAS reads it in place; syrk fills the
-        # upper triangle of (x.T)(x.T)ᵀ = xᵀx with half the flops of a GEMM.
-        return syrk(1.0, x.T, trans=0)
+        upper = scatter.triu()
+        return (upper + scatter.triu(1).T).numpy()
 
     def _device_scatter(self, reader: RowReader, shift: np.ndarray, total: np.ndarray, exponent: int) -> np.ndarray:
         """``Σ (x − shift)ᵀ(x − shift)`` accumulated on the device (float32 rows cast there), adding
