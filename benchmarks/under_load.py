@@ -131,7 +131,8 @@ def main() -> None:
             ratio = loaded[name] / idle[name]
             worst = max(worst, ratio)
             print(
-                f"  {name:<48} {idle[name]:7.3f} | {loaded[name]:7.3f} | {ratio:5.2f}×  {'met' if ratio <= TARGET else 'MISSED'}"
+                f"  {name:<48} {idle[name]:7.3f} | {loaded[name]:7.3f} | {ratio:5.2f}×  "
+                f"{'met' if ratio <= TARGET else 'MISSED'}"
             )
         print(f"  worst stage: {worst:.2f}×   ({'met' if worst <= TARGET else 'MISSED'})")
 
