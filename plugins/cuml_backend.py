@@ -1,4 +1,4 @@
-"""The ``cuml`` backend (optional extra ``sslbench[gpu]``): RAPIDS cuML PCA and KMeans on a GPU.
+"""The ``cuml`` backend: RAPIDS cuML PCA and KMeans on a GPU (extras ``gpu-cu12`` / ``gpu-cu13``, per CUDA major).
 
 Features move to the GPU in row chunks (cupy arrays): PCA is cuML's ``IncrementalPCA``
 (``partial_fit`` per chunk, all components, truncated per ``pca_dims`` like the reference backend);
@@ -32,13 +32,29 @@ NAME = "cuml"
 CHUNK_ROWS = 65536
 
 
+def gpu_extra(cuda_version: str | None) -> str:
+    """The extra whose cupy and cuML wheels match a CUDA version (torch's ``torch.version.cuda``;
+    ``gpu-cu12`` when unknown or older)."""
+    major = (cuda_version or "").split(".")[0]
+    return "gpu-cu13" if major == "13" else "gpu-cu12"
+
+
+def _torch_cuda() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
+
+
 def _gpu_modules() -> tuple[Any, Any]:
     try:
         import cuml
         import cupy
     except ImportError:
         raise SSLBenchError(
-            "backend 'cuml' needs RAPIDS cuML and cupy on a CUDA machine: pip install 'sslbench[gpu]'"
+            "backend 'cuml' needs RAPIDS cuML and cupy on a CUDA machine: "
+            f"pip install 'sslbench[{gpu_extra(_torch_cuda())}]'"
         ) from None
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:

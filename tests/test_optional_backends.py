@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,5 +43,28 @@ def test_faiss_backend_clusters_and_projects_like_the_others():
 
 @pytest.mark.skipif(importlib.util.find_spec("cuml") is not None, reason="cuML is installed here")
 def test_cuml_backend_says_what_is_missing(split_blobs):
-    with pytest.raises(SSLBenchError, match=r"backend 'cuml' needs RAPIDS cuML and cupy .*sslbench\[gpu\]"):
+    import torch
+
+    extra = "gpu-cu13" if (torch.version.cuda or "").startswith("13") else "gpu-cu12"
+    with pytest.raises(SSLBenchError, match=rf"backend 'cuml' needs RAPIDS cuML and cupy .*sslbench\[{extra}\]"):
         evaluate_features(*split_blobs, backend="cuml", seeds=1, epochs=1)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "extra"), [("13.0", "gpu-cu13"), ("12.8", "gpu-cu12"), ("11.8", "gpu-cu12"), (None, "gpu-cu12")]
+)
+def test_the_gpu_extra_follows_the_cuda_major_of_torch(cuda, extra):
+    from sslbench_plugins.cuml_backend import gpu_extra
+
+    assert gpu_extra(cuda) == extra
+
+
+def test_every_gpu_extra_pins_one_cuda_major():
+    tomllib = pytest.importorskip("tomllib")
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for major in ("12", "13"):
+        packages = " ".join(extras[f"gpu-cu{major}"])
+        assert f"cupy-cuda{major}x" in packages and f"cuml-cu{major}" in packages
