@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sslbench.interfaces import ClustererConfig
 from sslbench.threads import SMALL_WORK, _cgroup_quota, available_cores, compute_threads, torch_threads
+from sslbench_plugins import torch_backend
 from sslbench_plugins.torch_backend import (
     TorchKMeans,
     TorchOptions,
@@ -18,6 +19,7 @@ from sslbench_plugins.torch_backend import (
     _closest,
     _Nearest,
     _round_down,
+    kmeans_plus_plus,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -159,3 +161,14 @@ def test_cgroup_cpu_quota_is_read_from_either_cgroup_version(tmp_path, files, ex
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text + "\n")
     assert _cgroup_quota(tmp_path) == expected
+
+
+def test_kmeans_plus_plus_picks_the_same_centres_from_the_distance_matrix(monkeypatch):
+    """The precomputed distance matrix is a speed-up only: on blobs both ways choose the same rows."""
+    rng = np.random.default_rng(5)
+    sample = torch.from_numpy((rng.normal(size=(30, 16)) * 5)[rng.integers(0, 30, 900)] + rng.normal(size=(900, 16)))
+    sample = sample.float()
+    with_matrix = kmeans_plus_plus(sample, 40, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(torch_backend, "GRAM_BYTES", 0)
+    without = kmeans_plus_plus(sample, 40, torch.Generator().manual_seed(3))
+    assert torch.equal(with_matrix, without)
