@@ -292,33 +292,32 @@ GRAM_FLOP_RATIO = 8
 def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Generator) -> Tensor:
     """Greedy k-means++ (scikit-learn's): ``2 + ln k`` candidates per step, keep the best one.
 
-    Candidates are sample rows, so their squared distances to the sample are rows of the sample's
-    distance matrix: when it is small enough and worth it, it is computed once (one GEMM, at full
-    rate on every core), and each of the k steps reads ``2 + ln k`` of its rows instead of
-    multiplying the whole sample (a matrix-vector product bound by memory bandwidth). The steps
-    themselves are small, sequential, and run on one thread.
+    Candidates are sample rows, so their products with the sample are rows of the sample's Gram
+    matrix: when it is small enough and worth it, it is computed once (one GEMM, at full rate on
+    every core), and each of the k steps reads ``2 + ln k`` of its rows instead of multiplying the
+    whole sample (a matrix-vector product bound by memory bandwidth). The steps themselves are small,
+    sequential, and run on one thread.
     """
     torch = _torch()
     n = len(sample)
     trials = 2 + int(math.log(n_clusters))
     sq = (sample * sample).sum(dim=1)
-    distances: Tensor | None = None
+    gram: Tensor | None = None
     if n * n * sample.element_size() <= GRAM_BYTES and n <= GRAM_FLOP_RATIO * n_clusters * trials:
         with torch_threads(2 * n * n * sample.shape[1]):
-            distances = torch.mm(sample, sample.T).mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
+            gram = torch.mm(sample, sample.T)
 
     def to_sample(rows: Tensor) -> Tensor:
         """Squared distances of the sample rows ``rows`` to every sample row."""
-        if distances is not None:
-            return distances[rows]
-        return (sq[None, :] - 2 * sample[rows] @ sample.T + sq[rows][:, None]).clamp_min_(0)
+        products = gram[rows] if gram is not None else sample[rows] @ sample.T
+        return products.mul_(-2.0).add_(sq[None, :]).add_(sq[rows][:, None]).clamp_min_(0)
 
     centers = torch.empty((n_clusters, sample.shape[1]), dtype=sample.dtype, device=sample.device)
     first = torch.randint(n, (1,), generator=generator).to(sample.device)
     centers[0] = sample[first[0]]
     closest = to_sample(first)[0]
     potential = closest.sum()
-    with torch_threads(0 if distances is not None else 2 * trials * n * sample.shape[1]):
+    with torch_threads(0 if gram is not None else 2 * trials * n * sample.shape[1]):
         for c in range(1, n_clusters):
             uniform = torch.rand(trials, generator=generator, dtype=torch.float64).to(sample.device)
             cumulative = torch.cumsum(closest.double(), dim=0)

@@ -89,13 +89,13 @@ class RowReader:
             if self.array.dtype == np.float32:
                 return np.take(self.array, index, axis=0)  # faster than fancy indexing, and contiguous
             return np.ascontiguousarray(self.array[index], dtype=np.float32)
-        runs: list[tuple[int, int]] = []
-        for row in index.tolist():
-            if runs and runs[-1][0] + runs[-1][1] == row:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((row, 1))
-        return self._read(runs, len(index))
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) == 0:
+            return self._read([], 0)
+        starts = np.flatnonzero(np.diff(index) != 1) + 1  # where a run of consecutive rows begins
+        firsts = index[np.concatenate([[0], starts])]
+        counts = np.diff(np.concatenate([[0], starts, [len(index)]]))
+        return self._read(list(zip(firsts.tolist(), counts.tolist(), strict=True)), len(index))
 
 
 def available_memory_bytes() -> int | None:

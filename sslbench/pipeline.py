@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from sslbench.arrays import RowReader, RowWriter, projection_scale
+from sslbench.arrays import RowReader, RowWriter, available_memory_bytes, projection_scale
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, Event, ignore
 from sslbench.inputs import (
@@ -263,6 +263,30 @@ def project_to_file(
     return writer.finish(), max_abs
 
 
+#: Projections of at most this many bytes in all are read into memory once per protocol point:
+#: k-means gathers random rows every batch, and from memory that is a copy, from the file a system
+#: call per run of rows. Larger ones (ImageNet's: 10 GB) stay memory-mapped files, read in bounded memory.
+IN_MEMORY_PROJECTIONS = 1 << 30
+
+
+def in_memory_if_small(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """``arrays`` (memory maps of projection files) copied into memory when they are small enough in
+    all, and take at most a quarter of the memory still available."""
+    total = sum(int(a.nbytes) for a in arrays)
+    available = available_memory_bytes()
+    if total > IN_MEMORY_PROJECTIONS or (available is not None and total > available // 4):
+        return arrays
+    copies = []
+    for array in arrays:
+        reader = RowReader(array)
+        try:
+            rows = reader.rows(slice(0, len(reader)), as_float32=False)
+            copies.append(rows.copy() if np.shares_memory(rows, array) else rows)
+        finally:
+            reader.release()
+    return copies
+
+
 def rescale_projection(projection: np.ndarray, exponent: int, path: Path, name: str) -> np.ndarray:
     """The projection file ``path`` (memory-mapped as ``projection``) multiplied by ``2**exponent``,
     exactly, in row chunks; returns the new memory map."""
@@ -312,6 +336,7 @@ def project_splits(
         arrays = [rescale_projection(z, exponent, path, name) for z, _, path, name in projected]
     else:
         arrays = [z for z, _, _, _ in projected]
+    arrays = in_memory_if_small(arrays)
     return Projected(n, arrays[0], arrays[1], tuple(arrays[2:]), fitted.fit_s + time.perf_counter() - started)
 
 
