@@ -15,8 +15,9 @@ import itertools
 import os
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +48,9 @@ class ExtractionSettings:
     commit_every: int = 20
     #: How messages name the backbone's code when it fails: ``backbone 'x' (plugin p, dist d 1.0)``.
     owner: str = "the backbone"
+    #: ``exact``: every image decoded in full; ``reduced``: JPEGs decoded at a reduced DCT scale down to
+    #: the backbone's :meth:`~sslbench.interfaces.Backbone.decode_side` (an approximation, checked).
+    decode: Literal["exact", "reduced"] = "exact"
 
 
 @dataclass
@@ -59,6 +63,9 @@ class Extracted:
     from_cache: bool = False
     #: (rows with NaN or inf, first such row) when counted while writing the features; None: unknown.
     nonfinite: tuple[int, int] | None = None
+    #: With ``decode: reduced``: how far the features are from the exact decode's, on a sample of the
+    #: split (see :func:`decode_check`); ``None`` with the exact decode.
+    decode_check: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +105,67 @@ def _barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Cores: decode workers and compute threads
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or ``taskset``'s limit),
+    else every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def extraction_pool(
+    workers: int, device: str, cores: int | None = None, threads: int | None = None
+) -> tuple[int, int | None]:
+    """``(DataLoader workers, torch compute threads)`` for an extraction on ``device``.
+
+    On a GPU the spec's workers decode while the device computes: they are kept, and torch's threads
+    are left as they are (``None``). On the CPU the decode workers and the forward pass's compute
+    threads share the ``cores`` this process may use (default :func:`usable_cores`), one per core:
+    at most ``cores - 1`` workers (none on a single core, where decoding in the main process is
+    cheaper than a second process), and the threads take the remaining cores, never more than
+    ``threads`` (default: torch's current number, so a limit the user set stays). Oversubscribed,
+    torch's threads wait at every barrier of every layer for the one a worker pushed off its core.
+    """
+    if not device.startswith("cpu"):
+        return workers, None
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    cores = max(1, cores if cores is not None else usable_cores())
+    kept = min(workers, cores - 1)
+    return kept, max(1, min(threads, cores - kept))
+
+
+@contextmanager
+def compute_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (``None``: unchanged), restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_threaded_worker(worker_id: int) -> None:
+    """A decode worker computes on one core: torch already limits itself there (DataLoader does); the
+    BLAS and OpenMP pools of numpy and friends (SimCLRv2's resize is two matrix products) too."""
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    threadpool_limits(limits=1)
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading samples
 
 
@@ -113,8 +181,10 @@ class _Samples:
     back as its formatted traceback (DataLoader workers cannot re-raise arbitrary exceptions).
     """
 
-    def __init__(self, split: Split, backbone: Backbone, start: int, stop: int) -> None:
+    def __init__(self, split: Split, backbone: Backbone, start: int, stop: int, min_side: int | None = None) -> None:
         self.split, self.backbone, self.start, self.stop = split, backbone, start, stop
+        #: With ``decode: reduced``: the side images may be decoded down to (None: full decodes).
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -122,7 +192,7 @@ class _Samples:
     def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         index = self.start + i
         try:
-            sample = self.split[index]
+            sample = self.split[index] if self.min_side is None else self.split.reduced_sample(index, self.min_side)
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, …: all mean unreadable
             return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0], ""
         try:
@@ -146,18 +216,35 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[list[int], Any, li
     return indices, torch.stack([t if t is not None else placeholder for _, t, _, _ in items]), errors, bugs
 
 
+def decode_min_side(backbone: Backbone, settings: ExtractionSettings) -> int | None:
+    """The side images are decoded down to: the backbone's ``decode_side()`` with ``decode: reduced``
+    (``None`` when it cannot say), else ``None`` (full decodes)."""
+    if settings.decode != "reduced":
+        return None
+    try:
+        side = backbone.decode_side()
+    except SSLBenchError:
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{settings.owner}: decode_side() raised {type(exc).__name__}: {exc}") from exc
+    if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 1):
+        raise PluginFailure(f"{settings.owner}: decode_side() returned {side!r}, not a positive int or None")
+    return side
+
+
 def _batches(
     split: Split, backbone: Backbone, start: int, stop: int, settings: ExtractionSettings, device: str
 ) -> Iterator[tuple[list[int], Any, list[tuple[int, str]], list[str]]]:
     from torch.utils.data import DataLoader
 
     loader: DataLoader[Any] = DataLoader(
-        _Samples(split, backbone, start, stop),  # type: ignore[arg-type]
+        _Samples(split, backbone, start, stop, decode_min_side(backbone, settings)),  # type: ignore[arg-type]
         batch_size=settings.batch_size,
         shuffle=False,
         num_workers=settings.workers,
         collate_fn=_collate,
         pin_memory=device.startswith("cuda"),
+        worker_init_fn=_single_threaded_worker if settings.workers else None,
     )
     yield from loader
 
@@ -332,23 +419,51 @@ def extract_split(
     n = len(split)
     task = progress.task(f"extract {name}", n if not ranks.distributed else None, unit="img")
     started = time.perf_counter()
+    workers, threads = extraction_pool(settings.workers, device)
+    settings = replace(settings, workers=workers)
 
     def provenance() -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "batch_size": settings.batch_size,
             "device": device,
             "amp": settings.amp and device.startswith("cuda"),
             "ranks": ranks.world,
             "extract_s": time.perf_counter() - started,
             "sample_count": n,
+            "workers": workers,
+            "decode": settings.decode,
         }
+        if threads is not None:
+            found["threads"] = threads
+        if settings.decode != "exact":
+            found["decode_check"] = decode_check(backbone, split, settings, device)
+        return found
+
+    with compute_threads(threads):
+        _extract_or_assemble(backbone, split, entry, settings, device, name, task, ranks, provenance, reextract_corrupt)
+    return _loaded(entry, from_cache=False)
+
+
+def _extract_or_assemble(
+    backbone: Backbone,
+    split: Split,
+    entry: CacheEntry,
+    settings: ExtractionSettings,
+    device: str,
+    name: str,
+    task: Any,
+    ranks: RankInfo,
+    provenance: Callable[[], dict[str, Any]],
+    reextract_corrupt: bool,
+) -> None:
+    n = len(split)
 
     if not ranks.distributed:
         with entry.locked():
             for attempt in (0, 1):
                 try:
                     if entry.claims_complete():  # finished by another process while this one waited
-                        return _loaded(entry, from_cache=True)
+                        return
                     _extract_range(backbone, split, entry, 0, n, settings, device, name, task)
                     entry.finish(split.labels, provenance())
                     break
@@ -370,7 +485,43 @@ def extract_split(
                     _assemble(entry, shards, n)
                     entry.finish(split.labels, provenance())
         _barrier()
-    return _loaded(entry, from_cache=False)
+
+
+#: Samples of a split whose features ``decode: reduced`` compares with the exact decode's.
+DECODE_CHECK_SAMPLES = 32
+
+
+def decode_check(
+    backbone: Backbone, split: Split, settings: ExtractionSettings, device: str, samples: int = DECODE_CHECK_SAMPLES
+) -> dict[str, Any]:
+    """How far ``decode: reduced`` moves the features: the cosine between the features of the reduced
+    and of the exact decode of ``samples`` samples spread evenly over the split (the same forward pass,
+    both in one batch), and how many of them were decoded smaller than in full. Samples that cannot be
+    read are left out."""
+    import torch
+
+    min_side = decode_min_side(backbone, settings)
+    n = len(split)
+    count = min(samples, n)
+    indices = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+    exact, reduced, smaller = [], [], 0
+    for index in indices:
+        full = _Samples(split, backbone, index, index + 1)[0]
+        small = _Samples(split, backbone, index, index + 1, min_side)[0] if min_side is not None else full
+        if full[1] is None or small[1] is None:
+            continue
+        exact.append(full[1])
+        reduced.append(small[1])
+        smaller += 0 if torch.equal(full[1], small[1]) else 1
+    record: dict[str, Any] = {"samples": len(exact), "min_side": min_side, "changed": smaller}
+    if not exact:
+        return record
+    batch = torch.stack(exact + reduced)
+    features = torch.from_numpy(_forward(backbone, batch, device, settings.amp, settings.owner)).double()
+    a, b = features[: len(exact)], features[len(exact) :]
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+    record.update(mean_cosine=float(cosine.mean()), min_cosine=float(cosine.min()))
+    return record
 
 
 def _discard(entry: CacheEntry) -> None:
@@ -389,7 +540,15 @@ def _shard(entry: CacheEntry, start: int, stop: int) -> CacheEntry:
 def _loaded(entry: CacheEntry, from_cache: bool) -> Extracted:
     features, labels, manifest = entry.load()
     nonfinite = (manifest.nonfinite_rows, manifest.first_nonfinite)
-    return Extracted(features, labels, manifest.skipped, from_cache=from_cache, nonfinite=nonfinite)
+    check = (manifest.model_extra or {}).get("decode_check")
+    return Extracted(
+        features,
+        labels,
+        manifest.skipped,
+        from_cache=from_cache,
+        nonfinite=nonfinite,
+        decode_check=check if isinstance(check, dict) else None,
+    )
 
 
 def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
