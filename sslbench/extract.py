@@ -183,8 +183,9 @@ class _Samples:
 
     def __init__(self, split: Split, backbone: Backbone, start: int, stop: int, min_side: int | None = None) -> None:
         self.split, self.backbone, self.start, self.stop = split, backbone, start, stop
-        #: With ``decode: reduced``: the side images may be decoded down to (None: full decodes).
-        self.min_side = min_side
+        #: With ``decode: reduced``: the side images may be decoded down to (None: full decodes). A split
+        #: object that does not derive from Split and lacks ``reduced_sample`` is read in full.
+        self.min_side = min_side if callable(getattr(split, "reduced_sample", None)) else None
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -440,8 +441,10 @@ def extract_split(
         return found
 
     with compute_threads(threads):
-        _extract_or_assemble(backbone, split, entry, settings, device, name, task, ranks, provenance, reextract_corrupt)
-    return _loaded(entry, from_cache=False)
+        found = _extract_or_assemble(
+            backbone, split, entry, settings, device, name, task, ranks, provenance, reextract_corrupt
+        )
+    return found if found is not None else _loaded(entry, from_cache=False)
 
 
 def _extract_or_assemble(
@@ -455,7 +458,9 @@ def _extract_or_assemble(
     ranks: RankInfo,
     provenance: Callable[[], dict[str, Any]],
     reextract_corrupt: bool,
-) -> None:
+) -> Extracted | None:
+    """Extract (or, under torchrun, extract this rank's shard and assemble) ``split`` into ``entry``;
+    the entry's features when another process finished it while this one waited for its lock."""
     n = len(split)
 
     if not ranks.distributed:
@@ -463,7 +468,7 @@ def _extract_or_assemble(
             for attempt in (0, 1):
                 try:
                     if entry.claims_complete():  # finished by another process while this one waited
-                        return
+                        return _loaded(entry, from_cache=True)
                     _extract_range(backbone, split, entry, 0, n, settings, device, name, task)
                     entry.finish(split.labels, provenance())
                     break
@@ -485,6 +490,7 @@ def _extract_or_assemble(
                     _assemble(entry, shards, n)
                     entry.finish(split.labels, provenance())
         _barrier()
+    return None
 
 
 #: Samples of a split whose features ``decode: reduced`` compares with the exact decode's.
