@@ -450,7 +450,16 @@ def _pool(paths: list[Path], repeats: int) -> None:
     """A CPU extraction (decode, preprocess, DataLoader, forward) per workers × threads."""
     from torch.utils.data import DataLoader
 
-    from sslbench.extract import _collate, _Samples, _single_threaded_worker, extraction_pool, usable_cores
+    from sslbench.extract import (
+        ExtractionSettings,
+        _collate,
+        _Samples,
+        _single_threaded_worker,
+        extraction_pool,
+        measure_costs,
+        pool_rate,
+        usable_cores,
+    )
     from sslbench.plugins import load_plugins
     from sslbench_plugins.image_datasets import FileSplit
 
@@ -459,9 +468,18 @@ def _pool(paths: list[Path], repeats: int) -> None:
     plugins = load_plugins()
     entry = plugins.backbones.get("mobilenetv2_100.tv_in1k")
     backbone = entry.factory(entry.options.model_validate({"pretrained": False}))
-    chosen = extraction_pool(min(4, os.cpu_count() or 1), "cpu", threads=cores)
-    print(f"CPU extraction of {len(paths)} images, MobileNetV2 (random init), batch 32, {cores} usable cores")
-    configs = sorted({(0, cores), chosen, (max(1, cores - 1), cores), (min(4, os.cpu_count() or 1), cores)})
+    torch.set_num_threads(cores)
+    settings = ExtractionSettings(batch_size=32, workers=min(4, os.cpu_count() or 1), amp=False)
+    costs = measure_costs(backbone, split, 0, len(paths), settings, "cpu")
+    assert costs is not None
+    chosen = extraction_pool(settings.workers, "cpu", threads=cores, costs=costs)
+    print(
+        f"CPU extraction of {len(paths)} images, MobileNetV2 (random init), batch 32, {cores} usable cores; "
+        f"measured per image and core: decode {1e3 * costs[0]:.1f} ms, forward {1e3 * costs[1]:.1f} ms"
+    )
+    # Every split of the cores up to 4 workers, the choice, and what extraction did before (the spec's
+    # workers beside torch's threads on every core).
+    configs = sorted({(w, cores - w) for w in range(min(4, cores - 1) + 1)} | {chosen, (settings.workers, cores)})
     best = dict.fromkeys(configs, 0.0)
     for _ in range(repeats):  # interleaved; the best of each kept
         for workers, threads in configs:
@@ -479,9 +497,10 @@ def _pool(paths: list[Path], repeats: int) -> None:
                     backbone.embed(batch)
             best[workers, threads] = max(best[workers, threads], len(paths) / (time.perf_counter() - started))
     for (workers, threads), found in best.items():
-        mark = "  ← extraction_pool's choice for the spec default" if (workers, threads) == chosen else ""
+        mark = "  ← extraction_pool's choice" if (workers, threads) == chosen else ""
         over = "  (oversubscribed)" if workers + threads > cores else ""
-        print(f"  workers {workers}, threads {threads}: {found:6.1f} img/s (wall){mark}{over}")
+        model = pool_rate(workers, min(cores, workers + threads), *costs) if workers + threads <= cores else math.nan
+        print(f"  workers {workers}, threads {threads}: {found:6.1f} img/s (wall), model {model:6.1f}{mark}{over}")
 
 
 if __name__ == "__main__":

@@ -117,18 +117,37 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def pool_rate(workers: int, cores: int, decode_s: float, forward_s: float) -> float:
+    """Images per second of a CPU extraction with ``workers`` decode processes and the other cores
+    computing, by the simplest model: ``decode_s`` seconds of one core to decode and preprocess an image,
+    ``forward_s`` seconds of one core to embed it (threads scale linearly). With no worker the main
+    process decodes between forwards, all cores idle but one; with workers, the slower side sets the pace."""
+    if workers == 0:
+        return 1.0 / (decode_s + forward_s / cores)
+    return min(workers / decode_s, (cores - workers) / forward_s)
+
+
 def extraction_pool(
-    workers: int, device: str, cores: int | None = None, threads: int | None = None
+    workers: int,
+    device: str,
+    cores: int | None = None,
+    threads: int | None = None,
+    costs: tuple[float, float] | None = None,
 ) -> tuple[int, int | None]:
     """``(DataLoader workers, torch compute threads)`` for an extraction on ``device``.
 
     On a GPU the spec's workers decode while the device computes: they are kept, and torch's threads
     are left as they are (``None``). On the CPU the decode workers and the forward pass's compute
-    threads share the ``cores`` this process may use (default :func:`usable_cores`), one per core:
-    at most ``cores - 1`` workers (none on a single core, where decoding in the main process is
-    cheaper than a second process), and the threads take the remaining cores, never more than
-    ``threads`` (default: torch's current number, so a limit the user set stays). Oversubscribed,
-    torch's threads wait at every barrier of every layer for the one a worker pushed off its core.
+    threads share the ``cores`` this process may use (default :func:`usable_cores`), one per core, so
+    that neither waits for a core the other holds (oversubscribed, torch's threads wait at every
+    barrier of every layer for the one a worker pushed off its core): at most ``min(workers, cores - 1)``
+    workers, and the threads take the remaining cores, never more than ``threads`` (default: torch's
+    current number, so a limit the user set stays).
+
+    ``costs``: ``(decode_s, forward_s)``, seconds of one core per image to decode and preprocess, and to
+    embed (see :func:`measure_costs`). Given, the number of workers within that bound is the one
+    :func:`pool_rate` rates fastest (the fewest among equals): a forward that costs ten times the
+    decode keeps every core computing on a small machine and decodes between batches.
     """
     if not device.startswith("cpu"):
         return workers, None
@@ -137,8 +156,39 @@ def extraction_pool(
 
         threads = torch.get_num_threads()
     cores = max(1, cores if cores is not None else usable_cores())
-    kept = min(workers, cores - 1)
+    kept = max(0, min(workers, cores - 1))
+    if costs is not None and kept > 0:
+        decode_s, forward_s = (max(c, 1e-9) for c in costs)
+        rates = [pool_rate(w, cores, decode_s, forward_s) for w in range(kept + 1)]
+        kept = max(range(kept + 1), key=lambda w: (rates[w], -w))
     return kept, max(1, min(threads, cores - kept))
+
+
+#: Samples timed to size a CPU extraction's pool (see :func:`measure_costs`).
+COST_SAMPLES = 8
+
+
+def measure_costs(
+    backbone: Backbone, split: Split, start: int, stop: int, settings: ExtractionSettings, device: str
+) -> tuple[float, float] | None:
+    """``(decode_s, forward_s)``: seconds of one core per image to read and preprocess, and to embed,
+    timed on the first :data:`COST_SAMPLES` samples of ``[start, stop)`` in this process: the reads one
+    after another (one core), the forward twice (the first call warms the model up) at torch's threads,
+    counted as that many cores. ``None`` when none of them can be read."""
+    import torch
+
+    items = _Samples(split, backbone, start, min(stop, start + COST_SAMPLES), decode_min_side(backbone, settings))
+    started = time.perf_counter()
+    tensors = [got[1] for got in (items[i] for i in range(len(items))) if got[1] is not None]
+    decode_s = (time.perf_counter() - started) / max(len(items), 1)
+    if not tensors:
+        return None
+    batch = torch.stack(tensors)
+    _forward(backbone, batch, device, settings.amp, settings.owner)
+    started = time.perf_counter()
+    _forward(backbone, batch, device, settings.amp, settings.owner)
+    forward_s = (time.perf_counter() - started) / len(tensors) * torch.get_num_threads()
+    return decode_s, forward_s
 
 
 @contextmanager
@@ -420,7 +470,11 @@ def extract_split(
     n = len(split)
     task = progress.task(f"extract {name}", n if not ranks.distributed else None, unit="img")
     started = time.perf_counter()
-    workers, threads = extraction_pool(settings.workers, device)
+    costs = None
+    if device.startswith("cpu") and settings.workers > 0 and usable_cores() > 1:
+        first = batch_shards(n, settings.batch_size, ranks.world)[ranks.rank][0]
+        costs = measure_costs(backbone, split, first, n, settings, device)
+    workers, threads = extraction_pool(settings.workers, device, costs=costs)
     settings = replace(settings, workers=workers)
 
     def provenance() -> dict[str, Any]:
@@ -436,6 +490,8 @@ def extract_split(
         }
         if threads is not None:
             found["threads"] = threads
+        if costs is not None:
+            found["pool_costs_ms"] = [round(1e3 * c, 3) for c in costs]  # decode, forward: per image, per core
         if settings.decode != "exact":
             found["decode_check"] = decode_check(backbone, split, settings, device)
         return found

@@ -5,9 +5,12 @@
 so its output equals torchvision's to the last bit (``tests/test_imaging.py`` compares them over
 hundreds of random sizes):
 
-* PIL resamples in two passes, horizontal then vertical, rounding to uint8 in between; the
-  vertical pass here runs on the crop's columns only (calling PIL once per pass gives the very same
-  coefficients and the same uint8 intermediate), which saves about a third of it on landscape images;
+* PIL resamples in two passes, one per axis, rounding to uint8 in between, with coefficients that
+  depend only on each pass's input and output lengths. Calling PIL once per pass, in the order the
+  installed Pillow itself takes (horizontal first, or since Pillow 13 vertical first when it removes
+  more than twice as many rows as the other removes columns: :func:`pass_order` checks which rule
+  the installed Pillow follows), gives the same uint8 intermediate and result; the second pass then
+  runs only on the columns (or rows) the crop keeps, a third fewer on a 500 × 375 image;
 * ``ToTensor`` + ``Normalize`` are one conversion of the uint8 crop to float and three in-place
   operations (``/ 255``, ``- mean``, ``/ std``: torchvision's own operations in its order), instead of
   five new tensors;

@@ -330,8 +330,8 @@ class ExtractionSpec(_StrictModel):
     workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = Field(
         min(4, os.cpu_count() or 1),
         description="Processes that decode images (0 = in the main one; at most 256). On the CPU they share the "
-        "cores this process may use with torch's compute threads: at most cores − 1 of them, the threads take "
-        "the rest.",
+        "cores this process may use with torch's compute threads: at most this many and cores − 1, as many as the "
+        "measured decode and forward costs call for; the threads take the rest.",
     )
     decode: Literal["exact", "reduced"] = Field(
         "exact",

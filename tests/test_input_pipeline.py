@@ -16,7 +16,14 @@ from PIL import Image
 import sslbench.extract as extract
 from sslbench.cache import CacheKey, FeatureCache, key_digest
 from sslbench.errors import PluginFailure
-from sslbench.extract import ExtractionSettings, compute_threads, extract_split, extraction_pool, usable_cores
+from sslbench.extract import (
+    ExtractionSettings,
+    compute_threads,
+    extract_split,
+    extraction_pool,
+    pool_rate,
+    usable_cores,
+)
 from sslbench.interfaces import Backbone, Split
 from sslbench.spec import parse_spec
 
@@ -39,6 +46,24 @@ def test_cpu_extraction_shares_the_cores_between_workers_and_threads():
         got = extraction_pool(workers, "cpu", cores=cores, threads=threads)
         assert got == expected, (workers, cores, threads)
         assert got[0] + got[1] <= max(cores, 1) or cores == 1
+
+
+def test_measured_costs_choose_the_workers():
+    """Decode 3 ms, forward 15 ms (a MobileNetV2 on one core) or 100 ms (a ResNet-50): few cores keep
+    computing and decode between batches; many cores decode beside the forward, as many as it needs."""
+    mobilenet, resnet = (0.003, 0.015), (0.003, 0.100)
+    assert extraction_pool(2, "cpu", cores=2, threads=2, costs=mobilenet) == (0, 2)
+    assert extraction_pool(4, "cpu", cores=4, threads=4, costs=mobilenet) == (1, 3)
+    assert extraction_pool(4, "cpu", cores=16, threads=16, costs=mobilenet) == (3, 13)
+    assert extraction_pool(8, "cpu", cores=16, threads=16, costs=mobilenet) == (3, 13)
+    assert extraction_pool(4, "cpu", cores=4, threads=4, costs=resnet) == (0, 4)
+    assert extraction_pool(4, "cpu", cores=8, threads=8, costs=resnet) == (1, 7)
+    assert extraction_pool(4, "cpu", cores=16, threads=16, costs=(0.01, 0.001)) == (4, 12)  # decode-bound
+    assert extraction_pool(0, "cpu", cores=16, threads=16, costs=mobilenet) == (0, 16)  # never more than asked
+    assert extraction_pool(4, "cuda", cores=2, threads=2, costs=mobilenet) == (4, None)
+    # The model behind the choice: the slower side sets the pace; no worker means decoding in turn.
+    assert pool_rate(0, 4, 0.003, 0.015) == pytest.approx(1 / (0.003 + 0.015 / 4))
+    assert pool_rate(2, 4, 0.003, 0.015) == pytest.approx(min(2 / 0.003, 2 / 0.015))
 
 
 def test_a_gpu_run_keeps_its_workers_and_threads():
@@ -106,6 +131,13 @@ def _entry(tmp_path: Path, name: str, decode: str = "exact"):
 
 def test_cpu_extraction_runs_with_the_sized_pool(tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "usable_cores", lambda: 3)
+    measured, real = [], extract.measure_costs
+
+    def costs(*args):
+        measured.append(real(*args))  # the real measurement runs
+        return (1.0, 0.1)  # then a decode-bound pair (10× the forward): as many workers as allowed
+
+    monkeypatch.setattr(extract, "measure_costs", costs)
     before = torch.get_num_threads()
     settings = ExtractionSettings(batch_size=4, workers=4, amp=False)
     got = extract_split(
@@ -118,6 +150,8 @@ def test_cpu_extraction_runs_with_the_sized_pool(tmp_path, monkeypatch):
     assert torch.get_num_threads() == before  # restored after the extraction
     manifest = json.loads((_entry(tmp_path, "pool").path / "manifest.json").read_text())
     assert (manifest["workers"], manifest["threads"], manifest["decode"]) == (2, 1, "exact")
+    assert manifest["pool_costs_ms"] == [1000.0, 100.0]
+    assert len(measured) == 1 and all(c > 0 for c in measured[0])
 
 
 # --------------------------------------------------------------------------------------------------
