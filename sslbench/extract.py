@@ -165,29 +165,33 @@ def extraction_pool(
 
 
 #: Samples timed to size a CPU extraction's pool (see :func:`measure_costs`).
-COST_SAMPLES = 8
+COST_SAMPLES = 4
 
 
 def measure_costs(
     backbone: Backbone, split: Split, start: int, stop: int, settings: ExtractionSettings, device: str
 ) -> tuple[float, float] | None:
-    """``(decode_s, forward_s)``: seconds of one core per image to read and preprocess, and to embed,
-    timed on the first :data:`COST_SAMPLES` samples of ``[start, stop)`` in this process: the reads one
-    after another (one core), the forward twice (the first call warms the model up) at torch's threads,
-    counted as that many cores. ``None`` when none of them can be read."""
+    """``(decode_s, forward_s)``: CPU seconds of one core per image to read and preprocess, and to embed,
+    measured on the first :data:`COST_SAMPLES` samples of ``[start, stop)`` in this thread on one torch
+    thread (the first sample read once more beforehand, untimed; the forward twice, the first call
+    warming the model up). CPU time, not wall time: what a core would spend, however loaded the machine is
+    now. ``None`` when none of them can be read."""
     import torch
 
     items = _Samples(split, backbone, start, min(stop, start + COST_SAMPLES), decode_min_side(backbone, settings))
-    started = time.perf_counter()
-    tensors = [got[1] for got in (items[i] for i in range(len(items))) if got[1] is not None]
-    decode_s = (time.perf_counter() - started) / max(len(items), 1)
-    if not tensors:
-        return None
-    batch = torch.stack(tensors)
-    _forward(backbone, batch, device, settings.amp, settings.owner)
-    started = time.perf_counter()
-    _forward(backbone, batch, device, settings.amp, settings.owner)
-    forward_s = (time.perf_counter() - started) / len(tensors) * torch.get_num_threads()
+    with compute_threads(1):  # as in a worker; torch's idle threads would spin on this thread's clock
+        if len(items):
+            items[0]  # once untimed: first calls initialise (imports, PIL's plugins, pass_order's probe)
+        started = time.thread_time()
+        tensors = [got[1] for got in (items[i] for i in range(len(items))) if got[1] is not None]
+        decode_s = (time.thread_time() - started) / max(len(items), 1)
+        if not tensors:
+            return None
+        batch = torch.stack(tensors)
+        _forward(backbone, batch, device, settings.amp, settings.owner)
+        started = time.thread_time()
+        _forward(backbone, batch, device, settings.amp, settings.owner)
+        forward_s = (time.thread_time() - started) / len(tensors)
     return decode_s, forward_s
 
 
