@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sslbench import hookimpl
 from sslbench.cards import ModelCard, backbone_entries
 from sslbench.errors import SSLBenchError
+from sslbench.imaging import rgb
 from sslbench.interfaces import Backbone, BackboneEntry
 
 LOADER = "bigbigan"
@@ -63,15 +64,19 @@ def _module_folder(handle: str) -> str:
         raise SSLBenchError(f"cannot download the TF-Hub module {handle}: {type(exc).__name__}: {exc}") from None
 
 
-def center_square_256(image: Any) -> np.ndarray:
-    """A PIL image → ``(256, 256, 3)`` float32 in [-1, 1]: centre square of the shorter side, bicubic."""
+def _square(image: Any) -> Any:
+    """The centre square of the shorter side, resized to 256 × 256 (bicubic): an RGB PIL image."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = rgb(image)
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    square = image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(square, dtype=np.float32) / 127.5 - 1.0
+    return image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+
+
+def center_square_256(image: Any) -> np.ndarray:
+    """A PIL image → ``(256, 256, 3)`` float32 in [-1, 1]: centre square of the shorter side, bicubic."""
+    return np.asarray(_square(image), dtype=np.float32) / 127.5 - 1.0
 
 
 class BigBiGANBackbone(Backbone):
@@ -110,7 +115,12 @@ class BigBiGANBackbone(Backbone):
         from PIL import Image
 
         image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
+        # A CHW view of the HWC floats: the DataLoader's stack transposes it while it copies (measured
+        # faster than a contiguous tensor made here: benchmarks/input_pipeline.py).
         return torch.from_numpy(center_square_256(image)).permute(2, 0, 1)
+
+    def decode_side(self) -> int:
+        return SIZE
 
     def embed(self, batch: Any) -> Any:
         import torch

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sslbench import hookimpl
 from sslbench.cards import Layout
 from sslbench.errors import SSLBenchError, did_you_mean
+from sslbench.imaging import SEPARABLE, EvalTransform, rgb
 from sslbench.interfaces import Backbone, BackboneEntry
 from sslbench.weights import (
     apply_layout,
@@ -67,7 +68,7 @@ def _rgb(sample: Any) -> Any:
     from PIL import Image
 
     image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
-    return image.convert("RGB")
+    return rgb(image)  # no copy of an RGB image: the transforms never write to their input
 
 
 def pool_output(out: Any, pool: str, prefix_tokens: int | None, where: str, channels_last: bool = False) -> Any:
@@ -159,9 +160,13 @@ class ModuleOptions(_Options):
 
 
 def eval_transform(options: ModuleOptions) -> Any:
+    """torchvision's ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize``, computed bit for bit by
+    :class:`~sslbench.imaging.EvalTransform` where it can (bilinear and bicubic), else torchvision's own."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
+    if options.interpolation in SEPARABLE:
+        return EvalTransform.make(options.resize, options.crop, options.interpolation, options.mean, options.std)
     return transforms.Compose(
         [
             transforms.Resize(options.resize, interpolation=InterpolationMode(options.interpolation)),
@@ -170,6 +175,10 @@ def eval_transform(options: ModuleOptions) -> Any:
             transforms.Normalize(options.mean, options.std),
         ]
     )
+
+
+def _decode_side(transform: Any) -> int | None:
+    return transform.min_side if isinstance(transform, EvalTransform) else None
 
 
 def _prefix_tokens(model: Any, options: ModuleOptions, pool: str, where: str) -> int | None:
@@ -206,6 +215,9 @@ class _ModuleBackbone(Backbone):
 
     def embed(self, batch: Any) -> Any:
         return pool_output(self.model(batch), self.pool, self.prefix, self.where)
+
+    def decode_side(self) -> int | None:
+        return _decode_side(getattr(self, "transform", None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +399,9 @@ class TimmBackbone(Backbone):
         if options.img_size is not None:
             config["input_size"] = (config["input_size"][0], options.img_size, options.img_size)
         self.data_config = config
-        self.transform = timm.data.create_transform(**config, is_training=False)
+        timm_transform = timm.data.create_transform(**config, is_training=False)
+        # timm's own transform, computed bit for bit by EvalTransform when it is the usual resize + crop.
+        self.transform = EvalTransform.from_torchvision(timm_transform) or timm_transform
         self.pretrained_cfg = {
             key: getattr(cfg, key, None) for key in ("architecture", "tag", "hf_hub_id", "hf_hub_filename", "url")
         }
@@ -454,6 +468,9 @@ class TimmBackbone(Backbone):
 
     def preprocess(self, sample: Any) -> Any:
         return self.transform(_rgb(sample))
+
+    def decode_side(self) -> int | None:
+        return _decode_side(self.transform)
 
     def embed(self, batch: Any) -> Any:
         pool = self.options.pool

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sslbench import hookimpl
 from sslbench.errors import SSLBenchError
 from sslbench.imagenet_val import IMAGE_EXTENSIONS
+from sslbench.imaging import load_rgb
 from sslbench.interfaces import Dataset, DatasetEntry, Split
 
 from .datasets import ArraySplit
@@ -46,11 +47,10 @@ class FileSplit(Split):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Any:
-        from PIL import Image
+        return load_rgb(self.root / self.files[index])
 
-        with Image.open(self.root / self.files[index]) as image:
-            image.load()
-            return image.convert("RGB")
+    def reduced_sample(self, index: int, min_side: int) -> Any:
+        return load_rgb(self.root / self.files[index], min_side)
 
     def describe(self, index: int) -> str:
         return str(self.root / self.files[index])

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sslbench import hookimpl
 from sslbench.cards import ModelCard, backbone_entries, cards_from
 from sslbench.errors import SSLBenchError
+from sslbench.imaging import EvalTransform
 from sslbench.interfaces import Backbone, BackboneEntry
 
 LOADER = "pytorch"
@@ -103,28 +104,18 @@ class CardBackbone(Backbone):
         from PIL import Image
 
         image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
-        return self._transform(image.convert("RGB"))
+        return self._transform(image)
 
-    def _eval_transform(self) -> Any:
-        """torchvision's own evaluation transform for the card: ``Resize(int)`` of the short side (its
-        rounding, not a re-implementation: they differ on about half of all aspect ratios), ``CenterCrop``,
-        ``ToTensor``, ``Normalize``."""
-        from torchvision import transforms
+    def decode_side(self) -> int:
+        return self._transform.min_side
 
+    def _eval_transform(self) -> EvalTransform:
+        """torchvision's evaluation transform for the card, ``Resize(int)`` of the short side (its
+        rounding, not a re-implementation: they differ on about half of all aspect ratios),
+        ``CenterCrop``, ``ToTensor``, ``Normalize``, computed bit for bit by :class:`EvalTransform`
+        (``.torchvision()`` gives torchvision's own)."""
         pre = self.card.preprocessing
-        mode = (
-            transforms.InterpolationMode.BICUBIC
-            if pre.interpolation == "bicubic"
-            else transforms.InterpolationMode.BILINEAR
-        )
-        return transforms.Compose(
-            [
-                transforms.Resize(self.resize, interpolation=mode),
-                transforms.CenterCrop(self.crop),
-                transforms.ToTensor(),
-                transforms.Normalize(pre.mean, pre.std),
-            ]
-        )
+        return EvalTransform.make(self.resize, self.crop, pre.interpolation, pre.mean, pre.std)
 
     def embed(self, batch: Any) -> Any:
         features = self.model.forward_features(batch)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sslbench import hookimpl
 from sslbench.cards import ModelCard, backbone_entries
 from sslbench.errors import SSLBenchError
+from sslbench.imaging import rgb
 from sslbench.interfaces import Backbone, BackboneEntry
 from sslbench.tf_bundle import TFCheckpoint
 
@@ -323,14 +324,18 @@ def tf_eval_preprocess(image: Any, size: int) -> Any:
     """A PIL image → ``(3, size, size)`` float tensor in [0, 1], as SimCLR's ``preprocess_for_eval``."""
     import torch
 
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-    top, left, crop_h, crop_w = tf_center_crop_box(pixels.shape[0], pixels.shape[1])
-    pixels = pixels[top : top + crop_h, left : left + crop_w]
+    image = rgb(image)
+    top, left, crop_h, crop_w = tf_center_crop_box(image.height, image.width)
+    # Cropped while still uint8, then divided in one pass (the same values as dividing the whole
+    # image and cropping, as the division is per pixel), contiguous for the first product.
+    crop = np.asarray(image)[top : top + crop_h, left : left + crop_w]
+    pixels = np.divide(crop, 255.0, dtype=np.float64)
     rows, cols = tf_bicubic_matrix(crop_h, size), tf_bicubic_matrix(crop_w, size)
     # Separable: resize the height, then the width, each a matrix product (an einsum over all four
     # indices at once costs size² · crop² · 3 multiplications, seconds per image).
     tall = (rows @ pixels.reshape(crop_h, -1)).reshape(size, crop_w, 3)
-    resized = (tall.transpose(2, 0, 1) @ cols.T).clip(0.0, 1.0)
+    resized = tall.transpose(2, 0, 1) @ cols.T
+    np.clip(resized, 0.0, 1.0, out=resized)
     return torch.from_numpy(resized.astype(np.float32))
 
 
@@ -421,6 +426,10 @@ class SimCLRv2Backbone(Backbone):
 
         image = sample if isinstance(sample, Image.Image) else Image.fromarray(np.asarray(sample))
         return tf_eval_preprocess(image, self.crop)
+
+    def decode_side(self) -> int:
+        # The 87.5 % centre crop of the shorter side is resized to ``crop``.
+        return math.ceil(self.crop / 0.875)
 
     def embed(self, batch: Any) -> Any:
         return self.model.forward_features(batch)

@@ -106,14 +106,25 @@ class CacheKey:
     split: str
     split_fingerprint: str
     format_version: int = FORMAT_VERSION
+    #: How the images were decoded (``extraction.decode``). ``exact``, the default, is left out of the
+    #: recorded key and its digest, so entries written before the option existed keep their keys, and
+    #: an entry of ``reduced`` decodes never serves an exact run (nor the other way round).
+    decode: str = "exact"
+
+    def fields(self) -> dict[str, Any]:
+        """The key's fields as recorded: every field, less ``decode`` when it is ``exact``."""
+        found = asdict(self)
+        if found["decode"] == "exact":
+            del found["decode"]
+        return found
 
     def as_json(self) -> dict[str, Any]:
         """The key as the manifest records it (JSON types: tuples as lists, other objects as strings)."""
-        loaded: dict[str, Any] = json.loads(json.dumps(asdict(self), default=str))
+        loaded: dict[str, Any] = json.loads(json.dumps(self.fields(), default=str))
         return loaded
 
     def digest(self) -> str:
-        return key_digest(asdict(self))
+        return key_digest(self.fields())
 
     def label(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{self.backbone}__{self.dataset}__{self.split}")

@@ -15,8 +15,9 @@ import itertools
 import os
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +48,9 @@ class ExtractionSettings:
     commit_every: int = 20
     #: How messages name the backbone's code when it fails: ``backbone 'x' (plugin p, dist d 1.0)``.
     owner: str = "the backbone"
+    #: ``exact``: every image decoded in full; ``reduced``: JPEGs decoded at a reduced DCT scale down to
+    #: the backbone's :meth:`~sslbench.interfaces.Backbone.decode_side` (an approximation, checked).
+    decode: Literal["exact", "reduced"] = "exact"
 
 
 @dataclass
@@ -59,6 +63,9 @@ class Extracted:
     from_cache: bool = False
     #: (rows with NaN or inf, first such row) when counted while writing the features; None: unknown.
     nonfinite: tuple[int, int] | None = None
+    #: With ``decode: reduced``: how far the features are from the exact decode's, on a sample of the
+    #: split (see :func:`decode_check`); ``None`` with the exact decode.
+    decode_check: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +105,121 @@ def _barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Cores: decode workers and compute threads
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or ``taskset``'s limit),
+    else every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def pool_rate(workers: int, cores: int, decode_s: float, forward_s: float) -> float:
+    """Images per second of a CPU extraction with ``workers`` decode processes and the other cores
+    computing, by the simplest model: ``decode_s`` seconds of one core to decode and preprocess an image,
+    ``forward_s`` seconds of one core to embed it (threads scale linearly). With no worker the main
+    process decodes between forwards, all cores idle but one; with workers, the slower side sets the pace."""
+    if workers == 0:
+        return 1.0 / (decode_s + forward_s / cores)
+    return min(workers / decode_s, (cores - workers) / forward_s)
+
+
+def extraction_pool(
+    workers: int,
+    device: str,
+    cores: int | None = None,
+    threads: int | None = None,
+    costs: tuple[float, float] | None = None,
+) -> tuple[int, int | None]:
+    """``(DataLoader workers, torch compute threads)`` for an extraction on ``device``.
+
+    On a GPU the spec's workers decode while the device computes: they are kept, and torch's threads
+    are left as they are (``None``). On the CPU the decode workers and the forward pass's compute
+    threads share the ``cores`` this process may use (default :func:`usable_cores`), one per core, so
+    that neither waits for a core the other holds (oversubscribed, torch's threads wait at every
+    barrier of every layer for the one a worker pushed off its core): at most ``min(workers, cores - 1)``
+    workers, and the threads take the remaining cores, never more than ``threads`` (default: torch's
+    current number, so a limit the user set stays).
+
+    ``costs``: ``(decode_s, forward_s)``, seconds of one core per image to decode and preprocess, and to
+    embed (see :func:`measure_costs`). Given, the number of workers within that bound is the one
+    :func:`pool_rate` rates fastest (the fewest among equals): a forward that costs ten times the
+    decode keeps every core computing on a small machine and decodes between batches.
+    """
+    if not device.startswith("cpu"):
+        return workers, None
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    cores = max(1, cores if cores is not None else usable_cores())
+    kept = max(0, min(workers, cores - 1))
+    if costs is not None and kept > 0:
+        decode_s, forward_s = (max(c, 1e-9) for c in costs)
+        rates = [pool_rate(w, cores, decode_s, forward_s) for w in range(kept + 1)]
+        kept = max(range(kept + 1), key=lambda w: (rates[w], -w))
+    return kept, max(1, min(threads, cores - kept))
+
+
+#: Samples timed to size a CPU extraction's pool (see :func:`measure_costs`).
+COST_SAMPLES = 4
+
+
+def measure_costs(
+    backbone: Backbone, split: Split, start: int, stop: int, settings: ExtractionSettings, device: str
+) -> tuple[float, float] | None:
+    """``(decode_s, forward_s)``: CPU seconds of one core per image to read and preprocess, and to embed,
+    measured on the first :data:`COST_SAMPLES` samples of ``[start, stop)`` in this thread on one torch
+    thread (the first sample read once more beforehand, untimed; the forward twice, the first call
+    warming the model up). CPU time, not wall time: what a core would spend, however loaded the machine is
+    now. ``None`` when none of them can be read."""
+    import torch
+
+    items = _Samples(split, backbone, start, min(stop, start + COST_SAMPLES), decode_min_side(backbone, settings))
+    with compute_threads(1):  # as in a worker; torch's idle threads would spin on this thread's clock
+        if len(items):
+            items[0]  # once untimed: first calls initialise (imports, PIL's plugins, pass_order's probe)
+        started = time.thread_time()
+        tensors = [got[1] for got in (items[i] for i in range(len(items))) if got[1] is not None]
+        decode_s = (time.thread_time() - started) / max(len(items), 1)
+        if not tensors:
+            return None
+        batch = torch.stack(tensors)
+        _forward(backbone, batch, device, settings.amp, settings.owner)
+        started = time.thread_time()
+        _forward(backbone, batch, device, settings.amp, settings.owner)
+        forward_s = (time.thread_time() - started) / len(tensors)
+    return decode_s, forward_s
+
+
+@contextmanager
+def compute_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (``None``: unchanged), restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_threaded_worker(worker_id: int) -> None:
+    """A decode worker computes on one core: torch already limits itself there (DataLoader does); the
+    BLAS and OpenMP pools of numpy and friends (SimCLRv2's resize is two matrix products) too."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading samples
 
 
@@ -113,8 +235,11 @@ class _Samples:
     back as its formatted traceback (DataLoader workers cannot re-raise arbitrary exceptions).
     """
 
-    def __init__(self, split: Split, backbone: Backbone, start: int, stop: int) -> None:
+    def __init__(self, split: Split, backbone: Backbone, start: int, stop: int, min_side: int | None = None) -> None:
         self.split, self.backbone, self.start, self.stop = split, backbone, start, stop
+        #: With ``decode: reduced``: the side images may be decoded down to (None: full decodes). A split
+        #: object that does not derive from Split and lacks ``reduced_sample`` is read in full.
+        self.min_side = min_side if callable(getattr(split, "reduced_sample", None)) else None
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -122,7 +247,7 @@ class _Samples:
     def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         index = self.start + i
         try:
-            sample = self.split[index]
+            sample = self.split[index] if self.min_side is None else self.split.reduced_sample(index, self.min_side)
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, …: all mean unreadable
             return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0], ""
         try:
@@ -146,18 +271,35 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[list[int], Any, li
     return indices, torch.stack([t if t is not None else placeholder for _, t, _, _ in items]), errors, bugs
 
 
+def decode_min_side(backbone: Backbone, settings: ExtractionSettings) -> int | None:
+    """The side images are decoded down to: the backbone's ``decode_side()`` with ``decode: reduced``
+    (``None`` when it cannot say), else ``None`` (full decodes)."""
+    if settings.decode != "reduced":
+        return None
+    try:
+        side = backbone.decode_side()
+    except SSLBenchError:
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{settings.owner}: decode_side() raised {type(exc).__name__}: {exc}") from exc
+    if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 1):
+        raise PluginFailure(f"{settings.owner}: decode_side() returned {side!r}, not a positive int or None")
+    return side
+
+
 def _batches(
     split: Split, backbone: Backbone, start: int, stop: int, settings: ExtractionSettings, device: str
 ) -> Iterator[tuple[list[int], Any, list[tuple[int, str]], list[str]]]:
     from torch.utils.data import DataLoader
 
     loader: DataLoader[Any] = DataLoader(
-        _Samples(split, backbone, start, stop),  # type: ignore[arg-type]
+        _Samples(split, backbone, start, stop, decode_min_side(backbone, settings)),  # type: ignore[arg-type]
         batch_size=settings.batch_size,
         shuffle=False,
         num_workers=settings.workers,
         collate_fn=_collate,
         pin_memory=device.startswith("cuda"),
+        worker_init_fn=_single_threaded_worker if settings.workers else None,
     )
     yield from loader
 
@@ -332,16 +474,54 @@ def extract_split(
     n = len(split)
     task = progress.task(f"extract {name}", n if not ranks.distributed else None, unit="img")
     started = time.perf_counter()
+    costs = None
+    if device.startswith("cpu") and settings.workers > 0 and usable_cores() > 1:
+        first = batch_shards(n, settings.batch_size, ranks.world)[ranks.rank][0]
+        costs = measure_costs(backbone, split, first, n, settings, device)
+    workers, threads = extraction_pool(settings.workers, device, costs=costs)
+    settings = replace(settings, workers=workers)
 
     def provenance() -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "batch_size": settings.batch_size,
             "device": device,
             "amp": settings.amp and device.startswith("cuda"),
             "ranks": ranks.world,
             "extract_s": time.perf_counter() - started,
             "sample_count": n,
+            "workers": workers,
+            "decode": settings.decode,
         }
+        if threads is not None:
+            found["threads"] = threads
+        if costs is not None:
+            found["pool_costs_ms"] = [round(1e3 * c, 3) for c in costs]  # decode, forward: per image, per core
+        if settings.decode != "exact":
+            found["decode_check"] = decode_check(backbone, split, settings, device)
+        return found
+
+    with compute_threads(threads):
+        found = _extract_or_assemble(
+            backbone, split, entry, settings, device, name, task, ranks, provenance, reextract_corrupt
+        )
+    return found if found is not None else _loaded(entry, from_cache=False)
+
+
+def _extract_or_assemble(
+    backbone: Backbone,
+    split: Split,
+    entry: CacheEntry,
+    settings: ExtractionSettings,
+    device: str,
+    name: str,
+    task: Any,
+    ranks: RankInfo,
+    provenance: Callable[[], dict[str, Any]],
+    reextract_corrupt: bool,
+) -> Extracted | None:
+    """Extract (or, under torchrun, extract this rank's shard and assemble) ``split`` into ``entry``;
+    the entry's features when another process finished it while this one waited for its lock."""
+    n = len(split)
 
     if not ranks.distributed:
         with entry.locked():
@@ -370,7 +550,44 @@ def extract_split(
                     _assemble(entry, shards, n)
                     entry.finish(split.labels, provenance())
         _barrier()
-    return _loaded(entry, from_cache=False)
+    return None
+
+
+#: Samples of a split whose features ``decode: reduced`` compares with the exact decode's.
+DECODE_CHECK_SAMPLES = 32
+
+
+def decode_check(
+    backbone: Backbone, split: Split, settings: ExtractionSettings, device: str, samples: int = DECODE_CHECK_SAMPLES
+) -> dict[str, Any]:
+    """How far ``decode: reduced`` moves the features: the cosine between the features of the reduced
+    and of the exact decode of ``samples`` samples spread evenly over the split (the same forward pass,
+    both in one batch), and how many of them were decoded smaller than in full. Samples that cannot be
+    read are left out."""
+    import torch
+
+    min_side = decode_min_side(backbone, settings)
+    n = len(split)
+    count = min(samples, n)
+    indices = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+    exact, reduced, smaller = [], [], 0
+    for index in indices:
+        full = _Samples(split, backbone, index, index + 1)[0]
+        small = _Samples(split, backbone, index, index + 1, min_side)[0] if min_side is not None else full
+        if full[1] is None or small[1] is None:
+            continue
+        exact.append(full[1])
+        reduced.append(small[1])
+        smaller += 0 if torch.equal(full[1], small[1]) else 1
+    record: dict[str, Any] = {"samples": len(exact), "min_side": min_side, "changed": smaller}
+    if not exact:
+        return record
+    batch = torch.stack(exact + reduced)
+    features = torch.from_numpy(_forward(backbone, batch, device, settings.amp, settings.owner)).double()
+    a, b = features[: len(exact)], features[len(exact) :]
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+    record.update(mean_cosine=float(cosine.mean()), min_cosine=float(cosine.min()))
+    return record
 
 
 def _discard(entry: CacheEntry) -> None:
@@ -389,7 +606,15 @@ def _shard(entry: CacheEntry, start: int, stop: int) -> CacheEntry:
 def _loaded(entry: CacheEntry, from_cache: bool) -> Extracted:
     features, labels, manifest = entry.load()
     nonfinite = (manifest.nonfinite_rows, manifest.first_nonfinite)
-    return Extracted(features, labels, manifest.skipped, from_cache=from_cache, nonfinite=nonfinite)
+    check = (manifest.model_extra or {}).get("decode_check")
+    return Extracted(
+        features,
+        labels,
+        manifest.skipped,
+        from_cache=from_cache,
+        nonfinite=nonfinite,
+        decode_check=check if isinstance(check, dict) else None,
+    )
 
 
 def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:

@@ -103,6 +103,17 @@ class Backbone(ABC):
         """
         return None
 
+    def decode_side(self) -> int | None:
+        """The shorter side an image needs for :meth:`preprocess` to only shrink it (e.g. the resize
+        of a resize-and-crop), or ``None`` (the default) when that cannot be said.
+
+        With ``extraction.decode: reduced`` a JPEG is decoded at a reduced DCT scale down to this
+        side (see :meth:`Split.reduced_sample`); ``None`` keeps the full decode for this model.
+
+        .. versionadded:: 0.1
+        """
+        return None
+
 
 @dataclass(frozen=True)
 class BackboneEntry:
@@ -141,6 +152,16 @@ class Split(ABC):
     def as_array(self) -> np.ndarray | None:
         """All samples as one ``(n, ...)`` array when the split is held as one (else ``None``)."""
         return None
+
+    def reduced_sample(self, index: int, min_side: int) -> Any:
+        """The sample at ``index``, decoded at a reduced scale where its format allows it, its shorter
+        side still at least ``min_side``: what ``extraction.decode: reduced`` reads (an approximation
+        of ``self[index]``: JPEG's DCT scaling, see :func:`sslbench.imaging.load_rgb`). The default
+        is ``self[index]``.
+
+        .. versionadded:: 0.1
+        """
+        return self[index]
 
     def describe(self, index: int) -> str:
         """How to name sample ``index`` in a message: its file path where it has one."""

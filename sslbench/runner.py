@@ -202,7 +202,9 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
         info = plugins.plugin_of(plugins.backbones, m_spec.id) if known else None
         models.append(ModelPlan(m_spec, m_options, entry, info))
     ext = spec.extraction
-    settings = ExtractionSettings(ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every)
+    settings = ExtractionSettings(
+        ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every, decode=ext.decode
+    )
     cache = FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None)
     return RunPlan(resolved, tuple(models), tuple(datasets), device, cache, settings)
 
@@ -241,7 +243,7 @@ class ModelFeatures:
     extract_s: list[float] = field(default_factory=list)
 
 
-def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource) -> CacheKey:
+def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource, decode: str = "exact") -> CacheKey:
     plugin = model.plugin
     return CacheKey(
         backbone=model.spec.id,
@@ -256,6 +258,7 @@ def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource) -> Cac
         dataset_options=source.options.model_dump(mode="json"),
         split=source.name,
         split_fingerprint=source.fingerprint,
+        decode=decode,
     )
 
 
@@ -269,6 +272,21 @@ def _build(model: ModelPlan, device: str) -> Backbone:
     except Exception as exc:
         raise PluginFailure(f"{model.owner}: building it raised {type(exc).__name__}: {exc}") from exc
     return prepare_backbone(built, device)
+
+
+def decode_note(name: str, extracted: Extracted) -> str:
+    """The line a run prints about ``decode: reduced``: how close its features are to the exact decode's."""
+    check = extracted.decode_check or {}
+    head = f"{name}: decode reduced"
+    if check.get("min_side") is None:
+        return f"{head}: the backbone names no decode side, so every image was decoded in full"
+    if "mean_cosine" not in check:
+        return f"{head}: no sample could be compared with the exact decode"
+    return (
+        f"{head} (shorter side ≥ {check['min_side']} px): feature cosine to the exact decode on "
+        f"{check['samples']} samples ({check['changed']} decoded smaller): mean {check['mean_cosine']:.6f}, "
+        f"min {check['min_cosine']:.6f}"
+    )
 
 
 def _release_device_memory(device: str) -> None:
@@ -306,14 +324,14 @@ def model_features(
                 started = time.perf_counter()
                 extracted = {}
                 for s_index, source in enumerate(dataset.sources()):
-                    key = _cache_key(model, backbone, source)
+                    key = _cache_key(model, backbone, source, settings.decode)
                     entry = (
                         plan.cache.entry(key)
                         if use_cache
                         else FeatureCache(scratch / f"features-{m_index}-{d_index}-{s_index}").entry(key)
                     )
                     emit(Event("stage", f"{source.label}/{source.name} ({model.spec.label})", name="extract"))
-                    extracted[f"{source.label}/{source.name}"] = extract_split(
+                    got = extract_split(
                         backbone,
                         source.split,
                         settings=settings,
@@ -323,6 +341,9 @@ def model_features(
                         progress=progress,
                         reextract_corrupt=plan.resolved.spec.extraction.on_corrupt == "reextract",
                     )
+                    if got.decode_check is not None:
+                        emit(Event("note", decode_note(f"{source.label}/{source.name} ({model.spec.label})", got)))
+                    extracted[f"{source.label}/{source.name}"] = got
                 features.per_dataset.append(extracted)
                 features.extract_s.append(time.perf_counter() - started)
         finally:

@@ -328,7 +328,17 @@ class ExtractionSpec(_StrictModel):
 
     batch_size: Batch = Field(256, description="Images per forward pass (at most 2^24).")
     workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = Field(
-        min(4, os.cpu_count() or 1), description="Processes that decode images (0 = in the main one; at most 256)."
+        min(4, os.cpu_count() or 1),
+        description="Processes that decode images (0 = in the main one; at most 256). On the CPU they share the "
+        "cores this process may use with torch's compute threads: at most this many and cores − 1, as many as the "
+        "measured decode and forward costs call for; the threads take the rest.",
+    )
+    decode: Literal["exact", "reduced"] = Field(
+        "exact",
+        description="How images are decoded: `exact` (in full: the reference) or `reduced` (a JPEG at the smallest "
+        "DCT scale, 1/2 to 1/8, whose shorter side still covers the model's resize: faster on large photos, an "
+        "approximation). `reduced` records the cosine of its features to the exact decode's on 32 samples per "
+        "split, and its features are cached apart.",
     )
     amp: bool = Field(True, description="Mixed precision on CUDA (ignored on the CPU).")
     on_error: Literal["fail", "skip"] = Field(
