@@ -378,11 +378,10 @@ class _Bounds:
     other than that one. Since then its centre moved by at most ``drift[c] − drift_at`` (a sum of that
     centre's update movements) and every centre of group ``g`` by at most the group's summed largest
     movement per update (stored as ``lower[g] + group_drift[g]`` at the visit, so the current bound is
-    that minus ``group_drift[g]`` now). Centres re-seeded since the visit jumped arbitrarily far: their
-    distances are computed exactly instead (a small product), and a sample whose own centre was re-seeded
-    is computed in full. By the triangle inequality the centre is still the nearest while ``upper +
-    own drift < min over groups of the group bounds (and the distances to re-seeded centres)``; a
-    relative margin covers float32 rounding, so the labels are those of the full computation (tests
+    that minus ``group_drift[g]`` now). A re-seeded centre's jump is such a movement too. By the
+    triangle inequality the centre is still the nearest while ``upper + own drift < min over groups of
+    the group bounds``; a relative margin covers the rounding of the bounds, which are proven bounds on
+    exact distances (:class:`_Nearest`), so the labels are those of the full computation (tests
     compare both). One far-moving centre (a starved one just re-seeded moves far on its next update)
     weakens only its group's bound, where a single bound over all centres (Hamerly's) would lose every row.
     """
@@ -401,10 +400,8 @@ class _Bounds:
         self.lower = torch.zeros((n_local, self.n_groups), dtype=torch.float32)
         self.drift_at = torch.zeros(n_local, dtype=torch.float64)
         self.sq = torch.zeros(n_local, dtype=torch.float32)
-        self.visit = torch.full((n_local,), -1, dtype=torch.int64)
         self.drift = torch.zeros(k, dtype=torch.float64)
         self.group_drift = torch.zeros(self.n_groups, dtype=torch.float64)
-        self.reseeded = torch.full((k,), -1, dtype=torch.int64)
         self.step = 0
         self.skipped = 0
         self.visits = 0
@@ -414,12 +411,11 @@ class _Bounds:
         whose bounds do not settle them."""
         torch = _torch()
         label = self.label[local]
-        visit = self.visit[local]
         seen = label >= 0
         own = label.clamp_min(0)
         upper = self.upper[local] + (self.drift[own] - self.drift_at[local])
         lower = (self.lower[local].double() - self.group_drift).min(dim=1).values
-        settled = seen & (self.reseeded[own] < visit)
+        settled = seen.clone()
         # Squared norms are computed at a row's first visit and kept: a pass over the batch saved.
         x_sq = self.sq[local]
         unseen = torch.nonzero(~seen).flatten()
@@ -428,20 +424,6 @@ class _Bounds:
             x_sq[unseen] = (fresh * fresh).sum(dim=1)
             self.sq[local[unseen]] = x_sq[unseen]
         norms = x_sq.sqrt()
-        if bool(seen.any()):
-            jumped = torch.nonzero(self.reseeded > int(visit[seen].min())).flatten()
-            if len(jumped) > len(centers) // 8:
-                # Early on, when many centres were re-seeded, their exact distances would cost nearly
-                # the full product: compute every row instead.
-                settled[:] = False
-            elif len(jumped):
-                moved = centers[jumped]
-                near = _Nearest(moved, (moved * moved).sum(dim=1), screen=False)
-                scores, err = near.scores(x, norms)
-                slack = err.double() + 1.01 * x.shape[1] * FP32_UNIT * x_sq.double()
-                exact = (scores.double() + (x_sq.double() - slack)[:, None]).clamp_min_(0).sqrt_()
-                since = self.reseeded[jumped][None, :] > visit[:, None]
-                lower = torch.minimum(lower, torch.where(since, exact, torch.inf).min(dim=1).values)
         settled &= upper <= lower - self.MARGIN * (lower.abs() + norms.double())
         todo = torch.nonzero(~settled).flatten()
         self.visits += len(local)
@@ -457,7 +439,6 @@ class _Bounds:
             self.upper[rows] = nearest
             self.lower[rows] = _round_down(group_lower + self.group_drift)
             self.drift_at[rows] = self.drift[found]
-            self.visit[rows] = self.step
         return label
 
     def _exact(
@@ -491,10 +472,10 @@ class _Bounds:
         )
         self.step += 1
 
-    def reseed(self, jumped: Tensor) -> None:
-        """Centres ``jumped`` (a mask) were re-seeded: distances to them are recomputed from now on."""
-        self.reseeded[jumped.cpu()] = self.step
-        self.step += 1
+    def reseed(self, jumps: Tensor) -> None:
+        """Starved centres were re-seeded, each moving by ``jumps`` (0 for the others): a movement like
+        any other, so it enters the centres' drifts and their groups' (weakening only those groups)."""
+        self.moved(jumps)
 
 
 class TorchOptions(BaseModel):
@@ -633,7 +614,7 @@ class TorchKMeans(Clusterer):
                     since_reassign = 0
                     jumps = self._reassign(reader, ranks, centers, counts, batch, x, generator)
                     if bounds is not None and jumps is not None:
-                        bounds.reseed(jumps > 0)
+                        bounds.reseed(jumps)
             if bounds is not None:
                 self.pruned_per_epoch.append(bounds.skipped - sum(self.pruned_per_epoch))
             if cfg.on_epoch:
