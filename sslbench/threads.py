@@ -1,12 +1,11 @@
 """The thread policy of CPU compute: never more threads than the cores this process may use, one
 thread for small products, and threads that sleep rather than spin while they wait.
 
-Measured on a 2-core EPYC with one competing busy process (``benchmarks/under_load.py``): OpenMP's
-default wait policy spins for every core it was given, so a 2-thread GEMM that needs both cores took
-3× its idle time and a small reduction 4×, while the same work with waiting threads asleep, or on
-one thread, took about 2×, the share of the machine left to it. Small products gain nothing from a
-second thread even on an idle machine: each parallel region costs a wake-up and a barrier, and under
-load the barrier waits for a thread the scheduler has parked.
+Measured on a 2-core EPYC (``benchmarks/under_load.py``): beside one busy process the worst clustering
+stage took 1.64× its idle time with sleeping threads and 2.17× spinning; beside two or three, spinning
+made a 2-thread k-means fit 74× slower than without the competitor, where sleeping threads took 1.02×. Sleeping costs up
+to 29 % idle. Small products gain nothing from a second thread even on an idle machine: each parallel
+region costs a wake-up and a barrier, and under load the barrier waits for a thread the scheduler parked.
 """
 
 from __future__ import annotations
