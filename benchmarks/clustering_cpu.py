@@ -21,28 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _gemm import gemm_rate
 from _synthetic import class_blobs
 
 from sslbench import evaluate_features
 from sslbench.interfaces import ClustererConfig, ReducerConfig
 from sslbench.spec import default_kmeans_batch_size
 from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA
-
-
-def gemm_rate(dims: int, k: int) -> float:
-    """float32 GEMM flop/s for the k-means shape (2048-row batches × d × k), best of 5."""
-    import torch
-
-    x = torch.randn(2048, dims)
-    c = torch.randn(k, dims)
-    torch.mm(x, c.T)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            torch.mm(x, c.T)
-        best = min(best, (time.perf_counter() - t0) / 10)
-    return 2 * 2048 * dims * k / best
 
 
 def main() -> None:
@@ -57,7 +42,7 @@ def main() -> None:
 
     x, y = class_blobs(args.n + args.n // 10, args.k, args.dims)
     xtr, ytr, xev, yev = x[: args.n], y[: args.n], x[args.n :], y[args.n :]
-    rate = gemm_rate(args.dims, args.k)
+    rate = gemm_rate(2048, args.dims, args.k)
     print(f"data: {args.n} × {args.dims} train, {len(xev)} eval, k = {args.k}, {args.epochs} epochs")
     print(f"float32 GEMM rate here: {rate / 1e9:.0f} GFLOP/s")
 

@@ -37,26 +37,13 @@ prefer_sleeping_threads()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _gemm import gemm_rate  # noqa: E402
 from _synthetic import class_blobs  # noqa: E402
 
 from sslbench import evaluate_features  # noqa: E402
 from sslbench.interfaces import ClustererConfig, ReducerConfig  # noqa: E402
 from sslbench.spec import default_kmeans_batch_size  # noqa: E402
 from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA, cpu_has_bf16  # noqa: E402
-
-
-def gemm_rate(rows: int, dims: int, k: int, dtype: torch.dtype) -> float:
-    """GEMM flop/s in the k-means shape (``rows × d`` by ``d × k``), best of 5 timings of 5 products."""
-    x = torch.randn(rows, dims).to(dtype)
-    c = torch.randn(k, dims).to(dtype)
-    torch.mm(x, c.T)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(5):
-            torch.mm(x, c.T)
-        best = min(best, (time.perf_counter() - started) / 5)
-    return 2 * rows * dims * k / best
 
 
 def verdict(ok: bool) -> str:
@@ -213,8 +200,8 @@ def main() -> None:
     parser.add_argument("--targets", default="medium,small,large")
     parser.add_argument("--skip-reference-large", action="store_true", help="the large reference takes ≈ 9 min")
     args = parser.parse_args()
-    rate32 = gemm_rate(2048, 1024, 500, torch.float32)
-    rate16 = gemm_rate(2048, 1024, 500, torch.bfloat16)
+    rate32 = gemm_rate(2048, 1024, 500, "float32", repeats=5)
+    rate16 = gemm_rate(2048, 1024, 500, "bfloat16", repeats=5)
     print(
         f"GEMM rates here (2048 × 1024 by 1024 × 500): float32 {rate32 / 1e9:.0f} GFLOP/s, "
         f"bfloat16 {rate16 / 1e9:.0f} GFLOP/s (native bfloat16: {cpu_has_bf16()}); "

@@ -273,12 +273,13 @@ def _contenders(scores: Tensor, best: Tensor, err: Tensor) -> Tensor:
     return (scores <= (best + 2 * err)[:, None]).sum(dim=1)
 
 
-def _nearest(x: Tensor, centers: Tensor, center_sq: Tensor, screen: bool) -> Tensor:
-    """The nearest centre of every row: exact (:class:`_Nearest`) on the CPU; on a GPU, where nothing
-    varies the batch shapes, the float32 GEMM's (without a host round trip per batch)."""
-    if x.is_cuda:
-        return _closest(x, centers, center_sq)[0]
-    return _Nearest(centers, center_sq, screen).closest(x)
+def _nearest_centres(centers: Tensor, center_sq: Tensor, screen: bool) -> Callable[[Tensor], Tensor]:
+    """Rows → their nearest centres: exact (:class:`_Nearest`) on the CPU; on a GPU, where nothing
+    varies the batch shapes, the float32 GEMM's (without a host round trip per batch). Built once per
+    set of centres."""
+    if centers.is_cuda:
+        return lambda x: _closest(x, centers, center_sq)[0]
+    return _Nearest(centers, center_sq, screen).closest
 
 
 #: The k-means++ sample's Gram matrix is precomputed when it takes at most this many bytes...
@@ -402,9 +403,7 @@ class _Bounds:
         self.sq = torch.zeros(n_local, dtype=torch.float32)
         self.drift = torch.zeros(k, dtype=torch.float64)
         self.group_drift = torch.zeros(self.n_groups, dtype=torch.float64)
-        self.step = 0
         self.skipped = 0
-        self.visits = 0
 
     def labels(self, local: Tensor, x: Tensor, centers: Tensor, screen: bool) -> Tensor:
         """Labels of the batch rows ``x`` (local sample numbers ``local``), computing only the rows
@@ -426,7 +425,6 @@ class _Bounds:
         norms = x_sq.sqrt()
         settled &= upper <= lower - self.MARGIN * (lower.abs() + norms.double())
         todo = torch.nonzero(~settled).flatten()
-        self.visits += len(local)
         self.skipped += len(local) - len(todo)
         if len(todo):
             if len(todo) == len(local):  # every row (the first epoch): no copy of the batch
@@ -470,7 +468,6 @@ class _Bounds:
         self.group_drift += torch.zeros(self.n_groups, dtype=torch.float64).scatter_reduce_(
             0, self.group, movement, "amax"
         )
-        self.step += 1
 
     def reseed(self, jumps: Tensor) -> None:
         """Starved centres were re-seeded, each moving by ``jumps`` (0 for the others): a movement like
@@ -569,7 +566,7 @@ class TorchKMeans(Clusterer):
         ones = torch.ones(cfg.batch_size, dtype=torch.float64, device=device)
         prune = self.options.prune if self.options.prune is not None else device == "cpu"
         bounds = _Bounds(ranks.n_local, centers) if prune and not on_device and k > 1 else None
-        self.pruned_per_epoch = []
+        self.pruned_rows, self.pruned_per_epoch = 0, []
         screen = self._screen(reader.dims)
         for _ in range(cfg.epochs):
             order = torch.randperm(ranks.n_total, generator=generator)
@@ -590,7 +587,7 @@ class TorchKMeans(Clusterer):
                     if bounds is not None:
                         labels = bounds.labels(torch.from_numpy(local), x, centers, screen)
                     else:
-                        labels = _nearest(x, centers, (centers * centers).sum(dim=1), screen)
+                        labels = _nearest_centres(centers, (centers * centers).sum(dim=1), screen)(x)
                     sums.index_add_(0, labels, x)
                     batch_counts.index_add_(0, labels, ones[: len(labels)])
                 ranks.sum_(sums)
@@ -616,10 +613,10 @@ class TorchKMeans(Clusterer):
                     if bounds is not None and jumps is not None:
                         bounds.reseed(jumps)
             if bounds is not None:
-                self.pruned_per_epoch.append(bounds.skipped - sum(self.pruned_per_epoch))
+                self.pruned_per_epoch.append(bounds.skipped - self.pruned_rows)
+                self.pruned_rows = bounds.skipped
             if cfg.on_epoch:
                 cfg.on_epoch()
-        self.pruned_rows = bounds.skipped if bounds is not None else 0
         return centers
 
     def _screen(self, dims: int) -> bool:
@@ -761,11 +758,11 @@ class TorchKMeans(Clusterer):
         assert self.centers is not None
         reader = RowReader(features)
         center_sq = (self.centers * self.centers).sum(dim=1)
-        screen = self._screen(reader.dims)
+        nearest = _nearest_centres(self.centers, center_sq, self._screen(reader.dims))
         out = np.empty(len(reader), dtype=np.int64)
         for rows in iter_chunks(len(reader), self.options.chunk_rows):
             x = torch.from_numpy(reader.rows(rows)).to(self.device)
-            out[rows] = _nearest(x, self.centers, center_sq, screen).cpu().numpy()
+            out[rows] = nearest(x).cpu().numpy()
         reader.release()
         return out
 
