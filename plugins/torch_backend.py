@@ -122,6 +122,13 @@ class _DeviceRows:
         torch = _torch()
         self.reader, self.device = reader, device
         self.resident: Tensor | None = None
+        # Rows in this process's memory are gathered by torch (on its threads, twice numpy's rate),
+        # into one buffer reused batch after batch (a fresh 8 MB array page-faults on every batch).
+        array = reader.array
+        self._host: Tensor | None = None
+        if device == "cpu" and not reader.file_backed and array.dtype == np.float32 and array.flags.writeable:
+            self._host = torch.from_numpy(array)
+        self._buffer: Tensor | None = None
         if device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             if len(reader) * reader.dims * 4 < 0.5 * free:
@@ -136,11 +143,20 @@ class _DeviceRows:
     def dims(self) -> int:
         return self.reader.dims
 
-    def gather(self, local: np.ndarray) -> Tensor:
+    def gather(self, local: np.ndarray, reuse: bool = False) -> Tensor:
+        """Rows at ascending local indices; with ``reuse``, into a buffer the next reusing gather
+        overwrites."""
         torch = _torch()
         if self.resident is not None:
             return self.resident[torch.from_numpy(local).to(self.device)]
-        return torch.from_numpy(self.reader.gather(local)).to(self.device)
+        if self._host is None:
+            return torch.from_numpy(self.reader.gather(local)).to(self.device)
+        index = torch.from_numpy(local)
+        if not reuse:
+            return torch.index_select(self._host, 0, index)
+        if self._buffer is None or len(self._buffer) < len(local):
+            self._buffer = torch.empty((len(local), self.dims), dtype=torch.float32)
+        return torch.index_select(self._host, 0, index, out=self._buffer[: len(local)])
 
     def rows(self, rows: slice) -> Tensor:
         torch = _torch()
@@ -188,63 +204,115 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+class _Screening:
+    """Whether nearest centres are screened by bfloat16 products, adapted to the data as a fit goes.
+
+    Screening costs a bfloat16 product (half a float32 one on a CPU with AVX512-BF16) plus a float32
+    one for every row its error bound cannot settle. On separated clusters that is a few per cent of
+    the rows; where the nearest centres crowd (the early epochs of a fit, overlapping classes) it can
+    be most of them, and screening then costs more than it saves. So the share of rows it leaves
+    unsettled is tracked (while screening is off, by asking of every ``PROBE_EVERY``-th float32 product
+    which rows the bfloat16 bound would have left) and screening runs while that share is under
+    ``MAX_SHARE``. Labels are exact either way: only the speed depends on the decision.
+    """
+
+    MAX_SHARE = 0.4
+    PROBE_EVERY = 8
+
+    def __init__(self, enabled: bool, adaptive: bool = True) -> None:
+        self.enabled, self.adaptive = enabled, adaptive
+        #: Running share of rows the bfloat16 bound leaves unsettled (exponentially weighted).
+        self.share = 0.0
+        self._calls = 0
+
+    def active(self) -> bool:
+        """Whether the next product is screened."""
+        return self.enabled and (not self.adaptive or self.share < self.MAX_SHARE)
+
+    def probe(self) -> bool:
+        """Whether the next float32 product (screening off) measures what screening would leave."""
+        self._calls += 1
+        return self.enabled and self._calls % self.PROBE_EVERY == 0
+
+    def record(self, unsettled: int, rows: int) -> None:
+        if rows:
+            self.share = 0.75 * self.share + 0.25 * unsettled / rows
+
+
 class _Nearest:
     """The exact nearest centre of every row (ties to the lowest index) at GEMM speed, on the CPU.
 
-    Scores ``‖c‖² − 2x·c`` come from one GEMM — in bfloat16 when ``screen`` (twice the float32 rate
-    on a CPU with AVX512-BF16), else in float32 — with a rigorous bound on each row's score errors.
-    A row whose best score beats every other by more than twice its bound has its nearest centre
-    settled exactly. The few others are recomputed: in float32 when screened, then, among the
-    centres still within twice the bound, as exact float64 squared distances, computed pair by pair
-    by the same NumPy reduction whatever the batch. So the labels depend neither on the precision
-    of the products nor on which rows are computed together (a float32 GEMM rounds a row differently
-    depending on the batch's shape, and near-ties then flip): pruned, screened, chunked and plain
-    fits assign identically.
+    Scores ``‖c‖² − 2x·c`` come from one GEMM — in bfloat16 while ``screening`` is active (twice the
+    float32 rate on a CPU with AVX512-BF16), else in float32 — with a rigorous bound on the error of
+    every score. A row's nearest centre is settled when no other centre's score less its bound comes
+    under the best score plus its bound. The few other rows are recomputed: in float32 when screened,
+    then, among the centres still in contention, as exact float64 squared distances, computed pair by
+    pair by the same NumPy reduction whatever the batch. So the labels depend neither on the
+    precision of the products nor on which rows are computed together (a float32 GEMM rounds a row
+    differently depending on the batch's shape, and near-ties then flip): pruned, screened, chunked
+    and plain fits assign identically.
 
-    Error bounds, with ``u = 2^-24``, ``c_max`` the largest centre norm, ``‖x‖`` the row's norm: a float32
-    GEMM score is within ``(d+2)·u·(c_max² + 2‖x‖c_max)`` of the exact one (any summation order). In
-    bfloat16 (unit roundoff ``2^-8``, products exact in float32, sums in float32, the result rounded to
-    bfloat16) every product ``x·c`` is within ``e·‖x‖‖c‖`` with ``e = 4·2^-8 + 2d·u`` (generous in the
-    second-order terms), so a score within ``2e·‖x‖c_max`` plus the float32 bound. Both carry 1 %
-    slack for the rounding of the bounds themselves.
+    Error bounds, with ``u = 2^-24``, ``‖x‖`` the row's norm and ``‖c‖`` the centre's: a float32 GEMM
+    score is within ``(d+4)·u·(‖c‖² + 2‖x‖‖c‖)`` of the exact one (any summation order; ``‖c‖²`` taken
+    as the square of the computed norm), and 4 more units cover the float32 sums and differences that
+    compare scores with their bounds. In bfloat16 (unit roundoff ``2^-8``, products exact in float32,
+    sums in float32, the result rounded to bfloat16) every product ``x·c`` is within ``e·‖x‖‖c‖`` with
+    ``e = 4·2^-8 + 2d·u``, so a score within ``2e·‖x‖‖c‖`` plus the float32 bound. Bounds per centre,
+    not with the largest centre norm, settle about twice as many rows where norms vary. All carry 1 %
+    slack for the second-order terms (the computed norms' own rounding among them).
     """
 
-    def __init__(self, centers: Tensor, center_sq: Tensor, screen: bool) -> None:
+    def __init__(self, centers: Tensor, screening: _Screening) -> None:
         torch = _torch()
-        self.centers, self.center_sq = centers, center_sq
-        self.low = centers.bfloat16() if screen else None
-        self.exact_centers: np.ndarray | None = None
         d = centers.shape[1]
-        self.c_max = float(torch.linalg.vector_norm(centers, dim=1).max())
-        e32 = 1.01 * (d + 2) * FP32_UNIT
-        #: A float32 score's error bound: ``norm_32 · ‖x‖ + const_32``.
-        self.norm_32, self.const_32 = 2 * e32 * self.c_max, e32 * self.c_max**2
+        self.centers, self.screening = centers, screening
+        self.center_norms = torch.linalg.vector_norm(centers, dim=1)
+        self.center_sq = self.center_norms.square()
+        self.low: Tensor | None = None
+        self.exact_centers: np.ndarray | None = None
+        e32 = 1.01 * (d + 8) * FP32_UNIT
         e16 = 1.01 * (4 * BF16_UNIT + 2 * d * FP32_UNIT)
-        self.norm_16 = 2 * e16 * self.c_max + self.norm_32
+        #: A score's error bound against centre ``j``: ``alpha · ‖x‖‖c_j‖ + square_term[j]``.
+        self.alpha_32, self.alpha_16 = 2 * e32, 2 * e16 + 2 * e32
+        self.square_term = e32 * self.center_sq
 
-    def scores(self, x: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-        """Approximate scores of every row and centre, and a bound on each row's score errors."""
+    def _bounds(self, norms: Tensor, alpha: float) -> Tensor:
+        return _torch().addr(self.square_term, norms, self.center_norms, alpha=alpha)
+
+    def scores(self, x: Tensor, norms: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Approximate scores of every row and centre, the bound on each one's error, and whether they
+        were screened (bfloat16)."""
         torch = _torch()
+        if not self.screening.active():
+            return _scores(x, self.centers, self.center_sq), self._bounds(norms, self.alpha_32), False
         if self.low is None:
-            return _scores(x, self.centers, self.center_sq), self.norm_32 * norms + self.const_32
+            self.low = self.centers.bfloat16()
         approx = torch.mm(x.bfloat16(), self.low.T).float().mul_(-2.0).add_(self.center_sq)
-        return approx, self.norm_16 * norms + self.const_32
+        return approx, self._bounds(norms, self.alpha_16), True
 
-    def labels(self, x: Tensor, scores: Tensor, err: Tensor, norms: Tensor) -> Tensor:
+    def labels(self, x: Tensor, scores: Tensor, err: Tensor, norms: Tensor, screened: bool) -> Tensor:
         """The exact nearest centres, from approximate ``scores`` within ``err`` of the exact ones (rows
         recomputed in float32 get their scores and bounds updated in place)."""
         torch = _torch()
-        best, labels = scores.min(dim=1)
-        rows = torch.nonzero(_contenders(scores, best, err) > 1).flatten()
-        if len(rows) and self.low is not None:
+        labels = scores.argmin(dim=1)
+        contenders = _contenders(scores, err)
+        rows = torch.nonzero(contenders.sum(dim=1) > 1).flatten()
+        if screened:
+            self.screening.record(len(rows), len(x))
+        elif self.screening.probe():
+            loose = self._bounds(norms, self.alpha_16)
+            self.screening.record(int((_contenders(scores, loose).sum(dim=1) > 1).sum()), len(x))
+        if len(rows) and screened:
             scores[rows] = _scores(x[rows], self.centers, self.center_sq)
-            err[rows] = self.norm_32 * norms[rows] + self.const_32
-            best_rows, labels[rows] = scores[rows].min(dim=1)
-            still = _contenders(scores[rows], best_rows, err[rows]) > 1
-            rows = rows[still]
+            err[rows] = self._bounds(norms[rows], self.alpha_32)
+            labels[rows] = scores[rows].argmin(dim=1)
+            contenders = _contenders(scores[rows], err[rows])
+            still = contenders.sum(dim=1) > 1
+            rows, contenders = rows[still], contenders[still]
+        elif len(rows):
+            contenders = contenders[rows]
         if len(rows):
-            within = scores[rows] <= (scores[rows].min(dim=1).values + 2 * err[rows])[:, None]
-            labels[rows] = self._exact(x[rows], within)
+            labels[rows] = self._exact(x[rows], contenders)
         return labels
 
     def _exact(self, x: Tensor, within: Tensor) -> Tensor:
@@ -264,22 +332,25 @@ class _Nearest:
     def closest(self, x: Tensor) -> Tensor:
         """The exact nearest centre of every row of ``x``."""
         norms = _torch().linalg.vector_norm(x, dim=1)
-        scores, err = self.scores(x, norms)
-        return self.labels(x, scores, err, norms)
+        scores, err, screened = self.scores(x, norms)
+        return self.labels(x, scores, err, norms, screened)
 
 
-def _contenders(scores: Tensor, best: Tensor, err: Tensor) -> Tensor:
-    """Per row, how many centres score within twice the error bound of the best (1: settled)."""
-    return (scores <= (best + 2 * err)[:, None]).sum(dim=1)
+def _contenders(scores: Tensor, err: Tensor) -> Tensor:
+    """Per row, the centres that may be the nearest: whose score less its bound is at most the least
+    score plus its bound (the exact least score is at most that)."""
+    upper = (scores + err).min(dim=1).values
+    return (scores - err) <= upper[:, None]
 
 
-def _nearest_centres(centers: Tensor, center_sq: Tensor, screen: bool) -> Callable[[Tensor], Tensor]:
+def _nearest_centres(centers: Tensor, screening: _Screening) -> Callable[[Tensor], Tensor]:
     """Rows → their nearest centres: exact (:class:`_Nearest`) on the CPU; on a GPU, where nothing
     varies the batch shapes, the float32 GEMM's (without a host round trip per batch). Built once per
     set of centres."""
     if centers.is_cuda:
+        center_sq = (centers * centers).sum(dim=1)
         return lambda x: _closest(x, centers, center_sq)[0]
-    return _Nearest(centers, center_sq, screen).closest
+    return _Nearest(centers, screening).closest
 
 
 #: The k-means++ sample's Gram matrix is precomputed when it takes at most this many bytes...
@@ -385,11 +456,24 @@ class _Bounds:
     exact distances (:class:`_Nearest`), so the labels are those of the full computation (tests
     compare both). One far-moving centre (a starved one just re-seeded moves far on its next update)
     weakens only its group's bound, where a single bound over all centres (Hamerly's) would lose every row.
+
+    Re-seeding moves tens of centres at once, each by about the distance between clusters: folded into
+    the drifts, such a burst would weaken most groups and stop pruning for an epoch. So a burst is
+    tracked instead (while the centres re-seeded since the oldest visit are few, ``TRACK_SHARE`` of k):
+    it leaves the group drifts alone, and a row visited after it first *catches up*, taking bounds on its
+    distances to every centre re-seeded since its last visit (their current positions) into its group
+    bounds, and into its upper bound when its own centre was one of them.
     """
 
     MARGIN = 1e-3
     #: At most this many groups (memory: 4 bytes per sample and group).
     MAX_GROUPS = 64
+    #: Re-seeding bursts are tracked while the centres re-seeded since the oldest visit are at most this
+    #: share of the centres (a catch-up costs that share of a full product); beyond, jumps are folded.
+    TRACK_SHARE = 0.25
+    #: When bounds settle fewer than this share of a batch, all of it is computed: the few settled rows
+    #: cost less in the product than gathering the others would, and their bounds come out fresh.
+    WHOLE_BATCH = 0.9
 
     def __init__(self, n_local: int, centers: Tensor) -> None:
         torch = _torch()
@@ -403,9 +487,13 @@ class _Bounds:
         self.sq = torch.zeros(n_local, dtype=torch.float32)
         self.drift = torch.zeros(k, dtype=torch.float64)
         self.group_drift = torch.zeros(self.n_groups, dtype=torch.float64)
+        #: The centres of every tracked re-seeding burst, in order, and per sample how many of them it had
+        #: caught up with at its last visit.
+        self.bursts: list[Tensor] = []
+        self.caught_up = torch.zeros(n_local, dtype=torch.int64)
         self.skipped = 0
 
-    def labels(self, local: Tensor, x: Tensor, centers: Tensor, screen: bool) -> Tensor:
+    def labels(self, local: Tensor, x: Tensor, centers: Tensor, screening: _Screening) -> Tensor:
         """Labels of the batch rows ``x`` (local sample numbers ``local``), computing only the rows
         whose bounds do not settle them."""
         torch = _torch()
@@ -413,49 +501,94 @@ class _Bounds:
         seen = label >= 0
         own = label.clamp_min(0)
         upper = self.upper[local] + (self.drift[own] - self.drift_at[local])
-        lower = (self.lower[local].double() - self.group_drift).min(dim=1).values
-        settled = seen.clone()
+        group_lower = self.lower[local].double() - self.group_drift
         # Squared norms are computed at a row's first visit and kept: a pass over the batch saved.
         x_sq = self.sq[local]
         unseen = torch.nonzero(~seen).flatten()
-        if len(unseen):
+        if len(unseen) == len(local):
+            x_sq = torch.linalg.vecdot(x, x)
+            self.sq[local] = x_sq
+        elif len(unseen):
             fresh = x[unseen]
-            x_sq[unseen] = (fresh * fresh).sum(dim=1)
+            x_sq[unseen] = torch.linalg.vecdot(fresh, fresh)
             self.sq[local[unseen]] = x_sq[unseen]
         norms = x_sq.sqrt()
-        settled &= upper <= lower - self.MARGIN * (lower.abs() + norms.double())
+        behind = torch.nonzero(seen & (self.caught_up[local] < len(self.bursts))).flatten()
+        if len(behind):
+            self._catch_up(local, behind, x, x_sq, centers, own, upper, group_lower)
+        lower = group_lower.min(dim=1).values
+        settled = seen & (upper <= lower - self.MARGIN * (lower.abs() + norms.double()))
         todo = torch.nonzero(~settled).flatten()
+        if len(todo) >= self.WHOLE_BATCH * len(local):
+            todo = torch.arange(len(local))
         self.skipped += len(local) - len(todo)
         if len(todo):
-            if len(todo) == len(local):  # every row (the first epoch): no copy of the batch
-                found, nearest, group_lower = self._exact(x, centers, x_sq, norms, screen)
+            if len(todo) == len(local):  # no copy of the batch
+                found, nearest, exact_lower = self._exact(x, centers, x_sq, norms, screening)
             else:
-                found, nearest, group_lower = self._exact(x[todo], centers, x_sq[todo], norms[todo], screen)
+                found, nearest, exact_lower = self._exact(x[todo], centers, x_sq[todo], norms[todo], screening)
             rows = local[todo]
             label[todo] = found
             self.label[rows] = found
             self.upper[rows] = nearest
-            self.lower[rows] = _round_down(group_lower + self.group_drift)
+            self.lower[rows] = _round_down(exact_lower + self.group_drift)
             self.drift_at[rows] = self.drift[found]
+            self.caught_up[rows] = len(self.bursts)
         return label
 
+    def _catch_up(
+        self,
+        local: Tensor,
+        behind: Tensor,
+        x: Tensor,
+        x_sq: Tensor,
+        centers: Tensor,
+        own: Tensor,
+        upper: Tensor,
+        group_lower: Tensor,
+    ) -> None:
+        """Batch rows ``behind`` were last visited before some tracked re-seedings: bound their distances
+        to every centre re-seeded since (where those centres are now), tighten ``upper`` (when it is the
+        row's own centre) and ``group_lower`` (otherwise) in place, and store both as of now."""
+        torch = _torch()
+        first = int(self.caught_up[local[behind]].min())
+        reseeded = torch.cat(self.bursts[first:]).unique()
+        chosen = centers[reseeded]
+        rows, rows_sq = x[behind], x_sq[behind]
+        scores, err, _ = _Nearest(chosen, _Screening(False)).scores(rows, rows_sq.sqrt())
+        squared = scores.double() + rows_sq.double()[:, None]
+        slack = err.double() + _norm_slack(rows_sq, x.shape[1])[:, None]
+        far = (squared - slack).clamp_min_(0).sqrt_()
+        near = (squared + slack).clamp_min_(0).sqrt_()
+        is_own = reseeded[None, :] == own[behind][:, None]
+        own_upper = torch.where(is_own, near, torch.inf).min(dim=1).values
+        upper[behind] = torch.minimum(upper[behind], own_upper)
+        reached = torch.full((len(behind), self.n_groups), torch.inf, dtype=torch.float64).scatter_reduce_(
+            1, self.group[reseeded].expand(len(behind), -1), far.masked_fill_(is_own, torch.inf), "amin"
+        )
+        group_lower[behind] = torch.minimum(group_lower[behind], reached)
+        stored = local[behind]
+        self.upper[stored] = upper[behind]
+        self.drift_at[stored] = self.drift[own[behind]]
+        self.lower[stored] = _round_down(group_lower[behind] + self.group_drift)
+        self.caught_up[stored] = len(self.bursts)
+
     def _exact(
-        self, x: Tensor, centers: Tensor, x_sq: Tensor, norms: Tensor, screen: bool
+        self, x: Tensor, centers: Tensor, x_sq: Tensor, norms: Tensor, screening: _Screening
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The exact nearest centre of every row (:class:`_Nearest`), an upper bound on the distance to
         it, and per group a lower bound on the distance to the group's other centres (float64)."""
         torch = _torch()
-        center_sq = (centers * centers).sum(dim=1)
-        nearest = _Nearest(centers, center_sq, screen)
-        scores, err = nearest.scores(x, norms)
-        found = nearest.labels(x, scores, err, norms)
-        best = scores.gather(1, found[:, None])[:, 0]
-        scores.scatter_(1, found[:, None], torch.inf)
+        nearest = _Nearest(centers, screening)
+        scores, err, screened = nearest.scores(x, norms)
+        found = nearest.labels(x, scores, err, norms, screened)
+        at = found[:, None]
+        best = (scores.gather(1, at) + err.gather(1, at))[:, 0]
+        reachable = scores.sub_(err).scatter_(1, at, torch.inf)
         group_best = torch.full((len(x), self.n_groups), torch.inf).scatter_reduce_(
-            1, self.group.expand(len(x), -1), scores, "amin"
+            1, self.group.expand(len(x), -1), reachable, "amin"
         )
-        # Squared distance = score + ‖x‖², each within its bound (‖x‖² summed in float32).
-        slack = err.double() + 1.01 * x.shape[1] * FP32_UNIT * x_sq.double()
+        slack = _norm_slack(x_sq, x.shape[1])
         upper = (best.double() + x_sq.double() + slack).clamp_min_(0).sqrt_()
         group_lower = (group_best.double() + (x_sq.double() - slack)[:, None]).clamp_min_(0).sqrt_()
         return found, upper, group_lower
@@ -470,9 +603,28 @@ class _Bounds:
         )
 
     def reseed(self, jumps: Tensor) -> None:
-        """Starved centres were re-seeded, each moving by ``jumps`` (0 for the others): a movement like
-        any other, so it enters the centres' drifts and their groups' (weakening only those groups)."""
-        self.moved(jumps)
+        """Starved centres were re-seeded, each moving by ``jumps`` (0 for the others). The jumps enter
+        the centres' own drifts; the burst is tracked (rows catch up with it at their next visit) while
+        few centres are pending, else it is a movement like any other, entering its groups' drifts."""
+        torch = _torch()
+        jumps = jumps.double().cpu()
+        moved = torch.nonzero(jumps > 0).flatten()
+        if not len(moved):
+            return
+        seen = self.label >= 0
+        oldest = int(self.caught_up[seen].min()) if bool(seen.any()) else len(self.bursts)
+        pending = torch.cat([*self.bursts[oldest:], moved]).unique()
+        if len(pending) > self.TRACK_SHARE * len(self.drift):
+            self.moved(jumps)
+            return
+        self.bursts.append(moved)
+        self.drift += jumps
+
+
+def _norm_slack(x_sq: Tensor, dims: int) -> Tensor:
+    """Bound on the error of ``‖x‖²`` summed in float32 (float64), which a squared distance taken as
+    score + ‖x‖² adds to the score's own bound."""
+    return 1.01 * dims * FP32_UNIT * x_sq.double()
 
 
 class TorchOptions(BaseModel):
@@ -492,7 +644,8 @@ class TorchOptions(BaseModel):
     screen: bool | None = Field(
         None,
         description="nearest centres from bfloat16 products, float32 only for rows they cannot settle (the "
-        "same labels as float32, proven by an error bound); null = on for a CPU with native bfloat16",
+        "same labels as float32, proven by an error bound); null = on a CPU with native bfloat16, while it "
+        "settles most rows (measured as the fit goes: crowded centres leave too many for it to pay)",
     )
     pca_precision: Literal["float32", "float64"] = Field(
         "float32",
@@ -567,12 +720,13 @@ class TorchKMeans(Clusterer):
         prune = self.options.prune if self.options.prune is not None else device == "cpu"
         bounds = _Bounds(ranks.n_local, centers) if prune and not on_device and k > 1 else None
         self.pruned_rows, self.pruned_per_epoch = 0, []
-        screen = self._screen(reader.dims)
+        screening = self._screening(reader.dims)
+        sums = torch.zeros_like(centers)
         for _ in range(cfg.epochs):
             order = torch.randperm(ranks.n_total, generator=generator)
             order_on_device = order.to(device) if on_device else order
             for rows in iter_chunks(ranks.n_total, cfg.batch_size):
-                sums = torch.zeros_like(centers)
+                sums.zero_()
                 batch_counts = torch.zeros(k, dtype=torch.float64, device=device)
                 x: Tensor | None
                 if on_device:
@@ -582,12 +736,12 @@ class TorchKMeans(Clusterer):
                 else:
                     batch = np.sort(order[rows].numpy())
                     _, local = ranks.local(batch)
-                    x = reader.gather(local) if len(local) else None
+                    x = reader.gather(local, reuse=True) if len(local) else None
                 if x is not None:
                     if bounds is not None:
-                        labels = bounds.labels(torch.from_numpy(local), x, centers, screen)
+                        labels = bounds.labels(torch.from_numpy(local), x, centers, screening)
                     else:
-                        labels = _nearest_centres(centers, (centers * centers).sum(dim=1), screen)(x)
+                        labels = _nearest_centres(centers, screening)(x)
                     sums.index_add_(0, labels, x)
                     batch_counts.index_add_(0, labels, ones[: len(labels)])
                 ranks.sum_(sums)
@@ -597,15 +751,14 @@ class TorchKMeans(Clusterer):
                 if may_have_empty:
                     may_have_empty = bool((counts == 0).any())
                 reassign = may_have_empty or since_reassign >= 10 * k
-                # c ← (c·n + Σx) / (n + m), in place: untouched centres get scale 1 and add 0.
+                # c ← (c·n + Σx) / (n + m) = c + (Σx − m·c) / (n + m), in place, two passes over the
+                # centres (untouched ones add 0): the sums become each centre's shift.
                 total = counts + batch_counts
                 inverse = torch.where(batch_counts > 0, 1.0 / total.clamp_min(1.0), 0.0)
-                keep = torch.where(batch_counts > 0, counts * inverse, 1.0)
+                shift = sums.addcmul_(batch_counts.float()[:, None], centers, value=-1.0)
                 if bounds is not None:
-                    # c' − c = (Σx − m·c) / (n + m): each centre's movement, before the update.
-                    shift = sums - batch_counts.float()[:, None] * centers
                     bounds.moved(torch.linalg.vector_norm(shift, dim=1).double() * inverse)
-                centers.mul_(keep.float()[:, None]).add_(sums.mul_(inverse.float()[:, None]))
+                centers.addcmul_(shift, inverse.float()[:, None])
                 counts = total
                 if reassign:
                     since_reassign = 0
@@ -619,12 +772,14 @@ class TorchKMeans(Clusterer):
                 cfg.on_epoch()
         return centers
 
-    def _screen(self, dims: int) -> bool:
-        """Whether nearest centres are screened by bfloat16 products (see :class:`_Screen`): by default on
-        a CPU that multiplies bfloat16 natively, for products large enough to be worth a second pass."""
+    def _screening(self, dims: int) -> _Screening:
+        """Whether nearest centres are screened by bfloat16 products (:class:`_Screening`): as the option
+        says, else adaptively on a CPU that multiplies bfloat16 natively, for products large enough to be
+        worth a second pass."""
         if self.options.screen is not None:
-            return self.options.screen
-        return self.device == "cpu" and cpu_has_bf16() and self.config.n_clusters * dims >= SCREEN_MIN_WORK
+            return _Screening(self.options.screen, adaptive=False)
+        enabled = self.device == "cpu" and cpu_has_bf16() and self.config.n_clusters * dims >= SCREEN_MIN_WORK
+        return _Screening(enabled)
 
     def _reassign(
         self,
@@ -757,8 +912,7 @@ class TorchKMeans(Clusterer):
         torch = _torch()
         assert self.centers is not None
         reader = RowReader(features)
-        center_sq = (self.centers * self.centers).sum(dim=1)
-        nearest = _nearest_centres(self.centers, center_sq, self._screen(reader.dims))
+        nearest = _nearest_centres(self.centers, self._screening(reader.dims))
         out = np.empty(len(reader), dtype=np.int64)
         for rows in iter_chunks(len(reader), self.options.chunk_rows):
             x = torch.from_numpy(reader.rows(rows)).to(self.device)

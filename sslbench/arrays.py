@@ -54,6 +54,11 @@ class RowReader:
     def dims(self) -> int:
         return int(self.array.shape[1])
 
+    @property
+    def file_backed(self) -> bool:
+        """Whether rows are read from the array's file (else by indexing the array)."""
+        return self._fd is not None
+
     def release(self) -> None:
         """Close the file this reader opened (it reopens nothing: call when done)."""
         if self._fd is not None:

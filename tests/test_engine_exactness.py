@@ -19,6 +19,7 @@ from sslbench_plugins.torch_backend import (
     _closest,
     _Nearest,
     _round_down,
+    _Screening,
     kmeans_plus_plus,
 )
 
@@ -59,8 +60,8 @@ def test_bfloat16_screening_gives_the_float32_labels(case):
     rows, centers = (torch.from_numpy(a) for a in case)
     center_sq = (centers * centers).sum(dim=1)
     plain = _closest(rows, centers, center_sq)[0]
-    exact = _Nearest(centers, center_sq, screen=False).closest(rows)
-    screened = _Nearest(centers, center_sq, screen=True).closest(rows)
+    exact = _Nearest(centers, _Screening(False)).closest(rows)
+    screened = _Nearest(centers, _Screening(True, adaptive=False)).closest(rows)
     assert torch.equal(screened, exact)
     # The exact labels are those of float64 squared distances (ties to the lowest index)...
     distance = ((rows.double()[:, None, :] - centers.double()[None]) ** 2).sum(dim=2)
@@ -71,14 +72,14 @@ def test_bfloat16_screening_gives_the_float32_labels(case):
 
 
 @SETTINGS
-@given(hostile_rows())
-def test_screened_scores_are_within_their_error_bound(case):
+@given(hostile_rows(), st.booleans())
+def test_scores_are_within_their_error_bound(case, screen):
     rows, centers = (torch.from_numpy(a) for a in case)
-    center_sq = (centers * centers).sum(dim=1)
     norms = torch.linalg.vector_norm(rows, dim=1)
-    scores, err = _Nearest(centers, center_sq, screen=True).scores(rows, norms)
+    scores, err, screened = _Nearest(centers, _Screening(screen, adaptive=False)).scores(rows, norms)
+    assert screened == screen
     exact = (centers.double() ** 2).sum(dim=1)[None, :] - 2 * rows.double() @ centers.double().T
-    assert bool(((scores.double() - exact.double()).abs() <= err.double()[:, None]).all())
+    assert bool(((scores.double() - exact).abs() <= err.double()).all())
 
 
 @SETTINGS
@@ -172,3 +173,111 @@ def test_kmeans_plus_plus_picks_the_same_centres_from_the_distance_matrix(monkey
     monkeypatch.setattr(torch_backend, "GRAM_BYTES", 0)
     without = kmeans_plus_plus(sample, 40, torch.Generator().manual_seed(3))
     assert torch.equal(with_matrix, without)
+
+
+@st.composite
+def bound_walks(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
+    """Rows, centres, and a walk of steps: visit a batch of rows, move some centres a little or far,
+    or re-seed some centres onto rows (a burst small enough to be tracked, or large enough to fold)."""
+    n, k, d = draw(st.integers(20, 120)), draw(st.integers(2, 30)), draw(st.integers(1, 16))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 4
+    rows = centers[rng.integers(0, k, n)] + rng.normal(size=(n, d))
+    steps = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["visit", "visit", "drift", "jump", "reseed", "burst"]), st.integers(0, 2**31 - 1)
+            ),
+            min_size=4,
+            max_size=30,
+        )
+    )
+    return rows.astype(np.float32), centers.astype(np.float32), steps
+
+
+@pytest.fixture(scope="module")
+def tracked() -> list[int]:
+    """Tracked bursts per walk, to show the walks reach the catch-up path."""
+    return []
+
+
+@SETTINGS
+@given(walk=bound_walks(), screen=st.booleans())
+def test_yinyang_bounds_give_the_exact_labels_through_drift_and_reseeding(walk, screen, tracked):
+    """Whatever the centres do between visits — small moves, far moves, re-seeding bursts tracked or
+    folded — every visit returns the labels of float64 brute force (ties to the lowest index), and
+    every stored bound still holds against the exact distances (except, as designed, towards centres
+    re-seeded since a row's last visit, which it catches up with at the next)."""
+    rows, start, steps = walk
+    x, centers = torch.from_numpy(rows), torch.from_numpy(start).clone()
+    bounds = _Bounds(len(x), centers)
+    screening = _Screening(screen, adaptive=False)
+    for kind, seed in steps:
+        rng = np.random.default_rng(seed)
+        if kind == "visit":
+            local = torch.from_numpy(np.sort(rng.choice(len(x), rng.integers(1, len(x) + 1), replace=False)))
+            labels = bounds.labels(local, x[local], centers, screening)
+            distance = ((x[local].double()[:, None, :] - centers.double()[None]) ** 2).sum(dim=2)
+            assert torch.equal(labels, torch.from_numpy(distance.numpy().argmin(axis=1)))
+        else:
+            before = centers.clone()
+            if kind == "reseed":  # one or two centres: a burst the bounds track
+                chosen = torch.zeros(len(centers), dtype=torch.bool)
+                chosen[torch.from_numpy(rng.integers(0, len(centers), 2))] = True
+            else:
+                chosen = torch.from_numpy(rng.random(len(centers)) < (0.9 if kind == "burst" else 0.3))
+            if kind in ("reseed", "burst"):
+                targets = x[torch.from_numpy(rng.integers(0, len(x), len(centers)))]
+                centers[chosen] = targets[chosen]
+            else:
+                scale = 0.05 if kind == "drift" else 5.0
+                centers[chosen] += torch.from_numpy(
+                    rng.normal(size=(int(chosen.sum()), centers.shape[1])) * scale
+                ).float()
+            movement = torch.linalg.vector_norm(centers.double() - before.double(), dim=1)
+            if kind in ("reseed", "burst"):
+                bounds.reseed(movement)
+            else:
+                bounds.moved(movement)
+        _assert_bounds_hold(bounds, x, centers)
+    tracked.append(len(bounds.bursts))
+
+
+def test_the_walks_reach_tracked_bursts(tracked):
+    """Runs after the walks (file order): some of them tracked a burst, so catch-ups were exercised."""
+    assert sum(n > 0 for n in tracked) >= 5
+
+
+def _assert_bounds_hold(bounds: _Bounds, x: torch.Tensor, centers: torch.Tensor) -> None:
+    seen = torch.nonzero(bounds.label >= 0).flatten()
+    distance = torch.cdist(x[seen].double(), centers.double())
+    own = bounds.label[seen]
+    upper = bounds.upper[seen] + bounds.drift[own] - bounds.drift_at[seen]
+    assert bool((distance.gather(1, own[:, None])[:, 0] <= upper * (1 + 1e-9) + 1e-9).all())
+    lower = bounds.lower[seen].double() - bounds.group_drift
+    for i, row in enumerate(seen.tolist()):
+        pending = torch.cat([torch.zeros(0, dtype=torch.int64), *bounds.bursts[int(bounds.caught_up[row]) :]])
+        for g in range(bounds.n_groups):
+            members = torch.nonzero(bounds.group == g).flatten()
+            members = members[(members != own[i]) & ~torch.isin(members, pending)]
+            if len(members):
+                assert float(distance[i, members].min()) >= float(lower[i, g]) - 1e-9 * (1 + abs(float(lower[i, g])))
+
+
+def test_screening_turns_itself_off_where_bfloat16_settles_few_rows_and_back_on():
+    """On one Gaussian cloud the nearest centres crowd and the bfloat16 bound settles few rows:
+    screening stops (its share measured all along); on separated blobs it resumes. The labels are
+    float64 brute force's throughout."""
+    rng = np.random.default_rng(0)
+    crowded = torch.from_numpy(rng.normal(size=(4096, 64))).float()
+    centers = torch.from_numpy(rng.normal(size=(200, 64))).float()
+    screening = _Screening(True)
+    nearest = _Nearest(centers, screening)
+    labels = torch.cat([nearest.closest(chunk) for chunk in crowded.split(256)])
+    assert not screening.active()
+    assert torch.equal(labels, torch.cdist(crowded.double(), centers.double()).argmin(dim=1))
+    separated = centers[torch.from_numpy(rng.integers(0, 200, 8192))] + 1e-3 * torch.randn(8192, 64)
+    labels = torch.cat([nearest.closest(chunk) for chunk in separated.split(256)])
+    assert screening.active()
+    assert torch.equal(labels, torch.cdist(separated.double(), centers.double()).argmin(dim=1))
