@@ -255,9 +255,11 @@ class _Nearest:
     Error bounds, with ``u = 2^-24``, ``‖x‖`` the row's norm and ``‖c‖`` the centre's: a float32 GEMM
     score is within ``(d+4)·u·(‖c‖² + 2‖x‖‖c‖)`` of the exact one (any summation order; ``‖c‖²`` taken
     as the square of the computed norm), and 4 more units cover the float32 sums and differences that
-    compare scores with their bounds. In bfloat16 (unit roundoff ``2^-8``, products exact in float32,
-    sums in float32, the result rounded to bfloat16) every product ``x·c`` is within ``e·‖x‖‖c‖`` with
-    ``e = 4·2^-8 + 2d·u``, so a score within ``2e·‖x‖‖c‖`` plus the float32 bound. Bounds per centre,
+    compare scores with their bounds. In bfloat16 (unit roundoff ``v = 2^-8``) both operands are rounded
+    (``2v + v²`` of ``Σ|x_i c_i| ≤ ‖x‖‖c‖``), the products are exact in float32 and summed in float32
+    (``d·u``), and the result is rounded to bfloat16 (``v``): every product ``x·c`` is within
+    ``e·‖x‖‖c‖`` with ``e = 3v + 2v² + 2(d+1)·u``, so a score within ``2e·‖x‖‖c‖`` plus the float32
+    bound. Bounds per centre,
     not with the largest centre norm, settle about twice as many rows where norms vary. All carry 1 %
     slack for the second-order terms (the computed norms' own rounding among them).
     """
@@ -271,7 +273,7 @@ class _Nearest:
         self.low: Tensor | None = None
         self.exact_centers: np.ndarray | None = None
         e32 = 1.01 * (d + 8) * FP32_UNIT
-        e16 = 1.01 * (4 * BF16_UNIT + 2 * d * FP32_UNIT)
+        e16 = 1.01 * (3 * BF16_UNIT + 2 * BF16_UNIT**2 + 2 * (d + 1) * FP32_UNIT)
         #: A score's error bound against centre ``j``: ``alpha · ‖x‖‖c_j‖ + square_term[j]``.
         self.alpha_32, self.alpha_16 = 2 * e32, 2 * e16 + 2 * e32
         self.square_term = e32 * self.center_sq
@@ -287,7 +289,8 @@ class _Nearest:
             return _scores(x, self.centers, self.center_sq), self._bounds(norms, self.alpha_32), False
         if self.low is None:
             self.low = self.centers.bfloat16()
-        approx = torch.mm(x.bfloat16(), self.low.T).float().mul_(-2.0).add_(self.center_sq)
+        # float32 + bfloat16 promotes to float32: ‖c‖² − 2·product in one pass, rounded once.
+        approx = torch.add(self.center_sq, torch.mm(x.bfloat16(), self.low.T), alpha=-2.0)
         return approx, self._bounds(norms, self.alpha_16), True
 
     def labels(self, x: Tensor, scores: Tensor, err: Tensor, norms: Tensor, screened: bool) -> Tensor:
