@@ -259,9 +259,10 @@ class _Nearest:
     (``2v + v²`` of ``Σ|x_i c_i| ≤ ‖x‖‖c‖``), the products are exact in float32 and summed in float32
     (``d·u``), and the result is rounded to bfloat16 (``v``): every product ``x·c`` is within
     ``e·‖x‖‖c‖`` with ``e = 3v + 2v² + 2(d+1)·u``, so a score within ``2e·‖x‖‖c‖`` plus the float32
-    bound. Bounds per centre,
-    not with the largest centre norm, settle about twice as many rows where norms vary. All carry 1 %
-    slack for the second-order terms (the computed norms' own rounding among them).
+    bound. Rows are first tested with one bound per row (the largest centre norm's: two passes over the
+    scores); those it leaves, with bounds per centre, which settle about twice as many where centre
+    norms vary. All carry 1 % slack for the second-order terms (the computed norms' own rounding
+    among them).
     """
 
     def __init__(self, centers: Tensor, screening: _Screening) -> None:
@@ -275,48 +276,62 @@ class _Nearest:
         e32 = 1.01 * (d + 8) * FP32_UNIT
         e16 = 1.01 * (3 * BF16_UNIT + 2 * BF16_UNIT**2 + 2 * (d + 1) * FP32_UNIT)
         #: A score's error bound against centre ``j``: ``alpha · ‖x‖‖c_j‖ + square_term[j]``.
-        self.alpha_32, self.alpha_16 = 2 * e32, 2 * e16 + 2 * e32
+        self.alpha_32, self.alpha_16, self.e32 = 2 * e32, 2 * e16 + 2 * e32, e32
         self.square_term = e32 * self.center_sq
+        self.c_max = float(self.center_norms.max()) if len(centers) else 0.0
 
-    def _bounds(self, norms: Tensor, alpha: float) -> Tensor:
+    def bounds(self, norms: Tensor, screened: bool) -> Tensor:
+        """The error bound of every score of rows of norms ``norms``, centre by centre."""
+        alpha = self.alpha_16 if screened else self.alpha_32
         return _torch().addr(self.square_term, norms, self.center_norms, alpha=alpha)
 
-    def scores(self, x: Tensor, norms: Tensor) -> tuple[Tensor, Tensor, bool]:
-        """Approximate scores of every row and centre, the bound on each one's error, and whether they
-        were screened (bfloat16)."""
+    def row_bounds(self, norms: Tensor, screened: bool) -> Tensor:
+        """One error bound per row, valid for all of its scores (the largest centre norm's)."""
+        alpha = self.alpha_16 if screened else self.alpha_32
+        return alpha * self.c_max * norms + self.e32 * self.c_max**2
+
+    def scores(self, x: Tensor) -> tuple[Tensor, bool]:
+        """Approximate scores of every row and centre, and whether they were screened (bfloat16)."""
         torch = _torch()
         if not self.screening.active():
-            return _scores(x, self.centers, self.center_sq), self._bounds(norms, self.alpha_32), False
+            return _scores(x, self.centers, self.center_sq), False
         if self.low is None:
             self.low = self.centers.bfloat16()
         # float32 + bfloat16 promotes to float32: ‖c‖² − 2·product in one pass, rounded once.
-        approx = torch.add(self.center_sq, torch.mm(x.bfloat16(), self.low.T), alpha=-2.0)
-        return approx, self._bounds(norms, self.alpha_16), True
+        return torch.add(self.center_sq, torch.mm(x.bfloat16(), self.low.T), alpha=-2.0), True
 
-    def labels(self, x: Tensor, scores: Tensor, err: Tensor, norms: Tensor, screened: bool) -> Tensor:
-        """The exact nearest centres, from approximate ``scores`` within ``err`` of the exact ones (rows
-        recomputed in float32 get their scores and bounds updated in place)."""
+    def _unsettled(self, scores: Tensor, best: Tensor, norms: Tensor, screened: bool) -> tuple[Tensor, Tensor]:
+        """The rows whose nearest centre the bounds cannot settle, and their contenders. First one bound
+        per row (two passes over the scores), then, for the rows it leaves, bounds per centre."""
         torch = _torch()
-        labels = scores.argmin(dim=1)
-        contenders = _contenders(scores, err)
-        rows = torch.nonzero(contenders.sum(dim=1) > 1).flatten()
+        err = self.row_bounds(norms, screened)
+        rows = torch.nonzero((scores <= (best + 2 * err)[:, None]).sum(dim=1) > 1).flatten()
+        if not len(rows):
+            return rows, torch.zeros((0, scores.shape[1]), dtype=torch.bool, device=scores.device)
+        contenders = _contenders(scores[rows], self.bounds(norms[rows], screened))
+        still = contenders.sum(dim=1) > 1
+        return rows[still], contenders[still]
+
+    def labels(self, x: Tensor, scores: Tensor, norms: Tensor, screened: bool) -> tuple[Tensor, Tensor]:
+        """The exact nearest centres, from approximate ``scores``, and a bound per row valid for every
+        score of the row (rows recomputed in float32 get their scores updated in place)."""
+        best, labels = scores.min(dim=1)
+        err = self.row_bounds(norms, screened)
+        rows, contenders = self._unsettled(scores, best, norms, screened)
         if screened:
             self.screening.record(len(rows), len(x))
         elif self.screening.probe():
-            loose = self._bounds(norms, self.alpha_16)
-            self.screening.record(int((_contenders(scores, loose).sum(dim=1) > 1).sum()), len(x))
+            self.screening.record(len(self._unsettled(scores, best, norms, True)[0]), len(x))
         if len(rows) and screened:
-            scores[rows] = _scores(x[rows], self.centers, self.center_sq)
-            err[rows] = self._bounds(norms[rows], self.alpha_32)
-            labels[rows] = scores[rows].argmin(dim=1)
-            contenders = _contenders(scores[rows], err[rows])
-            still = contenders.sum(dim=1) > 1
-            rows, contenders = rows[still], contenders[still]
-        elif len(rows):
-            contenders = contenders[rows]
+            recomputed = _scores(x[rows], self.centers, self.center_sq)
+            scores[rows] = recomputed
+            err[rows] = self.row_bounds(norms[rows], False)
+            best_rows, labels[rows] = recomputed.min(dim=1)
+            still, contenders = self._unsettled(recomputed, best_rows, norms[rows], False)
+            rows = rows[still]
         if len(rows):
             labels[rows] = self._exact(x[rows], contenders)
-        return labels
+        return labels, err
 
     def _exact(self, x: Tensor, within: Tensor) -> Tensor:
         """For every row, the nearest of the centres marked in ``within`` by exact float64 squared
@@ -334,9 +349,8 @@ class _Nearest:
 
     def closest(self, x: Tensor) -> Tensor:
         """The exact nearest centre of every row of ``x``."""
-        norms = _torch().linalg.vector_norm(x, dim=1)
-        scores, err, screened = self.scores(x, norms)
-        return self.labels(x, scores, err, norms, screened)
+        scores, screened = self.scores(x)
+        return self.labels(x, scores, _torch().linalg.vector_norm(x, dim=1), screened)[0]
 
 
 def _contenders(scores: Tensor, err: Tensor) -> Tensor:
@@ -558,7 +572,9 @@ class _Bounds:
         reseeded = torch.cat(self.bursts[first:]).unique()
         chosen = centers[reseeded]
         rows, rows_sq = x[behind], x_sq[behind]
-        scores, err, _ = _Nearest(chosen, _Screening(False)).scores(rows, rows_sq.sqrt())
+        nearest = _Nearest(chosen, _Screening(False))
+        scores, _ = nearest.scores(rows)
+        err = nearest.bounds(rows_sq.sqrt(), False)
         squared = scores.double() + rows_sq.double()[:, None]
         slack = err.double() + _norm_slack(rows_sq, x.shape[1])[:, None]
         far = (squared - slack).clamp_min_(0).sqrt_()
@@ -583,11 +599,11 @@ class _Bounds:
         it, and per group a lower bound on the distance to the group's other centres (float64)."""
         torch = _torch()
         nearest = _Nearest(centers, screening)
-        scores, err, screened = nearest.scores(x, norms)
-        found = nearest.labels(x, scores, err, norms, screened)
+        scores, screened = nearest.scores(x)
+        found, err = nearest.labels(x, scores, norms, screened)
         at = found[:, None]
-        best = (scores.gather(1, at) + err.gather(1, at))[:, 0]
-        reachable = scores.sub_(err).scatter_(1, at, torch.inf)
+        best = scores.gather(1, at)[:, 0] + err
+        reachable = scores.sub_(err[:, None]).scatter_(1, at, torch.inf)
         group_best = torch.full((len(x), self.n_groups), torch.inf).scatter_reduce_(
             1, self.group.expand(len(x), -1), reachable, "amin"
         )

@@ -76,10 +76,13 @@ def test_bfloat16_screening_gives_the_float32_labels(case):
 def test_scores_are_within_their_error_bound(case, screen):
     rows, centers = (torch.from_numpy(a) for a in case)
     norms = torch.linalg.vector_norm(rows, dim=1)
-    scores, err, screened = _Nearest(centers, _Screening(screen, adaptive=False)).scores(rows, norms)
+    nearest = _Nearest(centers, _Screening(screen, adaptive=False))
+    scores, screened = nearest.scores(rows)
     assert screened == screen
     exact = (centers.double() ** 2).sum(dim=1)[None, :] - 2 * rows.double() @ centers.double().T
-    assert bool(((scores.double() - exact).abs() <= err.double()).all())
+    error = (scores.double() - exact).abs()
+    assert bool((error <= nearest.bounds(norms, screen).double()).all())
+    assert bool((error <= nearest.row_bounds(norms, screen).double()[:, None]).all())
 
 
 @SETTINGS
