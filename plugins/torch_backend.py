@@ -394,7 +394,7 @@ def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Gen
     gram: Tensor | None = None
     if n * n * sample.element_size() <= GRAM_BYTES and n <= GRAM_FLOP_RATIO * n_clusters * trials:
         with torch_threads(2 * n * n * sample.shape[1]):
-            gram = torch.mm(sample, sample.T)
+            gram = _symmetric_gram(sample)
 
     def to_sample(rows: Tensor) -> Tensor:
         """Squared distances of the sample rows ``rows`` to every sample row."""
@@ -435,6 +435,19 @@ def _upper_gram(x: Tensor, out: Tensor) -> None:
     for start in range(0, d, width):
         stop = min(start + width, d)
         _torch().mm(x[:, start:stop].T, x[:, start:], out=out[start:stop, start:])
+
+
+def _symmetric_gram(rows: Tensor) -> Tensor:
+    """``rows @ rows.T``: its upper block triangle by :func:`_upper_gram` (0.625 of the flops for four
+    blocks), the rest mirrored from it."""
+    n = len(rows)
+    gram = _torch().empty((n, n), dtype=rows.dtype, device=rows.device)
+    _upper_gram(rows.T, gram)
+    width = -(-n // max(1, min(4, n // GRAM_BLOCK)))
+    for start in range(0, n, width):
+        stop = min(start + width, n)
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
+    return gram
 
 
 def _round_down(values: Tensor) -> Tensor:
