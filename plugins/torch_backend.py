@@ -126,7 +126,13 @@ class _DeviceRows:
         # into one buffer reused batch after batch (a fresh 8 MB array page-faults on every batch).
         array = reader.array
         self._host: Tensor | None = None
-        if device == "cpu" and not reader.file_backed and array.dtype == np.float32 and array.flags.writeable:
+        if (
+            device == "cpu"
+            and not reader.file_backed
+            and array.dtype == np.float32
+            and array.flags.c_contiguous
+            and array.flags.writeable
+        ):
             self._host = torch.from_numpy(array)
         self._buffer: Tensor | None = None
         if device.startswith("cuda"):
@@ -191,6 +197,9 @@ def _closest(x: Tensor, centers: Tensor, center_sq: Tensor) -> tuple[Tensor, Ten
 #: Unit roundoffs: bfloat16 keeps 8 significant bits, float32 24.
 BF16_UNIT = 2.0**-8
 FP32_UNIT = 2.0**-24
+#: The smallest normal float32 (and bfloat16): below it a GEMM may flush operands, products and
+#: results to zero (AVX512-BF16 does), so error bounds carry absolute terms of this size.
+TINY = 2.0**-126
 
 
 @functools.cache
@@ -213,7 +222,9 @@ class _Screening:
     be most of them, and screening then costs more than it saves. So the share of rows it leaves
     unsettled is tracked (while screening is off, by asking of every ``PROBE_EVERY``-th float32 product
     which rows the bfloat16 bound would have left) and screening runs while that share is under
-    ``MAX_SHARE``. Labels are exact either way: only the speed depends on the decision.
+    ``MAX_SHARE``. The share is that of the rows actually computed: with pruning, the rows the bounds
+    could not settle, which are the ones screening would have to settle. Labels are exact either way:
+    only the speed depends on the decision.
     """
 
     MAX_SHARE = 0.4
@@ -279,16 +290,26 @@ class _Nearest:
         self.alpha_32, self.alpha_16, self.e32 = 2 * e32, 2 * e16 + 2 * e32, e32
         self.square_term = e32 * self.center_sq
         self.c_max = float(self.center_norms.max()) if len(centers) else 0.0
+        self.dims = d
 
     def bounds(self, norms: Tensor, screened: bool) -> Tensor:
         """The error bound of every score of rows of norms ``norms``, centre by centre."""
         alpha = self.alpha_16 if screened else self.alpha_32
-        return _torch().addr(self.square_term, norms, self.center_norms, alpha=alpha)
+        relative = _torch().addr(self.square_term, norms, self.center_norms, alpha=alpha)
+        return relative.add_(self._flushed(norms)[:, None])
 
     def row_bounds(self, norms: Tensor, screened: bool) -> Tensor:
         """One error bound per row, valid for all of its scores (the largest centre norm's)."""
         alpha = self.alpha_16 if screened else self.alpha_32
-        return alpha * self.c_max * norms + self.e32 * self.c_max**2
+        return alpha * self.c_max * norms + self.e32 * self.c_max**2 + self._flushed(norms)
+
+    def _flushed(self, norms: Tensor) -> Tensor:
+        """What flushing values below :data:`TINY` to zero can change a score by: an operand flushed
+        changes its product by ``TINY·|other|`` (``TINY·√d·(‖x‖ + ‖c‖)`` in all), a product, sum or
+        result flushed by ``TINY`` each (``d + 2`` of them), twice over for ``−2x·c``, and ``‖c‖²``'s
+        ``d + 1`` squares and sums. Negligible unless the features are tiny (below about 1e-19)."""
+        d = self.dims
+        return TINY * ((3 * d + 5) + 2 * math.sqrt(d) * (norms + self.c_max))
 
     def scores(self, x: Tensor) -> tuple[Tensor, bool]:
         """Approximate scores of every row and centre, and whether they were screened (bfloat16)."""
@@ -316,6 +337,11 @@ class _Nearest:
         """The exact nearest centres, from approximate ``scores``, and a bound per row valid for every
         score of the row (rows recomputed in float32 get their scores updated in place)."""
         best, labels = scores.min(dim=1)
+        if not bool(_torch().isfinite(best).all()):
+            raise SSLBenchError(
+                "k-means: squared distances overflow float32 (features of magnitude about 1e19 or more); "
+                "rescale the features"
+            )
         err = self.row_bounds(norms, screened)
         rows, contenders = self._unsettled(scores, best, norms, screened)
         if screened:
@@ -480,7 +506,7 @@ class _Bounds:
     other than that one. Since then its centre moved by at most ``drift[c] − drift_at`` (a sum of that
     centre's update movements) and every centre of group ``g`` by at most the group's summed largest
     movement per update (stored as ``lower[g] + group_drift[g]`` at the visit, so the current bound is
-    that minus ``group_drift[g]`` now). A re-seeded centre's jump is such a movement too. By the
+    that minus ``group_drift[g]`` now). By the
     triangle inequality the centre is still the nearest while ``upper + own drift < min over groups of
     the group bounds``; a relative margin covers the rounding of the bounds, which are proven bounds on
     exact distances (:class:`_Nearest`), so the labels are those of the full computation (tests
@@ -653,10 +679,29 @@ class _Bounds:
         self.drift += jumps
 
 
+def _update_centres(centers: Tensor, counts: Tensor, sums: Tensor, batch_counts: Tensor, bound: bool) -> Tensor | None:
+    """One mini-batch step, in place: ``c ← (c·n + Σx) / (n + m) = c + (Σx − m·c) / (n + m)`` in two passes
+    over the centres (untouched ones add 0; ``sums`` becomes each centre's shift). With ``bound``,
+    returns a proven bound on how far each centre moved (float64): the step's norm, and the rounding
+    of every coordinate of a moved centre to float32 (up to ``u·|c|`` however small the step — a
+    centre nudged by a few units in the last place for thousands of updates moves that much more)."""
+    torch = _torch()
+    inverse = torch.where(batch_counts > 0, 1.0 / (counts + batch_counts).clamp_min(1.0), 0.0)
+    shift = sums.addcmul_(batch_counts.float()[:, None], centers, value=-1.0)
+    step = torch.linalg.vector_norm(shift, dim=1).double() * inverse if bound else None
+    centers.addcmul_(shift, inverse.float()[:, None])
+    if step is None:
+        return None
+    d = centers.shape[1]
+    rounding = torch.linalg.vector_norm(centers, dim=1).double() * (1.01 * FP32_UNIT)
+    # (d + 4)·u: the computed norm's own error and the float32 inverse's and product's roundings.
+    return torch.where(batch_counts > 0, step * (1 + (d + 4) * FP32_UNIT) + rounding, 0.0)
+
+
 def _norm_slack(x_sq: Tensor, dims: int) -> Tensor:
     """Bound on the error of ``‖x‖²`` summed in float32 (float64), which a squared distance taken as
     score + ‖x‖² adds to the score's own bound."""
-    return 1.01 * dims * FP32_UNIT * x_sq.double()
+    return 1.01 * dims * FP32_UNIT * x_sq.double() + (dims + 1) * TINY
 
 
 class TorchOptions(BaseModel):
@@ -676,7 +721,7 @@ class TorchOptions(BaseModel):
     screen: bool | None = Field(
         None,
         description="nearest centres from bfloat16 products, float32 only for rows they cannot settle (the "
-        "same labels as float32, proven by an error bound); null = on a CPU with native bfloat16, while it "
+        "same exact labels either way, proven by an error bound); null = on a CPU with native bfloat16, while it "
         "settles most rows (measured as the fit goes: crowded centres leave too many for it to pay)",
     )
     pca_precision: Literal["float32", "float64"] = Field(
@@ -783,14 +828,11 @@ class TorchKMeans(Clusterer):
                 if may_have_empty:
                     may_have_empty = bool((counts == 0).any())
                 reassign = may_have_empty or since_reassign >= 10 * k
-                # c ← (c·n + Σx) / (n + m) = c + (Σx − m·c) / (n + m), in place, two passes over the
-                # centres (untouched ones add 0): the sums become each centre's shift.
                 total = counts + batch_counts
-                inverse = torch.where(batch_counts > 0, 1.0 / total.clamp_min(1.0), 0.0)
-                shift = sums.addcmul_(batch_counts.float()[:, None], centers, value=-1.0)
+                movement = _update_centres(centers, counts, sums, batch_counts, bounds is not None)
                 if bounds is not None:
-                    bounds.moved(torch.linalg.vector_norm(shift, dim=1).double() * inverse)
-                centers.addcmul_(shift, inverse.float()[:, None])
+                    assert movement is not None
+                    bounds.moved(movement)
                 counts = total
                 if reassign:
                     since_reassign = 0

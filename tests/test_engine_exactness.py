@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sslbench.errors import SSLBenchError
 from sslbench.interfaces import ClustererConfig
 from sslbench.threads import SMALL_WORK, _cgroup_quota, available_cores, compute_threads, torch_threads
 from sslbench_plugins import torch_backend
@@ -33,7 +34,8 @@ def hostile_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     k = draw(st.integers(2, 24))
     d = draw(st.integers(1, 48))
     seed = draw(st.integers(0, 2**31 - 1))
-    scale = 2.0 ** draw(st.integers(-30, 30))
+    # Down to where float32 and bfloat16 GEMMs flush to zero, up to where squares near float32's top.
+    scale = 2.0 ** draw(st.integers(-75, 55))
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(k, d)) * scale
     if draw(st.booleans()):
@@ -299,3 +301,85 @@ def test_symmetric_gram_is_the_product_with_the_transpose(n, d, seed):
     scale = (rows.double() ** 2).sum(dim=1)
     bound = 1.01 * (d + 2) * 2.0**-24 * torch.sqrt(scale[:, None] * scale[None, :])
     assert bool(((gram.double() - exact).abs() <= bound).all())
+
+
+@SETTINGS
+@given(
+    k=st.integers(1, 12),
+    d=st.integers(1, 64),
+    scale=st.integers(-20, 20),
+    count_exponent=st.integers(0, 40),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_the_centre_update_bounds_how_far_each_centre_moved(k, d, scale, count_exponent, seed):
+    """The movement the update reports is at least the float64 distance each centre actually moved,
+    float32 rounding of the moved centre included (large counts make steps of a few ulps)."""
+    rng = np.random.default_rng(seed)
+    centers = torch.from_numpy(rng.normal(size=(k, d)) * 2.0**scale).float()
+    counts = torch.from_numpy(rng.integers(0, 2**count_exponent + 1, k)).double()
+    batch_counts = torch.from_numpy(rng.integers(0, 3, k)).double()
+    rows = centers.double() + torch.from_numpy(rng.normal(size=(k, d)) * 2.0**scale * 1e-3)
+    sums = (rows * batch_counts[:, None]).float()
+    before = centers.clone()
+    movement = torch_backend._update_centres(centers, counts, sums, batch_counts, bound=True)
+    assert movement is not None
+    actual = torch.linalg.vector_norm(centers.double() - before.double(), dim=1)
+    assert bool((actual <= movement).all())
+
+
+def test_bounds_stay_exact_through_thousands_of_ulp_sized_updates():
+    """A centre nudged towards a row by a few units in the last place for 22,000 updates (huge count,
+    far from the row): the rounding of each update to float32 exceeds the step itself, and the
+    bounds must count it (the reviewer's reproducer: the step's norm alone let a row keep a centre
+    that was no longer its nearest)."""
+    x = torch.tensor([[0.0]])
+    centers = torch.tensor([[1.0], [1.0025]])
+    bounds = _Bounds(1, centers)
+    screening = _Screening(False)
+    local = torch.tensor([0])
+    assert bounds.labels(local, x, centers, screening).tolist() == [0]
+    counts = torch.tensor([5.0, 2.0**20], dtype=torch.float64)
+    sums = torch.zeros_like(centers)
+    for _ in range(22_000):
+        batch_counts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        sums.zero_()
+        sums[1] = centers[1] - 0.07
+        movement = torch_backend._update_centres(centers, counts, sums, batch_counts, bound=True)
+        assert movement is not None
+        bounds.moved(movement)
+        counts = counts + batch_counts
+    brute = int(((x.double() - centers.double().T) ** 2).argmin())
+    assert float(centers[1]) < float(centers[0])  # the second centre is now the nearer one
+    assert bounds.labels(local, x, centers, screening).tolist() == [brute]
+
+
+@pytest.mark.parametrize(("scale", "screen"), [(1e-19, True), (1e-21, False), (1e-30, True)])
+def test_fits_on_tiny_features_assign_each_row_its_nearest_centre(scale, screen):
+    """Below about 1e-19 GEMMs flush to zero: the bounds' absolute terms send such rows to float64."""
+    rng = np.random.default_rng(0)
+    x = ((rng.normal(size=(6, 12)) * 4)[rng.integers(0, 6, 2000)] + rng.normal(size=(2000, 12))) * scale
+    x = x.astype(np.float32)
+    kmeans = TorchKMeans(ClustererConfig(8, 3, 256, 0, options=TorchOptions(prune=True, screen=screen)))
+    kmeans.fit(x)
+    assert kmeans.centers is not None
+    distance = ((torch.from_numpy(x).double()[:, None] - kmeans.centers.double()[None]) ** 2).sum(dim=2)
+    assert np.array_equal(kmeans.predict(x), distance.argmin(dim=1).numpy())
+
+
+def test_features_whose_squares_overflow_float32_are_refused_in_one_line():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(500, 12)) * 2e19).astype(np.float32)
+    with pytest.raises(SSLBenchError, match=r"overflow float32.*rescale"):
+        TorchKMeans(ClustererConfig(4, 2, 128, 0)).fit(x)
+
+
+def test_fits_read_arrays_of_any_layout():
+    """Reversed (negative strides) and Fortran-ordered arrays fit as their C-ordered copies do."""
+    rng = np.random.default_rng(0)
+    x = ((rng.normal(size=(5, 8)) * 4)[rng.integers(0, 5, 600)] + rng.normal(size=(600, 8))).astype(np.float32)
+    fits = []
+    for array in (x[::-1], np.asfortranarray(x[::-1]), np.ascontiguousarray(x[::-1])):
+        kmeans = TorchKMeans(ClustererConfig(5, 3, 128, 0))
+        kmeans.fit(array)
+        fits.append(kmeans.centers)
+    assert all(torch.equal(centers, fits[-1]) for centers in fits)

@@ -190,7 +190,7 @@ def test_kmeans_refuses_centres_that_overflowed():
     x = np.full((20, 2), 3e38, dtype=np.float32)
     x[::2] *= -1
     kmeans = TorchKMeans(ClustererConfig(n_clusters=2, epochs=1, batch_size=8, seed=0))
-    with pytest.raises(SSLBenchError, match="k-means: the centres overflowed to NaN or inf"):
+    with pytest.raises(SSLBenchError, match=r"k-means: .*overflow"):
         kmeans.fit(x)
 
 
