@@ -1,11 +1,12 @@
 """The ``torch`` backend: exact PCA and scikit-learn-faithful k-means at GEMM speed, CPU or GPU.
 
 * **PCA** from a streamed mean and covariance: rows are read in chunks, shifted by the first chunk's
-  mean, and their Gram matrix is accumulated in float64 (BLAS ``dsyrk`` on the CPU: half the flops
-  of a GEMM; a float64 matmul on a GPU). Float32 products were measured to miss scikit-learn's
-  explained variances by 1e-5 relative on the small components of a 40000:1 spectrum, so the
-  products are float64 by default; ``pca_precision: float32`` halves the CPU time at that cost.
-  The covariance is eigendecomposed in float64. Components
+  mean, each chunk's Gram matrix is a float32 product (upper column blocks on the CPU, 0.625 of a
+  GEMM's flops; ``pca_precision: float64`` for float64 products, twice the CPU time) and the chunks
+  are summed in float64. Against scikit-learn's float64 PCA the float32 products' explained variances
+  were measured within 2.2e-6 relative on components above 1e-6 of the largest (the paper's
+  IncrementalPCA: 5.1e-8; ``benchmarks/clustering_engine.py``). The covariance is eigendecomposed
+  in float64. Components
   are ordered by decreasing variance and sign-fixed so that each one's largest-magnitude entry is
   positive. This is the exact PCA (the same subspace and variances as scikit-learn's ``PCA``), not
   an incremental approximation.
@@ -17,8 +18,11 @@
 * **Lloyd** (``algorithm: lloyd``): full-batch k-means, k-means++ initialisation, ``max_iter`` and
   ``tol`` as scikit-learn's ``KMeans``; empty clusters take the points farthest from their centres.
 
-Distances are ``‖c‖² − 2x·c`` by float32 GEMM in row chunks (``‖x‖²`` does not change an argmin), so
-memory stays bounded; inputs may be memory-mapped files read through :class:`~sslbench.arrays.RowReader`.
+Distances are ``‖c‖² − 2x·c`` by GEMM in row chunks (``‖x‖²`` does not change an argmin), so memory
+stays bounded; inputs may be memory-mapped files read through :class:`~sslbench.arrays.RowReader`. On
+the CPU every row gets its exact nearest centre (:class:`_Nearest`: bfloat16 or float32 products with
+proven error bounds, float64 for near-ties), and mini-batch fits skip rows whose centre provably stays
+the nearest (:class:`_Bounds`); on a GPU the float32 GEMM's argmin is taken as it is.
 All randomness comes from one ``torch.Generator`` seeded with the run's seed (on the CPU, whatever the
 device), so a fit is deterministic on the CPU.
 
@@ -321,11 +325,12 @@ class _Nearest:
         # float32 + bfloat16 promotes to float32: ‖c‖² − 2·product in one pass, rounded once.
         return torch.add(self.center_sq, torch.mm(x.bfloat16(), self.low.T), alpha=-2.0), True
 
-    def _unsettled(self, scores: Tensor, best: Tensor, norms: Tensor, screened: bool) -> tuple[Tensor, Tensor]:
-        """The rows whose nearest centre the bounds cannot settle, and their contenders. First one bound
-        per row (two passes over the scores), then, for the rows it leaves, bounds per centre."""
+    def _unsettled(
+        self, scores: Tensor, best: Tensor, err: Tensor, norms: Tensor, screened: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The rows whose nearest centre the bounds cannot settle, and their contenders. First the bound
+        per row ``err`` (two passes over the scores), then, for the rows it leaves, bounds per centre."""
         torch = _torch()
-        err = self.row_bounds(norms, screened)
         rows = torch.nonzero((scores <= (best + 2 * err)[:, None]).sum(dim=1) > 1).flatten()
         if not len(rows):
             return rows, torch.zeros((0, scores.shape[1]), dtype=torch.bool, device=scores.device)
@@ -343,17 +348,18 @@ class _Nearest:
                 "rescale the features"
             )
         err = self.row_bounds(norms, screened)
-        rows, contenders = self._unsettled(scores, best, norms, screened)
+        rows, contenders = self._unsettled(scores, best, err, norms, screened)
         if screened:
             self.screening.record(len(rows), len(x))
         elif self.screening.probe():
-            self.screening.record(len(self._unsettled(scores, best, norms, True)[0]), len(x))
+            loose = self.row_bounds(norms, True)
+            self.screening.record(len(self._unsettled(scores, best, loose, norms, True)[0]), len(x))
         if len(rows) and screened:
             recomputed = _scores(x[rows], self.centers, self.center_sq)
             scores[rows] = recomputed
             err[rows] = self.row_bounds(norms[rows], False)
             best_rows, labels[rows] = recomputed.min(dim=1)
-            still, contenders = self._unsettled(recomputed, best_rows, norms[rows], False)
+            still, contenders = self._unsettled(recomputed, best_rows, err[rows], norms[rows], False)
             rows = rows[still]
         if len(rows):
             labels[rows] = self._exact(x[rows], contenders)
@@ -450,14 +456,19 @@ def kmeans_plus_plus(sample: Tensor, n_clusters: int, generator: torch_types.Gen
 GRAM_BLOCK = 512
 
 
+def _gram_width(d: int) -> int:
+    """Width of the column blocks of a ``d × d`` Gram product: at most four blocks, ``GRAM_BLOCK`` wide
+    at least."""
+    return -(-d // max(1, min(4, d // GRAM_BLOCK)))
+
+
 def _upper_gram(x: Tensor, out: Tensor) -> None:
     """The upper block triangle of ``xᵀx`` into ``out`` (the rest is left as it was): one GEMM per
     block row of columns, ``(d/b + 1)/(2d/b)`` of a full product's flops (0.625 of it for 4 blocks),
     through torch's BLAS and thread pool — scipy's ``syrk`` halves the flops but runs on its own
     pool, whose threads spin for cores a competing process holds (6.6× slower under load)."""
     d = x.shape[1]
-    blocks = max(1, min(4, d // GRAM_BLOCK))
-    width = -(-d // blocks)
+    width = _gram_width(d)
     for start in range(0, d, width):
         stop = min(start + width, d)
         _torch().mm(x[:, start:stop].T, x[:, start:], out=out[start:stop, start:])
@@ -469,7 +480,7 @@ def _symmetric_gram(rows: Tensor) -> Tensor:
     n = len(rows)
     gram = _torch().empty((n, n), dtype=rows.dtype, device=rows.device)
     _upper_gram(rows.T, gram)
-    width = -(-n // max(1, min(4, n // GRAM_BLOCK)))
+    width = _gram_width(n)
     for start in range(0, n, width):
         stop = min(start + width, n)
         gram[stop:, start:stop] = gram[start:stop, stop:].T
@@ -679,14 +690,15 @@ class _Bounds:
         self.drift += jumps
 
 
-def _update_centres(centers: Tensor, counts: Tensor, sums: Tensor, batch_counts: Tensor, bound: bool) -> Tensor | None:
-    """One mini-batch step, in place: ``c ← (c·n + Σx) / (n + m) = c + (Σx − m·c) / (n + m)`` in two passes
-    over the centres (untouched ones add 0; ``sums`` becomes each centre's shift). With ``bound``,
-    returns a proven bound on how far each centre moved (float64): the step's norm, and the rounding
-    of every coordinate of a moved centre to float32 (up to ``u·|c|`` however small the step — a
-    centre nudged by a few units in the last place for thousands of updates moves that much more)."""
+def _update_centres(centers: Tensor, total: Tensor, sums: Tensor, batch_counts: Tensor, bound: bool) -> Tensor | None:
+    """One mini-batch step, in place: ``c ← (c·n + Σx) / (n + m) = c + (Σx − m·c) / (n + m)`` (``total``:
+    the counts ``n + m`` after the batch) in two passes over the centres (untouched ones add 0; ``sums``
+    becomes each centre's shift). With ``bound``, returns a proven bound on how far each centre moved
+    (float64): the step's norm, and the rounding of every coordinate of a moved centre to float32 (up
+    to ``u·|c|`` however small the step — a centre nudged by a few units in the last place for
+    thousands of updates moves that much more)."""
     torch = _torch()
-    inverse = torch.where(batch_counts > 0, 1.0 / (counts + batch_counts).clamp_min(1.0), 0.0)
+    inverse = torch.where(batch_counts > 0, 1.0 / total.clamp_min(1.0), 0.0)
     shift = sums.addcmul_(batch_counts.float()[:, None], centers, value=-1.0)
     step = torch.linalg.vector_norm(shift, dim=1).double() * inverse if bound else None
     centers.addcmul_(shift, inverse.float()[:, None])
@@ -829,7 +841,7 @@ class TorchKMeans(Clusterer):
                     may_have_empty = bool((counts == 0).any())
                 reassign = may_have_empty or since_reassign >= 10 * k
                 total = counts + batch_counts
-                movement = _update_centres(centers, counts, sums, batch_counts, bounds is not None)
+                movement = _update_centres(centers, total, sums, batch_counts, bounds is not None)
                 if bounds is not None:
                     assert movement is not None
                     bounds.moved(movement)

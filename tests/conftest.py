@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from sslbench.plugins import Plugins, load_plugins
+from sslbench.threads import prefer_sleeping_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
-# As the CLI does (sslbench.threads): OpenMP threads sleep rather than spin while they wait, so tests
-# on a shared, loaded machine do not slow to a crawl. Before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As the CLI does: OpenMP threads sleep rather than spin while they wait, so tests on a shared, loaded
+# machine do not slow to a crawl. Before anything imports torch.
+prefer_sleeping_threads()
 
 # Every test, and every CLI subprocess a test starts, uses a private feature cache.
 # (a sub-folder, as the weights-digest cache lives beside the feature cache)

@@ -321,7 +321,7 @@ def test_the_centre_update_bounds_how_far_each_centre_moved(k, d, scale, count_e
     rows = centers.double() + torch.from_numpy(rng.normal(size=(k, d)) * 2.0**scale * 1e-3)
     sums = (rows * batch_counts[:, None]).float()
     before = centers.clone()
-    movement = torch_backend._update_centres(centers, counts, sums, batch_counts, bound=True)
+    movement = torch_backend._update_centres(centers, counts + batch_counts, sums, batch_counts, bound=True)
     assert movement is not None
     actual = torch.linalg.vector_norm(centers.double() - before.double(), dim=1)
     assert bool((actual <= movement).all())
@@ -344,7 +344,7 @@ def test_bounds_stay_exact_through_thousands_of_ulp_sized_updates():
         batch_counts = torch.tensor([0.0, 1.0], dtype=torch.float64)
         sums.zero_()
         sums[1] = centers[1] - 0.07
-        movement = torch_backend._update_centres(centers, counts, sums, batch_counts, bound=True)
+        movement = torch_backend._update_centres(centers, counts + batch_counts, sums, batch_counts, bound=True)
         assert movement is not None
         bounds.moved(movement)
         counts = counts + batch_counts
