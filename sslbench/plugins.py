@@ -49,7 +49,7 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from sslbench import hookspecs
-from sslbench.errors import PluginError, SSLBenchError, did_you_mean
+from sslbench.errors import CardError, PluginError, SSLBenchError, did_you_mean, exception_line
 from sslbench.interfaces import (
     BackboneEntry,
     BackendEntry,
@@ -82,20 +82,28 @@ class Registry(Generic[T]):
         self._describe = describe
         self._entries: dict[str, T] = {}
         self._origin: dict[str, str] = {}
+        # What failed plugins would have registered (name → who and why), and every failure, for get().
+        self._unavailable: dict[str, str] = {}
+        self._failures: list[str] = []
+
+    def problem(self, entry: object) -> str | None:
+        """What is wrong with ``entry`` by itself (``"registered a … as a …"``), or None."""
+        if not isinstance(entry, self.entry_type):
+            return f"registered a {type(entry).__name__} as a {self.kind}; expected {self.entry_type.__name__}"
+        name = getattr(entry, "name", None)
+        if not name or not isinstance(name, str):
+            return f"registered a {self.kind} without a name"
+        return None
 
     def add(self, entry: T, plugin: str) -> None:
         """Add ``entry``, registered by ``plugin``.
 
         :raises PluginError: the entry has the wrong type or no name, or its name is taken.
         """
-        if not isinstance(entry, self.entry_type):
-            raise PluginError(
-                f"{self._describe(plugin)} registered a {type(entry).__name__} as a {self.kind}; "
-                f"expected {self.entry_type.__name__}"
-            )
+        problem = self.problem(entry)
+        if problem is not None:
+            raise PluginError(f"{self._describe(plugin)} {problem}")
         name: str = entry.name  # type: ignore[attr-defined]
-        if not name or not isinstance(name, str):
-            raise PluginError(f"{self._describe(plugin)} registered a {self.kind} without a name")
         if name in self._entries:
             raise PluginError(
                 f"{self.kind} '{name}' is registered twice: by {self._describe(self._origin[name])} "
@@ -105,13 +113,35 @@ class Registry(Generic[T]):
         self._origin[name] = plugin
 
     def get(self, name: str) -> T:
+        """The entry named ``name``.
+
+        :raises SSLBenchError: no plugin registered it: the plugin that would have, when one failed to
+            load (see :meth:`mark_failed`), else the closest known names and every failed plugin.
+        """
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise SSLBenchError(
-                f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; known: {known}"
-            ) from None
+            pass
+        if name in self._unavailable:
+            raise SSLBenchError(f"{self.kind} '{name}' is provided by {self._unavailable[name]}")
+        known = ", ".join(sorted(self._entries)) or "none"
+        notes = "".join(f"; note: {failure}" for failure in self._failures)
+        raise SSLBenchError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; known: {known}{notes}")
+
+    def withdraw(self, plugin: str) -> list[str]:
+        """Remove every entry ``plugin`` registered (a plugin that failed part-way); their names."""
+        names = [name for name, origin in self._origin.items() if origin == plugin]
+        for name in names:
+            del self._entries[name], self._origin[name]
+        return names
+
+    def mark_failed(self, plugin: str, failure: str, names: Iterable[str]) -> None:
+        """Remember that ``plugin`` (as errors name it) failed to load (``failure``: ``"failed to …: why"``)
+        and would have registered ``names`` (those no other plugin registered), for :meth:`get`'s message."""
+        self._failures.append(f"{plugin} {failure}")
+        for name in names:
+            if name not in self._entries:
+                self._unavailable.setdefault(name, f"{plugin}, which {failure}")
 
     def origin(self, name: str) -> str:
         """The name of the plugin that registered ``name``."""
@@ -139,7 +169,20 @@ class PluginInfo:
     version: str | None
     hooks: list[str] = field(default_factory=list)
     registered: dict[str, list[str]] = field(default_factory=dict)
+    #: Why the plugin failed (``"ModuleNotFoundError: …"``, ``"hook 'h' raised KeyError: …"``); None: loaded.
     error: str | None = None
+    #: Where it failed: ``"import"`` or ``"registration"`` (None: loaded).
+    stage: str | None = None
+    #: What a plugin that failed in a registration hook would have registered, as far as known: the
+    #: names it registered before failing (withdrawn) and the ids in card files it could not load.
+    would_register: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def failure(self) -> str | None:
+        """``"failed to import: …"`` or ``"failed to load: …"``; None for a loaded plugin."""
+        if self.error is None:
+            return None
+        return f"failed to {'import' if self.stage == 'import' else 'load'}: {self.error}"
 
 
 # Registration hook name → (attribute of Plugins, entry type, human name of the kind).
@@ -284,11 +327,6 @@ def _disable_advice(candidates: Sequence[_Candidate]) -> str:
     return f"; disable {'it' if len(candidates) == 1 else 'one'} with {how}"
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 # ------------------------------------------------------------------------------------------------
 # Loading.
 
@@ -320,7 +358,7 @@ def load_plugins(
         if candidate.entry_point is not None:
             _import(candidate, warn)
         if candidate.info.error is None:
-            candidate.manager = _manager(candidate, trace)
+            candidate.manager = _manager(candidate, trace, warn)
 
     by_name = {c.info.name: c for c in candidates}
     registries: dict[str, Registry[Any]] = {
@@ -329,15 +367,47 @@ def load_plugins(
     }
     for hook_name, (attr, _, _kind) in _REGISTRATION_HOOKS.items():
         for candidate in _call_order(candidates, hook_name):
-            _call_registration_hook(candidate, hook_name, registries[attr], by_name)
+            fault = _call_registration_hook(candidate, hook_name, registries[attr], by_name)
+            if fault is None:
+                continue
+            if candidate.builtin or candidate.entry_point is None:
+                # A broken built-in is a broken installation; an ``extra`` plugin's caller wants to know.
+                raise fault.error from fault.cause
+            _disable(candidate, fault, registries)
+            warn(f"{candidate.label} {candidate.info.failure}{_disable_advice([candidate])}")
 
     for candidate in candidates:
         info = candidate.info
+        if info.error is not None:
+            for attr, _, kind in _REGISTRATION_HOOKS.values():
+                registries[attr].mark_failed(candidate.label, info.failure or "", info.would_register.get(kind, ()))
+            continue
         for attr, _, kind in _REGISTRATION_HOOKS.values():
             names = [n for n in registries[attr].names() if registries[attr].origin(n) == info.name]
             if names:
                 info.registered[kind] = names
     return Plugins(plugins=[c.info for c in candidates], **registries)
+
+
+def _disable(candidate: _Candidate, fault: _HookFault, registries: dict[str, Registry[Any]]) -> None:
+    """Take out a third-party plugin whose registration hook failed: everything it registered, in
+    every hook so far, is withdrawn (half a plugin is worse than none) and no further hook is called."""
+    info = candidate.info
+    info.error, info.stage = f"hook '{fault.hook}' {fault.what}", "registration"
+    candidate.manager = None
+    would: dict[str, list[str]] = {}
+    for attr, _, kind in _REGISTRATION_HOOKS.values():
+        withdrawn = registries[attr].withdraw(info.name)
+        if withdrawn:
+            would[kind] = withdrawn
+    # Cards it could not load: their ids, read from the files as far as they could be.
+    cause: BaseException | None = fault.cause
+    while cause is not None:
+        if isinstance(cause, CardError):
+            would["backbone"] = list(dict.fromkeys([*would.get("backbone", []), *cause.card_ids]))
+            break
+        cause = cause.__cause__ or cause.__context__
+    info.would_register = would
 
 
 def _candidates(entry_points: bool, extra: Iterable[tuple[str, object]]) -> list[_Candidate]:
@@ -377,11 +447,25 @@ def _check_unique(candidates: Sequence[_Candidate]) -> None:
             sides = " and ".join(
                 f"{c.distribution_label} ({c.entry_point.value if c.entry_point else '?'})" for c in group
             )
-            how = _how_to_disable(group)
             raise PluginError(
                 f"plugin name '{name}' is declared by {len(group)} entry points of group '{ENTRY_POINT_GROUP}': "
-                f"{sides}; uninstall one" + (f", or disable one with {how}" if how else "")
+                f"{sides}; {_collision_advice(group)}"
             )
+
+
+def _collision_advice(group: Sequence[_Candidate]) -> str:
+    """How to resolve entry points sharing a name: rename the third party's (a built-in's name is
+    taken for good), uninstall one, or disable one."""
+    third_party = [c for c in group if not c.builtin]
+    how = _how_to_disable(group)
+    disable = f", or disable {'it' if len(third_party) == 1 else 'one'} with {how}" if how else ""
+    where = f"in its pyproject's [project.entry-points.{ENTRY_POINT_GROUP}], e.g. after its package"
+    if len(third_party) < len(group):
+        dists = " and ".join(c.distribution_label for c in third_party)
+        return (
+            f"'{group[0].info.name}' is a built-in plugin's name: rename the entry point of {dists} ({where}){disable}"
+        )
+    return f"rename the entry point of one ({where}), or uninstall one{disable}"
 
 
 def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
@@ -389,7 +473,7 @@ def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
     try:
         candidate.plugin = _load_entry_point(candidate.entry_point)
     except Exception as exc:  # whatever a broken plugin raises is reported, in one line
-        candidate.info.error = _one_line(exc)
+        candidate.info.error, candidate.info.stage = exception_line(exc), "import"
         message = f"{candidate.label} failed to import: {candidate.info.error}"
         if candidate.builtin:
             # A missing built-in would only surface later as a confusing "unknown backend 'torch'".
@@ -398,7 +482,9 @@ def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
         warn(message + _disable_advice([candidate]))
 
 
-def _manager(candidate: _Candidate, trace: Callable[[str], None] | None) -> pluggy.PluginManager:
+def _manager(
+    candidate: _Candidate, trace: Callable[[str], None] | None, warn: Callable[[str], None]
+) -> pluggy.PluginManager:
     """A plugin manager holding this plugin alone, its hook implementations validated."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
@@ -420,7 +506,25 @@ def _manager(candidate: _Candidate, trace: Callable[[str], None] | None) -> plug
             f"{candidate.label} implements unknown hook '{unknown}'{hint}{_disable_advice([candidate])}"
         ) from None
     candidate.info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+    _warn_unmarked_hooks(pm, candidate, warn)
     return pm
+
+
+def _warn_unmarked_hooks(pm: pluggy.PluginManager, candidate: _Candidate, warn: Callable[[str], None]) -> None:
+    """One warning per function named like a hook (``sslbench_register_…``) that lacks ``@hookimpl``:
+    pluggy ignores it, so its plugin would silently register nothing."""
+    plugin = candidate.plugin
+    hook_names = [hook for hook, caller in vars(pm.hook).items() if caller.spec is not None]
+    for attr in dir(plugin):
+        if attr not in hook_names and not attr.startswith("sslbench_register"):
+            continue
+        if not inspect.isfunction(getattr(plugin, attr, None)) or pm.parse_hookimpl_opts(plugin, attr) is not None:
+            continue
+        hint = "" if attr in hook_names else did_you_mean(attr, hook_names, n=1)
+        warn(
+            f"{candidate.label} defines {attr}(){hint} without @hookimpl, so sslbench never calls it; "
+            f"decorate it: `from sslbench import hookimpl`, then `@hookimpl` above `def {attr}`"
+        )
 
 
 def _validation_message(pm: pluggy.PluginManager, candidate: _Candidate, exc: pluggy.PluginValidationError) -> str:
@@ -490,15 +594,31 @@ def _call_order(candidates: Sequence[_Candidate], hook_name: str) -> list[_Candi
     return [candidate for _, _, candidate in sorted(ranked, key=lambda item: item[:2])]
 
 
+@dataclass
+class _HookFault:
+    """What one plugin's registration hook did wrong by itself: raised, or registered an unusable entry."""
+
+    hook: str
+    #: ``"raised KeyError: 'x'"``, ``"registered a MetricEntry as a backbone; expected BackboneEntry"``
+    what: str
+    #: The one-line error a built-in or an ``extra`` plugin fails with.
+    error: PluginError
+    cause: BaseException | None = None
+
+
 def _call_registration_hook(
     candidate: _Candidate, hook_name: str, registry: Registry[Any], by_name: dict[str, _Candidate]
-) -> None:
+) -> _HookFault | None:
     """Call one plugin's implementations of a registration hook through pluggy.
 
-    :raises PluginError: a rejected registration, or any exception the hook raised, in one line.
+    :returns: what the plugin's hook did wrong by itself (an exception, an entry of the wrong type or
+        without a name), or None.
+    :raises PluginError: a name another plugin registered already (which of the two is meant is not
+        the loader's to guess), even when the plugin swallowed the error ``register`` raised.
     """
     assert candidate.manager is not None
-    rejected: list[PluginError] = []
+    conflicts: list[PluginError] = []
+    faults: list[_HookFault] = []
     accepting = True
 
     def register(entry: Any) -> None:
@@ -506,33 +626,43 @@ def _call_registration_hook(
             raise PluginError(
                 f"{candidate.label} called register after its hook '{hook_name}' returned{_disable_advice([candidate])}"
             )
+        problem = registry.problem(entry)
+        if problem is not None:
+            error = PluginError(f"{candidate.label} {problem}{_disable_advice([candidate])}")
+            # Kept for after the call: a wrapper or a try/except in the plugin may swallow it.
+            faults.append(_HookFault(hook_name, problem, error))
+            raise error
         try:
             registry.add(entry, candidate.info.name)
         except PluginError as exc:
             involved = [candidate]
-            if isinstance(entry, registry.entry_type) and entry.name in registry:
-                other = by_name[registry.origin(entry.name)]
-                if other is not candidate:
-                    involved.insert(0, other)
+            other = by_name[registry.origin(entry.name)]
+            if other is not candidate:
+                involved.insert(0, other)
             error = PluginError(f"{exc}{_disable_advice(involved)}")
-            # Kept for after the call: a wrapper or a try/except in the plugin may swallow it, and
-            # a swallowed duplicate would leave the other plugin's entry silently in place.
-            rejected.append(error)
+            # Kept for after the call: a swallowed duplicate would leave the other plugin's entry
+            # silently in place.
+            conflicts.append(error)
             raise error from None
 
     try:
         getattr(candidate.manager.hook, hook_name)(register=register)
-    except Exception as exc:
-        if rejected:
-            raise rejected[0] from None
-        raise PluginError(
-            f"{candidate.label} raised an exception in hook '{hook_name}': {_one_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - whatever a broken plugin raises is its fault, told in one line
+        if conflicts:
+            raise conflicts[0] from None
+        if faults:
+            return faults[0]
+        what = f"raised {exception_line(exc)}"
+        error = PluginError(
+            f"{candidate.label} raised an exception in hook '{hook_name}': {exception_line(exc)}"
             f"{_disable_advice([candidate])}"
-        ) from exc
+        )
+        return _HookFault(hook_name, what, error, exc)
     finally:
         accepting = False
-    if rejected:
-        raise rejected[0]
+    if conflicts:
+        raise conflicts[0]
+    return faults[0] if faults else None
 
 
 @functools.cache

@@ -270,8 +270,10 @@ def test_exception_in_a_hook_is_a_one_line_error():
     plugin = types.SimpleNamespace(sslbench_register_metrics=sslbench_register_metrics)
     with pytest.raises(PluginError) as info:
         load_plugins(entry_points=False, extra=[("raiser", plugin)])
+    # The message kept whole, its lines joined.
     assert str(info.value) == (
-        "plugin 'raiser' raised an exception in hook 'sslbench_register_metrics': RuntimeError: metric table missing"
+        "plugin 'raiser' raised an exception in hook 'sslbench_register_metrics': "
+        "RuntimeError: metric table missing / second line of detail"
     )
     assert isinstance(info.value.__cause__, RuntimeError)
 
@@ -318,13 +320,14 @@ def test_extra_plugin_name_taken_by_an_entry_point_is_an_error():
 
 
 @pytest.fixture()
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """``install(dist, version, {entry point: module}, {module: source})`` for the test's duration."""
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Path]]:
+    """``install(dist, version, {entry point: module}, {module: source})`` for the test's duration; it
+    returns the folder on sys.path that holds the modules and ``.dist-info`` folders."""
     site = tmp_path / "site"
     site.mkdir()
     modules: list[str] = []
 
-    def install_(dist: str, version: str, entry_points: dict[str, str], sources: dict[str, str]) -> None:
+    def install_(dist: str, version: str, entry_points: dict[str, str], sources: dict[str, str]) -> Path:
         dist_info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
         dist_info.mkdir()
         (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
@@ -333,6 +336,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
         for module, source in sources.items():
             (site / f"{module}.py").write_text(textwrap.dedent(source))
             modules.append(module)
+        return site
 
     monkeypatch.syspath_prepend(str(site))
     yield install_
@@ -358,7 +362,8 @@ def test_same_entry_point_name_in_two_distributions_names_both(install):
         load_plugins()
     assert str(info.value) == (
         "plugin name 'shared' is declared by 2 entry points of group 'sslbench': "
-        "alpha-plugins 1.0 (alpha_shared_mod) and beta-plugins 2.5 (beta_shared_mod); uninstall one, "
+        "alpha-plugins 1.0 (alpha_shared_mod) and beta-plugins 2.5 (beta_shared_mod); rename the entry point "
+        "of one (in its pyproject's [project.entry-points.sslbench], e.g. after its package), or uninstall one, "
         "or disable one with SSLBENCH_DISABLE_PLUGINS=alpha-plugins:shared or SSLBENCH_DISABLE_PLUGINS=beta-plugins:shared"
     )
     # Rejected before anything was imported: neither plugin ran any code.
@@ -382,8 +387,10 @@ def test_third_party_entry_point_named_like_a_builtin_is_an_error(install, monke
         load_plugins()
     assert str(info.value) == (
         "plugin name 'metrics' is declared by 2 entry points of group 'sslbench': "
-        f"evil-metrics 6.6.6 (evil_metrics_mod) and sslbench {version} (sslbench_plugins.metrics); uninstall one, "
-        "or disable one with SSLBENCH_DISABLE_PLUGINS=evil-metrics:metrics"
+        f"evil-metrics 6.6.6 (evil_metrics_mod) and sslbench {version} (sslbench_plugins.metrics); "
+        "'metrics' is a built-in plugin's name: rename the entry point of evil-metrics 6.6.6 (in its pyproject's "
+        "[project.entry-points.sslbench], e.g. after its package), "
+        "or disable it with SSLBENCH_DISABLE_PLUGINS=evil-metrics:metrics"
     )
 
     monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "evil-metrics:metrics")
@@ -468,7 +475,7 @@ def test_misspelled_hook_name_names_the_distribution(install):
     )
 
 
-def test_exception_in_an_installed_plugins_hook_names_the_distribution(install):
+def test_exception_in_an_installed_plugins_hook_disables_it_with_one_warning(install, monkeypatch):
     source = """
         from sslbench import hookimpl
 
@@ -477,15 +484,94 @@ def test_exception_in_an_installed_plugins_hook_names_the_distribution(install):
             raise KeyError("no such table")
     """
     install("flaky-metrics", "3.1", {"flaky": "flaky_hook_mod"}, {"flaky_hook_mod": source})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert lines == [
+        "plugin 'flaky' (distribution flaky-metrics 3.1) failed to load: hook 'sslbench_register_metrics' "
+        "raised KeyError: 'no such table'; disable it with SSLBENCH_DISABLE_PLUGINS=flaky-metrics:flaky"
+    ]
+    [failure] = loaded.failures
+    assert (failure.name, failure.stage, failure.error) == (
+        "flaky",
+        "registration",
+        "hook 'sslbench_register_metrics' raised KeyError: 'no such table'",
+    )
+    # Everything else is exactly what it is without the plugin.
+    monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "flaky-metrics:flaky")
+    without = load_plugins(warn=pytest.fail)
+    for kind in ("backbones", "datasets", "backends", "metrics", "reporters"):
+        assert getattr(loaded, kind).names() == getattr(without, kind).names(), kind
+
+
+def test_builtin_whose_hook_raises_is_an_error(monkeypatch):
+    """A built-in is never disabled quietly: its failure is an error, as a failed import is."""
+    real_load = plugins_module._load_entry_point
+
+    @hookimpl
+    def sslbench_register_reporters(register):
+        raise RuntimeError("template folder missing")
+
+    def load(ep: importlib.metadata.EntryPoint) -> object:
+        if ep.name == "reporters" and ep.dist is not None and ep.dist.name == "sslbench":
+            return types.SimpleNamespace(sslbench_register_reporters=sslbench_register_reporters)
+        return real_load(ep)
+
+    monkeypatch.setattr(plugins_module, "_load_entry_point", load)
+    version = importlib.metadata.version("sslbench")
     with pytest.raises(PluginError) as info:
-        load_plugins()
+        load_plugins(warn=pytest.fail)
     assert str(info.value) == (
-        "plugin 'flaky' (distribution flaky-metrics 3.1) raised an exception in hook 'sslbench_register_metrics': "
-        "KeyError: 'no such table'; disable it with SSLBENCH_DISABLE_PLUGINS=flaky-metrics:flaky"
+        f"plugin 'reporters' (distribution sslbench {version}) raised an exception in hook "
+        "'sslbench_register_reporters': RuntimeError: template folder missing; "
+        "disable it with SSLBENCH_DISABLE_PLUGINS=sslbench:reporters"
     )
 
 
-def test_wrong_entry_type_names_the_distribution(install):
+_HALF_PLUGIN = """
+    from sslbench import BackboneEntry, MetricEntry, hookimpl
+
+    @hookimpl
+    def sslbench_register_backbones(register):
+        for name in ("half_net_a", "half_net_b"):
+            register(BackboneEntry(name=name, factory=lambda options: None, family="test", description="fake"))
+
+    @hookimpl
+    def sslbench_register_metrics(register):
+        register(MetricEntry("half_metric", lambda ctx: 0.0, "half", "registered before the failure"))
+        raise OSError("metric table not found\\nlooked in /nowhere")
+"""
+
+
+def test_a_plugin_failing_in_a_later_hook_is_withdrawn_from_every_registry(install, monkeypatch):
+    install("half-plugin", "1.0", {"half": "half_plugin_mod"}, {"half_plugin_mod": _HALF_PLUGIN})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert len(lines) == 1
+    reason = "hook 'sslbench_register_metrics' raised OSError: metric table not found / looked in /nowhere"
+    [failure] = loaded.failures
+    assert failure.error == reason
+    assert failure.registered == {}
+    assert failure.would_register == {"backbone": ["half_net_a", "half_net_b"], "metric": ["half_metric"]}
+    monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "half")
+    without = load_plugins(warn=pytest.fail)
+    for kind in ("backbones", "datasets", "backends", "metrics", "reporters"):
+        assert getattr(loaded, kind).names() == getattr(without, kind).names(), kind
+
+    provider = "plugin 'half' (distribution half-plugin 1.0)"
+    with pytest.raises(SSLBenchError) as info:
+        loaded.backbones.get("half_net_b")
+    assert str(info.value) == f"backbone 'half_net_b' is provided by {provider}, which failed to load: {reason}"
+    with pytest.raises(SSLBenchError) as info:
+        loaded.metrics.get("half_metric")
+    assert str(info.value) == f"metric 'half_metric' is provided by {provider}, which failed to load: {reason}"
+    # A name nobody provides still tells of the failure: it may be the reason.
+    with pytest.raises(SSLBenchError) as info:
+        loaded.datasets.get("half_data")
+    assert str(info.value).startswith("unknown dataset 'half_data'; known: ")
+    assert str(info.value).endswith(f"; note: {provider} failed to load: {reason}")
+
+
+def test_an_unusable_entry_disables_an_installed_plugin(install):
     source = """
         from sslbench import MetricEntry, hookimpl
 
@@ -494,12 +580,29 @@ def test_wrong_entry_type_names_the_distribution(install):
             register(MetricEntry("m", lambda ctx: 0.0, "m", "not a backbone"))
     """
     install("mixed-up", "1.1", {"mixed": "mixed_type_mod"}, {"mixed_type_mod": source})
-    with pytest.raises(PluginError) as info:
-        load_plugins()
-    assert str(info.value) == (
-        "plugin 'mixed' (distribution mixed-up 1.1) registered a MetricEntry as a backbone; expected BackboneEntry; "
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert lines == [
+        "plugin 'mixed' (distribution mixed-up 1.1) failed to load: hook 'sslbench_register_backbones' "
+        "registered a MetricEntry as a backbone; expected BackboneEntry; "
         "disable it with SSLBENCH_DISABLE_PLUGINS=mixed-up:mixed"
-    )
+    ]
+    assert [p.name for p in loaded.failures] == ["mixed"]
+    assert "m" not in loaded.metrics
+
+
+def test_a_name_clash_with_an_installed_plugin_is_still_an_error(install):
+    """Which of two plugins a spec means is not the loader's to guess: a clash is not a failure of one."""
+    source = """
+        from sslbench import BackboneEntry, hookimpl
+
+        @hookimpl
+        def sslbench_register_backbones(register):
+            register(BackboneEntry(name="raw", factory=lambda options: None, family="test", description="clash"))
+    """
+    install("clashing", "1.0", {"clashing": "clashing_mod"}, {"clashing_mod": source})
+    with pytest.raises(PluginError, match="backbone 'raw' is registered twice: by plugin 'basic_backbones'"):
+        load_plugins(warn=pytest.fail)
 
 
 def test_third_party_import_failure_warns_naming_the_distribution(install):
