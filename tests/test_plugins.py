@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
+import os
 import sys
 import textwrap
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 
 import sslbench.plugins as plugins_module
-from sslbench import BackboneEntry, MetricEntry, hookimpl
+from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
 from sslbench.errors import PluginError, SSLBenchError
+from sslbench.extract import usable_cores
 from sslbench.plugins import load_plugins
 
-from conftest import PAPER_METRICS
+from conftest import PAPER_METRICS, run_cli
 
 BUILTINS = {
     "basic_backbones",
@@ -528,7 +534,7 @@ def test_builtin_whose_hook_raises_is_an_error(monkeypatch):
 
 
 _HALF_PLUGIN = """
-    from sslbench import BackboneEntry, MetricEntry, hookimpl
+    from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
 
     @hookimpl
     def sslbench_register_backbones(register):
@@ -642,3 +648,378 @@ def test_builtin_that_fails_to_import_is_an_error(monkeypatch):
 
     monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "sslbench:torch")
     assert "torch" not in load_plugins().backends
+
+
+# ------------------------------------------------------------------------------------------------
+# A plugin shipping model cards, one of them malformed.
+
+_GOOD_CARD = """\
+  - id: resnet18.tiny_good
+    family: tiny
+    description: a good card
+    architecture: {source: timm, name: resnet18}
+    weights: [{kind: url, url: "https://example.invalid/w.pth"}]
+    hash: {kind: none}
+    feature: {dim: 512}
+    preprocessing: {resize: 256, crop: 224, interpolation: bilinear, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+    license: MIT
+"""
+
+_BAD_CARD = """\
+  - id: resnet18.tiny_bad
+    family: tiny
+    description: a card with three mistakes
+    architecture:
+      source: timm
+      nmae: resnet18
+    weights: [{kind: url, url: "https://example.invalid/w.pth"}]
+    hash: {kind: none}
+    feature: {dim: 0}
+    preprocesing: {resize: 256, crop: 224, interpolation: bilinear, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+    license: MIT
+"""
+
+_CARD_PLUGIN = """
+    from pathlib import Path
+
+    from sslbench import hookimpl
+
+    @hookimpl
+    def sslbench_register_backbones(register):
+        from sslbench_plugins.pytorch_zoo import card_backbones
+
+        for entry in card_backbones(Path(__file__).parent / "tiny_cards"):
+            register(entry)
+"""
+
+
+def _card_folder(site: Path) -> Path:
+    """``tiny_cards/``: a valid file of one card, and a file of a valid card and one with four mistakes."""
+    folder = site / "tiny_cards"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("family: tiny\ncards:\n" + _GOOD_CARD.replace("tiny_good", "tiny_other"))
+    (folder / "b.yaml").write_text("family: tiny\ncards:\n" + _GOOD_CARD + _BAD_CARD)
+    return folder
+
+
+def _line_of(path: Path, text: str, after: int = 0) -> int:
+    """The first 1-based line past ``after`` of ``path`` that holds ``text`` (read as text, not YAML)."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if n > after and text in line)
+
+
+def test_every_card_schema_error_is_listed_with_its_line_and_did_you_mean(tmp_path):
+    from sslbench.cards import cards_from
+    from sslbench.errors import CardError
+
+    folder = _card_folder(tmp_path)
+    b = folder / "b.yaml"
+    with pytest.raises(CardError) as info:
+        cards_from(folder)
+    card_fields = "id, family, loader, version, description, architecture, weights, hash, layout, feature, "
+    card_fields += "preprocessing, linear_top1, knn_top1, paper, license, notes"
+    bad = _line_of(b, "tiny_bad")  # where the second card starts
+    assert str(info.value) == (
+        f"{b}:{_line_of(b, 'architecture:', bad)}: cards[1].architecture.name: required key is missing; "
+        f"{b}:{_line_of(b, 'nmae')}: cards[1].architecture.nmae: unknown key (did you mean 'name'?); "
+        "allowed: source, name, args, num_classes; "
+        f"{b}:{_line_of(b, 'dim: 0')}: cards[1].feature.dim: Input should be greater than or equal to 1 (got 0); "
+        f"{b}:{bad}: cards[1].preprocessing: required key is missing; "
+        f"{b}:{_line_of(b, 'preprocesing')}: cards[1].preprocesing: unknown key (did you mean 'preprocessing'?); "
+        f"allowed: {card_fields}"
+    )
+    # The ids of the whole folder, read from the files: the cards that will be missing.
+    assert info.value.card_ids == ("resnet18.tiny_good", "resnet18.tiny_bad", "resnet18.tiny_other")
+
+
+def test_card_mappings_in_code_list_every_error_of_every_card():
+    from sslbench.cards import cards_from
+    from sslbench.errors import CardError
+
+    good = yaml.safe_load(_GOOD_CARD)[0]
+    typo = {**good, "id": "resnet18.typo", "licence": "MIT"}
+    del typo["license"]
+    wide = {**good, "id": "resnet18.wide", "feature": {"dim": -1}}
+    with pytest.raises(CardError) as info:
+        cards_from([good, typo, wide], where="my_cards")
+    assert str(info.value) == (
+        "my_cards[1]: license: required key is missing; "
+        "my_cards[1]: licence: unknown key (did you mean 'license'?); allowed: id, family, loader, version, "
+        "description, architecture, weights, hash, layout, feature, preprocessing, linear_top1, knn_top1, paper, "
+        "license, notes; "
+        "my_cards[2]: feature.dim: Input should be greater than or equal to 1 (got -1)"
+    )
+    assert info.value.card_ids == ("resnet18.tiny_good", "resnet18.typo", "resnet18.wide")
+
+
+def test_a_card_plugin_with_a_malformed_card_is_disabled_and_its_ids_named(install):
+    site = install("tiny-cards", "2.0", {"tiny": "tiny_cards_mod"}, {"tiny_cards_mod": _CARD_PLUGIN})
+    _card_folder(site)
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    [line] = lines
+    assert line.startswith(
+        "plugin 'tiny' (distribution tiny-cards 2.0) failed to load: hook 'sslbench_register_backbones' "
+        f"raised CardError: {site / 'tiny_cards' / 'b.yaml'}:"
+    )
+    assert line.endswith("; disable it with SSLBENCH_DISABLE_PLUGINS=tiny-cards:tiny")
+    [failure] = loaded.failures
+    assert failure.would_register == {"backbone": ["resnet18.tiny_good", "resnet18.tiny_bad", "resnet18.tiny_other"]}
+    assert not {"resnet18.tiny_good", "resnet18.tiny_other"} & set(loaded.backbones.names())
+    with pytest.raises(SSLBenchError) as info:
+        loaded.backbones.get("resnet18.tiny_other")  # in the valid file, but the plugin registered nothing
+    assert str(info.value).startswith(
+        "backbone 'resnet18.tiny_other' is provided by plugin 'tiny' (distribution tiny-cards 2.0), "
+        "which failed to load: hook 'sslbench_register_backbones' raised CardError: "
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# A function named like a hook without @hookimpl.
+
+
+def test_a_hook_function_without_hookimpl_is_warned_about(install):
+    source = """
+        from sslbench import BackboneEntry, hookimpl
+
+        def sslbench_register_backbones(register):  # the marker forgotten
+            register(BackboneEntry(name="never_seen", factory=lambda options: None, family="t", description="x"))
+
+        def sslbench_register_metric(register):  # misspelled, and no marker either
+            pass
+
+        @hookimpl
+        def sslbench_register_datasets(register):
+            pass
+
+        def helper():
+            pass
+    """
+    install("forgetful", "0.5", {"forgetful": "forgetful_mod"}, {"forgetful_mod": source})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    label = "plugin 'forgetful' (distribution forgetful 0.5)"
+    assert lines == [
+        f"{label} defines sslbench_register_backbones() without @hookimpl, so sslbench never calls it; "
+        "decorate it: `from sslbench import hookimpl`, then `@hookimpl` above `def sslbench_register_backbones`",
+        f"{label} defines sslbench_register_metric() (did you mean 'sslbench_register_metrics'?) without "
+        "@hookimpl, so sslbench never calls it; decorate it: `from sslbench import hookimpl`, then `@hookimpl` "
+        "above `def sslbench_register_metric`",
+    ]
+    assert "never_seen" not in loaded.backbones
+    assert [p.hooks for p in loaded.plugins if p.name == "forgetful"] == [["sslbench_register_datasets"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI with a broken third-party plugin installed: real subprocesses, real exit statuses.
+
+
+def _cli_env(site: Path) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))}
+
+
+def test_cli_lists_a_broken_plugin_and_names_it_for_a_spec(install, tmp_path):
+    site = install("tiny-cards", "2.0", {"tiny": "tiny_cards_cli_mod"}, {"tiny_cards_cli_mod": _CARD_PLUGIN})
+    _card_folder(site)
+    env = _cli_env(site)
+
+    listed = run_cli("plugins", "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    [warning] = listed.stderr.splitlines()
+    assert warning.startswith("sslbench: warning: plugin 'tiny' (distribution tiny-cards 2.0) failed to load: ")
+    by_name = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert by_name["tiny"]["stage"] == "registration"
+    assert by_name["tiny"]["error"].startswith("hook 'sslbench_register_backbones' raised CardError: ")
+    assert "feature.dim: Input should be greater than or equal to 1 (got 0)" in by_name["tiny"]["error"]
+    assert "raw" in by_name["basic_backbones"]["registered"]["backbone"]  # the others loaded
+
+    table = run_cli("plugins", cwd=tmp_path, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "failed to load: hook" in table.stdout
+    assert "would register backbone: resnet18.tiny_good" in table.stdout
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("models:\n  - id: raw\n  - id: resnet18.tiny_bad\ndatasets:\n  - id: digits\ndevice: cpu\n")
+    checked = run_cli("validate", str(spec), cwd=tmp_path, env=env)
+    assert checked.returncode == 2
+    last = checked.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"sslbench: error: {spec}:3: models[1].id: backbone 'resnet18.tiny_bad' is provided by plugin 'tiny' "
+        "(distribution tiny-cards 2.0), which failed to load: hook 'sslbench_register_backbones' raised CardError: "
+    )
+    assert "Traceback" not in checked.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# A backbone plugin whose code fails during extraction: the failure names its plugin and distribution.
+
+_FAULTY_BACKBONE = """
+    import numpy as np
+    import torch
+    from pydantic import BaseModel, ConfigDict
+
+    from sslbench import Backbone, BackboneEntry, hookimpl
+
+
+    class FaultOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        fault: str
+
+
+    class Faulty(Backbone):
+        feature_dim = 4
+
+        def __init__(self, options):
+            self.fault = options.fault
+
+        def preprocess(self, sample):
+            if self.fault == "preprocess":
+                from torch.utils.data import get_worker_info
+
+                worker = get_worker_info() is not None
+                raise ValueError(f"cannot take this sample (in a worker: {worker})\\nits mode is 'L'")
+            return torch.as_tensor(np.asarray(sample, dtype=np.float32)).flatten()[:4]
+
+        def embed(self, batch):
+            if self.fault == "dims":
+                return torch.cat([batch, batch[:, :2]], dim=1)
+            return batch
+
+
+    @hookimpl
+    def sslbench_register_backbones(register):
+        register(BackboneEntry("faulty_net", Faulty, "test", "fails on purpose", options=FaultOptions, feature_dim=4))
+"""
+
+
+def _faulty_spec(tmp_path: Path, fault: str, workers: int) -> Path:
+    spec = tmp_path / f"{fault}.yaml"
+    spec.write_text(
+        f"models:\n  - id: faulty_net\n    options: {{fault: {fault}}}\ndatasets:\n  - id: digits\n"
+        f"extraction: {{workers: {workers}, batch_size: 64}}\ndevice: cpu\n"
+    )
+    return spec
+
+
+_FAULTY_OWNER = "backbone 'faulty_net' (plugin 'faulty' from faulty-nets 0.3)"
+
+
+@pytest.mark.slow
+def test_cli_names_the_plugin_whose_backbone_returns_the_wrong_width(install, tmp_path):
+    site = install("faulty-nets", "0.3", {"faulty": "faulty_dims_mod"}, {"faulty_dims_mod": _FAULTY_BACKBONE})
+    proc = run_cli("extract", str(_faulty_spec(tmp_path, "dims", 0)), cwd=tmp_path, env=_cli_env(site))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"sslbench: error: a plugin failed (a bug in it; traceback above): {_FAULTY_OWNER}: "
+        "embed() returned 6-d features; the backbone declares feature_dim 4"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(usable_cores() < 2, reason="a CPU extraction keeps no decode worker on one core")
+def test_cli_names_the_plugin_whose_preprocess_fails_in_a_worker(install, tmp_path):
+    site = install("faulty-nets", "0.3", {"faulty": "faulty_pre_mod"}, {"faulty_pre_mod": _FAULTY_BACKBONE})
+    proc = run_cli("extract", str(_faulty_spec(tmp_path, "preprocess", 2)), cwd=tmp_path, env=_cli_env(site))
+    assert proc.returncode == 1, proc.stderr
+    # The first line whole: the exception's type and its message, its lines joined.
+    assert proc.stderr.splitlines()[-1] == (
+        f"sslbench: error: a plugin failed (a bug in it; traceback above): {_FAULTY_OWNER}: preprocess() raised "
+        "ValueError: cannot take this sample (in a worker: True) / its mode is 'L' (on sample 0)"
+    )
+    # The worker's traceback is printed above it, down to the plugin's line.
+    assert "faulty_pre_mod.py" in proc.stderr and "raise ValueError" in proc.stderr
+
+
+class _Returns(Backbone):
+    """Returns ``output`` from embed, whatever the batch."""
+
+    feature_dim = 2
+
+    def __init__(self, output: object) -> None:
+        self.output = output
+
+    def preprocess(self, sample):
+        return torch.zeros(2)
+
+    def embed(self, batch):
+        if isinstance(self.output, BaseException):
+            raise self.output
+        return self.output
+
+
+class _Tiny(Split):
+    @property
+    def labels(self):
+        return np.zeros(4, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return index
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (
+            RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(4x2 and 3x3)"),
+            "embed() raised RuntimeError: mat1 and mat2 shapes cannot be multiplied / (4x2 and 3x3)",
+        ),
+        (
+            torch.ones(4, 2, dtype=torch.int64),
+            "embed() returned a torch.int64 tensor; expected an (n, feature_dim) float tensor",
+        ),
+        (
+            torch.ones(4, 2, dtype=torch.complex64),
+            "embed() returned a torch.complex64 tensor; expected an (n, feature_dim) float tensor",
+        ),
+        (
+            np.ones((4, 2), dtype=np.float32),
+            "embed() returned a numpy.ndarray, not a torch.Tensor; expected an (n, feature_dim) float tensor",
+        ),
+        (torch.ones(4, 3), "embed() returned 3-d features; the backbone declares feature_dim 2"),
+        (
+            torch.ones(3, 2),
+            "embed() returned features of shape (3, 2) for 4 samples; expected (samples, feature_dim)",
+        ),
+    ],
+)
+def test_what_embed_does_wrong_names_the_backbones_plugin(tmp_path, output, expected):
+    from sslbench.cache import CacheKey, FeatureCache
+    from sslbench.errors import PluginFailure
+    from sslbench.extract import ExtractionSettings, extract_split
+
+    owner = "backbone 'b' (plugin 'p' from d 1.0)"
+    settings = ExtractionSettings(batch_size=4, workers=0, amp=False, owner=owner)
+    entry = FeatureCache(tmp_path / "cache").entry(CacheKey("b", {}, {}, {}, "tiny", {}, "train", "fp"))
+    with pytest.raises(PluginFailure) as info:
+        extract_split(_Returns(output), _Tiny(), settings=settings, device="cpu", name="b", entry=entry)
+    assert str(info.value) == f"{owner}: {expected}"
+
+
+class _FailsInWorkers(_Returns):
+    def preprocess(self, sample):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is None:
+            return torch.zeros(2)  # the pool's cost probe, in this process
+        raise ValueError(f"sample {sample} in worker {info.id}\nsecond line")
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="a CPU extraction keeps no decode worker on one core")
+def test_preprocess_failing_in_a_worker_keeps_its_message_whole(tmp_path):
+    from sslbench.cache import CacheKey, FeatureCache
+    from sslbench.errors import PluginFailure
+    from sslbench.extract import ExtractionSettings, extract_split
+
+    owner = "backbone 'b' (plugin 'p' from d 1.0)"
+    settings = ExtractionSettings(batch_size=4, workers=1, amp=False, owner=owner)
+    entry = FeatureCache(tmp_path / "cache").entry(CacheKey("b", {}, {}, {}, "tiny", {}, "train", "fp"))
+    backbone = _FailsInWorkers(torch.zeros(4, 2))
+    with pytest.raises(PluginFailure) as info:
+        extract_split(backbone, _Tiny(), settings=settings, device="cpu", name="b", entry=entry)
+    first, *traceback_lines = str(info.value).splitlines()
+    assert first == f"{owner}: preprocess() raised ValueError: sample 0 in worker 0 / second line (on sample 0)"
+    assert traceback_lines[0] == "Traceback (most recent call last):"
+    assert any("raise ValueError" in line for line in traceback_lines)
