@@ -2,8 +2,15 @@
 
 Built-in plugins (the ``sslbench_plugins`` package, shipped from ``plugins/``) and third-party
 plugins are both entry points in the group ``sslbench``; the only difference is how a broken one is
-treated: a built-in that fails to import is an error (the installation is broken), a third-party one
-that fails to import is a one-line warning and is listed by ``sslbench plugins``.
+treated. A built-in that fails to import, or whose registration hook raises, is an error (the
+installation is broken). A third-party one that fails to import, or whose registration hook raises or
+registers an unusable entry (wrong type, no name), is *disabled*: one warning line, everything it
+registered in any hook withdrawn (half a plugin is worse than none), no further hook of it called,
+and ``sslbench plugins`` lists it as failed with the reason. A spec naming what it would have
+provided (the names it registered before failing; the ids in card files it could not load, see
+:class:`~sslbench.errors.CardError`) is told "X is provided by plugin P (distribution D), which
+failed to load: reason"; any other unknown name mentions every failed plugin. Plugins passed as
+``extra`` fail hard: whoever passed them wants to know.
 
 Every hook is called through pluggy, one plugin at a time, so that every registered name is
 attributed to the plugin that registered it. Within a plugin, pluggy's semantics apply as documented:
@@ -13,9 +20,13 @@ whose implementation is ``tryfirst`` are called first and those whose implementa
 last; otherwise plugins are called in load order: entry points sorted by name, then the ``extra``
 plugins in the order given. That order is also the order of the entries in each registry.
 
-Nothing is silently shadowed: two entry points with the same name, two plugins registering the same
-name, or a plugin name given twice are errors naming both sides. Every error about a plugin names
-its distribution and version (what to uninstall) and how to disable it.
+Nothing is silently shadowed: two entry points with the same name (the third party's is to be
+renamed), two plugins registering the same name, or a plugin name given twice are errors naming both
+sides — which one a spec means is not the loader's to guess, so a clash stays an error even for
+third-party plugins. A hook implementation with an unknown name or argument is an error too; a
+function named like a hook without ``@hookimpl`` is a warning (pluggy would ignore it). Every error or
+warning about a plugin names its distribution and version (what to uninstall) and how to disable it,
+and keeps the plugin's exception message whole on one line (:func:`~sslbench.errors.exception_line`).
 
 Environment knobs:
 
@@ -343,13 +354,14 @@ def load_plugins(
     :param entry_points: load the installed entry points of group ``sslbench`` (built-ins included).
     :param extra: ``(name, plugin)`` pairs registered after the entry points; how tests and Python
         API users add a plugin object without installing a distribution.
-    :param warn: receives one line per third-party plugin that failed to import (default: print to
-        stderr).
+    :param warn: receives one line per third-party plugin that failed to import or to register, and
+        per function named like a hook without ``@hookimpl`` (default: print to stderr).
     :param trace: receives pluggy's trace of every hook call (pluggy's ``enable_tracing``); for
         debugging a plugin.
     :raises PluginError: a built-in plugin that fails to import; two plugins with the same name; a
-        hook implementation with an unknown name or unknown arguments; an exception raised by a
-        registration hook; a conflicting or mistyped registration.
+        hook implementation with an unknown name or unknown arguments; a name registered twice; an
+        exception raised by (or a mistyped registration from) the registration hook of a built-in or an
+        ``extra`` plugin (a third-party plugin's is a warning, and the plugin is left out).
     """
     warn = warn or (lambda line: print(f"sslbench: warning: {line}", file=sys.stderr))
     candidates = _candidates(entry_points, extra)
