@@ -135,9 +135,10 @@ class Registry(Generic[T]):
             pass
         if name in self._unavailable:
             raise SSLBenchError(f"{self.kind} '{name}' is provided by {self._unavailable[name]}")
-        known = ", ".join(sorted(self._entries)) or "none"
+        # The failures before the (long) list of known names: a message may be cut to a length.
         notes = "".join(f"; note: {failure}" for failure in self._failures)
-        raise SSLBenchError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; known: {known}{notes}")
+        known = ", ".join(sorted(self._entries)) or "none"
+        raise SSLBenchError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}{notes}; known: {known}")
 
     def withdraw(self, plugin: str) -> list[str]:
         """Remove every entry ``plugin`` registered (a plugin that failed part-way); their names."""
@@ -530,7 +531,7 @@ def _warn_unmarked_hooks(pm: pluggy.PluginManager, candidate: _Candidate, warn: 
     for attr in dir(plugin):
         if attr not in hook_names and not attr.startswith("sslbench_register"):
             continue
-        if not inspect.isfunction(getattr(plugin, attr, None)) or pm.parse_hookimpl_opts(plugin, attr) is not None:
+        if not inspect.isroutine(getattr(plugin, attr, None)) or pm.parse_hookimpl_opts(plugin, attr) is not None:
             continue
         hint = "" if attr in hook_names else did_you_mean(attr, hook_names, n=1)
         warn(

@@ -573,8 +573,9 @@ def test_a_plugin_failing_in_a_later_hook_is_withdrawn_from_every_registry(insta
     # A name nobody provides still tells of the failure: it may be the reason.
     with pytest.raises(SSLBenchError) as info:
         loaded.datasets.get("half_data")
-    assert str(info.value).startswith("unknown dataset 'half_data'; known: ")
-    assert str(info.value).endswith(f"; note: {provider} failed to load: {reason}")
+    assert str(info.value).startswith(
+        f"unknown dataset 'half_data'; note: {provider} failed to load: {reason}; known: "
+    )
 
 
 def test_an_unusable_entry_disables_an_installed_plugin(install):
@@ -847,6 +848,14 @@ def test_cli_lists_a_broken_plugin_and_names_it_for_a_spec(install, tmp_path):
         "(distribution tiny-cards 2.0), which failed to load: hook 'sslbench_register_backbones' raised CardError: "
     )
     assert "Traceback" not in checked.stderr
+
+    spec.write_text("models:\n  - id: resnet18.tiny_nowhere\ndatasets:\n  - id: digits\ndevice: cpu\n")
+    checked = run_cli("validate", str(spec), cwd=tmp_path, env=env)
+    assert checked.returncode == 2
+    assert checked.stderr.splitlines()[-1].startswith(
+        f"sslbench: error: {spec}:2: models[0].id: unknown backbone 'resnet18.tiny_nowhere'; note: plugin 'tiny' "
+        "(distribution tiny-cards 2.0) failed to load: hook 'sslbench_register_backbones' raised CardError: "
+    )
 
 
 # ------------------------------------------------------------------------------------------------
