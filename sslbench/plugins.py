@@ -127,18 +127,26 @@ class Registry(Generic[T]):
         """The entry named ``name``.
 
         :raises SSLBenchError: no plugin registered it: the plugin that would have, when one failed to
-            load (see :meth:`mark_failed`), else the closest known names and every failed plugin.
+            load (:meth:`unavailable`), else the closest known names and every plugin that failed.
         """
         try:
             return self._entries[name]
         except KeyError:
             pass
-        if name in self._unavailable:
-            raise SSLBenchError(f"{self.kind} '{name}' is provided by {self._unavailable[name]}")
+        why = self.unavailable(name)
+        if why is not None:
+            raise SSLBenchError(why)
         # The failures before the (long) list of known names: a message may be cut to a length.
         notes = "".join(f"; note: {failure}" for failure in self._failures)
         known = ", ".join(sorted(self._entries)) or "none"
         raise SSLBenchError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}{notes}; known: {known}")
+
+    def unavailable(self, name: str) -> str | None:
+        """``"<kind> 'name' is provided by plugin …, which failed to load: …"`` when a plugin that would
+        have registered ``name`` failed (see :meth:`mark_failed`); else None."""
+        if name in self._entries or name not in self._unavailable:
+            return None
+        return f"{self.kind} '{name}' is provided by {self._unavailable[name]}"
 
     def withdraw(self, plugin: str) -> list[str]:
         """Remove every entry ``plugin`` registered (a plugin that failed part-way); their names."""

@@ -578,6 +578,29 @@ def test_a_plugin_failing_in_a_later_hook_is_withdrawn_from_every_registry(insta
     )
 
 
+def test_an_optional_model_of_a_failed_plugin_is_skipped_with_the_reason(install, tmp_path):
+    from sslbench.progress import NullProgress
+    from sslbench.runner import model_features, plan_run
+    from sslbench.spec import parse_spec, resolve_spec
+
+    install("half-plugin", "1.0", {"half": "half_optional_mod"}, {"half_optional_mod": _HALF_PLUGIN})
+    loaded = load_plugins(warn=lambda line: None)
+    spec = parse_spec(
+        "models:\n  - id: half_net_a\n    optional: true\ndatasets:\n  - id: digits\ndevice: cpu\n", "opt.yaml"
+    )
+    plan = plan_run(resolve_spec(spec, loaded), loaded, "cpu")
+    notes: list[str] = []
+    features = model_features(
+        plan, use_cache=False, scratch=tmp_path, progress=NullProgress(), emit=lambda event: notes.append(event.text)
+    )
+    assert list(features) == []
+    assert notes[-1] == (
+        "optional model half_net_a skipped: backbone 'half_net_a' is provided by plugin 'half' (distribution "
+        "half-plugin 1.0), which failed to load: hook 'sslbench_register_metrics' raised OSError: "
+        "metric table not found / looked in /nowhere"
+    )
+
+
 def test_an_unusable_entry_disables_an_installed_plugin(install):
     source = """
         from sslbench import MetricEntry, hookimpl
@@ -625,6 +648,13 @@ def test_third_party_import_failure_warns_naming_the_distribution(install):
     assert (failure.name, failure.distribution, failure.version) == ("broken", "broken-dist", "0.9")
     assert failure.error == "ModuleNotFoundError: No module named 'sslbench_nope_xyz'"
     assert "acc" in loaded.metrics
+    # What it would have provided is unknown: every unknown name mentions it.
+    with pytest.raises(SSLBenchError) as info:
+        loaded.metrics.get("broken_metric")
+    assert str(info.value).startswith(
+        "unknown metric 'broken_metric'; note: plugin 'broken' (distribution broken-dist 0.9) failed to import: "
+        "ModuleNotFoundError: No module named 'sslbench_nope_xyz'; known: "
+    )
 
 
 def test_builtin_that_fails_to_import_is_an_error(monkeypatch):
