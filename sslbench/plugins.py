@@ -656,11 +656,12 @@ def _call_registration_hook(
         try:
             registry.add(entry, candidate.info.name)
         except PluginError as exc:
-            involved = [candidate]
             other = by_name[registry.origin(entry.name)]
-            if other is not candidate:
-                involved.insert(0, other)
-            error = PluginError(f"{exc}{_disable_advice(involved)}")
+            if other is candidate:  # the same name twice from one plugin: its own fault alone
+                error = PluginError(f"{exc}{_disable_advice([candidate])}")
+                faults.append(_HookFault(hook_name, f"registered {registry.kind} '{entry.name}' twice", error))
+                raise error from None
+            error = PluginError(f"{exc}{_disable_advice([other, candidate])}")
             # Kept for after the call: a swallowed duplicate would leave the other plugin's entry
             # silently in place.
             conflicts.append(error)

@@ -621,6 +621,25 @@ def test_an_unusable_entry_disables_an_installed_plugin(install):
     assert "m" not in loaded.metrics
 
 
+def test_a_plugin_registering_one_name_twice_is_disabled(install):
+    source = """
+        from sslbench import MetricEntry, hookimpl
+
+        @hookimpl
+        def sslbench_register_metrics(register):
+            for _ in range(2):
+                register(MetricEntry("twice", lambda ctx: 0.0, "twice", "registered twice"))
+    """
+    install("stutter", "0.1", {"stutter": "stutter_mod"}, {"stutter_mod": source})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert lines == [
+        "plugin 'stutter' (distribution stutter 0.1) failed to load: hook 'sslbench_register_metrics' "
+        "registered metric 'twice' twice; disable it with SSLBENCH_DISABLE_PLUGINS=stutter:stutter"
+    ]
+    assert "twice" not in loaded.metrics
+
+
 def test_a_name_clash_with_an_installed_plugin_is_still_an_error(install):
     """Which of two plugins a spec means is not the loader's to guess: a clash is not a failure of one."""
     source = """
