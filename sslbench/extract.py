@@ -250,7 +250,7 @@ class _Samples:
         try:
             sample = self.split[index] if self.min_side is None else self.split.reduced_sample(index, self.min_side)
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, …: all mean unreadable
-            return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0], ""
+            return index, None, exception_line(exc), ""
         try:
             return index, self.backbone.preprocess(sample), "", ""
         except SSLBenchError as exc:  # the plugin's own one-line user error (a sample it cannot take)

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
-from sslbench.errors import PluginFailure, SSLBenchError
+from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.events import Emit, Event, ignore
 from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
 from sslbench.inputs import FeatureSplit, checked_split
@@ -273,7 +273,7 @@ def _build(model: ModelPlan, device: str) -> Backbone:
     except SSLBenchError:
         raise
     except Exception as exc:
-        raise PluginFailure(f"{model.owner}: building it raised {type(exc).__name__}: {exc}") from exc
+        raise PluginFailure(f"{model.owner}: building it raised {exception_line(exc)}") from exc
     return prepare_backbone(built, device)
 
 
