@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sslbench.plugins as plugins_module
 from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
-from sslbench.errors import PluginError, SSLBenchError
+from sslbench.errors import PluginError, SSLBenchError, exception_line
 from sslbench.extract import usable_cores
 from sslbench.plugins import load_plugins
 
@@ -241,6 +243,18 @@ def test_trace_receives_pluggy_hook_calls():
 
 # ------------------------------------------------------------------------------------------------
 # One-line errors for broken hook implementations.
+
+
+@given(st.text())
+def test_an_exception_is_told_in_one_line_with_its_whole_message(message):
+    line = exception_line(ValueError(message))
+    assert len(line.splitlines()) == 1  # as the CLI prints it: nothing past a line break is lost
+    # Every visible character of the message is kept, in order (only line breaks and the spaces
+    # around them give way to " / ").
+    visible = [ch for ch in message if not ch.isspace()]
+    assert [ch for ch in line.removeprefix("ValueError").removeprefix(": ") if not ch.isspace() and ch != "/"] == [
+        ch for ch in visible if ch != "/"
+    ]
 
 
 def test_misspelled_hook_argument_is_a_one_line_error():
