@@ -7,6 +7,7 @@ same loader plugins. One pydantic schema, unknown keys rejected, checks every ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sslbench.errors import SSLBenchError
+from sslbench.errors import CardError, SSLBenchError
 
 if TYPE_CHECKING:
     from sslbench.interfaces import Backbone, BackboneEntry
@@ -189,20 +190,44 @@ def cards_root() -> Path:
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def _card_ids(data: Any) -> list[str]:
+    """The ids of the cards in a card file's data (or a list of card mappings), as far as they can be read."""
+    items = data.get("cards") if isinstance(data, dict) else data
+    if not isinstance(items, list | tuple):
+        return []
+    ids = [item.get("id") if isinstance(item, dict) else getattr(item, "id", None) for item in items]
+    return [card_id for card_id in ids if isinstance(card_id, str)]
+
+
+def _schema_errors(exc: ValidationError, source: str, model: type[BaseModel], text: str | None = None) -> str:
+    """Every schema error of ``exc`` on one line, as the spec's are (``file:line: field: message; …``, five
+    at most, did-you-mean for unknown keys); lines are looked up in ``text`` when it is given."""
+    from sslbench.spec import read_yaml, validation_message
+
+    lines: Any = {}
+    if text is not None:
+        # YAML the spec reader refuses (too deep, too large) gets no line numbers.
+        with contextlib.suppress(SSLBenchError):
+            lines = read_yaml(text, source)[1]
+    return validation_message(exc, source, lines, model)
+
+
 def load_card_file(path: Path) -> list[ModelCard]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)  # a safe loader: no Python objects
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader: no Python objects
     except (OSError, yaml.YAMLError) as exc:
-        raise SSLBenchError(f"cannot read model card file {path}: {exc}") from None
+        raise CardError(f"cannot read model card file {path}: {exc}") from None
     try:
         card_file = CardFile.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise SSLBenchError(f"{path}: {where}: {err['msg']}") from None
-    for card in card_file.cards:
-        if card.family != card_file.family:
-            raise SSLBenchError(f"{path}: card {card.id} has family {card.family}, file says {card_file.family}")
+        raise CardError(_schema_errors(exc, str(path), CardFile, text), _card_ids(data)) from None
+    mismatched = [card.id for card in card_file.cards if card.family != card_file.family]
+    if mismatched:
+        raise CardError(
+            f"{path}: card(s) {', '.join(mismatched)} name another family than the file's ({card_file.family})",
+            _card_ids(data),
+        )
     return card_file.cards
 
 
@@ -214,7 +239,19 @@ def load_cards(folder: Path | None = None) -> list[ModelCard]:
     """
     folder = folder or cards_root()
     files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.yaml")))
-    return list(_parsed_cards(files))
+    try:
+        return list(_parsed_cards(files))
+    except CardError as exc:
+        # The folder's cards come and go together: every id its files define is what is missing now.
+        ids = [card_id for name, _, _ in files for card_id in _readable_ids(Path(name))]
+        raise CardError(str(exc), list(dict.fromkeys([*exc.card_ids, *ids]))) from None
+
+
+def _readable_ids(path: Path) -> list[str]:
+    try:
+        return _card_ids(yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER))
+    except (OSError, yaml.YAMLError):
+        return []
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,7 +262,7 @@ def _parsed_cards(files: tuple[tuple[str, int, int], ...]) -> tuple[ModelCard, .
         path = Path(name)
         for card in load_card_file(path):
             if card.id in seen:
-                raise SSLBenchError(f"model card {card.id} is defined in both {seen[card.id]} and {path}")
+                raise CardError(f"model card {card.id} is defined in both {seen[card.id]} and {path}", list(seen))
             seen[card.id] = path
             cards.append(card)
     return tuple(cards)
@@ -275,15 +312,16 @@ def cards_from(source: Any, where: str = "cards") -> list[ModelCard]:
         if not folder.is_dir():
             raise SSLBenchError(f"{where}: card folder not found: {folder}")
         return load_cards(folder)
-    cards = []
-    for index, item in enumerate(source):
+    items = list(source)
+    cards, errors = [], []
+    for index, item in enumerate(items):
         if isinstance(item, ModelCard):
             cards.append(item)
             continue
         try:
             cards.append(ModelCard.model_validate(dict(item)))
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise SSLBenchError(f"{where}[{index}]: {field}: {err['msg']}") from None
+            errors.append(_schema_errors(exc, f"{where}[{index}]", ModelCard))
+    if errors:
+        raise CardError("; ".join(errors), _card_ids(items))
     return cards

@@ -209,6 +209,7 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     if args.json:
@@ -218,8 +219,9 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
     for column in ("plugin", "distribution", "version", "registers"):
         table.add_column(column)
     for info in plugins.plugins:
-        if info.error:
-            registers = f"[red]failed to import: {info.error}[/]"
+        if info.failure:
+            would = "".join(f"\nwould register {kind}: {', '.join(n)}" for kind, n in info.would_register.items())
+            registers = f"[red]{escape(info.failure)}[/]{escape(would)}"
         else:
             registers = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in info.registered.items())
         table.add_row(info.name, info.distribution or "-", info.version or "-", registers or "-")

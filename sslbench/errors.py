@@ -7,7 +7,7 @@ no traceback; any other exception is a bug in sslbench or in a plugin (exit stat
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class SSLBenchError(Exception):
@@ -18,6 +18,18 @@ class PluginError(SSLBenchError):
     """A plugin that cannot be loaded or that breaks the plugin contract."""
 
 
+class CardError(SSLBenchError):
+    """A model card file (or card mapping) that cannot be read or breaks the card schema.
+
+    ``card_ids`` are the ids of the cards it defines, as far as they could be read: what a plugin
+    registering these cards would have provided (the loader names that plugin when a spec asks for one).
+    """
+
+    def __init__(self, message: str, card_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.card_ids = tuple(card_ids)
+
+
 def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean 'x'?)"`` for the ``n`` closest known names, or an empty string."""
     matches = difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
@@ -25,6 +37,13 @@ def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
         return ""
     quoted = " or ".join(f"'{m}'" for m in matches)
     return f" (did you mean {quoted}?)"
+
+
+def exception_line(exc: BaseException) -> str:
+    """``"Type: message"`` on one line, the message whole: the lines of a multi-line message are joined
+    by ``" / "`` (blank lines and surrounding spaces dropped)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' / '.join(lines)}" if lines else type(exc).__name__
 
 
 class PluginFailure(RuntimeError):

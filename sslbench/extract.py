@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sslbench.cache import CacheEntry, CommitState, CorruptEntry, FeatureWriter
-from sslbench.errors import PluginFailure, SSLBenchError
+from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.interfaces import Backbone, Split
 from sslbench.progress import NullProgress, Progress
 
@@ -232,7 +232,8 @@ class _Samples:
 
     Only what reading the sample raises makes it *unreadable* (the dataset's ``__getitem__`` reads
     and decodes a file); what the backbone's ``preprocess`` raises is a bug in that plugin, carried
-    back as its formatted traceback (DataLoader workers cannot re-raise arbitrary exceptions).
+    back as text (DataLoader workers cannot re-raise arbitrary exceptions): its one-line
+    :func:`~sslbench.errors.exception_line`, a newline, then its formatted traceback.
     """
 
     def __init__(self, split: Split, backbone: Backbone, start: int, stop: int, min_side: int | None = None) -> None:
@@ -249,13 +250,13 @@ class _Samples:
         try:
             sample = self.split[index] if self.min_side is None else self.split.reduced_sample(index, self.min_side)
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, …: all mean unreadable
-            return index, None, f"{type(exc).__name__}: {exc}".splitlines()[0], ""
+            return index, None, exception_line(exc), ""
         try:
             return index, self.backbone.preprocess(sample), "", ""
         except SSLBenchError as exc:  # the plugin's own one-line user error (a sample it cannot take)
             return index, None, "", f"{USER_ERROR}{exc}"
-        except Exception:  # noqa: BLE001 - a plugin bug, re-raised in the main process with this traceback
-            return index, None, "", traceback.format_exc()
+        except Exception as exc:  # noqa: BLE001 - a plugin bug, re-raised in the main process with this traceback
+            return index, None, "", f"{exception_line(exc)}\n{traceback.format_exc()}"
 
 
 def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[list[int], Any, list[tuple[int, str]], list[str]]:
@@ -264,7 +265,7 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[list[int], Any, li
     indices = [i for i, _, _, _ in items]
     good = [t for _, t, _, _ in items if t is not None]
     errors = [(i, e) for i, t, e, bug in items if t is None and not bug]
-    bugs = [f"on sample {i}:\n{bug}" for i, _, _, bug in items if bug]
+    bugs = [f"{i}:{bug}" for i, _, _, bug in items if bug]
     if not good:
         return indices, None, errors, bugs
     placeholder = torch.zeros_like(good[0])
@@ -281,7 +282,7 @@ def decode_min_side(backbone: Backbone, settings: ExtractionSettings) -> int | N
     except SSLBenchError:
         raise
     except Exception as exc:
-        raise PluginFailure(f"{settings.owner}: decode_side() raised {type(exc).__name__}: {exc}") from exc
+        raise PluginFailure(f"{settings.owner}: decode_side() raised {exception_line(exc)}") from exc
     if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 1):
         raise PluginFailure(f"{settings.owner}: decode_side() returned {side!r}, not a positive int or None")
     return side
@@ -304,13 +305,31 @@ def _batches(
     yield from loader
 
 
+class _NotFeatures(TypeError):
+    """``embed`` returned something other than a floating-point tensor."""
+
+
 def _forward(backbone: Backbone, batch: Any, device: str, amp: bool, owner: str) -> np.ndarray:
     try:
         return _embed(backbone, batch, device, amp)
     except SSLBenchError:
         raise
+    except _NotFeatures as exc:
+        raise PluginFailure(f"{owner}: embed() returned {exc}; expected an (n, feature_dim) float tensor") from None
     except Exception as exc:
-        raise PluginFailure(f"{owner}: embed() raised {type(exc).__name__}: {exc}") from exc
+        raise PluginFailure(f"{owner}: embed() raised {exception_line(exc)}") from exc
+
+
+def _features(out: Any) -> np.ndarray:
+    """``embed``'s output as float32 numpy, refusing what a cast would silently mangle (integers, a
+    complex tensor's imaginary part, anything not a tensor)."""
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        raise _NotFeatures(f"a {type(out).__module__}.{type(out).__qualname__}, not a torch.Tensor")
+    if not out.is_floating_point():
+        raise _NotFeatures(f"a {out.dtype} tensor")
+    return out.float().cpu().numpy()
 
 
 def _embed(backbone: Backbone, batch: Any, device: str, amp: bool) -> np.ndarray:
@@ -325,7 +344,7 @@ def _embed(backbone: Backbone, batch: Any, device: str, amp: bool) -> np.ndarray
                 out = backbone.embed(batch)
         else:
             out = backbone.embed(batch)
-        return out.float().cpu().numpy()
+        return _features(out)
 
 
 def prepare_backbone(backbone: Backbone, device: str) -> Backbone:
@@ -343,15 +362,17 @@ def prepare_backbone(backbone: Backbone, device: str) -> Backbone:
 # Extraction
 
 
-def _check_shape(backbone: Backbone, features: np.ndarray, expected_rows: int) -> None:
+def _check_shape(backbone: Backbone, features: np.ndarray, expected_rows: int, owner: str, call: str = "embed") -> None:
+    """Features of ``expected_rows`` rows and the backbone's declared width, or the plugin's bug."""
     if features.ndim != 2 or len(features) != expected_rows:
-        raise RuntimeError(
-            f"backbone returned features of shape {features.shape} for a batch of {expected_rows}; "
-            "expected (batch, dims)"
+        raise PluginFailure(
+            f"{owner}: {call}() returned features of shape {tuple(features.shape)} for {expected_rows} samples; "
+            "expected (samples, feature_dim)"
         )
     if backbone.feature_dim is not None and features.shape[1] != backbone.feature_dim:
-        raise RuntimeError(
-            f"backbone declares {backbone.feature_dim}-d features but returned {features.shape[1]}-d ones"
+        raise PluginFailure(
+            f"{owner}: {call}() returned {features.shape[1]}-d features; the backbone declares "
+            f"feature_dim {backbone.feature_dim}"
         )
 
 
@@ -398,14 +419,19 @@ def _extract_range(
         batches_since_commit = 0
         for indices, batch, errors, bugs in _batches(split, backbone, start + resume_from, stop, settings, device):
             if bugs:
-                _, _, problem = bugs[0].partition(":\n")
+                index, _, problem = bugs[0].partition(":")
                 if problem.startswith(USER_ERROR):
                     raise SSLBenchError(f"{name}: {problem[len(USER_ERROR) :]}")
-                raise PluginFailure(f"{settings.owner}: preprocess() raised {bugs[0]}")
+                # The first line whole (the CLI prints it), then the traceback from the worker.
+                error, _, worker_traceback = problem.partition("\n")
+                raise PluginFailure(
+                    f"{settings.owner}: preprocess() raised {error} (on {split.describe(int(index))})\n"
+                    f"{worker_traceback}"
+                )
             progress.skipped += _handle_errors(errors, split, settings, name)
             if batch is not None:
                 out = _forward(backbone, batch, device, settings.amp, settings.owner)
-                _check_shape(backbone, out, len(indices))
+                _check_shape(backbone, out, len(indices), settings.owner)
                 if errors:
                     out[[i - indices[0] for i, _ in errors]] = 0.0
                 bad = ~np.isfinite(out).all(axis=1)
@@ -451,8 +477,14 @@ def extract_split(
     progress = progress or NullProgress()
     whole = split.as_array()
     if whole is not None:
-        direct = backbone.embed_array(whole)
+        try:
+            direct = backbone.embed_array(whole)
+        except SSLBenchError:
+            raise
+        except Exception as exc:
+            raise PluginFailure(f"{settings.owner}: embed_array() raised {exception_line(exc)}") from exc
         if direct is not None:
+            _check_shape(backbone, np.asarray(direct), len(whole), settings.owner, "embed_array")
             return Extracted(direct, split.labels)
     if entry is None:
         raise ValueError("extract_split needs a cache entry for a model that runs batch by batch")

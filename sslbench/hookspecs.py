@@ -23,9 +23,19 @@ a benchmark whose backbone was quietly replaced reports wrong numbers.
 
 **Validation.** An implementation whose name matches no hook below, or that asks for an argument
 the hook does not have, fails start-up with a one-line error naming the plugin, its distribution and
-the closest valid name. An implementation may accept fewer arguments than its hook: new arguments can
-be added to a hook without breaking plugins. Every plugin error names the plugin's distribution and
-how to disable it (``SSLBENCH_DISABLE_PLUGINS=dist:name``).
+the closest valid name; a function named like a hook but lacking ``@hookimpl`` is a warning (it would
+never be called). An implementation may accept fewer arguments than its hook: new arguments can be
+added to a hook without breaking plugins. Every plugin error names the plugin's distribution and how
+to disable it (``SSLBENCH_DISABLE_PLUGINS=dist:name``).
+
+**Failures.** When a third-party plugin's registration hook raises, or registers an entry of the
+wrong type or without a name, the plugin is disabled as one that fails to import is: one warning
+line (the exception's type and whole message), everything it registered in *any* hook withdrawn, none
+of its later hooks called, and ``sslbench plugins`` lists it as failed with the reason (exit status
+0). A spec naming a backbone, dataset, backend, metric or reporter it would have provided fails with
+"X is provided by plugin P (distribution D), which failed to load: reason" (the names it registered
+before failing, and the card ids of card files it could not load, are known). A built-in plugin's
+failure is an error (the installation is broken); so is a name that two plugins register.
 
 All hooks return ``None``; what a hook returns is ignored.
 """

@@ -2,8 +2,15 @@
 
 Built-in plugins (the ``sslbench_plugins`` package, shipped from ``plugins/``) and third-party
 plugins are both entry points in the group ``sslbench``; the only difference is how a broken one is
-treated: a built-in that fails to import is an error (the installation is broken), a third-party one
-that fails to import is a one-line warning and is listed by ``sslbench plugins``.
+treated. A built-in that fails to import, or whose registration hook raises, is an error (the
+installation is broken). A third-party one that fails to import, or whose registration hook raises or
+registers an unusable entry (wrong type, no name), is *disabled*: one warning line, everything it
+registered in any hook withdrawn (half a plugin is worse than none), no further hook of it called,
+and ``sslbench plugins`` lists it as failed with the reason. A spec naming what it would have
+provided (the names it registered before failing; the ids in card files it could not load, see
+:class:`~sslbench.errors.CardError`) is told "X is provided by plugin P (distribution D), which
+failed to load: reason"; any other unknown name mentions every failed plugin. Plugins passed as
+``extra`` fail hard: whoever passed them wants to know.
 
 Every hook is called through pluggy, one plugin at a time, so that every registered name is
 attributed to the plugin that registered it. Within a plugin, pluggy's semantics apply as documented:
@@ -13,9 +20,13 @@ whose implementation is ``tryfirst`` are called first and those whose implementa
 last; otherwise plugins are called in load order: entry points sorted by name, then the ``extra``
 plugins in the order given. That order is also the order of the entries in each registry.
 
-Nothing is silently shadowed: two entry points with the same name, two plugins registering the same
-name, or a plugin name given twice are errors naming both sides. Every error about a plugin names
-its distribution and version (what to uninstall) and how to disable it.
+Nothing is silently shadowed: two entry points with the same name (the third party's is to be
+renamed), two plugins registering the same name, or a plugin name given twice are errors naming both
+sides — which one a spec means is not the loader's to guess, so a clash stays an error even for
+third-party plugins. A hook implementation with an unknown name or argument is an error too; a
+function named like a hook without ``@hookimpl`` is a warning (pluggy would ignore it). Every error or
+warning about a plugin names its distribution and version (what to uninstall) and how to disable it,
+and keeps the plugin's exception message whole on one line (:func:`~sslbench.errors.exception_line`).
 
 Environment knobs:
 
@@ -49,7 +60,7 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from sslbench import hookspecs
-from sslbench.errors import PluginError, SSLBenchError, did_you_mean
+from sslbench.errors import CardError, PluginError, SSLBenchError, did_you_mean, exception_line
 from sslbench.interfaces import (
     BackboneEntry,
     BackendEntry,
@@ -82,20 +93,28 @@ class Registry(Generic[T]):
         self._describe = describe
         self._entries: dict[str, T] = {}
         self._origin: dict[str, str] = {}
+        # What failed plugins would have registered (name → who and why), and every failure, for get().
+        self._unavailable: dict[str, str] = {}
+        self._failures: list[str] = []
+
+    def problem(self, entry: object) -> str | None:
+        """What is wrong with ``entry`` by itself (``"registered a … as a …"``), or None."""
+        if not isinstance(entry, self.entry_type):
+            return f"registered a {type(entry).__name__} as a {self.kind}; expected {self.entry_type.__name__}"
+        name = getattr(entry, "name", None)
+        if not name or not isinstance(name, str):
+            return f"registered a {self.kind} without a name"
+        return None
 
     def add(self, entry: T, plugin: str) -> None:
         """Add ``entry``, registered by ``plugin``.
 
         :raises PluginError: the entry has the wrong type or no name, or its name is taken.
         """
-        if not isinstance(entry, self.entry_type):
-            raise PluginError(
-                f"{self._describe(plugin)} registered a {type(entry).__name__} as a {self.kind}; "
-                f"expected {self.entry_type.__name__}"
-            )
+        problem = self.problem(entry)
+        if problem is not None:
+            raise PluginError(f"{self._describe(plugin)} {problem}")
         name: str = entry.name  # type: ignore[attr-defined]
-        if not name or not isinstance(name, str):
-            raise PluginError(f"{self._describe(plugin)} registered a {self.kind} without a name")
         if name in self._entries:
             raise PluginError(
                 f"{self.kind} '{name}' is registered twice: by {self._describe(self._origin[name])} "
@@ -105,13 +124,44 @@ class Registry(Generic[T]):
         self._origin[name] = plugin
 
     def get(self, name: str) -> T:
+        """The entry named ``name``.
+
+        :raises SSLBenchError: no plugin registered it: the plugin that would have, when one failed to
+            load (:meth:`unavailable`), else the closest known names and every plugin that failed.
+        """
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise SSLBenchError(
-                f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; known: {known}"
-            ) from None
+            pass
+        why = self.unavailable(name)
+        if why is not None:
+            raise SSLBenchError(why)
+        # The failures before the (long) list of known names: a message may be cut to a length.
+        notes = "".join(f"; note: {failure}" for failure in self._failures)
+        known = ", ".join(sorted(self._entries)) or "none"
+        raise SSLBenchError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}{notes}; known: {known}")
+
+    def unavailable(self, name: str) -> str | None:
+        """``"<kind> 'name' is provided by plugin …, which failed to load: …"`` when a plugin that would
+        have registered ``name`` failed (see :meth:`mark_failed`); else None."""
+        if name in self._entries or name not in self._unavailable:
+            return None
+        return f"{self.kind} '{name}' is provided by {self._unavailable[name]}"
+
+    def withdraw(self, plugin: str) -> list[str]:
+        """Remove every entry ``plugin`` registered (a plugin that failed part-way); their names."""
+        names = [name for name, origin in self._origin.items() if origin == plugin]
+        for name in names:
+            del self._entries[name], self._origin[name]
+        return names
+
+    def mark_failed(self, plugin: str, failure: str, names: Iterable[str]) -> None:
+        """Remember that ``plugin`` (as errors name it) failed to load (``failure``: ``"failed to …: why"``)
+        and would have registered ``names`` (those no other plugin registered), for :meth:`get`'s message."""
+        self._failures.append(f"{plugin} {failure}")
+        for name in names:
+            if name not in self._entries:
+                self._unavailable.setdefault(name, f"{plugin}, which {failure}")
 
     def origin(self, name: str) -> str:
         """The name of the plugin that registered ``name``."""
@@ -139,7 +189,20 @@ class PluginInfo:
     version: str | None
     hooks: list[str] = field(default_factory=list)
     registered: dict[str, list[str]] = field(default_factory=dict)
+    #: Why the plugin failed (``"ModuleNotFoundError: …"``, ``"hook 'h' raised KeyError: …"``); None: loaded.
     error: str | None = None
+    #: Where it failed: ``"import"`` or ``"registration"`` (None: loaded).
+    stage: str | None = None
+    #: What a plugin that failed in a registration hook would have registered, as far as known: the
+    #: names it registered before failing (withdrawn) and the ids in card files it could not load.
+    would_register: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def failure(self) -> str | None:
+        """``"failed to import: …"`` or ``"failed to load: …"``; None for a loaded plugin."""
+        if self.error is None:
+            return None
+        return f"failed to {'import' if self.stage == 'import' else 'load'}: {self.error}"
 
 
 # Registration hook name → (attribute of Plugins, entry type, human name of the kind).
@@ -284,11 +347,6 @@ def _disable_advice(candidates: Sequence[_Candidate]) -> str:
     return f"; disable {'it' if len(candidates) == 1 else 'one'} with {how}"
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 # ------------------------------------------------------------------------------------------------
 # Loading.
 
@@ -305,13 +363,14 @@ def load_plugins(
     :param entry_points: load the installed entry points of group ``sslbench`` (built-ins included).
     :param extra: ``(name, plugin)`` pairs registered after the entry points; how tests and Python
         API users add a plugin object without installing a distribution.
-    :param warn: receives one line per third-party plugin that failed to import (default: print to
-        stderr).
+    :param warn: receives one line per third-party plugin that failed to import or to register, and
+        per function named like a hook without ``@hookimpl`` (default: print to stderr).
     :param trace: receives pluggy's trace of every hook call (pluggy's ``enable_tracing``); for
         debugging a plugin.
     :raises PluginError: a built-in plugin that fails to import; two plugins with the same name; a
-        hook implementation with an unknown name or unknown arguments; an exception raised by a
-        registration hook; a conflicting or mistyped registration.
+        hook implementation with an unknown name or unknown arguments; a name registered twice; an
+        exception raised by (or a mistyped registration from) the registration hook of a built-in or an
+        ``extra`` plugin (a third-party plugin's is a warning, and the plugin is left out).
     """
     warn = warn or (lambda line: print(f"sslbench: warning: {line}", file=sys.stderr))
     candidates = _candidates(entry_points, extra)
@@ -320,7 +379,7 @@ def load_plugins(
         if candidate.entry_point is not None:
             _import(candidate, warn)
         if candidate.info.error is None:
-            candidate.manager = _manager(candidate, trace)
+            candidate.manager = _manager(candidate, trace, warn)
 
     by_name = {c.info.name: c for c in candidates}
     registries: dict[str, Registry[Any]] = {
@@ -329,15 +388,47 @@ def load_plugins(
     }
     for hook_name, (attr, _, _kind) in _REGISTRATION_HOOKS.items():
         for candidate in _call_order(candidates, hook_name):
-            _call_registration_hook(candidate, hook_name, registries[attr], by_name)
+            fault = _call_registration_hook(candidate, hook_name, registries[attr], by_name)
+            if fault is None:
+                continue
+            if candidate.builtin or candidate.entry_point is None:
+                # A broken built-in is a broken installation; an ``extra`` plugin's caller wants to know.
+                raise fault.error from fault.cause
+            _disable(candidate, fault, registries)
+            warn(f"{candidate.label} {candidate.info.failure}{_disable_advice([candidate])}")
 
     for candidate in candidates:
         info = candidate.info
+        if info.error is not None:
+            for attr, _, kind in _REGISTRATION_HOOKS.values():
+                registries[attr].mark_failed(candidate.label, info.failure or "", info.would_register.get(kind, ()))
+            continue
         for attr, _, kind in _REGISTRATION_HOOKS.values():
             names = [n for n in registries[attr].names() if registries[attr].origin(n) == info.name]
             if names:
                 info.registered[kind] = names
     return Plugins(plugins=[c.info for c in candidates], **registries)
+
+
+def _disable(candidate: _Candidate, fault: _HookFault, registries: dict[str, Registry[Any]]) -> None:
+    """Take out a third-party plugin whose registration hook failed: everything it registered, in
+    every hook so far, is withdrawn (half a plugin is worse than none) and no further hook is called."""
+    info = candidate.info
+    info.error, info.stage = f"hook '{fault.hook}' {fault.what}", "registration"
+    candidate.manager = None
+    would: dict[str, list[str]] = {}
+    for attr, _, kind in _REGISTRATION_HOOKS.values():
+        withdrawn = registries[attr].withdraw(info.name)
+        if withdrawn:
+            would[kind] = withdrawn
+    # Cards it could not load: their ids, read from the files as far as they could be.
+    cause: BaseException | None = fault.cause
+    while cause is not None:
+        if isinstance(cause, CardError):
+            would["backbone"] = list(dict.fromkeys([*would.get("backbone", []), *cause.card_ids]))
+            break
+        cause = cause.__cause__ or cause.__context__
+    info.would_register = would
 
 
 def _candidates(entry_points: bool, extra: Iterable[tuple[str, object]]) -> list[_Candidate]:
@@ -377,11 +468,25 @@ def _check_unique(candidates: Sequence[_Candidate]) -> None:
             sides = " and ".join(
                 f"{c.distribution_label} ({c.entry_point.value if c.entry_point else '?'})" for c in group
             )
-            how = _how_to_disable(group)
             raise PluginError(
                 f"plugin name '{name}' is declared by {len(group)} entry points of group '{ENTRY_POINT_GROUP}': "
-                f"{sides}; uninstall one" + (f", or disable one with {how}" if how else "")
+                f"{sides}; {_collision_advice(group)}"
             )
+
+
+def _collision_advice(group: Sequence[_Candidate]) -> str:
+    """How to resolve entry points sharing a name: rename the third party's (a built-in's name is
+    taken for good), uninstall one, or disable one."""
+    third_party = [c for c in group if not c.builtin]
+    how = _how_to_disable(group)
+    disable = f", or disable {'it' if len(third_party) == 1 else 'one'} with {how}" if how else ""
+    where = f"in its pyproject's [project.entry-points.{ENTRY_POINT_GROUP}], e.g. after its package"
+    if len(third_party) < len(group):
+        dists = " and ".join(c.distribution_label for c in third_party)
+        return (
+            f"'{group[0].info.name}' is a built-in plugin's name: rename the entry point of {dists} ({where}){disable}"
+        )
+    return f"rename the entry point of one ({where}), or uninstall one{disable}"
 
 
 def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
@@ -389,7 +494,7 @@ def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
     try:
         candidate.plugin = _load_entry_point(candidate.entry_point)
     except Exception as exc:  # whatever a broken plugin raises is reported, in one line
-        candidate.info.error = _one_line(exc)
+        candidate.info.error, candidate.info.stage = exception_line(exc), "import"
         message = f"{candidate.label} failed to import: {candidate.info.error}"
         if candidate.builtin:
             # A missing built-in would only surface later as a confusing "unknown backend 'torch'".
@@ -398,7 +503,9 @@ def _import(candidate: _Candidate, warn: Callable[[str], None]) -> None:
         warn(message + _disable_advice([candidate]))
 
 
-def _manager(candidate: _Candidate, trace: Callable[[str], None] | None) -> pluggy.PluginManager:
+def _manager(
+    candidate: _Candidate, trace: Callable[[str], None] | None, warn: Callable[[str], None]
+) -> pluggy.PluginManager:
     """A plugin manager holding this plugin alone, its hook implementations validated."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
@@ -420,7 +527,25 @@ def _manager(candidate: _Candidate, trace: Callable[[str], None] | None) -> plug
             f"{candidate.label} implements unknown hook '{unknown}'{hint}{_disable_advice([candidate])}"
         ) from None
     candidate.info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+    _warn_unmarked_hooks(pm, candidate, warn)
     return pm
+
+
+def _warn_unmarked_hooks(pm: pluggy.PluginManager, candidate: _Candidate, warn: Callable[[str], None]) -> None:
+    """One warning per function named like a hook (``sslbench_register_…``) that lacks ``@hookimpl``:
+    pluggy ignores it, so its plugin would silently register nothing."""
+    plugin = candidate.plugin
+    hook_names = [hook for hook, caller in vars(pm.hook).items() if caller.spec is not None]
+    for attr in dir(plugin):
+        if attr not in hook_names and not attr.startswith("sslbench_register"):
+            continue
+        if not inspect.isroutine(getattr(plugin, attr, None)) or pm.parse_hookimpl_opts(plugin, attr) is not None:
+            continue
+        hint = "" if attr in hook_names else did_you_mean(attr, hook_names, n=1)
+        warn(
+            f"{candidate.label} defines {attr}(){hint} without @hookimpl, so sslbench never calls it; "
+            f"decorate it: `from sslbench import hookimpl`, then `@hookimpl` above `def {attr}`"
+        )
 
 
 def _validation_message(pm: pluggy.PluginManager, candidate: _Candidate, exc: pluggy.PluginValidationError) -> str:
@@ -490,15 +615,31 @@ def _call_order(candidates: Sequence[_Candidate], hook_name: str) -> list[_Candi
     return [candidate for _, _, candidate in sorted(ranked, key=lambda item: item[:2])]
 
 
+@dataclass
+class _HookFault:
+    """What one plugin's registration hook did wrong by itself: raised, or registered an unusable entry."""
+
+    hook: str
+    #: ``"raised KeyError: 'x'"``, ``"registered a MetricEntry as a backbone; expected BackboneEntry"``
+    what: str
+    #: The one-line error a built-in or an ``extra`` plugin fails with.
+    error: PluginError
+    cause: BaseException | None = None
+
+
 def _call_registration_hook(
     candidate: _Candidate, hook_name: str, registry: Registry[Any], by_name: dict[str, _Candidate]
-) -> None:
+) -> _HookFault | None:
     """Call one plugin's implementations of a registration hook through pluggy.
 
-    :raises PluginError: a rejected registration, or any exception the hook raised, in one line.
+    :returns: what the plugin's hook did wrong by itself (an exception, an entry of the wrong type or
+        without a name), or None.
+    :raises PluginError: a name another plugin registered already (which of the two is meant is not
+        the loader's to guess), even when the plugin swallowed the error ``register`` raised.
     """
     assert candidate.manager is not None
-    rejected: list[PluginError] = []
+    conflicts: list[PluginError] = []
+    faults: list[_HookFault] = []
     accepting = True
 
     def register(entry: Any) -> None:
@@ -506,33 +647,44 @@ def _call_registration_hook(
             raise PluginError(
                 f"{candidate.label} called register after its hook '{hook_name}' returned{_disable_advice([candidate])}"
             )
+        problem = registry.problem(entry)
+        if problem is not None:
+            error = PluginError(f"{candidate.label} {problem}{_disable_advice([candidate])}")
+            # Kept for after the call: a wrapper or a try/except in the plugin may swallow it.
+            faults.append(_HookFault(hook_name, problem, error))
+            raise error
         try:
             registry.add(entry, candidate.info.name)
         except PluginError as exc:
-            involved = [candidate]
-            if isinstance(entry, registry.entry_type) and entry.name in registry:
-                other = by_name[registry.origin(entry.name)]
-                if other is not candidate:
-                    involved.insert(0, other)
-            error = PluginError(f"{exc}{_disable_advice(involved)}")
-            # Kept for after the call: a wrapper or a try/except in the plugin may swallow it, and
-            # a swallowed duplicate would leave the other plugin's entry silently in place.
-            rejected.append(error)
+            other = by_name[registry.origin(entry.name)]
+            if other is candidate:  # the same name twice from one plugin: its own fault alone
+                error = PluginError(f"{exc}{_disable_advice([candidate])}")
+                faults.append(_HookFault(hook_name, f"registered {registry.kind} '{entry.name}' twice", error))
+                raise error from None
+            error = PluginError(f"{exc}{_disable_advice([other, candidate])}")
+            # Kept for after the call: a swallowed duplicate would leave the other plugin's entry
+            # silently in place.
+            conflicts.append(error)
             raise error from None
 
     try:
         getattr(candidate.manager.hook, hook_name)(register=register)
-    except Exception as exc:
-        if rejected:
-            raise rejected[0] from None
-        raise PluginError(
-            f"{candidate.label} raised an exception in hook '{hook_name}': {_one_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - whatever a broken plugin raises is its fault, told in one line
+        if conflicts:
+            raise conflicts[0] from None
+        if faults:
+            return faults[0]
+        what = f"raised {exception_line(exc)}"
+        error = PluginError(
+            f"{candidate.label} raised an exception in hook '{hook_name}': {exception_line(exc)}"
             f"{_disable_advice([candidate])}"
-        ) from exc
+        )
+        return _HookFault(hook_name, what, error, exc)
     finally:
         accepting = False
-    if rejected:
-        raise rejected[0]
+    if conflicts:
+        raise conflicts[0]
+    return faults[0] if faults else None
 
 
 @functools.cache

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
-from sslbench.errors import PluginFailure, SSLBenchError
+from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.events import Emit, Event, ignore
 from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
 from sslbench.inputs import FeatureSplit, checked_split
@@ -129,6 +129,8 @@ class ModelPlan:
     options: BaseModel | None
     entry: BackboneEntry | None
     plugin: PluginInfo | None
+    #: Why no plugin provides the backbone (an optional model's), e.g. its plugin failed to load.
+    missing: str | None = None
 
     @property
     def owner(self) -> str:
@@ -200,7 +202,8 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
         known = m_spec.id in plugins.backbones
         entry = plugins.backbones.get(m_spec.id) if known else None
         info = plugins.plugin_of(plugins.backbones, m_spec.id) if known else None
-        models.append(ModelPlan(m_spec, m_options, entry, info))
+        missing = None if known else plugins.backbones.unavailable(m_spec.id)
+        models.append(ModelPlan(m_spec, m_options, entry, info, missing))
     ext = spec.extraction
     settings = ExtractionSettings(
         ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every, decode=ext.decode
@@ -264,13 +267,13 @@ def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource, decode
 
 def _build(model: ModelPlan, device: str) -> Backbone:
     if model.entry is None or model.options is None:
-        raise SSLBenchError(f"no installed plugin provides backbone '{model.spec.id}'")
+        raise SSLBenchError(model.missing or f"no installed plugin provides backbone '{model.spec.id}'")
     try:
         built = model.entry.factory(model.options)
     except SSLBenchError:
         raise
     except Exception as exc:
-        raise PluginFailure(f"{model.owner}: building it raised {type(exc).__name__}: {exc}") from exc
+        raise PluginFailure(f"{model.owner}: building it raised {exception_line(exc)}") from exc
     return prepare_backbone(built, device)
 
 

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
+import os
 import sys
 import textwrap
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sslbench.plugins as plugins_module
-from sslbench import BackboneEntry, MetricEntry, hookimpl
-from sslbench.errors import PluginError, SSLBenchError
+from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
+from sslbench.errors import PluginError, SSLBenchError, exception_line
+from sslbench.extract import usable_cores
 from sslbench.plugins import load_plugins
 
-from conftest import PAPER_METRICS
+from conftest import PAPER_METRICS, run_cli
 
 BUILTINS = {
     "basic_backbones",
@@ -237,6 +245,18 @@ def test_trace_receives_pluggy_hook_calls():
 # One-line errors for broken hook implementations.
 
 
+@given(st.text())
+def test_an_exception_is_told_in_one_line_with_its_whole_message(message):
+    line = exception_line(ValueError(message))
+    assert len(line.splitlines()) == 1  # as the CLI prints it: nothing past a line break is lost
+    # Every visible character of the message is kept, in order (only line breaks and the spaces
+    # around them give way to " / ").
+    visible = [ch for ch in message if not ch.isspace()]
+    assert [ch for ch in line.removeprefix("ValueError").removeprefix(": ") if not ch.isspace() and ch != "/"] == [
+        ch for ch in visible if ch != "/"
+    ]
+
+
 def test_misspelled_hook_argument_is_a_one_line_error():
     @hookimpl
     def sslbench_register_backbones(regster):
@@ -270,8 +290,10 @@ def test_exception_in_a_hook_is_a_one_line_error():
     plugin = types.SimpleNamespace(sslbench_register_metrics=sslbench_register_metrics)
     with pytest.raises(PluginError) as info:
         load_plugins(entry_points=False, extra=[("raiser", plugin)])
+    # The message kept whole, its lines joined.
     assert str(info.value) == (
-        "plugin 'raiser' raised an exception in hook 'sslbench_register_metrics': RuntimeError: metric table missing"
+        "plugin 'raiser' raised an exception in hook 'sslbench_register_metrics': "
+        "RuntimeError: metric table missing / second line of detail"
     )
     assert isinstance(info.value.__cause__, RuntimeError)
 
@@ -318,13 +340,14 @@ def test_extra_plugin_name_taken_by_an_entry_point_is_an_error():
 
 
 @pytest.fixture()
-def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """``install(dist, version, {entry point: module}, {module: source})`` for the test's duration."""
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Path]]:
+    """``install(dist, version, {entry point: module}, {module: source})`` for the test's duration; it
+    returns the folder on sys.path that holds the modules and ``.dist-info`` folders."""
     site = tmp_path / "site"
     site.mkdir()
     modules: list[str] = []
 
-    def install_(dist: str, version: str, entry_points: dict[str, str], sources: dict[str, str]) -> None:
+    def install_(dist: str, version: str, entry_points: dict[str, str], sources: dict[str, str]) -> Path:
         dist_info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
         dist_info.mkdir()
         (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
@@ -333,6 +356,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
         for module, source in sources.items():
             (site / f"{module}.py").write_text(textwrap.dedent(source))
             modules.append(module)
+        return site
 
     monkeypatch.syspath_prepend(str(site))
     yield install_
@@ -358,7 +382,8 @@ def test_same_entry_point_name_in_two_distributions_names_both(install):
         load_plugins()
     assert str(info.value) == (
         "plugin name 'shared' is declared by 2 entry points of group 'sslbench': "
-        "alpha-plugins 1.0 (alpha_shared_mod) and beta-plugins 2.5 (beta_shared_mod); uninstall one, "
+        "alpha-plugins 1.0 (alpha_shared_mod) and beta-plugins 2.5 (beta_shared_mod); rename the entry point "
+        "of one (in its pyproject's [project.entry-points.sslbench], e.g. after its package), or uninstall one, "
         "or disable one with SSLBENCH_DISABLE_PLUGINS=alpha-plugins:shared or SSLBENCH_DISABLE_PLUGINS=beta-plugins:shared"
     )
     # Rejected before anything was imported: neither plugin ran any code.
@@ -382,8 +407,10 @@ def test_third_party_entry_point_named_like_a_builtin_is_an_error(install, monke
         load_plugins()
     assert str(info.value) == (
         "plugin name 'metrics' is declared by 2 entry points of group 'sslbench': "
-        f"evil-metrics 6.6.6 (evil_metrics_mod) and sslbench {version} (sslbench_plugins.metrics); uninstall one, "
-        "or disable one with SSLBENCH_DISABLE_PLUGINS=evil-metrics:metrics"
+        f"evil-metrics 6.6.6 (evil_metrics_mod) and sslbench {version} (sslbench_plugins.metrics); "
+        "'metrics' is a built-in plugin's name: rename the entry point of evil-metrics 6.6.6 (in its pyproject's "
+        "[project.entry-points.sslbench], e.g. after its package), "
+        "or disable it with SSLBENCH_DISABLE_PLUGINS=evil-metrics:metrics"
     )
 
     monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "evil-metrics:metrics")
@@ -468,7 +495,7 @@ def test_misspelled_hook_name_names_the_distribution(install):
     )
 
 
-def test_exception_in_an_installed_plugins_hook_names_the_distribution(install):
+def test_exception_in_an_installed_plugins_hook_disables_it_with_one_warning(install, monkeypatch):
     source = """
         from sslbench import hookimpl
 
@@ -477,15 +504,118 @@ def test_exception_in_an_installed_plugins_hook_names_the_distribution(install):
             raise KeyError("no such table")
     """
     install("flaky-metrics", "3.1", {"flaky": "flaky_hook_mod"}, {"flaky_hook_mod": source})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert lines == [
+        "plugin 'flaky' (distribution flaky-metrics 3.1) failed to load: hook 'sslbench_register_metrics' "
+        "raised KeyError: 'no such table'; disable it with SSLBENCH_DISABLE_PLUGINS=flaky-metrics:flaky"
+    ]
+    [failure] = loaded.failures
+    assert (failure.name, failure.stage, failure.error) == (
+        "flaky",
+        "registration",
+        "hook 'sslbench_register_metrics' raised KeyError: 'no such table'",
+    )
+    # Everything else is exactly what it is without the plugin.
+    monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "flaky-metrics:flaky")
+    without = load_plugins(warn=pytest.fail)
+    for kind in ("backbones", "datasets", "backends", "metrics", "reporters"):
+        assert getattr(loaded, kind).names() == getattr(without, kind).names(), kind
+
+
+def test_builtin_whose_hook_raises_is_an_error(monkeypatch):
+    """A built-in is never disabled quietly: its failure is an error, as a failed import is."""
+    real_load = plugins_module._load_entry_point
+
+    @hookimpl
+    def sslbench_register_reporters(register):
+        raise RuntimeError("template folder missing")
+
+    def load(ep: importlib.metadata.EntryPoint) -> object:
+        if ep.name == "reporters" and ep.dist is not None and ep.dist.name == "sslbench":
+            return types.SimpleNamespace(sslbench_register_reporters=sslbench_register_reporters)
+        return real_load(ep)
+
+    monkeypatch.setattr(plugins_module, "_load_entry_point", load)
+    version = importlib.metadata.version("sslbench")
     with pytest.raises(PluginError) as info:
-        load_plugins()
+        load_plugins(warn=pytest.fail)
     assert str(info.value) == (
-        "plugin 'flaky' (distribution flaky-metrics 3.1) raised an exception in hook 'sslbench_register_metrics': "
-        "KeyError: 'no such table'; disable it with SSLBENCH_DISABLE_PLUGINS=flaky-metrics:flaky"
+        f"plugin 'reporters' (distribution sslbench {version}) raised an exception in hook "
+        "'sslbench_register_reporters': RuntimeError: template folder missing; "
+        "disable it with SSLBENCH_DISABLE_PLUGINS=sslbench:reporters"
     )
 
 
-def test_wrong_entry_type_names_the_distribution(install):
+_HALF_PLUGIN = """
+    from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
+
+    @hookimpl
+    def sslbench_register_backbones(register):
+        for name in ("half_net_a", "half_net_b"):
+            register(BackboneEntry(name=name, factory=lambda options: None, family="test", description="fake"))
+
+    @hookimpl
+    def sslbench_register_metrics(register):
+        register(MetricEntry("half_metric", lambda ctx: 0.0, "half", "registered before the failure"))
+        raise OSError("metric table not found\\nlooked in /nowhere")
+"""
+
+
+def test_a_plugin_failing_in_a_later_hook_is_withdrawn_from_every_registry(install, monkeypatch):
+    install("half-plugin", "1.0", {"half": "half_plugin_mod"}, {"half_plugin_mod": _HALF_PLUGIN})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert len(lines) == 1
+    reason = "hook 'sslbench_register_metrics' raised OSError: metric table not found / looked in /nowhere"
+    [failure] = loaded.failures
+    assert failure.error == reason
+    assert failure.registered == {}
+    assert failure.would_register == {"backbone": ["half_net_a", "half_net_b"], "metric": ["half_metric"]}
+    monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "half")
+    without = load_plugins(warn=pytest.fail)
+    for kind in ("backbones", "datasets", "backends", "metrics", "reporters"):
+        assert getattr(loaded, kind).names() == getattr(without, kind).names(), kind
+
+    provider = "plugin 'half' (distribution half-plugin 1.0)"
+    with pytest.raises(SSLBenchError) as info:
+        loaded.backbones.get("half_net_b")
+    assert str(info.value) == f"backbone 'half_net_b' is provided by {provider}, which failed to load: {reason}"
+    with pytest.raises(SSLBenchError) as info:
+        loaded.metrics.get("half_metric")
+    assert str(info.value) == f"metric 'half_metric' is provided by {provider}, which failed to load: {reason}"
+    # A name nobody provides still tells of the failure: it may be the reason.
+    with pytest.raises(SSLBenchError) as info:
+        loaded.datasets.get("half_data")
+    assert str(info.value).startswith(
+        f"unknown dataset 'half_data'; note: {provider} failed to load: {reason}; known: "
+    )
+
+
+def test_an_optional_model_of_a_failed_plugin_is_skipped_with_the_reason(install, tmp_path):
+    from sslbench.progress import NullProgress
+    from sslbench.runner import model_features, plan_run
+    from sslbench.spec import parse_spec, resolve_spec
+
+    install("half-plugin", "1.0", {"half": "half_optional_mod"}, {"half_optional_mod": _HALF_PLUGIN})
+    loaded = load_plugins(warn=lambda line: None)
+    spec = parse_spec(
+        "models:\n  - id: half_net_a\n    optional: true\ndatasets:\n  - id: digits\ndevice: cpu\n", "opt.yaml"
+    )
+    plan = plan_run(resolve_spec(spec, loaded), loaded, "cpu")
+    notes: list[str] = []
+    features = model_features(
+        plan, use_cache=False, scratch=tmp_path, progress=NullProgress(), emit=lambda event: notes.append(event.text)
+    )
+    assert list(features) == []
+    assert notes[-1] == (
+        "optional model half_net_a skipped: backbone 'half_net_a' is provided by plugin 'half' (distribution "
+        "half-plugin 1.0), which failed to load: hook 'sslbench_register_metrics' raised OSError: "
+        "metric table not found / looked in /nowhere"
+    )
+
+
+def test_an_unusable_entry_disables_an_installed_plugin(install):
     source = """
         from sslbench import MetricEntry, hookimpl
 
@@ -494,12 +624,48 @@ def test_wrong_entry_type_names_the_distribution(install):
             register(MetricEntry("m", lambda ctx: 0.0, "m", "not a backbone"))
     """
     install("mixed-up", "1.1", {"mixed": "mixed_type_mod"}, {"mixed_type_mod": source})
-    with pytest.raises(PluginError) as info:
-        load_plugins()
-    assert str(info.value) == (
-        "plugin 'mixed' (distribution mixed-up 1.1) registered a MetricEntry as a backbone; expected BackboneEntry; "
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert lines == [
+        "plugin 'mixed' (distribution mixed-up 1.1) failed to load: hook 'sslbench_register_backbones' "
+        "registered a MetricEntry as a backbone; expected BackboneEntry; "
         "disable it with SSLBENCH_DISABLE_PLUGINS=mixed-up:mixed"
-    )
+    ]
+    assert [p.name for p in loaded.failures] == ["mixed"]
+    assert "m" not in loaded.metrics
+
+
+def test_a_plugin_registering_one_name_twice_is_disabled(install):
+    source = """
+        from sslbench import MetricEntry, hookimpl
+
+        @hookimpl
+        def sslbench_register_metrics(register):
+            for _ in range(2):
+                register(MetricEntry("twice", lambda ctx: 0.0, "twice", "registered twice"))
+    """
+    install("stutter", "0.1", {"stutter": "stutter_mod"}, {"stutter_mod": source})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    assert lines == [
+        "plugin 'stutter' (distribution stutter 0.1) failed to load: hook 'sslbench_register_metrics' "
+        "registered metric 'twice' twice; disable it with SSLBENCH_DISABLE_PLUGINS=stutter:stutter"
+    ]
+    assert "twice" not in loaded.metrics
+
+
+def test_a_name_clash_with_an_installed_plugin_is_still_an_error(install):
+    """Which of two plugins a spec means is not the loader's to guess: a clash is not a failure of one."""
+    source = """
+        from sslbench import BackboneEntry, hookimpl
+
+        @hookimpl
+        def sslbench_register_backbones(register):
+            register(BackboneEntry(name="raw", factory=lambda options: None, family="test", description="clash"))
+    """
+    install("clashing", "1.0", {"clashing": "clashing_mod"}, {"clashing_mod": source})
+    with pytest.raises(PluginError, match="backbone 'raw' is registered twice: by plugin 'basic_backbones'"):
+        load_plugins(warn=pytest.fail)
 
 
 def test_third_party_import_failure_warns_naming_the_distribution(install):
@@ -515,6 +681,13 @@ def test_third_party_import_failure_warns_naming_the_distribution(install):
     assert (failure.name, failure.distribution, failure.version) == ("broken", "broken-dist", "0.9")
     assert failure.error == "ModuleNotFoundError: No module named 'sslbench_nope_xyz'"
     assert "acc" in loaded.metrics
+    # What it would have provided is unknown: every unknown name mentions it.
+    with pytest.raises(SSLBenchError) as info:
+        loaded.metrics.get("broken_metric")
+    assert str(info.value).startswith(
+        "unknown metric 'broken_metric'; note: plugin 'broken' (distribution broken-dist 0.9) failed to import: "
+        "ModuleNotFoundError: No module named 'sslbench_nope_xyz'; known: "
+    )
 
 
 def test_builtin_that_fails_to_import_is_an_error(monkeypatch):
@@ -539,3 +712,386 @@ def test_builtin_that_fails_to_import_is_an_error(monkeypatch):
 
     monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "sslbench:torch")
     assert "torch" not in load_plugins().backends
+
+
+# ------------------------------------------------------------------------------------------------
+# A plugin shipping model cards, one of them malformed.
+
+_GOOD_CARD = """\
+  - id: resnet18.tiny_good
+    family: tiny
+    description: a good card
+    architecture: {source: timm, name: resnet18}
+    weights: [{kind: url, url: "https://example.invalid/w.pth"}]
+    hash: {kind: none}
+    feature: {dim: 512}
+    preprocessing: {resize: 256, crop: 224, interpolation: bilinear, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+    license: MIT
+"""
+
+_BAD_CARD = """\
+  - id: resnet18.tiny_bad
+    family: tiny
+    description: a card with three mistakes
+    architecture:
+      source: timm
+      nmae: resnet18
+    weights: [{kind: url, url: "https://example.invalid/w.pth"}]
+    hash: {kind: none}
+    feature: {dim: 0}
+    preprocesing: {resize: 256, crop: 224, interpolation: bilinear, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}
+    license: MIT
+"""
+
+_CARD_PLUGIN = """
+    from pathlib import Path
+
+    from sslbench import hookimpl
+
+    @hookimpl
+    def sslbench_register_backbones(register):
+        from sslbench_plugins.pytorch_zoo import card_backbones
+
+        for entry in card_backbones(Path(__file__).parent / "tiny_cards"):
+            register(entry)
+"""
+
+
+def _card_folder(site: Path) -> Path:
+    """``tiny_cards/``: a valid file of one card, and a file of a valid card and one with four mistakes."""
+    folder = site / "tiny_cards"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("family: tiny\ncards:\n" + _GOOD_CARD.replace("tiny_good", "tiny_other"))
+    (folder / "b.yaml").write_text("family: tiny\ncards:\n" + _GOOD_CARD + _BAD_CARD)
+    return folder
+
+
+def _line_of(path: Path, text: str, after: int = 0) -> int:
+    """The first 1-based line past ``after`` of ``path`` that holds ``text`` (read as text, not YAML)."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if n > after and text in line)
+
+
+def test_every_card_schema_error_is_listed_with_its_line_and_did_you_mean(tmp_path):
+    from sslbench.cards import cards_from
+    from sslbench.errors import CardError
+
+    folder = _card_folder(tmp_path)
+    b = folder / "b.yaml"
+    with pytest.raises(CardError) as info:
+        cards_from(folder)
+    card_fields = "id, family, loader, version, description, architecture, weights, hash, layout, feature, "
+    card_fields += "preprocessing, linear_top1, knn_top1, paper, license, notes"
+    bad = _line_of(b, "tiny_bad")  # where the second card starts
+    assert str(info.value) == (
+        f"{b}:{_line_of(b, 'architecture:', bad)}: cards[1].architecture.name: required key is missing; "
+        f"{b}:{_line_of(b, 'nmae')}: cards[1].architecture.nmae: unknown key (did you mean 'name'?); "
+        "allowed: source, name, args, num_classes; "
+        f"{b}:{_line_of(b, 'dim: 0')}: cards[1].feature.dim: Input should be greater than or equal to 1 (got 0); "
+        f"{b}:{bad}: cards[1].preprocessing: required key is missing; "
+        f"{b}:{_line_of(b, 'preprocesing')}: cards[1].preprocesing: unknown key (did you mean 'preprocessing'?); "
+        f"allowed: {card_fields}"
+    )
+    # The ids of the whole folder, read from the files: the cards that will be missing.
+    assert info.value.card_ids == ("resnet18.tiny_good", "resnet18.tiny_bad", "resnet18.tiny_other")
+
+
+def test_card_mappings_in_code_list_every_error_of_every_card():
+    from sslbench.cards import cards_from
+    from sslbench.errors import CardError
+
+    good = yaml.safe_load(_GOOD_CARD)[0]
+    typo = {**good, "id": "resnet18.typo", "licence": "MIT"}
+    del typo["license"]
+    wide = {**good, "id": "resnet18.wide", "feature": {"dim": -1}}
+    with pytest.raises(CardError) as info:
+        cards_from([good, typo, wide], where="my_cards")
+    assert str(info.value) == (
+        "my_cards[1]: license: required key is missing; "
+        "my_cards[1]: licence: unknown key (did you mean 'license'?); allowed: id, family, loader, version, "
+        "description, architecture, weights, hash, layout, feature, preprocessing, linear_top1, knn_top1, paper, "
+        "license, notes; "
+        "my_cards[2]: feature.dim: Input should be greater than or equal to 1 (got -1)"
+    )
+    assert info.value.card_ids == ("resnet18.tiny_good", "resnet18.typo", "resnet18.wide")
+
+
+def test_a_card_plugin_with_a_malformed_card_is_disabled_and_its_ids_named(install):
+    site = install("tiny-cards", "2.0", {"tiny": "tiny_cards_mod"}, {"tiny_cards_mod": _CARD_PLUGIN})
+    _card_folder(site)
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    [line] = lines
+    assert line.startswith(
+        "plugin 'tiny' (distribution tiny-cards 2.0) failed to load: hook 'sslbench_register_backbones' "
+        f"raised CardError: {site / 'tiny_cards' / 'b.yaml'}:"
+    )
+    assert line.endswith("; disable it with SSLBENCH_DISABLE_PLUGINS=tiny-cards:tiny")
+    [failure] = loaded.failures
+    assert failure.would_register == {"backbone": ["resnet18.tiny_good", "resnet18.tiny_bad", "resnet18.tiny_other"]}
+    assert not {"resnet18.tiny_good", "resnet18.tiny_other"} & set(loaded.backbones.names())
+    with pytest.raises(SSLBenchError) as info:
+        loaded.backbones.get("resnet18.tiny_other")  # in the valid file, but the plugin registered nothing
+    assert str(info.value).startswith(
+        "backbone 'resnet18.tiny_other' is provided by plugin 'tiny' (distribution tiny-cards 2.0), "
+        "which failed to load: hook 'sslbench_register_backbones' raised CardError: "
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# A function named like a hook without @hookimpl.
+
+
+def test_a_hook_function_without_hookimpl_is_warned_about(install):
+    source = """
+        from sslbench import BackboneEntry, hookimpl
+
+        def sslbench_register_backbones(register):  # the marker forgotten
+            register(BackboneEntry(name="never_seen", factory=lambda options: None, family="t", description="x"))
+
+        def sslbench_register_metric(register):  # misspelled, and no marker either
+            pass
+
+        @hookimpl
+        def sslbench_register_datasets(register):
+            pass
+
+        def helper():
+            pass
+    """
+    install("forgetful", "0.5", {"forgetful": "forgetful_mod"}, {"forgetful_mod": source})
+    lines: list[str] = []
+    loaded = load_plugins(warn=lines.append)
+    label = "plugin 'forgetful' (distribution forgetful 0.5)"
+    assert lines == [
+        f"{label} defines sslbench_register_backbones() without @hookimpl, so sslbench never calls it; "
+        "decorate it: `from sslbench import hookimpl`, then `@hookimpl` above `def sslbench_register_backbones`",
+        f"{label} defines sslbench_register_metric() (did you mean 'sslbench_register_metrics'?) without "
+        "@hookimpl, so sslbench never calls it; decorate it: `from sslbench import hookimpl`, then `@hookimpl` "
+        "above `def sslbench_register_metric`",
+    ]
+    assert "never_seen" not in loaded.backbones
+    assert [p.hooks for p in loaded.plugins if p.name == "forgetful"] == [["sslbench_register_datasets"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI with a broken third-party plugin installed: real subprocesses, real exit statuses.
+
+
+def _cli_env(site: Path) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))}
+
+
+def test_cli_lists_a_broken_plugin_and_names_it_for_a_spec(install, tmp_path):
+    site = install("tiny-cards", "2.0", {"tiny": "tiny_cards_cli_mod"}, {"tiny_cards_cli_mod": _CARD_PLUGIN})
+    _card_folder(site)
+    env = _cli_env(site)
+
+    listed = run_cli("plugins", "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    [warning] = listed.stderr.splitlines()
+    assert warning.startswith("sslbench: warning: plugin 'tiny' (distribution tiny-cards 2.0) failed to load: ")
+    by_name = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert by_name["tiny"]["stage"] == "registration"
+    assert by_name["tiny"]["error"].startswith("hook 'sslbench_register_backbones' raised CardError: ")
+    assert "feature.dim: Input should be greater than or equal to 1 (got 0)" in by_name["tiny"]["error"]
+    assert "raw" in by_name["basic_backbones"]["registered"]["backbone"]  # the others loaded
+
+    table = run_cli("plugins", cwd=tmp_path, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "failed to load: hook" in table.stdout
+    assert "would register backbone: resnet18.tiny_good" in table.stdout
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("models:\n  - id: raw\n  - id: resnet18.tiny_bad\ndatasets:\n  - id: digits\ndevice: cpu\n")
+    checked = run_cli("validate", str(spec), cwd=tmp_path, env=env)
+    assert checked.returncode == 2
+    last = checked.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"sslbench: error: {spec}:3: models[1].id: backbone 'resnet18.tiny_bad' is provided by plugin 'tiny' "
+        "(distribution tiny-cards 2.0), which failed to load: hook 'sslbench_register_backbones' raised CardError: "
+    )
+    assert "Traceback" not in checked.stderr
+
+    spec.write_text("models:\n  - id: resnet18.tiny_nowhere\ndatasets:\n  - id: digits\ndevice: cpu\n")
+    checked = run_cli("validate", str(spec), cwd=tmp_path, env=env)
+    assert checked.returncode == 2
+    assert checked.stderr.splitlines()[-1].startswith(
+        f"sslbench: error: {spec}:2: models[0].id: unknown backbone 'resnet18.tiny_nowhere'; note: plugin 'tiny' "
+        "(distribution tiny-cards 2.0) failed to load: hook 'sslbench_register_backbones' raised CardError: "
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# A backbone plugin whose code fails during extraction: the failure names its plugin and distribution.
+
+_FAULTY_BACKBONE = """
+    import numpy as np
+    import torch
+    from pydantic import BaseModel, ConfigDict
+
+    from sslbench import Backbone, BackboneEntry, hookimpl
+
+
+    class FaultOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        fault: str
+
+
+    class Faulty(Backbone):
+        feature_dim = 4
+
+        def __init__(self, options):
+            self.fault = options.fault
+
+        def preprocess(self, sample):
+            if self.fault == "preprocess":
+                from torch.utils.data import get_worker_info
+
+                worker = get_worker_info() is not None
+                raise ValueError(f"cannot take this sample (in a worker: {worker})\\nits mode is 'L'")
+            return torch.as_tensor(np.asarray(sample, dtype=np.float32)).flatten()[:4]
+
+        def embed(self, batch):
+            if self.fault == "dims":
+                return torch.cat([batch, batch[:, :2]], dim=1)
+            return batch
+
+
+    @hookimpl
+    def sslbench_register_backbones(register):
+        register(BackboneEntry("faulty_net", Faulty, "test", "fails on purpose", options=FaultOptions, feature_dim=4))
+"""
+
+
+def _faulty_spec(tmp_path: Path, fault: str, workers: int) -> Path:
+    spec = tmp_path / f"{fault}.yaml"
+    spec.write_text(
+        f"models:\n  - id: faulty_net\n    options: {{fault: {fault}}}\ndatasets:\n  - id: digits\n"
+        f"extraction: {{workers: {workers}, batch_size: 64}}\ndevice: cpu\n"
+    )
+    return spec
+
+
+_FAULTY_OWNER = "backbone 'faulty_net' (plugin 'faulty' from faulty-nets 0.3)"
+
+
+@pytest.mark.slow
+def test_cli_names_the_plugin_whose_backbone_returns_the_wrong_width(install, tmp_path):
+    site = install("faulty-nets", "0.3", {"faulty": "faulty_dims_mod"}, {"faulty_dims_mod": _FAULTY_BACKBONE})
+    proc = run_cli("extract", str(_faulty_spec(tmp_path, "dims", 0)), cwd=tmp_path, env=_cli_env(site))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"sslbench: error: a plugin failed (a bug in it; traceback above): {_FAULTY_OWNER}: "
+        "embed() returned 6-d features; the backbone declares feature_dim 4"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(usable_cores() < 2, reason="a CPU extraction keeps no decode worker on one core")
+def test_cli_names_the_plugin_whose_preprocess_fails_in_a_worker(install, tmp_path):
+    site = install("faulty-nets", "0.3", {"faulty": "faulty_pre_mod"}, {"faulty_pre_mod": _FAULTY_BACKBONE})
+    proc = run_cli("extract", str(_faulty_spec(tmp_path, "preprocess", 2)), cwd=tmp_path, env=_cli_env(site))
+    assert proc.returncode == 1, proc.stderr
+    # The first line whole: the exception's type and its message, its lines joined.
+    assert proc.stderr.splitlines()[-1] == (
+        f"sslbench: error: a plugin failed (a bug in it; traceback above): {_FAULTY_OWNER}: preprocess() raised "
+        "ValueError: cannot take this sample (in a worker: True) / its mode is 'L' (on sample 0)"
+    )
+    # The worker's traceback is printed above it, down to the plugin's line.
+    assert "faulty_pre_mod.py" in proc.stderr and "raise ValueError" in proc.stderr
+
+
+class _Returns(Backbone):
+    """Returns ``output`` from embed, whatever the batch."""
+
+    feature_dim = 2
+
+    def __init__(self, output: object) -> None:
+        self.output = output
+
+    def preprocess(self, sample):
+        return torch.zeros(2)
+
+    def embed(self, batch):
+        if isinstance(self.output, BaseException):
+            raise self.output
+        return self.output
+
+
+class _Tiny(Split):
+    @property
+    def labels(self):
+        return np.zeros(4, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return index
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (
+            RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(4x2 and 3x3)"),
+            "embed() raised RuntimeError: mat1 and mat2 shapes cannot be multiplied / (4x2 and 3x3)",
+        ),
+        (
+            torch.ones(4, 2, dtype=torch.int64),
+            "embed() returned a torch.int64 tensor; expected an (n, feature_dim) float tensor",
+        ),
+        (
+            torch.ones(4, 2, dtype=torch.complex64),
+            "embed() returned a torch.complex64 tensor; expected an (n, feature_dim) float tensor",
+        ),
+        (
+            np.ones((4, 2), dtype=np.float32),
+            "embed() returned a numpy.ndarray, not a torch.Tensor; expected an (n, feature_dim) float tensor",
+        ),
+        (torch.ones(4, 3), "embed() returned 3-d features; the backbone declares feature_dim 2"),
+        (
+            torch.ones(3, 2),
+            "embed() returned features of shape (3, 2) for 4 samples; expected (samples, feature_dim)",
+        ),
+    ],
+)
+def test_what_embed_does_wrong_names_the_backbones_plugin(tmp_path, output, expected):
+    from sslbench.cache import CacheKey, FeatureCache
+    from sslbench.errors import PluginFailure
+    from sslbench.extract import ExtractionSettings, extract_split
+
+    owner = "backbone 'b' (plugin 'p' from d 1.0)"
+    settings = ExtractionSettings(batch_size=4, workers=0, amp=False, owner=owner)
+    entry = FeatureCache(tmp_path / "cache").entry(CacheKey("b", {}, {}, {}, "tiny", {}, "train", "fp"))
+    with pytest.raises(PluginFailure) as info:
+        extract_split(_Returns(output), _Tiny(), settings=settings, device="cpu", name="b", entry=entry)
+    assert str(info.value) == f"{owner}: {expected}"
+
+
+class _FailsInWorkers(_Returns):
+    def preprocess(self, sample):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is None:
+            return torch.zeros(2)  # the pool's cost probe, in this process
+        raise ValueError(f"sample {sample} in worker {info.id}\nsecond line")
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="a CPU extraction keeps no decode worker on one core")
+def test_preprocess_failing_in_a_worker_keeps_its_message_whole(tmp_path):
+    from sslbench.cache import CacheKey, FeatureCache
+    from sslbench.errors import PluginFailure
+    from sslbench.extract import ExtractionSettings, extract_split
+
+    owner = "backbone 'b' (plugin 'p' from d 1.0)"
+    settings = ExtractionSettings(batch_size=4, workers=1, amp=False, owner=owner)
+    entry = FeatureCache(tmp_path / "cache").entry(CacheKey("b", {}, {}, {}, "tiny", {}, "train", "fp"))
+    backbone = _FailsInWorkers(torch.zeros(4, 2))
+    with pytest.raises(PluginFailure) as info:
+        extract_split(backbone, _Tiny(), settings=settings, device="cpu", name="b", entry=entry)
+    first, *traceback_lines = str(info.value).splitlines()
+    assert first == f"{owner}: preprocess() raised ValueError: sample 0 in worker 0 / second line (on sample 0)"
+    assert traceback_lines[0] == "Traceback (most recent call last):"
+    assert any("raise ValueError" in line for line in traceback_lines)
