@@ -6,15 +6,25 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
+import site
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
 
 import pytest
 
+import sslbench
 from sslbench import evaluate_features, load_plugins
 from sslbench.plugins import ENTRY_POINT_GROUP
 
 from conftest import REPO, blobs, run_cli
 
 EXAMPLE = REPO / "examples" / "sslbench-example"
+EXAMPLE_MODULE = EXAMPLE / "sslbench_example" / "__init__.py"
+EXAMPLE_BACKBONES = ["pooled_pixels", "resnet18.example_tv_in1k", "test_vit.example_moco", "test_vit.example_package"]
 
 
 def _installed() -> bool:
@@ -25,7 +35,7 @@ def _installed() -> bool:
 
 def test_example_plugin_in_process():
     """Registered as an object (how a paper's eval suite adds a metric without packaging it)."""
-    spec = importlib.util.spec_from_file_location("sslbench_example_local", EXAMPLE / "sslbench_example.py")
+    spec = importlib.util.spec_from_file_location("sslbench_example_local", EXAMPLE_MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     builtins = [
@@ -33,7 +43,7 @@ def test_example_plugin_in_process():
         for name, mod in (("metrics", "metrics"), ("reference", "reference_backend"))
     ]
     plugins = load_plugins(entry_points=False, extra=[*builtins, ("example_local", module)])
-    assert plugins.backbones.names() == ["pooled_pixels", "resnet18.example_tv_in1k"]
+    assert plugins.backbones.names() == EXAMPLE_BACKBONES
     x, y = blobs(40, 4, 6, seed=5)
     results = evaluate_features(
         x[:120], y[:120], x[120:], y[120:], seeds=1, epochs=2, backend="reference", plugins=plugins
@@ -51,7 +61,7 @@ def test_installed_example_plugin_through_entry_points(tmp_path):
     listed = {p["name"]: p for p in json.loads(proc.stdout)}
     assert listed["example"]["distribution"] == "sslbench-example"
     assert listed["example"]["registered"] == {
-        "backbone": ["pooled_pixels", "resnet18.example_tv_in1k"],
+        "backbone": EXAMPLE_BACKBONES,
         "metric": ["purity"],
     }
 
@@ -75,7 +85,7 @@ def test_a_plugins_card_builds_and_loads_the_official_file_layout(tmp_path):
     from sslbench.errors import SSLBenchError
     from sslbench_plugins.pytorch_zoo import CardOptions, card_backbones
 
-    spec = importlib.util.spec_from_file_location("sslbench_example_cards", EXAMPLE / "sslbench_example.py")
+    spec = importlib.util.spec_from_file_location("sslbench_example_cards", EXAMPLE_MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     (entry,) = card_backbones(module.EXAMPLE_CARDS)
@@ -103,7 +113,7 @@ def test_a_folder_of_card_files_registers_the_same_backbones(tmp_path):
     from sslbench.errors import SSLBenchError
     from sslbench_plugins.pytorch_zoo import card_backbones
 
-    spec = importlib.util.spec_from_file_location("sslbench_example_folder", EXAMPLE / "sslbench_example.py")
+    spec = importlib.util.spec_from_file_location("sslbench_example_folder", EXAMPLE_MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     (tmp_path / "example.yaml").write_text(yaml.safe_dump({"family": "example", "cards": module.EXAMPLE_CARDS}))
@@ -111,3 +121,58 @@ def test_a_folder_of_card_files_registers_the_same_backbones(tmp_path):
     assert entry.card == card_backbones(module.EXAMPLE_CARDS)[0].card
     with pytest.raises(SSLBenchError, match="card folder not found"):
         card_backbones(tmp_path / "missing")
+
+
+def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_example_wheel_carries_its_cards_and_weights(tmp_path):
+    """The example built as a wheel and installed in a fresh virtual environment (seeing this environment's
+    packages, the sslbench under test included, behind its own): its cards and their weights are package
+    data, so `sslbench models` lists the cards and a run from another folder loads both weights files."""
+    source = tmp_path / "src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    built = _run(
+        sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+        "--wheel-dir", tmp_path / "dist", source,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("sslbench_example-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"sslbench_example/{name}" for name in ("cards/example.yaml", "cards/test_vit_moco.pth")} <= shipped
+    assert "sslbench_example/weights/test_vit.pth" in shipped
+
+    venv.create(tmp_path / "venv", with_pip=False)
+    python = tmp_path / "venv" / "bin" / "python"
+    purelib = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    # `import` lines of a .pth file run at start-up: addsitedir also reads this environment's own .pth files.
+    parents = "".join(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
+    (purelib / "_parent_environment.pth").write_text(parents)
+    installed = _run(
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", purelib, wheel
+    )
+    assert installed.returncode == 0, installed.stderr
+    where = _run(python, "-c", "import sslbench, sslbench_example; print(sslbench.__file__, sslbench_example.__file__)")
+    assert where.stdout.split() == [sslbench.__file__, str(purelib / "sslbench_example" / "__init__.py")]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    listed = _run(python, "-m", "sslbench", "models", cwd=elsewhere)
+    assert listed.returncode == 0, listed.stderr
+    assert "test_vit.example_moco" in listed.stdout and "test_vit.example_package" in listed.stdout
+    spec = {
+        "name": "wheel",
+        "models": [
+            {"id": name, "options": {"crop": 16}} for name in ("test_vit.example_moco", "test_vit.example_package")
+        ],
+        "datasets": [{"id": "digits"}],
+        "protocol": {"seeds": 1, "epochs": 1},
+        "device": "cpu",
+    }
+    (elsewhere / "spec.yaml").write_text(json.dumps(spec))
+    ran = _run(python, "-m", "sslbench", "run", "spec.yaml", "--out", "out", cwd=elsewhere)
+    assert ran.returncode == 0, ran.stderr
+    runs = json.loads((elsewhere / "out" / "results.json").read_text())["runs"]
+    assert {run["model"] for run in runs} == {"test_vit.example_moco", "test_vit.example_package"}
