@@ -6,11 +6,7 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
-import site
 import subprocess
-import sys
-import venv
 import zipfile
 from pathlib import Path
 
@@ -20,7 +16,7 @@ import sslbench
 from sslbench import evaluate_features, load_plugins
 from sslbench.plugins import ENTRY_POINT_GROUP
 
-from conftest import REPO, blobs, run_cli
+from conftest import REPO, blobs, install_wheel_in_fresh_venv, run_cli
 
 EXAMPLE = REPO / "examples" / "sslbench-example"
 EXAMPLE_MODULE = EXAMPLE / "sslbench_example" / "__init__.py"
@@ -129,33 +125,17 @@ def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_the_example_wheel_carries_its_cards_and_weights(tmp_path):
-    """The example built as a wheel and installed in a fresh virtual environment (seeing this environment's
-    packages, the sslbench under test included, behind its own): its cards and their weights are package
-    data, so `sslbench models` lists the cards and a run from another folder loads both weights files."""
-    source = tmp_path / "src"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    built = _run(
-        sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-        "--wheel-dir", tmp_path / "dist", source,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
+    """The example built as a wheel and installed in a fresh virtual environment: its cards and their
+    weights are package data, so `sslbench models` lists the cards and a run from another folder loads
+    both weights files (a missing one, or one failing its sha256, would stop the run)."""
+    python = install_wheel_in_fresh_venv(EXAMPLE, tmp_path)
     (wheel,) = (tmp_path / "dist").glob("sslbench_example-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"sslbench_example/{name}" for name in ("cards/example.yaml", "cards/test_vit_moco.pth")} <= shipped
-    assert "sslbench_example/weights/test_vit.pth" in shipped
-
-    venv.create(tmp_path / "venv", with_pip=False)
-    python = tmp_path / "venv" / "bin" / "python"
-    purelib = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
-    # `import` lines of a .pth file run at start-up: addsitedir also reads this environment's own .pth files.
-    parents = "".join(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
-    (purelib / "_parent_environment.pth").write_text(parents)
-    installed = _run(
-        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", purelib, wheel
-    )
-    assert installed.returncode == 0, installed.stderr
+    for name in ("cards/example.yaml", "cards/test_vit_moco.pth", "weights/test_vit.pth"):
+        assert f"sslbench_example/{name}" in shipped, name
     where = _run(python, "-c", "import sslbench, sslbench_example; print(sslbench.__file__, sslbench_example.__file__)")
-    assert where.stdout.split() == [sslbench.__file__, str(purelib / "sslbench_example" / "__init__.py")]
+    installed, example = where.stdout.split()
+    assert installed == sslbench.__file__ and Path(example).is_relative_to(tmp_path / "venv")
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
