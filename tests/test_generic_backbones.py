@@ -465,6 +465,33 @@ def test_timm_refuses_position_embeddings_that_its_checkpoint_filter_resamples(h
         assert (found is None) == fits, found
 
 
+@pytest.mark.slow
+def test_an_allowed_trap_is_recorded_in_results_json(hf_cache, plugins, tmp_path):
+    state = random_state(timm.create_model("test_vit", pretrained=False, img_size=224), seed=4)
+    write_hf_cache(hf_cache, f"timm/{TINY}", state)
+    text = textwrap.dedent(
+        f"""
+        models:
+          - id: timm
+            name: resampled
+            options: {{model: {TINY}, allow: [pos_embed_resampled]}}
+        datasets:
+          - {{id: digits}}
+        protocol: {{epochs: 1, seeds: 1}}
+        extraction: {{workers: 0}}
+        cache_dir: {tmp_path / "cache"}
+        device: cpu
+        """
+    )
+    run_spec(resolve_spec(parse_spec(text), plugins), plugins, out_dir=tmp_path / "out")
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert recorded["spec"]["models"][0]["options"]["allow"] == ["pos_embed_resampled"]
+    assert {run["model"] for run in recorded["runs"]} == {"resampled"}
+    refused = parse_spec(text.replace(", allow: [pos_embed_resampled]", ""))
+    with pytest.raises(SSLBenchError, match=r"resamples it to the model's 10×10 patches"):
+        run_spec(resolve_spec(refused, plugins), plugins, out_dir=tmp_path / "refused")
+
+
 # --------------------------------------------------------------------------------------------------
 # timm: fingerprints
 
