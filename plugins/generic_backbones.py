@@ -413,9 +413,15 @@ def checkpoint_shapes(path: Path, names: Iterable[str]) -> dict[str, tuple[int, 
     return found
 
 
-def _grid_text(tokens: int, prefix: int, patch: int | None) -> str:
+def _grid_side(tokens: int, prefix: int) -> int | None:
+    """The side of the square patch grid that ``tokens`` position embeddings cover, if they do."""
     side = math.isqrt(max(tokens - prefix, 0))
-    if side * side != tokens - prefix:
+    return side if side and side * side == tokens - prefix else None
+
+
+def _grid_text(tokens: int, prefix: int, patch: int | None) -> str:
+    side = _grid_side(tokens, prefix)
+    if side is None:
         return f"{tokens} tokens"
     return f"{side}×{side} patches" + (f" ({side * patch} px)" if patch else "")
 
@@ -431,12 +437,11 @@ def resampled_pos_embed(model: Any, path: Path, where: str) -> str | None:
     patch = int(patch_size[0]) if isinstance(patch_size, tuple | list) and patch_size else None
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0) or 0)
     for key, shape in expected.items():
-        if key not in stored or stored[key][-2:] == shape[-2:] or len(shape) < 2:
+        if len(shape) < 2 or key not in stored or stored[key][-2:] == shape[-2:]:
             continue
         ours, theirs = _grid_text(shape[-2], prefix, patch), _grid_text(stored[key][-2], prefix, patch)
-        fix = ""
-        if patch and math.isqrt(stored[key][-2] - prefix) ** 2 == stored[key][-2] - prefix:
-            fix = f"set img_size: {math.isqrt(stored[key][-2] - prefix) * patch}, or "
+        side = _grid_side(stored[key][-2], prefix)
+        fix = f"set img_size: {side * patch}, or " if side and patch else ""
         return (
             f"{where}: {path.name} holds {key} for {theirs} and timm's checkpoint filter resamples it to the "
             f"model's {ours}, which changes the features: {fix}allow: [pos_embed_resampled]"
