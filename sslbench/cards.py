@@ -69,9 +69,8 @@ class WeightSource(_Card):
         if folder is None:
             raise PydanticCustomError(
                 "relative_path",
-                "relative path {path} needs a card file to be resolved against: give an absolute path, or ship "
-                "the card as a YAML file beside its weights",
-                {"path": path},
+                "a relative path needs a card file to be resolved against: give an absolute path, or ship the "
+                "card as a YAML file beside its weights",
             )
         return str(Path(folder) / path)
 
@@ -229,7 +228,7 @@ class ModelCard(_Card):
     @classmethod
     def _id_in_arch_tag_style(cls, value: str) -> str:
         if not CARD_ID_PATTERN.match(value):
-            raise PydanticCustomError("card_id", "card id {id} is not arch.tag: " + CARD_ID_RULE, {"id": repr(value)})
+            raise PydanticCustomError("card_id", "not an arch.tag id: " + CARD_ID_RULE)
         return value
 
     @model_validator(mode="after")

@@ -42,17 +42,19 @@ def write_card_file(folder: Path, *cards: dict) -> Path:
 
 @pytest.mark.parametrize("bad_id", ["ResNet50.moco", "resnet50", "resnet50.moco.v2", "resnet-50.moco", ".moco"])
 def test_a_wrong_card_id_is_explained_in_words(tmp_path, bad_id):
-    path = write_card_file(tmp_path, example_card(id=bad_id))
-    with pytest.raises(SSLBenchError) as caught:
-        load_card_file(path)
-    message = str(caught.value)
-    assert message == (
-        f"{path}: cards.0.id: card id {bad_id!r} is not arch.tag: two parts joined by one dot, architecture then "
-        "weights tag, each of lowercase letters, digits and underscores (e.g. resnet50.mocov2_800ep)"
+    rule = (
+        "not an arch.tag id: two parts joined by one dot, architecture then weights tag, each of lowercase "
+        "letters, digits and underscores (e.g. resnet50.mocov2_800ep)"
     )
-    with pytest.raises(SSLBenchError, match=r"^mine\[0\]: id: card id .* is not arch\.tag: two parts") as from_code:
+    path = write_card_file(tmp_path, example_card(id=bad_id))
+    with pytest.raises(SSLBenchError) as in_file:
+        load_card_file(path)
+    with pytest.raises(SSLBenchError) as from_code:
         card_backbones([in_code(id=bad_id)], where="mine")
-    assert "^[a-z" not in str(from_code.value)
+    for caught, source in ((in_file, str(path)), (from_code, "mine[0]")):
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(source) and rule in message, message
+        assert "^[a-z" not in message  # the rule in words, not the regex
 
 
 @settings(max_examples=200, deadline=None)
@@ -76,7 +78,7 @@ def test_the_id_rule_in_words_is_the_pattern(candidate):
     ],
 )
 def test_a_hash_that_cannot_be_checked_is_refused(hash_, error):
-    with pytest.raises(SSLBenchError, match=rf"^mine\[0\]: hash: .*{re.escape(error)}$"):
+    with pytest.raises(SSLBenchError, match=rf"^mine\[0\].*hash.*{re.escape(error)}"):
         card_backbones([in_code(hash=hash_)], where="mine")
 
 
@@ -103,18 +105,18 @@ def test_a_relative_file_path_is_taken_from_the_card_files_folder(tmp_path, monk
     (moved,) = card_backbones(copy.parent)
     with pytest.raises(SSLBenchError) as caught:
         resolve_weights(moved.card)
-    assert str(caught.value) == (
-        f"weights of test_vit.example_moco are not on this machine: the card's file "
-        f"{copy.parent.absolute() / 'test_vit_moco.pth'} does not exist"
-    )
+    message = str(caught.value)
+    assert "\n" not in message and str(copy.parent.absolute() / "test_vit_moco.pth") in message, message
 
 
 def test_a_relative_file_path_in_a_card_given_in_code_is_refused(tmp_path):
     with pytest.raises(SSLBenchError) as caught:
         card_backbones([example_card()], where="my_plugin.CARDS")
-    assert str(caught.value) == (
-        "my_plugin.CARDS[0]: weights.0.path: relative path test_vit_moco.pth needs a card file to be resolved "
-        "against: give an absolute path, or ship the card as a YAML file beside its weights"
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("my_plugin.CARDS[0]") and "path" in message
+    assert (
+        "a relative path needs a card file to be resolved against: give an absolute path, or ship the card as a "
+        "YAML file beside its weights" in message
     )
     (entry,) = card_backbones([in_code()])
     assert entry.card.weights[0].path == str(EXAMPLE_CARDS / "test_vit_moco.pth")
