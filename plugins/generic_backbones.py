@@ -6,6 +6,10 @@
     only when downloads are allowed, and handed to timm's loader, which applies the architecture's
     checkpoint filter and loads it as timm does. Preprocessing is timm's own eval transform for the model's
     pretrained config. A local ``weights`` file instead loads strictly through :func:`sslbench.weights.load_state`.
+    Two known traps load without error yet change the features, and are refused in one line unless the
+    options ``allow`` them (the acceptance is fingerprinted): QuickGELU-trained CLIP weights on timm's GELU
+    architecture (:func:`quickgelu_counterpart`), and position embeddings of another grid, which timm's
+    checkpoint filter resamples (:func:`resampled_pos_embed`).
 
 ``hub``
     ``torch.hub.load`` from the hub cache's checkout ``<owner>_<name>_<sha>`` of a pinned commit, offline.
@@ -23,8 +27,9 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +54,9 @@ from sslbench.weights import (
 REVISION = 1
 
 TimmPool = Literal["default", "cls", "mean", "cls+mean", "head"]
+#: Ways timm loads weights without an error yet computes another function than the one they were trained
+#: as; refused unless the spec's ``allow`` names them.
+TimmTrap = Literal["quickgelu_mismatch", "pos_embed_resampled"]
 OutputPool = Literal["none", "cls", "mean", "cls+mean"]
 
 _OUTPUT_POOL = (
@@ -242,6 +250,12 @@ class TimmOptions(_Options):
         "output (e.g. CLIP's projection)",
     )
     img_size: int | None = Field(None, ge=8, description="input size instead of the pretrained config's")
+    allow: list[TimmTrap] = Field(
+        default_factory=list,
+        description="known traps to accept, recorded in the fingerprint: quickgelu_mismatch (QuickGELU-trained "
+        "CLIP weights on timm's GELU architecture), pos_embed_resampled (timm's checkpoint filter resamples the "
+        "file's position embeddings to another grid)",
+    )
 
     @model_validator(mode="after")
     def _known_model(self) -> TimmOptions:
@@ -346,6 +360,95 @@ _CONVENTION: tuple[tuple[re.Pattern[str], dict[str, Any]], ...] = (
 )
 
 
+def quickgelu_counterpart(name: str) -> str | None:
+    """The name timm gives the same weights on a QuickGELU architecture, when ``name`` puts them on GELU.
+
+    timm registers QuickGELU-trained CLIP weights (OpenAI, LAION-400M, MetaCLIP, DFN) twice, under the GELU
+    architecture and its ``_quickgelu`` variant, from one Hugging Face repository: the weight shapes are
+    the same, so the GELU one loads without error and computes another function.
+    """
+    import timm
+
+    arch, tag = _split_model_name(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if tag is None or cfg is None or "quickgelu" in arch or not cfg.hf_hub_id:
+        return None
+    for other in timm.list_pretrained(f"*quickgelu*.{tag}"):
+        other_cfg = timm.models.get_pretrained_cfg(other)
+        if other_cfg is not None and other_cfg.hf_hub_id == cfg.hf_hub_id:
+            return str(other)
+    return None
+
+
+def checkpoint_shapes(path: Path, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors ``names`` in a weights file as timm's loader reads it (its state-dict key, its
+    wrapper prefixes removed), before timm's checkpoint filter; tensor data are not read (safetensors
+    headers, a memory-mapped ``torch.load``). A name the file holds only under a longer prefix is matched
+    by its ending (``visual.trunk.pos_embed`` for ``pos_embed``)."""
+    import torch
+    from timm.models import clean_state_dict
+
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(checkpoint, dict):
+            for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's load_state_dict order
+                if isinstance(checkpoint.get(key), dict):
+                    checkpoint = checkpoint[key]
+                    break
+        state = clean_state_dict(checkpoint) if isinstance(checkpoint, dict) else {}
+        shapes = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    found: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        stored = name if name in shapes else next((k for k in shapes if k.endswith(f".{name}")), None)
+        if stored is not None:
+            found[name] = shapes[stored]
+    return found
+
+
+def _grid_side(tokens: int, prefix: int) -> int | None:
+    """The side of the square patch grid that ``tokens`` position embeddings cover, if they do."""
+    side = math.isqrt(max(tokens - prefix, 0))
+    return side if side and side * side == tokens - prefix else None
+
+
+def _grid_text(tokens: int, prefix: int, patch: int | None) -> str:
+    side = _grid_side(tokens, prefix)
+    if side is None:
+        return f"{tokens} tokens"
+    return f"{side}×{side} patches" + (f" ({side * patch} px)" if patch else "")
+
+
+def resampled_pos_embed(model: Any, path: Path, where: str) -> str | None:
+    """Why the position embeddings of ``path`` do not fit ``model``'s grid (timm's checkpoint filter then
+    resamples them: the features are no longer the checkpoint's own), or None when they fit."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if key.endswith("pos_embed")}
+    if not expected:
+        return None
+    stored = checkpoint_shapes(path, expected)
+    patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = int(patch_size[0]) if isinstance(patch_size, tuple | list) and patch_size else None
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0) or 0)
+    for key, shape in expected.items():
+        if len(shape) < 2 or key not in stored or stored[key][-2:] == shape[-2:]:
+            continue
+        ours, theirs = _grid_text(shape[-2], prefix, patch), _grid_text(stored[key][-2], prefix, patch)
+        side = _grid_side(stored[key][-2], prefix)
+        fix = f"set img_size: {side * patch}, or " if side and patch else ""
+        return (
+            f"{where}: {path.name} holds {key} for {theirs} and timm's checkpoint filter resamples it to the "
+            f"model's {ours}, which changes the features: {fix}allow: [pos_embed_resampled]"
+        )
+    return None
+
+
 class TimmBackbone(Backbone):
     """A timm model; features pooled as ``pool`` says (see :class:`TimmOptions`)."""
 
@@ -367,6 +470,15 @@ class TimmBackbone(Backbone):
                     kwargs.update(args)
         head_classes = cfg.num_classes if cfg is not None and options.pool == "head" else 0
         self.weights: dict[str, Any]
+        #: The traps found and accepted through ``allow`` (name → the refusal it replaced), fingerprinted.
+        self.accepted: dict[str, str] = {}
+        counterpart = quickgelu_counterpart(name) if options.pretrained else None
+        if counterpart is not None:
+            self._trap(
+                "quickgelu_mismatch",
+                f"{self.where}: these weights were trained with QuickGELU and {arch} computes GELU, which changes "
+                f"the features: use model: {counterpart}, or allow: [quickgelu_mismatch]",
+            )
         with _seeded(options.init_seed):
             if options.weights is not None:
                 self.model = self._from_file(Path(options.weights).expanduser(), cfg, head_classes, kwargs)
@@ -426,8 +538,17 @@ class TimmBackbone(Backbone):
                 raise
             why = " ".join(str(exc).split())[:500]  # torch lists the keys on the lines after a header
             raise SSLBenchError(f"{self.where}: {path} does not fit the architecture: {why}") from None
+        resampled = resampled_pos_embed(model, path, self.where)
+        if resampled is not None:
+            self._trap("pos_embed_resampled", resampled)
         self.weights = {"source": source, "file": path.name, "sha256": file_digests(path)["sha256"]}
         return model
+
+    def _trap(self, trap: str, refusal: str) -> None:
+        """Refuse a known trap in one line, unless the options ``allow`` it (then it is fingerprinted)."""
+        if trap not in self.options.allow:
+            raise SSLBenchError(refusal)
+        self.accepted[trap] = refusal
 
     def _from_file(self, path: Path, cfg: Any, head_classes: int, kwargs: dict[str, Any]) -> Any:
         import timm
@@ -457,6 +578,8 @@ class TimmBackbone(Backbone):
             "pool": self.options.pool,
             "global_pool": str(getattr(self.model, "global_pool", "")),
             "prefix_tokens": self.prefix,
+            # Only when a trap was accepted, so that the fingerprints of every other model stay as they were.
+            **({"accepted": self.accepted} if self.accepted else {}),
         }
 
     def to(self, device: str) -> TimmBackbone:

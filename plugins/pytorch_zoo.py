@@ -24,6 +24,9 @@ LOADER = "pytorch"
 
 
 class CardOptions(BaseModel):
+    """The options of every model-card backbone (a spec's ``models[].options``), the bundled cards and those
+    of ``card_backbones`` alike."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     weights: str | None = Field(None, description="a local weights file instead of the card's sources")
@@ -143,12 +146,41 @@ def _weights_summary(card: ModelCard) -> str:
 
 
 def card_backbones(source: Any, where: str = "cards") -> list[BackboneEntry]:
-    """Backbone entries for a third party's PyTorch model cards, built exactly as the bundled ones
-    (timm architecture, strict loading, the card's preprocessing): pass the folder of ``*.yaml`` card
-    files your package ships (``importlib.resources.files("mypkg") / "cards"``) or card mappings, and
-    register what it returns from your ``sslbench_register_backbones``. Card ids must not clash with
-    any other registered backbone (the loader says which plugins clash)."""
-    return backbone_entries(LOADER, CardBackbone, CardOptions, _weights_summary, cards_from(source, where))
+    """Backbone entries for a third party's PyTorch model cards, built exactly as the bundled ones: the
+    card's timm architecture, its weights from its sources in order (or the spec's ``weights`` option),
+    the card's hash checked, its layout applied, strict loading, the card's preprocessing. Register
+    every entry it returns from your ``sslbench_register_backbones``::
+
+        from importlib.resources import files
+
+        @hookimpl
+        def sslbench_register_backbones(register):
+            from sslbench_plugins.pytorch_zoo import card_backbones
+
+            for entry in card_backbones(files("my_plugin") / "cards"):
+                register(entry)
+
+    :param source: a folder of card files (a path, or ``importlib.resources.files(...)`` of a package
+        folder; every ``*.yaml`` in it is read, and relative ``file`` paths are taken from it), or a
+        sequence of card mappings (or :class:`~sslbench.cards.ModelCard` objects) given in code. A folder
+        and the weights it holds must be declared package data of your distribution.
+    :param where: names the cards given in code in error messages (``where[2]: feature.dim: …``); errors
+        in a card file name the file.
+    :returns: one :class:`~sslbench.interfaces.BackboneEntry` per card, named by the card's id, with the
+        card's family, description and feature dimension, the card itself (``entry.card``) and
+        :class:`CardOptions` as its options; nothing is built or read until a spec uses the backbone.
+    :raises SSLBenchError: in one line: a folder that does not exist, a card that breaks the schema, an id
+        defined twice, a relative ``file`` path in a card given in code, a card whose ``loader`` is not
+        ``pytorch`` (this function builds PyTorch cards only). An id another plugin registered is a
+        :class:`~sslbench.errors.PluginError` naming both, raised by ``register``.
+    """
+    cards = cards_from(source, where)
+    for card in cards:
+        if card.loader != LOADER:
+            raise SSLBenchError(
+                f"{where}: card {card.id} has loader '{card.loader}'; card_backbones builds '{LOADER}' cards only"
+            )
+    return backbone_entries(LOADER, CardBackbone, CardOptions, _weights_summary, cards)
 
 
 @hookimpl

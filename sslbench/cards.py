@@ -1,20 +1,26 @@
 """Model cards: what a backbone is, where its weights live and how to read them, as validated data.
 
-Cards are YAML files (``registry/cards/<family>.yaml``, one file per family, installed as
-``sslbench_registry/cards``); third-party plugins ship their own files and register them through the
-same loader plugins. One pydantic schema, unknown keys rejected, checks every card.
+Cards are YAML files, one per family (``registry/cards/<family>.yaml``, installed as
+``sslbench_registry/cards``): a folder of card files is read whole (every ``*.yaml`` in it, not its
+subfolders), and a card id is unique across the folder. A third-party package ships its own folder
+and registers it through :func:`~sslbench_plugins.pytorch_zoo.card_backbones`; the folder, and any
+weights file it ships, must be declared package data, or the installed plugin fails with "card folder
+not found". One pydantic schema, unknown keys rejected, checks every card; an error is one line naming
+the file and the field.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from sslbench.errors import CardError, SSLBenchError
 
@@ -27,7 +33,20 @@ class _Card(BaseModel):
 
 
 class WeightSource(_Card):
-    """One place the weights can come from; a card lists them in order of preference."""
+    """One place the weights can come from; a card lists them in order of preference. The kinds, each
+    with the key it needs:
+
+    - ``url`` (``url``): downloaded once into the torch.hub checkpoint folder, named ``file_name``
+      (default: the URL's last part); a file already there is used without the network.
+    - ``timm`` (``timm_name``): the pretrained file timm knows by that ``arch.tag`` (Hugging Face hub or
+      timm's URL), in timm's layout.
+    - ``package`` (``package``): ``module:callable`` of an installed package returning the file, or its
+      folder with ``file_name`` (weights shipped as package data; see ``offline.yaml``).
+    - ``file`` (``path``): a file on this machine; a relative path is taken from the folder of the card
+      file (a package's card next to its weights), and a card given in code must use an absolute path.
+    - ``manual`` (``instructions``): how to obtain the file by hand; the user then passes it as the
+      model's ``weights`` option.
+    """
 
     kind: Literal["url", "timm", "package", "file", "manual"]
     url: str | None = Field(None, description="kind url: direct download address")
@@ -37,11 +56,28 @@ class WeightSource(_Card):
     package: str | None = Field(
         None, description="kind package: 'module:callable' returning the file (or its folder, with file_name)"
     )
-    path: str | None = Field(None, description="kind file: a local path")
+    path: str | None = Field(
+        None, description="kind file: a local path; a relative one is taken from the card file's folder"
+    )
     instructions: str | None = Field(None, description="kind manual: how to obtain the file by hand")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_the_card_file(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is None or Path(path).expanduser().is_absolute():
+            return path
+        folder = (info.context or {}).get(CARD_FOLDER)
+        if folder is None:
+            raise PydanticCustomError(
+                "relative_path",
+                "a relative path needs a card file to be resolved against: give an absolute path, or ship the "
+                "card as a YAML file beside its weights",
+            )
+        return str(Path(folder) / path)
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> WeightSource:
+        """each kind needs its own key (the list above)"""
         needed = {
             "url": "url",
             "timm": "timm_name",
@@ -55,8 +91,32 @@ class WeightSource(_Card):
 
 
 class WeightsHash(_Card):
+    """The digest the weights file must match, checked before it is loaded (a different or corrupted
+    file is an error). The kinds:
+
+    - ``sha256``: the file's whole sha256, 64 hex digits.
+    - ``sha256-prefix``: the leading hex digits of its sha256, as torch.hub file names carry them
+      (``resnet50-0676ba61.pth``).
+    - ``md5-prefix``: the leading hex digits of its md5, where the authors publish md5 sums.
+    - ``none``: nothing is published to check against (the file's sha256 is still recorded in the
+      feature-cache key).
+    """
+
     kind: Literal["sha256", "sha256-prefix", "md5-prefix", "none"]
-    value: str | None = None
+    value: str | None = Field(None, description="hex digits (lowercase); required by every kind but none")
+
+    @model_validator(mode="after")
+    def _value_for_kind(self) -> WeightsHash:
+        """``value``: lowercase hex digits, required by every kind but ``none`` (which has none); 64 for sha256."""
+        if self.kind == "none":
+            if self.value is not None:
+                raise ValueError("hash kind 'none' takes no value")
+            return self
+        if not self.value or not re.fullmatch(r"[0-9a-f]+", self.value):
+            raise ValueError(f"hash kind '{self.kind}' needs a value of lowercase hex digits")
+        if self.kind == "sha256" and len(self.value) != 64:
+            raise ValueError(f"a sha256 hash has 64 hex digits, not {len(self.value)} (or use sha256-prefix)")
+        return self
 
 
 class Layout(_Card):
@@ -75,23 +135,33 @@ class Layout(_Card):
 
 
 class Architecture(_Card):
-    source: Literal["timm", "timm-resnet", "simclrv2", "tfhub"]
+    """The network the weights go into, built with its random initialisation before they are loaded."""
+
+    source: Literal["timm", "timm-resnet", "simclrv2", "tfhub"] = Field(
+        description="timm: timm.create_model(name, **args); timm-resnet: timm's ResNet class with Bottleneck "
+        "blocks and args; simclrv2, tfhub: built by those loaders"
+    )
     name: str = Field(description="timm model name, a label for timm-resnet and simclrv2, a TF-Hub handle for tfhub")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the builder")
     num_classes: int = Field(0, ge=0, description="classifier outputs kept (0: pooled features only)")
 
 
 class Preprocessing(_Card):
+    """The evaluation transform of the authors: torchvision's Resize (shorter side), CenterCrop, ToTensor,
+    Normalize."""
+
     resize: int = Field(ge=1, description="shorter side resized to this")
     crop: int = Field(ge=1, description="centre crop size")
-    interpolation: Literal["bilinear", "bicubic"]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic"] = Field(description="the resize filter")
+    mean: tuple[float, float, float] = Field(description="per-channel mean (R, G, B) of Normalize")
+    std: tuple[float, float, float] = Field(description="per-channel std (R, G, B) of Normalize")
 
 
 class Feature(_Card):
-    kind: Literal["pooled"] = "pooled"
-    dim: int = Field(ge=1)
+    """What the backbone returns per image."""
+
+    kind: Literal["pooled"] = Field("pooled", description="one vector per image")
+    dim: int = Field(ge=1, description="its width, checked against what the model returns")
     pool: Literal["default", "cls", "mean", "cls+mean"] = Field(
         "default",
         description="default: timm's pre-logits; cls, mean (patch tokens; class and register tokens skipped) or "
@@ -100,11 +170,15 @@ class Feature(_Card):
 
 
 class Reference(_Card):
-    value: float
-    source: str
+    """A published number and where it was published."""
+
+    value: float = Field(description="in percent")
+    source: str = Field(description="paper, table or repository that gives it")
 
 
 class MeanStd(_Card):
+    """A metric over seeds, in percent."""
+
     mean: float
     std: float
 
@@ -112,23 +186,33 @@ class MeanStd(_Card):
 class PaperMetrics(_Card):
     """The paper's Table 1 row for this exact model, in percent."""
 
-    row: str
+    row: str = Field(description="the row's label in the paper")
     linear: float | None = Field(None, description="the linear top-1 the paper quoted for the row")
     acc: MeanStd
     ari: MeanStd
     ami: MeanStd
     nmi: MeanStd
-    overcluster: float = 1.0
+    overcluster: float = Field(1.0, description="clusters as a multiple of the classes")
+
+
+#: A card id: timm's ``arch.tag`` style, checked by :data:`CARD_ID_PATTERN` and explained by :data:`CARD_ID_RULE`.
+CARD_ID_PATTERN = re.compile(r"^[a-z0-9_]+\.[a-z0-9_]+$")
+CARD_ID_RULE = (
+    "two parts joined by one dot, architecture then weights tag, each of lowercase letters, digits and "
+    "underscores (e.g. resnet50.mocov2_800ep)"
+)
+#: The validation-context key holding the folder of the card file being read (relative ``file`` paths).
+CARD_FOLDER = "card_folder"
 
 
 class ModelCard(_Card):
-    id: Annotated[str, Field(pattern=r"^[a-z0-9_]+\.[a-z0-9_]+$", description="timm-style arch.tag")]
-    family: str
+    id: str = Field(description=f"timm-style `arch.tag`: {CARD_ID_RULE}")
+    family: str = Field(description="the method; equal to the card file's family")
     loader: str = Field("pytorch", description="the plugin that builds it (pytorch, simclrv2, …)")
     version: int = Field(1, ge=1, description="bumped when weights or preprocessing change")
-    description: str
+    description: str = Field(description="one line, shown by `sslbench models`")
     architecture: Architecture
-    weights: list[WeightSource] = Field(min_length=1)
+    weights: list[WeightSource] = Field(min_length=1, description="where the file comes from, tried in order")
     hash: WeightsHash
     layout: Layout = Field(default_factory=Layout)
     feature: Feature
@@ -137,12 +221,21 @@ class ModelCard(_Card):
     knn_top1: Reference | None = Field(
         None, description="published 20-NN top-1 of this exact file, DINO protocol (ImageNet val)"
     )
-    paper: list[PaperMetrics] = Field(default_factory=list)
-    license: str
-    notes: str | None = None
+    paper: list[PaperMetrics] = Field(default_factory=list, description="the paper's rows for this exact file")
+    license: str = Field(description="of the weights")
+    notes: str | None = Field(None, description="what a reader of the card should know (provenance, caveats)")
+
+    @field_validator("id")
+    @classmethod
+    def _id_in_arch_tag_style(cls, value: str) -> str:
+        if not CARD_ID_PATTERN.match(value):
+            raise PydanticCustomError("card_id", "not an arch.tag id: " + CARD_ID_RULE)
+        return value
 
     @model_validator(mode="after")
     def _known_silent_failures(self) -> ModelCard:
+        """architectures that would load the weights without error yet compute another function are refused
+        (OpenAI CLIP weights on a GELU architecture; MoCo v3 ViT-S with timm's 6 heads)"""
         problem = silent_failure(self)
         if problem:
             raise ValueError(problem)
@@ -176,8 +269,11 @@ def silent_failure(card: ModelCard) -> str | None:
 
 
 class CardFile(_Card):
-    family: str
-    cards: list[ModelCard]
+    """One YAML file of cards: the family's name, then its cards. Every card repeats the family and must
+    equal the file's (``card X has family Y, file says Z`` otherwise)."""
+
+    family: str = Field(description="the family of every card in the file")
+    cards: list[ModelCard] = Field(description="the cards, each a mapping (fields below)")
 
 
 def cards_root() -> Path:
@@ -219,7 +315,7 @@ def load_card_file(path: Path) -> list[ModelCard]:
     except (OSError, yaml.YAMLError) as exc:
         raise CardError(f"cannot read model card file {path}: {exc}") from None
     try:
-        card_file = CardFile.model_validate(data)
+        card_file = CardFile.model_validate(data, context={CARD_FOLDER: path.parent.absolute()})
     except ValidationError as exc:
         raise CardError(_schema_errors(exc, str(path), CardFile, text), _card_ids(data)) from None
     mismatched = [card.id for card in card_file.cards if card.family != card_file.family]

@@ -269,6 +269,12 @@ def _probe(model: type[BaseModel], name: str, default: Any) -> list[str]:
     return found
 
 
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph."""
+    paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+    return re.split(r"(?<=[.;:])\s", paragraph, maxsplit=1)[0].rstrip(";:")
+
+
 def _all_default(model: type[BaseModel]) -> bool:
     return not any(info.is_required() for info in model.model_fields.values())
 
@@ -279,7 +285,7 @@ def _validator_notes(model: type[BaseModel]) -> list[str]:
     for decorator in model.__pydantic_decorators__.model_validators.values():
         doc = inspect.getdoc(decorator.func) or ""
         if doc:
-            notes.append(doc.splitlines()[0])
+            notes.append(re.sub(r"``(.+?)``", r"`\1`", doc.split("\n\n", 1)[0]).replace("\n", " ").rstrip("."))
     return notes
 
 
@@ -306,7 +312,7 @@ def _model_table(
         description = info.description or ""
         if not description and len(inner_models) == 1:
             # A field that holds a model of its own: that model's summary line describes it.
-            description = _docstring(inner_models[0][1]).split("\n", 1)[0]
+            description = _first_sentence(_docstring(inner_models[0][1]))
         rows.append(
             f"| `{prefix}{name}` | {_cell(type_text)} | {_cell(_default_text(model, name, info))} | "
             f"{_cell(', '.join(constraints) or '—')} | {_cell(description) or '—'} |"
@@ -342,12 +348,11 @@ def _model_section(model: type[BaseModel], prefix: str, level: str, heading: str
     return parts
 
 
-def _spec_sections() -> list[str]:
-    from sslbench.spec import Spec
-
-    # Breadth-first from Spec: each model once, under the YAML path that reaches it.
-    order: list[tuple[type[BaseModel], str]] = [(Spec, "")]
-    seen: set[type[BaseModel]] = {Spec}
+def schema_models(root: type[BaseModel]) -> list[tuple[type[BaseModel], str]]:
+    """Every model reachable from ``root`` through its fields (members of unions included), breadth-first,
+    each once, with the YAML path prefix of the first place that reaches it."""
+    order: list[tuple[type[BaseModel], str]] = [(root, "")]
+    seen: set[type[BaseModel]] = {root}
     index = 0
     while index < len(order):
         model, prefix = order[index]
@@ -357,7 +362,19 @@ def _spec_sections() -> list[str]:
                 if inner not in seen:
                     seen.add(inner)
                     order.append((inner, f"{prefix}{name}{step}."))
-    headings = {model: f"{model.__name__}: `{prefix.rstrip('.') or '(top level)'}`" for model, prefix in order}
+    return order
+
+
+def schema_headings(root: type[BaseModel], top: str) -> dict[type[BaseModel], str]:
+    """The heading of each model's section (``top`` names the root's own path)."""
+    return {model: f"{model.__name__}: `{prefix.rstrip('.') or top}`" for model, prefix in schema_models(root)}
+
+
+def _schema_sections(root: type[BaseModel], top: str) -> list[str]:
+    """A section per model reachable from ``root``: its docstring, its rules and its table, the tables
+    linking to the sections of the models they hold."""
+    order = schema_models(root)
+    headings = schema_headings(root, top)
     parts = []
     for model, prefix in order:
         parts += [f"### {headings[model]}", ""]
@@ -368,6 +385,12 @@ def _spec_sections() -> list[str]:
         rows, _ = _model_table(model, prefix, lambda inner: headings.get(inner))
         parts += [*rows, ""]
     return parts
+
+
+def _spec_sections() -> list[str]:
+    from sslbench.spec import Spec
+
+    return _schema_sections(Spec, "(top level)")
 
 
 def builtin_plugins() -> Any:
@@ -663,6 +686,90 @@ def _module_section(module: types.ModuleType, names: Sequence[str] | None, page:
     return parts
 
 
+#: The card file shown as the complete example of the card schema: the example plugin's own, which
+#: tests/test_docs.py keeps identical to this text and tests/test_example_plugin.py installs from a wheel.
+CARD_FILE_EXAMPLE_PATH = "examples/sslbench-example/sslbench_example/cards/example.yaml"
+CARD_FILE_EXAMPLE = """\
+# The cards this package ships as package data (pyproject.toml's package-data lists this file and the
+# weights). Schema: "Model cards" in sslbench's docs/plugin-reference.md. The weights are timm's test_vit
+# with seeded random values (make_weights.py): they show the packaging, their features mean nothing.
+family: example
+cards:
+  - id: test_vit.example_moco
+    family: example
+    description: timm test_vit, random weights in MoCo's checkpoint layout, shipped next to this card
+    architecture: {source: timm, name: test_vit}
+    weights:
+      - kind: file
+        path: test_vit_moco.pth  # relative: taken from this file's folder
+    hash: {kind: sha256, value: 48b7cfa5a87160f626a9e7b6ca6416edbc8bf0a5e40a3cbeb274b1236a407850}
+    layout:
+      top_level_key: state_dict
+      keep_prefixes: [module.encoder_q.]
+      strip_prefixes: [module.encoder_q.]
+      drop: ["head.*"]  # the projection head; the queue and the epoch are outside the kept prefix
+    feature: {dim: 64}
+    preprocessing:
+      resize: 168
+      crop: 160
+      interpolation: bicubic
+      mean: [0.5, 0.5, 0.5]
+      std: [0.5, 0.5, 0.5]
+    license: BSD-3-Clause
+  - id: test_vit.example_package
+    family: example
+    description: timm test_vit, random weights in timm's layout, found through a function of this package
+    architecture: {source: timm, name: test_vit}
+    weights:
+      - kind: package
+        package: "sslbench_example:weights_folder"
+        file_name: test_vit.pth
+    hash: {kind: sha256, value: 52b5252112f8d7b9a721961cee7ba521c9eef2a67aad211ecbbcb82c0ca2bbfd}
+    feature: {dim: 64}
+    preprocessing:
+      resize: 168
+      crop: 160
+      interpolation: bicubic
+      mean: [0.5, 0.5, 0.5]
+      std: [0.5, 0.5, 0.5]
+    license: BSD-3-Clause
+"""
+
+_CARD_TOP = "(a card file)"
+
+
+def _card_sections(page: _Page) -> list[str]:
+    from sslbench import cards
+
+    parts = [
+        "## Model cards (`sslbench.cards`)",
+        "",
+        page.md(_docstring(cards)),
+        "",
+        "The schema, from the pydantic models in `sslbench/cards.py` (YAML paths as in a card file: `[]` is "
+        "an item of a list):",
+        "",
+        *_schema_sections(cards.CardFile, _CARD_TOP),
+        "### A complete card file",
+        "",
+        f"`{CARD_FILE_EXAMPLE_PATH}`, with its two cards: a `file` source relative to the card file, in "
+        "MoCo's checkpoint layout (the weights under `state_dict`, prefixed `module.encoder_q.`, with a "
+        "projection head and a queue to leave out), and a `package` source. Its `pyproject.toml` declares "
+        "both weights files and the card file as package data:",
+        "",
+        "```yaml",
+        CARD_FILE_EXAMPLE.rstrip("\n"),
+        "```",
+        "",
+        "```toml",
+        "[tool.setuptools.package-data]",
+        'sslbench_example = ["cards/*.yaml", "cards/*.pth", "weights/*.pth"]',
+        "```",
+        "",
+    ]
+    return parts
+
+
 #: (heading, module, names or None for every public name defined there, whether to show the module docstring).
 _CONTRACT: tuple[tuple[str, str, tuple[str, ...] | None, bool], ...] = (
     ("Entries and interfaces (`sslbench.interfaces`)", "sslbench.interfaces", None, True),
@@ -670,6 +777,12 @@ _CONTRACT: tuple[tuple[str, str, tuple[str, ...] | None, bool], ...] = (
     ("Errors (`sslbench.errors`)", "sslbench.errors", ("SSLBenchError", "PluginError", "PluginFailure"), True),
     ("Reading large matrices (`sslbench.arrays`)", "sslbench.arrays", ("RowReader", "require_in_memory"), True),
     ("Loading plugins (`sslbench.plugins`)", "sslbench.plugins", ("load_plugins",), False),
+    (
+        "Model cards in your package (`sslbench_plugins.pytorch_zoo`)",
+        "sslbench_plugins.pytorch_zoo",
+        ("CardOptions", "card_backbones"),
+        False,
+    ),
 )
 
 
@@ -688,6 +801,10 @@ def plugin_reference() -> str:
     for _, module, names, _ in modules:
         for name, _, _ in _module_items(module, names):
             page.add(name, f"`{name}`")
+    from sslbench.cards import CardFile
+
+    for model, heading in schema_headings(CardFile, _CARD_TOP).items():
+        page.add(model.__name__, heading)
 
     parts = [
         _BANNER.format(sources="the docstrings of sslbench/hookspecs.py, interfaces.py, events.py and others"),
@@ -716,6 +833,7 @@ def plugin_reference() -> str:
         if intro and _docstring(module):
             parts += [page.md(_docstring(module)), ""]
         parts += _module_section(module, names, page)
+    parts += _card_sections(page)
     return _finish(parts)
 
 

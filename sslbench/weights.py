@@ -162,13 +162,10 @@ def resolve_weights(card: ModelCard, override: str | None = None) -> Path:
         if source.kind == "timm":
             return _from_timm(source)
         if source.kind == "manual":
-            manual.append(source.instructions)
+            manual.append(f"{source.instructions}, then give its path as the model's `weights` option")
         if source.kind == "file":
-            manual.append(f"place the file at {source.path}")
-    raise SSLBenchError(
-        f"weights of {card.id} are not on this machine: {'; '.join(m for m in manual if m)}; "
-        "then give its path as the model's `weights` option"
-    )
+            manual.append(f"the card's file {source.path} does not exist")
+    raise SSLBenchError(f"weights of {card.id} are not on this machine: {'; '.join(manual)}")
 
 
 # --------------------------------------------------------------------------------------------------

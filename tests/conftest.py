@@ -81,3 +81,42 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
         text=True,
         timeout=300,
     )
+
+
+def install_wheel_in_fresh_venv(source: Path, work: Path) -> Path:
+    """Build the project at ``source`` as a wheel (no network, no build isolation), install it in a new
+    virtual environment under ``work`` and return that environment's python.
+
+    The new environment sees this one's packages behind its own (a ``.pth`` file adds this environment's
+    site folders, their own ``.pth`` files included): the sslbench under test is this environment's,
+    while the wheel's package shadows any copy installed here.
+    """
+    import shutil
+    import site
+    import venv
+
+    copy = work / "src"  # built from a copy: a build in place leaves build/ and *.egg-info behind
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    wheel_dir = work / "dist"
+    built = subprocess.run(
+        [*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir", wheel_dir, copy],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheel_dir.glob("*.whl")
+    venv.create(work / "venv", with_pip=False)
+    python = work / "venv" / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    parents = "".join(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
+    (Path(purelib) / "_parent_environment.pth").write_text(parents)
+    installed = subprocess.run(
+        [*pip, "install", "--quiet", "--no-deps", "--no-index", "--target", purelib, wheel],
+        capture_output=True,
+        text=True,
+    )
+    assert installed.returncode == 0, installed.stderr
+    return python

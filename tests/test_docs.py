@@ -162,3 +162,40 @@ def test_rst_to_markdown():
         "- **register**: one line and its continuation.\n- **raises** `PluginError`: when it breaks.\n\n"
         "*New in version 0.1.*"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The card schema in the plugin reference
+
+
+def test_plugin_reference_documents_every_card_field_and_kind(generated):
+    """Every field of every model a card file holds is in a table; every value of a `kind` with a choice
+    is described in its model's section (a new weights source or hash kind must come with its words)."""
+    import typing
+
+    from sslbench.cards import CardFile
+
+    text = generated[docgen.PLUGIN_REFERENCE]
+    headings = docgen.schema_headings(CardFile, "(a card file)")
+    for model, prefix in docgen.schema_models(CardFile):
+        section = text.split(f"### {headings[model]}\n", 1)[1].split("\n### ", 1)[0]
+        for name, info in model.model_fields.items():
+            assert f"| `{prefix}{name}` |" in section, (model.__name__, name)
+            if name == "kind" and typing.get_origin(info.annotation) is typing.Literal:
+                values = typing.get_args(info.annotation)
+                for value in values if len(values) > 1 else ():
+                    assert f"\n- `{value}`" in section, (model.__name__, value)
+    assert "two parts joined by one dot, architecture then weights tag" in text  # the id rule in words
+    assert "### `card_backbones`" in text and "- **where**:" in text and "package data" in text
+
+
+def test_the_documented_card_file_is_the_example_packages_and_valid():
+    from sslbench.cards import load_card_file
+
+    path = REPO / docgen.CARD_FILE_EXAMPLE_PATH
+    assert path.read_text(encoding="utf-8") == docgen.CARD_FILE_EXAMPLE
+    cards = load_card_file(path)
+    assert [card.weights[0].kind for card in cards] == ["file", "package"]
+    assert cards[0].layout.strip_prefixes == ["module.encoder_q."]
+    pyproject = (path.parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'sslbench_example = ["cards/*.yaml", "cards/*.pth", "weights/*.pth"]' in pyproject

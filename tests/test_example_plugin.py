@@ -6,15 +6,21 @@ import importlib
 import importlib.util
 import json
 import os
+import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
 
+import sslbench
 from sslbench import evaluate_features, load_plugins
 from sslbench.plugins import ENTRY_POINT_GROUP
 
-from conftest import REPO, blobs, run_cli
+from conftest import REPO, blobs, install_wheel_in_fresh_venv, run_cli
 
 EXAMPLE = REPO / "examples" / "sslbench-example"
+EXAMPLE_MODULE = EXAMPLE / "sslbench_example" / "__init__.py"
+EXAMPLE_BACKBONES = ["pooled_pixels", "resnet18.example_tv_in1k", "test_vit.example_moco", "test_vit.example_package"]
 
 
 def _installed() -> bool:
@@ -25,7 +31,7 @@ def _installed() -> bool:
 
 def test_example_plugin_in_process():
     """Registered as an object (how a paper's eval suite adds a metric without packaging it)."""
-    spec = importlib.util.spec_from_file_location("sslbench_example_local", EXAMPLE / "sslbench_example.py")
+    spec = importlib.util.spec_from_file_location("sslbench_example_local", EXAMPLE_MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     builtins = [
@@ -33,7 +39,7 @@ def test_example_plugin_in_process():
         for name, mod in (("metrics", "metrics"), ("reference", "reference_backend"))
     ]
     plugins = load_plugins(entry_points=False, extra=[*builtins, ("example_local", module)])
-    assert plugins.backbones.names() == ["pooled_pixels", "resnet18.example_tv_in1k"]
+    assert plugins.backbones.names() == EXAMPLE_BACKBONES
     x, y = blobs(40, 4, 6, seed=5)
     results = evaluate_features(
         x[:120], y[:120], x[120:], y[120:], seeds=1, epochs=2, backend="reference", plugins=plugins
@@ -51,7 +57,7 @@ def test_installed_example_plugin_through_entry_points(tmp_path):
     listed = {p["name"]: p for p in json.loads(proc.stdout)}
     assert listed["example"]["distribution"] == "sslbench-example"
     assert listed["example"]["registered"] == {
-        "backbone": ["pooled_pixels", "resnet18.example_tv_in1k"],
+        "backbone": EXAMPLE_BACKBONES,
         "metric": ["purity"],
     }
 
@@ -75,7 +81,7 @@ def test_a_plugins_card_builds_and_loads_the_official_file_layout(tmp_path):
     from sslbench.errors import SSLBenchError
     from sslbench_plugins.pytorch_zoo import CardOptions, card_backbones
 
-    spec = importlib.util.spec_from_file_location("sslbench_example_cards", EXAMPLE / "sslbench_example.py")
+    spec = importlib.util.spec_from_file_location("sslbench_example_cards", EXAMPLE_MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     (entry,) = card_backbones(module.EXAMPLE_CARDS)
@@ -103,7 +109,7 @@ def test_a_folder_of_card_files_registers_the_same_backbones(tmp_path):
     from sslbench.errors import SSLBenchError
     from sslbench_plugins.pytorch_zoo import card_backbones
 
-    spec = importlib.util.spec_from_file_location("sslbench_example_folder", EXAMPLE / "sslbench_example.py")
+    spec = importlib.util.spec_from_file_location("sslbench_example_folder", EXAMPLE_MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     (tmp_path / "example.yaml").write_text(yaml.safe_dump({"family": "example", "cards": module.EXAMPLE_CARDS}))
@@ -111,3 +117,42 @@ def test_a_folder_of_card_files_registers_the_same_backbones(tmp_path):
     assert entry.card == card_backbones(module.EXAMPLE_CARDS)[0].card
     with pytest.raises(SSLBenchError, match="card folder not found"):
         card_backbones(tmp_path / "missing")
+
+
+def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_example_wheel_carries_its_cards_and_weights(tmp_path):
+    """The example built as a wheel and installed in a fresh virtual environment: its cards and their
+    weights are package data, so `sslbench models` lists the cards and a run from another folder loads
+    both weights files (a missing one, or one failing its sha256, would stop the run)."""
+    python = install_wheel_in_fresh_venv(EXAMPLE, tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("sslbench_example-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("cards/example.yaml", "cards/test_vit_moco.pth", "weights/test_vit.pth"):
+        assert f"sslbench_example/{name}" in shipped, name
+    where = _run(python, "-c", "import sslbench, sslbench_example; print(sslbench.__file__, sslbench_example.__file__)")
+    installed, example = where.stdout.split()
+    assert installed == sslbench.__file__ and Path(example).is_relative_to(tmp_path / "venv")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    listed = _run(python, "-m", "sslbench", "models", cwd=elsewhere)
+    assert listed.returncode == 0, listed.stderr
+    assert "test_vit.example_moco" in listed.stdout and "test_vit.example_package" in listed.stdout
+    spec = {
+        "name": "wheel",
+        "models": [
+            {"id": name, "options": {"crop": 16}} for name in ("test_vit.example_moco", "test_vit.example_package")
+        ],
+        "datasets": [{"id": "digits"}],
+        "protocol": {"seeds": 1, "epochs": 1},
+        "device": "cpu",
+    }
+    (elsewhere / "spec.yaml").write_text(json.dumps(spec))
+    ran = _run(python, "-m", "sslbench", "run", "spec.yaml", "--out", "out", cwd=elsewhere)
+    assert ran.returncode == 0, ran.stderr
+    runs = json.loads((elsewhere / "out" / "results.json").read_text())["runs"]
+    assert {run["model"] for run in runs} == {"test_vit.example_moco", "test_vit.example_package"}

@@ -404,6 +404,95 @@ def test_timm_local_weights_load_strictly(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# timm: the known traps, refused unless allowed
+
+
+def test_timm_refuses_quickgelu_trained_clip_weights_on_the_gelu_architecture(hf_cache):
+    name, quick = "vit_base_patch16_clip_224.openai", "vit_base_patch16_clip_quickgelu_224.openai"
+    # timm itself says the weights are the same file and the two architectures differ in the activation
+    assert timm.models.get_pretrained_cfg(name).hf_hub_id == timm.models.get_pretrained_cfg(quick).hf_hub_id
+    small = {"depth": 1, "img_size": 32, "num_classes": 0}
+    gelu = timm.create_model(name.split(".")[0], pretrained=False, **small).eval()
+    quick_model = timm.create_model(quick.split(".")[0], pretrained=False, **small).eval()
+    quick_model.load_state_dict(gelu.state_dict())
+    batch = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert not torch.allclose(gelu(batch), quick_model(batch), atol=1e-4)  # the trap is real
+
+    for options in ({"model": name}, {"model": name, "weights": str(hf_cache / "absent.pth")}):
+        with pytest.raises(SSLBenchError) as caught:
+            TimmBackbone(TimmOptions(**options))
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"timm model {name}: ")
+        assert f"use model: {quick}, or allow: [quickgelu_mismatch]" in message
+    # the fix and the allowance both get past the check, to the (empty) Hugging Face cache
+    for options in ({"model": quick}, {"model": name, "allow": ["quickgelu_mismatch"]}):
+        with pytest.raises(SSLBenchError, match="is not in the Hugging Face cache"):
+            TimmBackbone(TimmOptions(**options))
+    TimmBackbone(TimmOptions(model=name, pretrained=False))  # no weights, no trap
+    assert generic_backbones.quickgelu_counterpart("vit_base_patch16_clip_224.laion2b") is None  # GELU-trained
+    with pytest.raises(ValueError, match="quickgelu_mismatch"):
+        TimmOptions(model=name, allow=["quickgelu"])
+
+
+def test_timm_refuses_position_embeddings_that_its_checkpoint_filter_resamples(hf_cache, tmp_path):
+    """A file whose position embeddings were trained on another grid (224 px for a 160 px config):
+    timm's filter would resample them silently."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = random_state(timm.create_model("test_vit", pretrained=False, img_size=224), seed=4)
+    write_hf_cache(hf_cache, f"timm/{TINY}", state)
+    with pytest.raises(SSLBenchError) as caught:
+        TimmBackbone(TimmOptions(model=TINY))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"timm model {TINY}: model.safetensors holds pos_embed")
+    assert "14×14 patches (224 px)" in message and "model's 10×10 patches (160 px)" in message
+    assert message.endswith("set img_size: 224, or allow: [pos_embed_resampled]")
+
+    at_its_size = TimmBackbone(TimmOptions(model=TINY, img_size=224))  # the fix: nothing resampled
+    assert torch.equal(at_its_size.model.pos_embed, state["pos_embed"])
+    assert "accepted" not in at_its_size.fingerprint()
+
+    allowed = TimmBackbone(TimmOptions(model=TINY, allow=["pos_embed_resampled"]))
+    resampled = resample_abs_pos_embed(state["pos_embed"], new_size=[10, 10], num_prefix_tokens=1)
+    assert torch.equal(allowed.model.pos_embed, resampled)  # what timm's filter did, recomputed by timm's layer
+    assert allowed.fingerprint()["accepted"] == {"pos_embed_resampled": message}
+    # .pth files are read as timm reads them (the state_dict key, DDP's module. prefix removed)
+    for grid_state, fits in ((state, False), (random_state(timm.create_model("test_vit"), seed=5), True)):
+        wrapped = tmp_path / "wrapped.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in grid_state.items()}, "epoch": 3}, wrapped)
+        found = generic_backbones.resampled_pos_embed(allowed.model, wrapped, "here")
+        assert (found is None) == fits, found
+
+
+@pytest.mark.slow
+def test_an_allowed_trap_is_recorded_in_results_json(hf_cache, plugins, tmp_path):
+    state = random_state(timm.create_model("test_vit", pretrained=False, img_size=224), seed=4)
+    write_hf_cache(hf_cache, f"timm/{TINY}", state)
+    text = textwrap.dedent(
+        f"""
+        models:
+          - id: timm
+            name: resampled
+            options: {{model: {TINY}, allow: [pos_embed_resampled]}}
+        datasets:
+          - {{id: digits}}
+        protocol: {{epochs: 1, seeds: 1}}
+        extraction: {{workers: 0}}
+        cache_dir: {tmp_path / "cache"}
+        device: cpu
+        """
+    )
+    run_spec(resolve_spec(parse_spec(text), plugins), plugins, out_dir=tmp_path / "out")
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert recorded["spec"]["models"][0]["options"]["allow"] == ["pos_embed_resampled"]
+    assert {run["model"] for run in recorded["runs"]} == {"resampled"}
+    refused = parse_spec(text.replace(", allow: [pos_embed_resampled]", ""))
+    with pytest.raises(SSLBenchError, match=r"resamples it to the model's 10×10 patches"):
+        run_spec(resolve_spec(refused, plugins), plugins, out_dir=tmp_path / "refused")
+
+
+# --------------------------------------------------------------------------------------------------
 # timm: fingerprints
 
 

@@ -204,7 +204,8 @@ def test_missing_kind_is_added_to_the_entry_in_one_more_read(weights_file, diges
 
 
 def test_wrong_hash_is_an_error_also_from_the_cache(weights_file, digests_json, reads):
-    wrong = WeightsHash(kind="md5-prefix", value="not-hex!")
+    md5 = md5_of(weights_file)
+    wrong = WeightsHash(kind="md5-prefix", value=("0" if md5[0] != "0" else "1") + md5[1:8])  # one digit off
     for _ in range(2):
         with pytest.raises(SSLBenchError, match=r"does not match test\.card's md5-prefix"):
             weights.verify_hash(weights_file, wrong, "test.card")

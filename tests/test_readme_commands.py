@@ -21,6 +21,7 @@ import re
 import runpy
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pytest
 
 from sslbench import cli, evaluate_features
 
-from conftest import REPO, blobs, run_cli
+from conftest import REPO, blobs, install_wheel_in_fresh_venv, run_cli
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 CONTRIBUTING = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
@@ -351,6 +352,27 @@ def test_contributing_plugin_guide_runs(workdir, capsys, monkeypatch):
     assert all(0.0 < r["metrics"]["largest_cluster"] <= 1.0 for r in results["runs"])
     plugins = {p["name"]: p["distribution"] for p in results["environment"]["plugins"]}
     assert plugins["my_plugin"] == "my-sslbench-plugin"
+
+
+@pytest.mark.slow
+def test_contributing_plugin_guide_builds_as_a_wheel_and_runs(workdir):
+    """The guide's package, built by its own pyproject.toml as a wheel and installed in a fresh virtual
+    environment, runs the guide's spec: the entry point and the package are in the wheel."""
+    package = workdir / "my-sslbench-plugin"
+    for name, text in guide_files().items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    python = install_wheel_in_fresh_venv(package, workdir / "install")
+    _digit_images(workdir / "my-images")
+    shutil.copy(package / "spec.yaml", workdir / "spec.yaml")
+    proc = subprocess.run(
+        [python, "-m", "sslbench", "run", "spec.yaml"], cwd=workdir, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((workdir / "runs" / "my-first-run" / "results.json").read_text())
+    assert all(0.0 < r["metrics"]["largest_cluster"] <= 1.0 for r in results["runs"])
+    distribution = next(p["distribution"] for p in results["environment"]["plugins"] if p["name"] == "my_plugin")
+    assert distribution == "my-sslbench-plugin"
 
 
 def test_guide_fingerprint_follows_the_weights_file(workdir, monkeypatch):

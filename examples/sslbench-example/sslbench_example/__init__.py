@@ -1,5 +1,7 @@
-"""A complete third-party sslbench plugin: a backbone (``pooled_pixels``), a model card
-(``resnet18.example_tv_in1k``: built by sslbench's own card loader) and a metric (``purity``).
+"""A complete third-party sslbench plugin: a backbone (``pooled_pixels``), model cards built by sslbench's
+own card loader (``resnet18.example_tv_in1k`` in code; ``test_vit.example_moco`` and
+``test_vit.example_package`` in ``cards/example.yaml``, their weights shipped as package data) and a
+metric (``purity``).
 
 Install it with ``pip install examples/sslbench-example``; ``sslbench plugins`` then lists it and a
 spec can use ``id: pooled_pixels``. Everything it touches is sslbench's public API.
@@ -8,6 +10,7 @@ spec can use ``id: pooled_pixels``. Everything it touches is sslbench's public A
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,9 +51,19 @@ class PooledPixels(Backbone):
         return {"revision": 1}
 
 
-#: A model card shipped by this package, validated by sslbench's card schema and built exactly as the
-#: bundled cards are (timm architecture, strict loading, torchvision preprocessing). A package with many
-#: cards ships a folder of YAML card files instead and passes its path to ``card_backbones``.
+#: The folder of card files this package ships (package data: see pyproject.toml). A card's relative
+#: ``file`` path is taken from this folder.
+CARDS = Path(__file__).parent / "cards"
+
+
+def weights_folder() -> Path:
+    """Where this package keeps the weights of ``test_vit.example_package`` (its ``package`` source)."""
+    return Path(__file__).parent / "weights"
+
+
+#: A model card given in code, validated by sslbench's card schema and built exactly as the bundled cards
+#: are (timm architecture, strict loading, torchvision preprocessing). Cards whose weights the package
+#: ships live in the ``CARDS`` folder instead (relative paths need a card file to be resolved against).
 EXAMPLE_CARDS = [
     {
         "id": "resnet18.example_tv_in1k",
@@ -95,6 +108,8 @@ def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> No
     from sslbench_plugins.pytorch_zoo import card_backbones
 
     for entry in card_backbones(EXAMPLE_CARDS, where="sslbench_example.EXAMPLE_CARDS"):
+        register(entry)
+    for entry in card_backbones(CARDS):
         register(entry)
 
 
