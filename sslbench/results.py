@@ -356,14 +356,16 @@ def build_results(
     spec: dict[str, Any] | None,
     env: Environment,
     wall_s: float,
-    metrics: Mapping[str, MetricInfo],
+    metrics: Mapping[str, MetricInfo] | None = None,
     columns: Sequence[str] | None = None,
     skipped: list[SkippedSample] | None = None,
     published: PublishedLookup | None = None,
 ) -> Results:
-    """The results of ``runs``; ``metrics`` describes (at least) every metric they hold, in column order."""
+    """The results of ``runs``; ``metrics`` describes (at least) every metric they hold, in column order
+    (None: none is described, and reports show them as :func:`schema1_info` says)."""
     recorded = {name for run in runs for name in run.metrics}
-    missing = sorted(recorded - metrics.keys())
+    metrics = metrics if metrics is not None else {}
+    missing = sorted(recorded - metrics.keys()) if metrics else []
     if missing:  # the producer of the runs forgot to describe what it recorded: a bug, not a user error
         raise ValueError(f"metrics recorded without a descriptor: {', '.join(missing)}")
     results = Results(

@@ -298,3 +298,28 @@ def test_spec_report_metrics_are_checked_at_validate(plugins):
     )
     with pytest.raises(SSLBenchError, match=r"^spec\.yaml:5: report\.metrics\[1\]: 'acc' is listed twice$"):
         resolve_spec(parse_spec(base % "acc", "spec.yaml"), plugins)
+
+
+def test_spec_report_metrics_choose_the_columns_of_a_run(plugins, tmp_path):
+    from sslbench.runner import run_spec
+    from sslbench.spec import parse_spec, resolve_spec
+
+    text = f"""\
+models: [{{id: raw}}]
+datasets: [{{id: digits}}]
+protocol: {{epochs: 1, seeds: 1}}
+report: {{metrics: [nmi, acc_majority, acc]}}
+device: cpu
+cache_dir: {tmp_path / "cache"}
+"""
+    results = run_spec(resolve_spec(parse_spec(text, "spec.yaml"), plugins), plugins, out_dir=tmp_path / "out")
+    assert results.columns == ["nmi", "acc_majority", "acc"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["columns"] == results.columns
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| Method | NMI | ACC-maj | ACC |\n" in md
+    # A class group the datasets do not declare is refused when the run is planned, before extraction.
+    wrong = text.replace("acc_majority", "acc_in_imagenet").replace(str(tmp_path / "cache"), str(tmp_path / "cache2"))
+    with pytest.raises(SSLBenchError) as info:
+        run_spec(resolve_spec(parse_spec(wrong, "spec.yaml"), plugins), plugins, out_dir=tmp_path / "wrong")
+    assert str(info.value).startswith("spec.yaml: report.metrics: unknown metric 'acc_in_imagenet'")
+    assert not any(path.is_file() for path in (tmp_path / "cache2").rglob("*"))  # nothing extracted
