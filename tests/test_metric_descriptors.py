@@ -323,3 +323,12 @@ cache_dir: {tmp_path / "cache"}
         run_spec(resolve_spec(parse_spec(wrong, "spec.yaml"), plugins), plugins, out_dir=tmp_path / "wrong")
     assert str(info.value).startswith("spec.yaml: report.metrics: unknown metric 'acc_in_imagenet'")
     assert not any(path.is_file() for path in (tmp_path / "cache2").rglob("*"))  # nothing extracted
+
+
+def test_without_the_builtin_metrics_a_plugin_metric_is_still_a_column(plugins):
+    """The issue's case: with the built-in metrics disabled the table had a single Method column."""
+    purity = MetricInfo(label="Purity", description="majority eval class per cluster")
+    results = _results([_summary("A", {"purity": (0.9, 0.01)}), _summary("B", {"purity": (0.8, None)})], plugins)
+    results = results.model_copy(update={"metrics": {"purity": purity}})
+    md = plugins.reporters.get("md").reporter.render(results)
+    assert "| Method | Purity |\n" in md and "| A | **90.00 ± 1.00** |" in md and "| B | 80.00 |" in md
