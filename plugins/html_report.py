@@ -36,7 +36,7 @@ from sslbench.inspection import ClusterStat, cluster_stats, purest_and_least_pur
 from sslbench.interfaces import ReportContext, Reporter
 from sslbench.plots import FigureSize, svg_figures
 from sslbench.results import Results, sslbench_version
-from sslbench.table import Table, metric_label, summary_tables
+from sslbench.table import Table, summary_tables
 
 _SVG_NS = "http://www.w3.org/2000/svg"
 _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
@@ -141,7 +141,9 @@ _JS = """
     return -1;
   }
   function defaultDirection(th) {
-    return th.getAttribute("data-type") === "number" ? "desc" : "asc";
+    // best first: a number column descending unless lower is better
+    if (th.getAttribute("data-type") !== "number") return "asc";
+    return th.getAttribute("data-better") === "lower" ? "asc" : "desc";
   }
   function cellValue(group, column, numeric) {
     var raw = group.rows[0].cells[column].getAttribute("data-value") || "";
@@ -338,7 +340,8 @@ keeps the sorted view.</span></footer>
         if not tables:
             return '<p class="note">The results have no summary rows.</p>'
         legend = (
-            '<p class="legend">Mean ± std over seeds, in percent. <strong>Bold</strong>: best in its column; '
+            '<p class="legend">Mean ± std over seeds, in percent (unless a caption says otherwise). '
+            "<strong>Bold</strong>: best in its column (lowest in a column marked ↓); "
             '<span class="within-std-sample">red, underlined</span>: within one std of the best; '
             "↳ published: the published value, our difference in points, and whether ours lies within its std.</p>"
         )
@@ -352,10 +355,14 @@ keeps the sorted view.</span></footer>
         head = ['<th scope="col" data-key="method" data-type="text" aria-sort="none">']
         head.append('<button type="button" class="sort">Method</button></th>')
         for metric in table.metrics:
+            info = table.info[metric]
+            about = f"{info.description}; " if info.description else ""
+            unit = "in percent" if info.unit == "percent" else "raw value"
             head.append(
-                f'<th scope="col" data-key="{_e(metric)}" data-type="number" aria-sort="none">'
-                f'<button type="button" class="sort" title="sort by {_e(metric_label(metric))}">'
-                f"{_e(metric_label(metric))}</button></th>"
+                f'<th scope="col" data-key="{_e(metric)}" data-type="number" data-better="{info.better}" '
+                f'aria-sort="none"><button type="button" class="sort" '
+                f'title="{_e(f"{about}{unit}, {info.better} is better; sort by {info.label}")}">'
+                f"{_e(table.label(metric))}</button></th>"
             )
         groups = []
         for order, row in enumerate(table.rows):

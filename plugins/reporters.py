@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
-from sslbench.table import KNN_METRIC, metric_label, summary_tables
+from sslbench.table import Table, summary_tables
 
 if TYPE_CHECKING:  # rich is imported by the methods that draw: listing plugins need not load it
     from rich.console import Console
@@ -20,42 +20,69 @@ from .html_report import HTMLReporter
 
 
 class RichReporter(Reporter):
-    """The paper's Table 1 on the terminal: best bold, within one std of the best in red."""
+    """The paper's Table 1 on the terminal: best bold, within one std of the best in red.
+
+    A table wider than the terminal is split into several, each with the Method column, so that no
+    column is squeezed away; a cell too wide even alone folds onto more lines.
+    """
 
     suffix = ".txt"
 
-    def tables(self, results: Results) -> list[RichTable]:
+    def tables(self, results: Results, width: int = 160) -> list[list[RichTable]]:
+        """Per dataset, its table split into parts that fit ``width`` columns."""
+        return [self._parts(table, width) for table in summary_tables(results)]
+
+    def _parts(self, table: Table, width: int) -> list[RichTable]:
+        from rich.cells import cell_len
         from rich.table import Table as RichTable
         from rich.text import Text
 
-        out = []
-        for table in summary_tables(results):
-            rich_table = RichTable(title=table.dataset)
-            rich_table.add_column("Method")
-            for metric in table.metrics:
-                rich_table.add_column(metric_label(metric), justify="right")
+        # A rich table with a box draws 3 columns around each cell (a rule and two spaces) and 1 after the last.
+        published = "  ↳ published"
+        labels = ["Method", *(row.label for row in table.rows), *(published for row in table.rows if row.published)]
+        method = max(cell_len(label) for label in labels)
+        method = min(method, max(12, width // 3))
+        chunks: list[list[str]] = []
+        used = width
+        for metric in table.metrics:
+            texts = [table.label(metric), *(row.cells[metric].text() for row in table.rows)]
+            texts += [row.published_text(metric) for row in table.rows if row.published]
+            need = max(cell_len(text) for text in texts) + 3
+            if not chunks or used + need > width:
+                chunks.append([])
+                used = 1 + method + 3
+            chunks[-1].append(metric)
+            used += need
+        parts = []
+        for index, metrics in enumerate(chunks or [[]]):
+            title = table.dataset if index == 0 else f"{table.dataset} (continued, {index + 1}/{len(chunks)})"
+            rich_table = RichTable(title=title)
+            rich_table.add_column("Method", overflow="fold", max_width=method)
+            for metric in metrics:
+                rich_table.add_column(table.label(metric), justify="right", overflow="fold")
             for row in table.rows:
                 cells: list[Text | str] = [row.label]
-                for metric in table.metrics:
+                for metric in metrics:
                     cell = row.cells[metric]
                     style = "bold" if cell.best else ("red" if cell.within_std else "")
                     cells.append(Text(cell.text(), style=style))
                 rich_table.add_row(*cells)
                 if row.published:
                     rich_table.add_row(
-                        Text("  ↳ published", style="dim"),
-                        *(Text(row.published_text(m), style="dim") for m in table.metrics),
+                        Text(published, style="dim"),
+                        *(Text(row.published_text(m), style="dim") for m in metrics),
                     )
-            out.append(rich_table)
-        return out
+            parts.append(rich_table)
+        return parts
 
     def show(self, results: Results, console: Console) -> None:
         from rich.text import Text
 
         # The caption is a paragraph under the table, wrapped at the terminal (at most 100 columns),
         # not squeezed to the table's width as a rich caption would be.
-        for rich_table, table in zip(self.tables(results), summary_tables(results), strict=True):
-            console.print(rich_table)
+        for parts, table in zip(self.tables(results, console.width), summary_tables(results), strict=True):
+            for rich_table in parts:
+                console.print(rich_table)
             console.print(Text(table.caption, style="dim"), width=min(console.width, 100))
             console.print()
 
@@ -75,7 +102,7 @@ class MarkdownReporter(Reporter):
     def render(self, results: Results) -> str:
         parts = []
         for table in summary_tables(results):
-            header = ["Method", *(metric_label(m) for m in table.metrics)]
+            header = ["Method", *(table.label(m).replace("|", "\\|") for m in table.metrics)]
             lines = [f"### {table.dataset}", "", "| " + " | ".join(header) + " |"]
             lines.append("|" + "|".join(["---", *("---:" for _ in table.metrics)]) + "|")
             for row in table.rows:
@@ -96,7 +123,7 @@ class MarkdownReporter(Reporter):
 def _latex_escape(text: str) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
         text = text.replace(char, escaped)
-    for symbol, command in (("×", r"$\times$"), ("±", r"$\pm$"), ("→", r"$\to$")):
+    for symbol, command in (("×", r"$\times$"), ("±", r"$\pm$"), ("→", r"$\to$"), ("↓", r"$\downarrow$")):
         text = text.replace(symbol, command)
     return text
 
@@ -110,7 +137,7 @@ class LatexReporter(Reporter):
         parts = ["% needs \\usepackage{booktabs} and \\usepackage{xcolor}"]
         for table in summary_tables(results):
             columns = "l" + "c" * len(table.metrics)
-            header = " & ".join(["Method", *(metric_label(m) for m in table.metrics)])
+            header = " & ".join(["Method", *(_latex_escape(table.label(m)) for m in table.metrics)])
             lines = [
                 "\\begin{table}[t]",
                 "\\centering",
@@ -137,19 +164,18 @@ class LatexReporter(Reporter):
 
 
 class CSVReporter(Reporter):
-    """One row per model × dataset × protocol point: every metric's mean and std, as fractions; for a kNN
-    metric some row has a published value of, also ``<metric>_published`` and ``<metric>_delta`` (ours
-    minus published)."""
+    """One row per model × dataset × protocol point: every metric's mean and std as recorded (fractions
+    for percent metrics), in the columns chosen (results ``columns``) or all of them; for a metric some
+    row has a published value of, also ``<metric>_published`` and ``<metric>_delta`` (ours minus
+    published). Columns are named by the metrics' names, which programs read; their labels are in
+    results.json ``metrics``."""
 
     suffix = ".csv"
 
     def render(self, results: Results) -> str:
-        metrics = list(dict.fromkeys(name for row in results.summary for name in row.metrics))
-        compared = [
-            m
-            for m in metrics
-            if KNN_METRIC.match(m) and any(row.published and m in row.published.metrics for row in results.summary)
-        ]
+        metrics = results.columns if results.columns is not None else results.metric_names()
+        metrics = [m for m in metrics if any(m in row.metrics for row in results.summary)]
+        compared = [m for m in metrics if any(row.published and m in row.published.metrics for row in results.summary)]
         protocol_fields = [
             "fit_split",
             "eval_split",

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
         Split,
     )
     from sslbench.plugins import Plugins, load_plugins
-    from sslbench.results import Results, load_results
+    from sslbench.results import MetricInfo, Results, load_results
 
 # Where each public name lives. They are imported on first use (PEP 562), so that `sslbench --help`
 # and the listing commands do not pay for numpy, pydantic and the protocol's modules up front.
@@ -65,6 +65,7 @@ _LAZY = {
     ),
     "Plugins": "sslbench.plugins",
     "load_plugins": "sslbench.plugins",
+    "MetricInfo": "sslbench.results",
     "Results": "sslbench.results",
     "load_results": "sslbench.results",
 }
@@ -96,6 +97,7 @@ __all__ = [
     "DatasetEntry",
     "Event",
     "MetricEntry",
+    "MetricInfo",
     "NoOptions",
     "PluginError",
     "Plugins",

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from sslbench.events import Event
     from sslbench.plugins import Plugins
-    from sslbench.results import Run
+    from sslbench.results import MetricInfo, Run
 
 # Everything else is imported inside the command that uses it: `sslbench --help` and the listing
 # commands start in a fraction of a second instead of loading numpy, pydantic, rich and torch first.
@@ -35,18 +35,22 @@ def _console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
-def point_summary(runs: list[Run]) -> str:
-    """``model on dataset k=10 pca=64: ACC 71.89 ± 9.13  ARI …  (5 seeds)`` for one protocol point."""
+def point_summary(runs: list[Run], describe: Mapping[str, MetricInfo] | None = None) -> str:
+    """``model on dataset k=10 pca=64: ACC 71.89 ± 9.13  ARI …  (5 seeds)`` for one protocol point: its
+    headline metrics (:func:`sslbench.table.headline_metrics`), shown as ``describe`` says."""
     import statistics
+
+    from sslbench.results import schema1_info
+    from sslbench.table import headline_metrics
 
     first = runs[0]
     head = f"{first.model} on {first.dataset} k={first.protocol.n_clusters} pca={first.protocol.pca_dims}"
     parts = []
-    for name, label in (("acc", "ACC"), ("ari", "ARI"), ("nmi", "NMI"), ("acc_tr", "ACC-tr")):
-        values = [100 * r.metrics[name] for r in runs if name in r.metrics]
-        if len(values) == len(runs):
-            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-            parts.append(f"{label} {statistics.fmean(values):.2f}{spread}")
+    for name in headline_metrics(set.intersection(*(set(r.metrics) for r in runs))):
+        info = (describe or {}).get(name) or schema1_info(name)
+        values = [info.scaled(r.metrics[name]) for r in runs]
+        spread = f" ± {statistics.stdev(values):.{info.decimals}f}" if len(values) > 1 else ""
+        parts.append(f"{info.label} {statistics.fmean(values):.{info.decimals}f}{spread}")
     seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
     return f"{head}: {'  '.join(parts) or 'done'}  ({seeds})"
 
@@ -69,7 +73,8 @@ def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
             key = (run.model, run.dataset, run.protocol.n_clusters, run.protocol.pca_dims, run.protocol.epochs)
             pending.setdefault(key, []).append(run)
             if len(pending[key]) >= int(event.data.get("seeds", 1)):
-                console.print(f"  {escape(point_summary(pending.pop(key)))}", soft_wrap=True)
+                summary = point_summary(pending.pop(key), event.data.get("metrics"))
+                console.print(f"  {escape(summary)}", soft_wrap=True)
         elif event.kind == "stage" and stages:
             # Plain and greppable: benchmarks time the stages from these lines.
             console.print(f"sslbench: stage {event.name} {event.text}", markup=False, soft_wrap=True)
@@ -271,6 +276,8 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
     from sslbench.results import load_results, merge_results, write_output
 
     results = merge_results([load_results(path) for path in args.results], args.results)
+    if args.metrics is not None:
+        results = results.with_columns([name.strip() for name in args.metrics.split(",")], what="--metrics")
     reporter = plugins.reporters.get(args.format).reporter
     context = ReportContext.from_arguments(args.results, plugins)
     if args.output:
@@ -449,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", nargs="+", help="results.json files or run directories (merged)")
     report.add_argument("--format", default="rich", help="a registered reporter: rich, md, csv, json, latex, html, …")
     report.add_argument("--output", "-o", help="write to this file instead of stdout")
+    report.add_argument(
+        "--metrics",
+        metavar="NAME,…",
+        help="the metric columns, in order (names as in results.json: acc,nmi,knn_top1_k20,…); "
+        "default: the spec's report.metrics, else every metric, ACC, ARI, AMI and NMI first",
+    )
     report.set_defaults(func=cmd_report)
     return parser
 

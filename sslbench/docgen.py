@@ -459,9 +459,11 @@ def _options_sections(plugins: Any) -> list[str]:
 
 def _registry_sections(plugins: Any) -> list[str]:
     parts = ["## Metrics and report formats of the built-in plugins", ""]
-    parts += ["Every run records every registered metric (results.json `metrics`, as fractions):", ""]
-    parts += ["| metric | label | description |", "|---|---|---|"]
-    parts += [f"| `{m.name}` | {_cell(m.label)} | {_cell(m.description)} |" for m in plugins.metrics]
+    parts += ["Every run records every registered metric; every report shows it as its entry declares:", ""]
+    parts += ["| metric | label | unit | better | description |", "|---|---|---|---|---|"]
+    parts += [
+        f"| `{m.name}` | {_cell(m.label)} | {m.unit} | {m.better} | {_cell(m.description)} |" for m in plugins.metrics
+    ]
     parts += ["", "`sslbench report --format NAME`:", "", "| format | description |", "|---|---|"]
     parts += [f"| `{r.name}` | {_cell(r.description)} |" for r in plugins.reporters]
     return [*parts, ""]

@@ -127,7 +127,9 @@ def evaluate_features(
         runs = list(run_protocol(plan, scratch=scratch, emit=emit))
     env = environment(device, plugins)
     spec = {"api": "evaluate_features", "protocol": protocol.model_dump(mode="json")}
-    return build_results(runs, spec=spec, env=env, wall_s=time.perf_counter() - started)
+    return build_results(
+        runs, spec=spec, env=env, wall_s=time.perf_counter() - started, metrics=plan.metric_descriptors
+    )
 
 
 def _plain(value: Any) -> Any:

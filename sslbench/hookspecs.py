@@ -118,7 +118,10 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
     :param register: call with one :class:`~sslbench.interfaces.MetricEntry` per metric. Its
         ``fn`` receives a :class:`~sslbench.interfaces.ScoringContext` (train and eval cluster
         predictions, labels and contingency tables, and the train assignment of clusters to classes)
-        and returns a float, stored as a fraction and averaged over seeds in the summary.
+        and returns a float, stored as returned (a fraction for ``unit="percent"``) and averaged over
+        seeds in the summary. Its ``label``, ``unit``, ``better``, ``needs_labels`` and ``decimals``
+        say how every report shows it; results.json records them, so reports rendered without the
+        plugin show it the same.
 
     .. versionadded:: 0.1
     """

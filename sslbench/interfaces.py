@@ -18,12 +18,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sslbench.errors import PluginError
 from sslbench.protocol import hungarian_mapping
+from sslbench.results import MetricInfo
 
 if TYPE_CHECKING:
     import torch
@@ -342,12 +344,46 @@ class ScoringContext:
 
 @dataclass(frozen=True)
 class MetricEntry:
-    """A metric computed for every run and stored as a fraction (reported in percent)."""
+    """A metric computed for every run, and how reports show it.
+
+    Every field after ``description`` says how the value is shown; results.json carries them (its
+    ``metrics`` table), so a report rendered where the plugin is not installed shows it the same.
+    An invalid one is a :class:`~sslbench.errors.PluginError` when the entry is made.
+    """
 
     name: str
     fn: Callable[[ScoringContext], float]
+    #: Column title in every report.
     label: str
     description: str
+    #: ``percent``: a fraction in [0, 1], shown × 100; ``raw``: shown as the function returns it.
+    unit: Literal["percent", "raw"] = "percent"
+    #: Which way the best value of a column lies: the bold (and within-one-std) marks follow it.
+    better: Literal["higher", "lower"] = "higher"
+    #: Whether it compares the clusters with the class labels (False: a label-free score).
+    needs_labels: bool = True
+    #: Decimal places shown (of the percent, for ``percent``).
+    decimals: int = 2
+
+    def __post_init__(self) -> None:
+        _ = self.info  # checks the display fields now, where the plugin registers the entry
+
+    @functools.cached_property
+    def info(self) -> MetricInfo:
+        """The descriptor results.json records for this metric."""
+        try:
+            return MetricInfo(
+                label=self.label,
+                description=self.description,
+                unit=self.unit,
+                better=self.better,
+                needs_labels=self.needs_labels,
+                decimals=self.decimals,
+            )
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise PluginError(f"metric '{self.name}': {field}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 # --------------------------------------------------------------------------------------------------

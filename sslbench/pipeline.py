@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,13 +56,13 @@ from sslbench.interfaces import (
     ScoringContext,
     iter_chunks,
 )
-from sslbench.knn import check_knn, knn_metric, knn_top1
+from sslbench.knn import check_knn, knn_info, knn_metric, knn_top1
 from sslbench.predictions import predictions_name, save_predictions
 from sslbench.progress import NullProgress, Progress
 from sslbench.protocol import contingency
-from sslbench.results import Run, RunProtocol, Timings
+from sslbench.results import MetricInfo, Run, RunProtocol, Timings
 from sslbench.spec import ProtocolPoint, ProtocolSpec
-from sslbench.transfer import TRANSFER_METRICS, ClassMap, transfer_scores
+from sslbench.transfer import TRANSFER_METRIC_INFO, TRANSFER_METRICS, ClassMap, transfer_scores
 
 if TYPE_CHECKING:
     from sslbench.plugins import Plugins
@@ -109,6 +109,11 @@ class ProtocolPlan:
     @functools.cached_property
     def points(self) -> list[ProtocolPoint]:
         return self.protocol.points(self.n_classes)
+
+    @functools.cached_property
+    def metric_descriptors(self) -> dict[str, MetricInfo]:
+        """Every metric the runs of this plan record, described (see :func:`metric_descriptors`)."""
+        return metric_descriptors(self.metrics, self.class_groups, self.protocol.knn, bool(self.transfers))
 
 
 def validated_backend_options(backend: BackendEntry, options: Mapping[str, object]) -> BaseModel:
@@ -441,6 +446,21 @@ def _metrics(entries: Sequence[MetricEntry], ctx: ScoringContext) -> dict[str, f
 def group_metric(metric: str, group: str) -> str:
     """Name under which a metric restricted to a class group is recorded: ``acc_in_imagenet``."""
     return f"{metric}_{group}"
+
+
+def metric_descriptors(
+    entries: Sequence[MetricEntry], class_groups: Iterable[str], knn: Sequence[int], transfer: bool
+) -> dict[str, MetricInfo]:
+    """How the reports show every metric a plan records, in column order: the registered metrics,
+    each again per class group, the transfer metrics (when there are transfer targets), the kNN top-1s
+    by increasing k. Results carry this table (results.json ``metrics``)."""
+    described = {entry.name: entry.info for entry in entries}
+    for group in class_groups:
+        described.update({group_metric(e.name, group): e.info.in_group(e.name, group) for e in entries})
+    if transfer:
+        described.update({n: info for n, info in TRANSFER_METRIC_INFO.items() if n not in described})
+    described.update({knn_metric(k): knn_info(k) for k in sorted(knn)})
+    return described
 
 
 @dataclass(frozen=True)

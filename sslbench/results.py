@@ -10,13 +10,14 @@ import importlib.metadata
 import math
 import os
 import platform
+import re
 import stat
 import statistics
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,16 +28,98 @@ from pydantic import (
     model_serializer,
 )
 
-from sslbench.errors import SSLBenchError
+from sslbench.errors import SSLBenchError, did_you_mean
 
 if TYPE_CHECKING:
     from sslbench.plugins import Plugins
 
-SCHEMA_VERSION = 1
+#: 2: results carry ``metrics``, the descriptor of every metric, and ``columns``; 1 had neither.
+SCHEMA_VERSION = 2
+
+#: The metrics reports show first, in this order (the paper's Table 1); the rest follow.
+HEADLINE_METRICS = ("acc", "ari", "ami", "nmi")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricInfo(_Model):
+    """How reports show a metric: what a plugin's :class:`~sslbench.interfaces.MetricEntry` declares,
+    carried in results.json so that a machine without that plugin renders it the same."""
+
+    label: str = Field(min_length=1, description="column title")
+    description: str = ""
+    unit: Literal["percent", "raw"] = Field(
+        "percent", description="percent: a fraction in [0, 1] shown × 100; raw: shown as recorded"
+    )
+    better: Literal["higher", "lower"] = Field("higher", description="which way the best value of a column lies")
+    needs_labels: bool = Field(True, description="whether it compares the clusters with the class labels")
+    decimals: int = Field(2, ge=0, le=10, description="decimal places shown (of the percent, for percent metrics)")
+    of: str | None = Field(None, description="the metric this one restricts to a class group (acc_in_imagenet: acc)")
+    group: str | None = Field(None, description="the class group it is restricted to")
+
+    def scaled(self, value: float) -> float:
+        """``value`` in the unit it is shown in (× 100 for percent)."""
+        return 100 * value if self.unit == "percent" else value
+
+    def text(self, value: float) -> str:
+        """``23.09`` for 0.2309 in percent, ``1.50`` for a raw 1.5."""
+        return f"{self.scaled(value):.{self.decimals}f}"
+
+    def best(self, values: Iterable[float]) -> float:
+        """The best of ``values`` in this metric's direction (NaN never wins)."""
+        finite = [v for v in values if not math.isnan(v)]
+        if not finite:
+            return math.nan
+        return max(finite) if self.better == "higher" else min(finite)
+
+    def within(self, value: float, best: float, spread: float) -> bool:
+        """Whether ``value`` is no further than ``spread`` from ``best`` on the worse side."""
+        return value >= best - spread if self.better == "higher" else value <= best + spread
+
+    def in_group(self, name: str, group: str) -> MetricInfo:
+        """The descriptor of metric ``name`` restricted to class group ``group`` (``ACC in imagenet``)."""
+        return self.model_copy(
+            update={
+                "label": f"{self.label} {group.replace('_', ' ')}",
+                "description": f"{self.description or self.label}, over class group {group}",
+                "of": name,
+                "group": group,
+            }
+        )
+
+
+#: Labels of the metrics sslbench wrote before results carried descriptors (schema 1), so that such
+#: files read as they did; any other name there is shown raw under its own name.
+_SCHEMA1_LABELS = {
+    "acc": "ACC",
+    "acc_majority": "ACC-maj",
+    "acc_eval_assignment": "ACC-eval",
+    "ari": "ARI",
+    "ami": "AMI",
+    "nmi": "NMI",
+    "v_measure": "V",
+    "fowlkes_mallows": "FM",
+    "acc_tr": "ACC-tr",
+    "acc_val": "ACC-val",
+    "single_cluster": "1 cluster",
+}
+_SCHEMA1_KNN = re.compile(r"^knn_top1_k(\d+)$")
+
+
+def schema1_info(name: str) -> MetricInfo:
+    """The descriptor of a metric recorded without one (results.json of schema 1): the built-in names
+    of that time as they were shown, ``<metric>_<group>`` for their class groups, else raw under its name."""
+    if name in _SCHEMA1_LABELS:
+        return MetricInfo(label=_SCHEMA1_LABELS[name])
+    knn = _SCHEMA1_KNN.match(name)
+    if knn:
+        return MetricInfo(label=f"kNN-{knn.group(1)}")
+    for base in sorted(_SCHEMA1_LABELS, key=len, reverse=True):
+        if name.startswith(f"{base}_") and name[len(base) + 1 :].isidentifier():
+            return MetricInfo(label=_SCHEMA1_LABELS[base]).in_group(base, name[len(base) + 1 :])
+    return MetricInfo(label=name, unit="raw", decimals=4)
 
 
 class RunProtocol(_Model):
@@ -147,6 +230,11 @@ class Results(_Model):
     spec: dict[str, Any] | None
     environment: Environment
     wall_s: float
+    #: How reports show each metric of the runs, in the order of their columns (empty in schema 1).
+    metrics: dict[str, MetricInfo] = Field(default_factory=dict)
+    #: The metrics reports show, in order (the spec's ``report.metrics``, ``sslbench report --metrics``);
+    #: None: every metric, the headline ones first (see :func:`sslbench.table.default_metrics`).
+    columns: list[str] | None = None
     runs: list[Run]
     summary: list[SummaryRow]
     skipped: list[SkippedSample] = Field(default_factory=list)
@@ -154,9 +242,47 @@ class Results(_Model):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
 
+    def metric_names(self) -> list[str]:
+        """Every metric of the results: the described ones in their order, then any other a row holds."""
+        names = dict.fromkeys(self.metrics)
+        for row in self.summary:
+            names.update(dict.fromkeys(row.metrics))
+        for run in self.runs:
+            names.update(dict.fromkeys(run.metrics))
+        return list(names)
+
+    def metric_info(self, name: str) -> MetricInfo:
+        """How ``name`` is shown: its descriptor, or for results without one :func:`schema1_info`."""
+        return self.metrics.get(name) or schema1_info(name)
+
+    def with_columns(self, names: Sequence[str] | None, what: str = "report metrics") -> Results:
+        """These results with ``names`` as the report columns, in that order (None: the default choice).
+
+        An unknown or repeated name is a one-line :class:`SSLBenchError` starting with ``what``, with a
+        did-you-mean.
+        """
+        if names is None:
+            return self.model_copy(update={"columns": None})
+        checked = checked_columns(names, self.metric_names(), what, "the results")
+        return self.model_copy(update={"columns": checked})
+
     def write(self, path: str | Path) -> Path:
         """Write results.json atomically; an unwritable place or a full disk raises :class:`SSLBenchError`."""
         return write_output(Path(path), self.to_json())
+
+
+def checked_columns(names: Sequence[str], known: Sequence[str], what: str, holder: str) -> list[str]:
+    """``names`` as a list of report columns, each one of ``known`` (the metrics ``holder`` has), none
+    twice, at least one; else a one-line :class:`SSLBenchError` starting with ``what``."""
+    if isinstance(names, str) or not names:
+        raise SSLBenchError(f"{what}: give a list of metric names (e.g. acc,nmi)")
+    for index, name in enumerate(names):
+        if name not in known:
+            hint = did_you_mean(name, known) or f"; {holder} have: {', '.join(known) or 'none'}"
+            raise SSLBenchError(f"{what}: unknown metric '{name}'{hint}")
+        if name in names[:index]:
+            raise SSLBenchError(f"{what}: '{name}' is listed twice")
+    return list(names)
 
 
 def version_of(distribution: str) -> str | None:
@@ -230,35 +356,72 @@ def build_results(
     spec: dict[str, Any] | None,
     env: Environment,
     wall_s: float,
+    metrics: Mapping[str, MetricInfo] | None = None,
+    columns: Sequence[str] | None = None,
     skipped: list[SkippedSample] | None = None,
     published: PublishedLookup | None = None,
 ) -> Results:
-    return Results(
+    """The results of ``runs``; ``metrics`` describes (at least) every metric they hold, in column order
+    (None: none is described, and reports show them as :func:`schema1_info` says)."""
+    recorded = {name for run in runs for name in run.metrics}
+    metrics = metrics if metrics is not None else {}
+    missing = sorted(recorded - metrics.keys()) if metrics else []
+    if missing:  # the producer of the runs forgot to describe what it recorded: a bug, not a user error
+        raise ValueError(f"metrics recorded without a descriptor: {', '.join(missing)}")
+    results = Results(
         skipped=skipped or [],
         sslbench_version=sslbench_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         spec=spec,
         environment=env,
         wall_s=wall_s,
+        metrics={name: info for name, info in metrics.items() if name in recorded},
         runs=runs,
         summary=summarize(runs, published),
     )
+    # Chosen before the run and checked there (:func:`checked_columns`): a column of a dataset not yet
+    # run is kept for the results rewritten once it is.
+    return results.model_copy(update={"columns": list(columns)}) if columns is not None else results
+
+
+def merged_descriptors(parts: Sequence[Results], sources: Sequence[str]) -> dict[str, MetricInfo]:
+    """The descriptor tables of several results files as one; a metric described differently by two
+    files is a one-line :class:`SSLBenchError` naming both."""
+    merged: dict[str, MetricInfo] = {}
+    origin: dict[str, str] = {}
+    for part, source in zip(parts, sources, strict=True):
+        for name, info in part.metrics.items():
+            if name not in merged:
+                merged[name], origin[name] = info, source
+            elif merged[name] != info:
+                theirs = merged[name]
+                differ = next(f for f in MetricInfo.model_fields if getattr(info, f) != getattr(theirs, f))
+                raise SSLBenchError(
+                    f"metric '{name}' is described differently in {origin[name]} and {source} "
+                    f"({differ}: {getattr(theirs, differ)!r} vs {getattr(info, differ)!r}); "
+                    "were they written with different versions of its plugin?"
+                )
+    return merged
 
 
 def merge_results(parts: list[Results], sources: list[str]) -> Results:
     """Several results files as one: runs, summary rows and skipped samples side by side.
 
     Each file's summary is kept as computed there; the environment is the first file's, and the
-    spec records which files were merged.
+    spec records which files were merged. The metric descriptors are merged (see
+    :func:`merged_descriptors`); the report columns are kept when every file chose the same.
     """
     if len(parts) == 1:
         return parts[0]
+    columns = parts[0].columns if all(part.columns == parts[0].columns for part in parts) else None
     return Results(
         sslbench_version=sslbench_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         spec={"merged": sources},
         environment=parts[0].environment,
         wall_s=sum(part.wall_s for part in parts),
+        metrics=merged_descriptors(parts, sources),
+        columns=columns,
         runs=[run for part in parts for run in part.runs],
         summary=[
             row.model_copy(update={"source": row.source or source})

@@ -19,7 +19,7 @@ import gc
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +33,12 @@ from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepa
 from sslbench.inputs import FeatureSplit, checked_split
 from sslbench.interfaces import Backbone, BackboneEntry, Dataset, Split
 from sslbench.knn import knn_metric
-from sslbench.pipeline import TransferTarget, plan_protocol, run_protocol
+from sslbench.pipeline import TransferTarget, metric_descriptors, plan_protocol, run_protocol
 from sslbench.plugins import PluginInfo, Plugins
 from sslbench.progress import NullProgress, Progress
 from sslbench.results import (
+    HEADLINE_METRICS,
+    MetricInfo,
     MetricSummary,
     Published,
     PublishedLookup,
@@ -45,12 +47,14 @@ from sslbench.results import (
     RunProtocol,
     SkippedSample,
     build_results,
+    checked_columns,
     environment,
     reason,
     shown_path,
     write_output,
 )
 from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec
+from sslbench.table import headline_metrics
 from sslbench.transfer import ClassMap, checked_class_groups
 from sslbench.weights import no_downloads
 
@@ -392,6 +396,10 @@ def run_spec(
     checked_writable_dir(FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None).root, "cache directory")
     device = resolve_device(spec.device)
     plan = plan_run(resolved, plugins, device)
+    described = run_metric_descriptors(plan, plugins)
+    columns = spec.report.metrics
+    if columns is not None:
+        checked_columns(columns, list(described), f"{resolved.loaded.source}: report.metrics", "this run's datasets")
     env = environment(device, plugins)
     spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
     published = paper_values(resolved, plugins)
@@ -443,9 +451,12 @@ def run_spec(
                 )
                 for run in run_protocol(protocol_plan, scratch=scratch / "projections", progress=progress, emit=emit):
                     runs.append(run)
-                    emit(Event("run", _run_line(run), run=run, data={"seeds": len(spec.protocol.seeds)}))
+                    data = {"seeds": len(spec.protocol.seeds), "metrics": described}
+                    emit(Event("run", _run_line(run, described), run=run, data=data))
                 results = build_results(
                     runs,
+                    metrics=described,
+                    columns=columns,
                     spec=spec_record,
                     env=env,
                     wall_s=time.perf_counter() - started,
@@ -458,12 +469,21 @@ def run_spec(
     return results
 
 
-def _run_line(run: Run) -> str:
-    m = run.metrics
+def run_metric_descriptors(plan: RunPlan, plugins: Plugins) -> dict[str, MetricInfo]:
+    """Every metric the runs of ``plan`` can record, described (:func:`sslbench.pipeline.metric_descriptors`
+    over its datasets, whose class groups and transfer targets are known before any extraction)."""
+    described: dict[str, MetricInfo] = {}
+    for dataset in plan.datasets:
+        groups = dataset.class_groups or {}
+        knn = plan.resolved.spec.protocol.knn
+        described.update(metric_descriptors(tuple(plugins.metrics), groups, knn, bool(dataset.targets)))
+    return described
+
+
+def _run_line(run: Run, described: Mapping[str, MetricInfo]) -> str:
     head = f"{run.model} on {run.dataset} k={run.protocol.n_clusters} pca={run.protocol.pca_dims} seed={run.seed}"
-    if {"acc", "ari", "nmi"} <= m.keys():
-        return f"{head}: ACC {100 * m['acc']:.2f}  ARI {100 * m['ari']:.2f}  NMI {100 * m['nmi']:.2f}"
-    return f"{head}: done"
+    shown = [f"{described[m].label} {described[m].text(run.metrics[m])}" for m in headline_metrics(run.metrics)]
+    return f"{head}: {'  '.join(shown) or 'done'}"
 
 
 def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
@@ -487,7 +507,7 @@ def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
             if row.overcluster == protocol.overcluster:
                 metrics = {
                     name: MetricSummary(mean=getattr(row, name).mean / 100, std=getattr(row, name).std / 100)
-                    for name in ("acc", "ari", "ami", "nmi")
+                    for name in HEADLINE_METRICS  # the fields of a card's paper row
                 }
                 sources.append(f"paper Table 1: {row.row}")
                 break

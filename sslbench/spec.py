@@ -353,6 +353,19 @@ class ExtractionSpec(_StrictModel):
     )
 
 
+class ReportSpec(_StrictModel):
+    """What the reports of the run show."""
+
+    metrics: list[Label] | None = Field(
+        None,
+        min_length=1,
+        description="The metric columns of every report, in this order, by their names in results.json: "
+        "a registered metric (`acc`, `nmi`, a plugin's), `<metric>_<group>` for a dataset's class group "
+        "(`acc_in_imagenet`), `knn_top1_k<k>` for a `protocol.knn` k, a transfer metric (`acc_tr`, …); "
+        "default: every metric, ACC, ARI, AMI and NMI first.",
+    )
+
+
 class Spec(_StrictModel):
     """A whole run: models × datasets × protocol points × seeds."""
 
@@ -366,6 +379,7 @@ class Spec(_StrictModel):
     extraction: ExtractionSpec = Field(
         ExtractionSpec(), description="How features are extracted and cached; see `extraction.*`."
     )
+    report: ReportSpec = Field(ReportSpec(), description="What the reports show; see `report.*`.")
     output_dir: Folder | None = Field(None, description="Where results go; default runs/<name>.")
     cache_dir: Folder | None = Field(
         None, description="Feature cache; default $SSLBENCH_CACHE or ~/.cache/sslbench/features."
@@ -1031,7 +1045,29 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
         loaded, backend.options, spec.protocol.backend_options, ("protocol", "backend_options")
     )
     _check_device(loaded)
+    _check_report_metrics(loaded, plugins)
     return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options)
+
+
+def _check_report_metrics(loaded: LoadedSpec, plugins: Plugins) -> None:
+    """Each ``report.metrics`` name is a metric the run can record. A ``<metric>_<group>`` name passes
+    here when ``<metric>`` is registered: the datasets' class groups are known when the run is planned,
+    which checks it again (:func:`sslbench.runner.plan_run`)."""
+    from sslbench.knn import knn_metric
+    from sslbench.transfer import TRANSFER_METRICS
+
+    spec = loaded.spec
+    registered = plugins.metrics.names()
+    known = [*registered, *(knn_metric(k) for k in spec.protocol.knn)]
+    if any(d.transfer for d in spec.datasets):
+        known += [m for m in TRANSFER_METRICS if m not in known]
+    for index, name in enumerate(spec.report.metrics or []):
+        group_of = next((m for m in registered if name.startswith(f"{m}_") and name[len(m) + 1 :].isidentifier()), None)
+        at = _at(loaded, ("report", "metrics", index))
+        if name not in known and group_of is None:
+            raise SSLBenchError(f"{at}: unknown metric '{name}'{did_you_mean(name, known)}")
+        if name in spec.report.metrics[:index]:  # type: ignore[index]
+            raise SSLBenchError(f"{at}: '{name}' is listed twice")
 
 
 #: Dataset option keys that name a file or folder; a ``splits`` mapping's string values are

@@ -1,77 +1,55 @@
 """The paper's Table 1 layout computed from results: one table per dataset, best and near-best marked.
 
-Reporters render these tables; they do not recompute anything. A value is *best* when its mean is
-the column maximum, and *within one std* when it is not best but its mean is at least the best mean
-minus the best row's std (the paper's red marks).
+Reporters render these tables; they do not recompute anything. Each column is a metric, shown as its
+descriptor in the results says (:class:`~sslbench.results.MetricInfo`: label, percent or raw, which
+way is better). A value is *best* when its mean is the column's best (the maximum, or the minimum for
+a lower-is-better metric), and *within one std* when it is not best but lies no further from the best
+mean than the best row's std, on the worse side (the paper's red marks).
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sslbench.results import Results, RunProtocol, SummaryRow
+from sslbench.results import HEADLINE_METRICS, MetricInfo, Results, RunProtocol, SummaryRow
 from sslbench.transfer import TRANSFER_METRICS
 
-#: The columns of the paper's Table 1.
-HEADLINE_METRICS = ("acc", "ari", "ami", "nmi")
-METRIC_LABELS = {
-    "acc": "ACC",
-    "acc_majority": "ACC-maj",
-    "acc_eval_assignment": "ACC-eval",
-    "ari": "ARI",
-    "ami": "AMI",
-    "nmi": "NMI",
-    "v_measure": "V",
-    "fowlkes_mallows": "FM",
-    "acc_tr": "ACC-tr",
-    "acc_val": "ACC-val",
-    "single_cluster": "1 cluster",
-}
+
+def headline_metrics(names: Iterable[str]) -> tuple[str, ...]:
+    """The columns shown first for rows holding ``names``: Table C.2's for transfer rows, else Table 1's."""
+    present = set(names)
+    return tuple(m for m in (TRANSFER_METRICS if "acc_tr" in present else HEADLINE_METRICS) if m in present)
 
 
-#: kNN top-1 columns: ``knn_top1_k20`` → ``kNN-20``.
-KNN_METRIC = re.compile(r"^knn_top1_k(\d+)$")
-
-
-def metric_label(name: str) -> str:
-    """Column title: ``ACC``, ``ACC-tr``, ``kNN-20`` for ``knn_top1_k20``, and ``ACC in imagenet`` for a
-    class group's ``acc_in_imagenet``."""
-    if name in METRIC_LABELS:
-        return METRIC_LABELS[name]
-    knn = KNN_METRIC.match(name)
-    if knn:
-        return f"kNN-{knn.group(1)}"
-    if name.startswith("acc_"):
-        return "ACC " + name[len("acc_") :].replace("_", " ")
-    return name
-
-
-def default_metrics(summaries: list[SummaryRow]) -> tuple[str, ...]:
-    """The paper's columns for these rows: Table C.2's for transfer runs, else Table 1's, followed by
-    the per-class-group ACCs when every row has them (Table 2's in / not in ImageNet split), then the kNN
-    top-1 columns (``protocol.knn``, by increasing k) when every row has them."""
+def default_metrics(summaries: list[SummaryRow], describe: Mapping[str, MetricInfo]) -> tuple[str, ...]:
+    """The columns for these rows when none were chosen: the headline metrics (:func:`headline_metrics`),
+    then every other metric every row has, in the order of ``describe`` (the results' descriptor
+    table: registered metrics, class groups, transfer, kNN), except that of the metrics restricted to a
+    class group only the ACC is shown (Table 2's in / not in ImageNet split; the others are chosen by name)."""
     present = set.intersection(*(set(row.metrics) for row in summaries)) if summaries else set()
-    if "acc_tr" in present:
-        return TRANSFER_METRICS
-    # Every metric is also recorded per class group as <metric>_<group>; a group's column is its ACC.
-    # acc_<x> is a group's when ari_<x> exists too (acc_majority_<group> has no ari_majority_<group>).
-    groups = sorted(m for m in present if m.startswith("acc_") and m not in METRIC_LABELS and f"ari{m[3:]}" in present)
-    knn = sorted((m for m in present if KNN_METRIC.match(m)), key=lambda m: int(m[len("knn_top1_k") :]))
-    return (*HEADLINE_METRICS, *groups, *knn)
+    first = headline_metrics(present)
+    group_column = HEADLINE_METRICS[0]
+    rest = [
+        name
+        for name, info in describe.items()
+        if name in present and name not in first and (info.group is None or info.of == group_column)
+    ]
+    return (*first, *rest)
 
 
 @dataclass(frozen=True)
 class Cell:
     mean: float
     std: float | None
+    info: MetricInfo
     best: bool = False
     within_std: bool = False
 
     def text(self) -> str:
-        """Percent with two decimals: ``23.09 ± 0.16``."""
-        mean = f"{100 * self.mean:.2f}"
-        return mean if self.std is None else f"{mean} ± {100 * self.std:.2f}"
+        """Mean ± std as the metric is shown: ``23.09 ± 0.16`` (percent), ``1.52 ± 0.03`` (raw)."""
+        mean = self.info.text(self.mean)
+        return mean if self.std is None else f"{mean} ± {self.info.text(self.std)}"
 
 
 @dataclass(frozen=True)
@@ -83,14 +61,16 @@ class Row:
     published: dict[str, Cell] | None = None
 
     def published_text(self, metric: str) -> str:
-        """``"23.09 ± 0.16 (−0.41, within std)"``: the published value, our difference in points,
-        and whether ours lies within the published std; empty when nothing was published."""
+        """``"23.09 ± 0.16 (−0.41, within std)"``: the published value, our difference (in points for a
+        percent metric), and whether ours lies within the published std; empty when nothing was published."""
         cell = (self.published or {}).get(metric)
         if cell is None:
             return ""
-        delta = 100 * (self.cells[metric].mean - cell.mean)
-        within = cell.std is not None and abs(delta) <= 100 * cell.std
-        return f"{cell.text()} ({delta:+.2f}{', within std' if within else ''})"
+        info = cell.info
+        difference = self.cells[metric].mean - cell.mean
+        within = cell.std is not None and abs(info.scaled(difference)) <= info.scaled(cell.std)
+        delta = info.text(difference)
+        return f"{cell.text()} ({'' if delta.startswith('-') else '+'}{delta}{', within std' if within else ''})"
 
 
 @dataclass(frozen=True)
@@ -99,6 +79,13 @@ class Table:
     metrics: tuple[str, ...]
     rows: list[Row]
     caption: str
+    #: The descriptor of every column.
+    info: dict[str, MetricInfo]
+
+    def label(self, metric: str) -> str:
+        """A column's title: the metric's label, with ↓ when lower is better."""
+        info = self.info[metric]
+        return f"{info.label} ↓" if info.better == "lower" else info.label
 
 
 _VARYING = (
@@ -122,7 +109,9 @@ def _values(protocols: list[RunProtocol], field: str) -> str:
     return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
 
 
-def _caption(dataset: str, summaries: list[SummaryRow], varying: list[str], wall_s: float) -> str:
+def _caption(
+    dataset: str, summaries: list[SummaryRow], varying: list[str], wall_s: float, shown: Mapping[str, MetricInfo]
+) -> str:
     """The table's caption as prose: what was fitted where, with what, over how many seeds."""
     protocols = [row.protocol for row in summaries]
     first = protocols[0]
@@ -142,7 +131,14 @@ def _caption(dataset: str, summaries: list[SummaryRow], varying: list[str], wall
     count = " or ".join(str(s) for s in seeds)
     sentences.append(f"mean ± std over {count} seed{'s' if seeds != [1] else ''}")
     sentences.append(f"{_values(protocols, 'backend')} backend, {wall_s:.1f} s in all")
-    return "; ".join(sentences) + ". Bold: best; marked: within one std of the best."
+    text = "; ".join(sentences) + ". Bold: best; marked: within one std of the best."
+    raw = [info.label for info in shown.values() if info.unit == "raw"]
+    lower = [info.label for info in shown.values() if info.better == "lower"]
+    if raw:
+        text += f" Not in percent: {', '.join(raw)}."
+    if lower:
+        text += f" Lower is better (↓): {', '.join(lower)}."
+    return text
 
 
 def _disambiguated(labels: list[str], summaries: list[SummaryRow]) -> list[str]:
@@ -155,8 +151,10 @@ def _disambiguated(labels: list[str], summaries: list[SummaryRow]) -> list[str]:
 
 
 def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> list[Table]:
-    """One table per dataset; ``metrics`` (default: :func:`default_metrics` of each table's rows)
-    are the columns, those that every row has."""
+    """One table per dataset. The columns: ``metrics``, else the results' chosen ``columns``, else
+    :func:`default_metrics` of each table's rows; of those, the ones every row of the table has."""
+    chosen = metrics if metrics is not None else results.columns
+    describe = {name: results.metric_info(name) for name in results.metric_names()}
     datasets = list(dict.fromkeys(row.dataset for row in results.summary))
     tables = []
     for dataset in datasets:
@@ -169,24 +167,30 @@ def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> 
                 for model in {row.model for row in summaries}
             )
         ]
-        wanted = metrics if metrics is not None else default_metrics(summaries)
-        shown = tuple(m for m in wanted if all(m in row.metrics for row in summaries))
-        best: dict[str, SummaryRow] = {}
+        wanted = chosen if chosen is not None else default_metrics(summaries, describe)
+        shown = {m: describe[m] for m in wanted if all(m in row.metrics for row in summaries)}
+        best = {m: info.best(row.metrics[m].mean for row in summaries) for m, info in shown.items()}
+        # The std that decides "within": the best row's (the first of them when several tie).
+        spread: dict[str, float | None] = {}
         for metric in shown:
-            best[metric] = max(summaries, key=lambda row: row.metrics[metric].mean)
+            top = next((row.metrics[metric] for row in summaries if row.metrics[metric].mean == best[metric]), None)
+            spread[metric] = top.std if top is not None else None
         rows = []
         labels = _disambiguated([_row_label(summary, varying) for summary in summaries], summaries)
         for summary, label in zip(summaries, labels, strict=True):
             cells = {}
-            for metric in shown:
+            for metric, info in shown.items():
                 value = summary.metrics[metric]
-                top = best[metric].metrics[metric]
-                is_best = value.mean == top.mean
-                within = not is_best and top.std is not None and value.mean >= top.mean - top.std
-                cells[metric] = Cell(value.mean, value.std, is_best, within)
+                is_best = value.mean == best[metric]
+                top_std = spread[metric]
+                within = not is_best and top_std is not None and info.within(value.mean, best[metric], top_std)
+                cells[metric] = Cell(value.mean, value.std, info, is_best, within)
             published = None
             if summary.published is not None:
-                published = {m: Cell(v.mean, v.std) for m, v in summary.published.metrics.items() if m in shown}
+                published = {
+                    m: Cell(v.mean, v.std, shown[m]) for m, v in summary.published.metrics.items() if m in shown
+                }
             rows.append(Row(label, summary, cells, published))
-        tables.append(Table(dataset, shown, rows, _caption(dataset, summaries, varying, results.wall_s)))
+        caption = _caption(dataset, summaries, varying, results.wall_s, shown)
+        tables.append(Table(dataset, tuple(shown), rows, caption, shown))
     return tables

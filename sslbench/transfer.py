@@ -26,9 +26,28 @@ import numpy as np
 
 from sslbench.errors import SSLBenchError
 from sslbench.protocol import contingency, hungarian_mapping, mapped_accuracy
+from sslbench.results import MetricInfo
 
 #: Metrics of a transfer run, in the column order of the paper's Table C.2.
 TRANSFER_METRICS = ("acc_tr", "acc_val", "ari", "ami", "nmi", "single_cluster")
+
+#: How the reports show them (``ari``, ``ami`` and ``nmi`` keep the registered metrics' descriptors
+#: where those are registered).
+TRANSFER_METRIC_INFO = {
+    "acc_tr": MetricInfo(
+        label="ACC-tr",
+        description="each cluster's source-train class; right when it is a source class of the target class",
+    ),
+    "acc_val": MetricInfo(
+        label="ACC-val", description="Hungarian assignment of clusters to target classes built on the target"
+    ),
+    "ari": MetricInfo(label="ARI", description="adjusted Rand index against the target labels"),
+    "ami": MetricInfo(label="AMI", description="adjusted mutual information against the target labels"),
+    "nmi": MetricInfo(label="NMI", description="normalised mutual information against the target labels"),
+    "single_cluster": MetricInfo(
+        label="1 cluster", description="acc_val of one cluster holding everything: the chance level"
+    ),
+}
 
 
 def checked_class_groups(groups: object, n_classes: int, where: str) -> dict[str, np.ndarray]:

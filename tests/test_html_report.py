@@ -396,6 +396,40 @@ def test_browser_sorts_from_the_address(chromium, page, results, tmp_path):
         assert len(list(moco.iter("tr", "published"))) == 1  # the published row moved with its row
 
 
+def test_browser_opens_a_lower_is_better_column_best_first(chromium, plugins, tmp_path):
+    from sslbench.results import MetricInfo
+
+    means = {"A": 1.25, "B": 0.75, "C": 0.9, "D": 2.0}
+    rows = [
+        SummaryRow(
+            model=model,
+            dataset="ImageNet",
+            protocol=_protocol(),
+            n_seeds=1,
+            seeds=[0],
+            metrics={"dbi": MetricSummary(mean=mean, std=None)},
+        )
+        for model, mean in means.items()
+    ]
+    results = Results(
+        sslbench_version="0",
+        created="now",
+        spec=None,
+        environment=environment("cpu", plugins),
+        wall_s=1.0,
+        metrics={"dbi": MetricInfo(label="DB", unit="raw", better="lower")},
+        runs=[],
+        summary=rows,
+    )
+    path = tmp_path / "report.html"
+    path.write_text(plugins.reporters.get("html").reporter.render(results))
+    tree, messages = dump_dom(chromium, path, tmp_path, "#sort=dbi")
+    assert messages == []
+    table = tree.root.find("table", "results")
+    assert table.attrs["data-sorted"] == "dbi:asc"  # best (lowest) first
+    assert table_labels(table) == sorted(means, key=means.__getitem__)
+
+
 def _unsorted(results: Results, dataset: str):
     from sslbench.table import summary_tables
 

@@ -19,10 +19,11 @@ from sslbench.cards import Reference
 from sslbench.errors import SSLBenchError
 from sslbench.evaluate import evaluate_features
 from sslbench.knn import knn_metric, knn_top1, nearest_neighbours
+from sslbench.plugins import get_plugins
 from sslbench.results import MetricSummary, Published, Results, RunProtocol, SummaryRow, environment
 from sslbench.runner import paper_values
 from sslbench.spec import ProtocolSpec
-from sslbench.table import metric_label, summary_tables
+from sslbench.table import summary_tables
 
 from conftest import run_cli
 
@@ -182,7 +183,11 @@ def test_api_records_knn_once_per_model_and_dataset():
     off = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=1, epochs=2, device="cpu")
     assert not any(m.startswith("knn") for m in off.runs[0].metrics) and off.runs[0].timings.knn_s is None
     assert "knn_s" not in off.to_json()  # results without kNN read exactly as before
-    assert [metric_label(m) for m in summary_tables(off)[0].metrics] == ["ACC", "ARI", "AMI", "NMI"]
+    table = summary_tables(off)[0]
+    # Every registered metric (the installed example plugin's too), the paper's four first.
+    rest = [entry.label for entry in get_plugins().metrics if entry.name not in ("acc", "ari", "ami", "nmi")]
+    every_metric = ["ACC", "ARI", "AMI", "NMI", *rest]
+    assert [table.label(m) for m in table.metrics] == every_metric
     on = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=2, epochs=2, device="cpu", knn=[10, 20])
     values = [run.metrics[knn_metric(20)] for run in on.runs]
     assert on.runs[0].timings.knn_s is not None and '"knn_s"' in on.to_json()
@@ -190,7 +195,8 @@ def test_api_records_knn_once_per_model_and_dataset():
     assert on.summary[0].metrics["knn_top1_k20"].std == 0.0
     reference = knn_top1(x[::2], y[::2], x[1::2], y[1::2], [20], n_classes=10).top1[20]
     assert values[0] == reference
-    assert [metric_label(m) for m in summary_tables(on)[0].metrics][-2:] == ["kNN-10", "kNN-20"]
+    table = summary_tables(on)[0]
+    assert [table.label(m) for m in table.metrics] == [*every_metric, "kNN-10", "kNN-20"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,5 +366,10 @@ device: cpu
         assert run["timings"]["knn_s"] > 0
     assert len({run["metrics"]["knn_top1_k20"] for run in results["runs"]}) == 1
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| Method | ACC | ARI | AMI | NMI | kNN-10 | kNN-20 |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Method |"))
+    assert header.startswith("| Method | ACC | ARI | AMI | NMI |") and header.endswith("| kNN-10 | kNN-20 |")
+    assert {cell.strip() for cell in header.strip("|").split("|")} == {
+        "Method",
+        *(info["label"] for info in results["metrics"].values() if info["group"] is None),
+    }
     assert "kNN-20" in proc.stdout
