@@ -40,6 +40,8 @@ from sslbench.weights import (
     apply_layout,
     downloads_allowed,
     file_digests,
+    hf_candidates,
+    hf_errors,
     hub_checkpoint_dir,
     load_state,
     read_checkpoint,
@@ -264,30 +266,11 @@ class TimmOptions(_Options):
         )
 
 
-def _hf_candidates(cfg: Any) -> tuple[str, str | None, list[str]]:
-    """The hub repository, its revision and the file names timm tries, in timm's order."""
-    repo_id, _, revision = str(cfg.hf_hub_id).partition("@")
-    filename = cfg.hf_hub_filename or "pytorch_model.bin"
-    safe = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
-    names = [safe.get(filename, filename[:-4] + ".safetensors" if filename.endswith(".bin") else filename)]
-    if filename not in names:
-        names.append(filename)
-    return repo_id, revision or None, names
-
-
-def _hf_errors() -> tuple[type[Exception], type[Exception]]:
-    try:
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError:  # huggingface_hub < 0.23 kept its errors in utils
-        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-    return EntryNotFoundError, LocalEntryNotFoundError
-
-
 def hf_weights_file(model: str, cfg: Any) -> Path:
     """The weights file of timm's ``model`` in the Hugging Face cache, downloaded into it only if allowed."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
-    repo_id, revision, names = _hf_candidates(cfg)
+    repo_id, revision, names = hf_candidates(cfg)
     for filename in names:
         found = try_to_load_from_cache(repo_id, filename, revision=revision)
         if isinstance(found, str):
@@ -306,7 +289,7 @@ def hf_weights_file(model: str, cfg: Any) -> Path:
         raise absent("optional models are never downloaded")
     if constants.HF_HUB_OFFLINE:
         raise absent("HF_HUB_OFFLINE is set")
-    entry_not_found, local_not_found = _hf_errors()
+    entry_not_found, local_not_found = hf_errors()
     for filename in names:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision))

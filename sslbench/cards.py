@@ -26,11 +26,32 @@ class _Card(BaseModel):
 
 
 class WeightSource(_Card):
-    """One place the weights can come from; a card lists them in order of preference."""
+    """One place the weights can come from; a card lists them in order of preference.
 
-    kind: Literal["url", "timm", "package", "file", "manual"]
+    Every source whose file can already be on this machine (``file``, ``package``, a ``url`` in torch.hub's
+    checkpoint cache, an ``hf`` or ``timm`` file in the Hugging Face cache) is looked at before anything is
+    downloaded; downloads follow in the card's order.
+    """
+
+    kind: Literal["url", "hf", "timm", "package", "file", "manual"] = Field(
+        description="url: a download into torch.hub's checkpoint cache; hf: a file of a Hugging Face hub "
+        "repository, read from the Hugging Face cache and downloaded into it only when absent; timm: timm's "
+        "pretrained file of `timm_name` (the Hugging Face repository or URL its pretrained config names); "
+        "package: a file an installed Python package ships; file: a local path; manual: instructions only"
+    )
     url: str | None = Field(None, description="kind url: direct download address")
-    file_name: str | None = Field(None, description="url: name in the torch.hub cache; package: file in the folder")
+    repo: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="kind hf: the Hugging Face hub repository 'owner/name'; timm's mirror of a model is its "
+        "pretrained config's hf_hub_id, e.g. timm/vit_small_patch16_224.dino",
+    )
+    revision: str | None = Field(None, description="kind hf: a branch, tag or commit of the repository (default main)")
+    file_name: str | None = Field(
+        None,
+        description="url: name in the torch.hub cache; package: file in the folder; hf: the file in the repository "
+        "(default: model.safetensors, else pytorch_model.bin, the order timm tries them)",
+    )
     hub: str | None = Field(None, description="torch.hub reference 'owner/repo:commit entry' (provenance)")
     timm_name: str | None = Field(None, description="kind timm: 'arch.tag' whose pretrained file to fetch")
     package: str | None = Field(
@@ -38,11 +59,24 @@ class WeightSource(_Card):
     )
     path: str | None = Field(None, description="kind file: a local path")
     instructions: str | None = Field(None, description="kind manual: how to obtain the file by hand")
+    layout: Layout | None = Field(
+        None,
+        description="how this source's file becomes the architecture's state dict when it differs from the card's "
+        "`layout` (timm's mirror holds the model's own keys where the original file may wrap them); default: the "
+        "card's layout",
+    )
+    hash: WeightsHash | None = Field(
+        None,
+        description="the digest of this source's file; default: the card's `hash`, except for kind hf, a conversion "
+        "with its own digest: when none is pinned, the file's sha256 must equal its blob name in the Hugging Face "
+        "cache (the hub's LFS etag)",
+    )
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> WeightSource:
         needed = {
             "url": "url",
+            "hf": "repo",
             "timm": "timm_name",
             "package": "package",
             "file": "path",
@@ -54,8 +88,13 @@ class WeightSource(_Card):
 
 
 class WeightsHash(_Card):
-    kind: Literal["sha256", "sha256-prefix", "md5-prefix", "none"]
-    value: str | None = None
+    """A published digest of a weights file."""
+
+    kind: Literal["sha256", "sha256-prefix", "md5-prefix", "none"] = Field(
+        description="sha256: the whole hex digest; sha256-prefix, md5-prefix: its leading hex digits (as release "
+        "file names carry them); none: nothing published to check"
+    )
+    value: str | None = Field(None, description="the hex digest or its prefix")
 
 
 class Layout(_Card):
@@ -150,7 +189,8 @@ class ModelCard(_Card):
 
 def _openai_weights(card: ModelCard) -> bool:
     return card.id.endswith(".openai") or any(
-        (w.timm_name or "").endswith(".openai") or "openaipublic" in (w.url or "") for w in card.weights
+        (w.timm_name or "").endswith(".openai") or (w.repo or "").endswith(".openai") or "openaipublic" in (w.url or "")
+        for w in card.weights
     )
 
 
