@@ -241,7 +241,7 @@ def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
         if card is None:
             weights = entry.weights
         elif card.loader != CARD_LOADER:  # e.g. TF checkpoints: that loader looks for its own files
-            weights = f"{entry.weights} (looked up by the {card.loader} loader when it runs)"
+            weights = f"{entry.weights}; looked up by the {card.loader} loader when it runs"
         else:
             status = weights_status(card, verify=args.verify)
             weights = f"absent ({entry.weights})" if status.state == "absent" else str(status)

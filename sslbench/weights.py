@@ -181,7 +181,7 @@ def _url_file_name(source: WeightSource) -> str:
 def _local_file(source: WeightSource) -> tuple[Path, str] | None:
     """Where ``source``'s file already is on this machine (and how to say where), looking only at disk."""
     if source.kind == "package":
-        return _from_package(source), f"package {source.package}"
+        return _from_package(source), f"package {str(source.package).partition(':')[0]}"
     if source.kind == "file":
         path = Path(source.path or "").expanduser()
         return (path, "file") if path.is_file() else None
@@ -537,13 +537,13 @@ def apply_layout(checkpoint: Mapping[str, Any], layout: Layout, where: str) -> d
     state: Any = checkpoint
     if layout.top_level_key is not None:
         if layout.top_level_key not in checkpoint:
-            raise SSLBenchError(
+            raise BadWeightsFile(
                 f"{where}: no '{layout.top_level_key}' entry at the top of the checkpoint "
                 f"(it has: {', '.join(sorted(map(str, checkpoint))[:10])})"
             )
         state = checkpoint[layout.top_level_key]
     if not isinstance(state, Mapping):
-        raise SSLBenchError(f"{where}: the checkpoint's weights are not a mapping of tensors")
+        raise BadWeightsFile(f"{where}: the checkpoint's weights are not a mapping of tensors")
     out: dict[str, Any] = {}
     for key, value in state.items():
         if layout.keep_prefixes is not None and not any(key.startswith(p) for p in layout.keep_prefixes):
@@ -561,7 +561,7 @@ def apply_layout(checkpoint: Mapping[str, Any], layout: Layout, where: str) -> d
 def _by_position(model_state: Mapping[str, Any], state: Mapping[str, Any], where: str) -> dict[str, Any]:
     model_keys, file_keys = list(model_state), list(state)
     if len(model_keys) != len(file_keys):
-        raise SSLBenchError(
+        raise BadWeightsFile(
             f"{where}: positional mapping needs equal key counts: model {len(model_keys)}, file {len(file_keys)}"
         )
     mapped = {}
@@ -569,7 +569,7 @@ def _by_position(model_state: Mapping[str, Any], state: Mapping[str, Any], where
         kind_model, kind_file = model_key.rsplit(".", 1)[-1], file_key.rsplit(".", 1)[-1]
         shape_model, shape_file = tuple(model_state[model_key].shape), tuple(state[file_key].shape)
         if kind_model != kind_file or shape_model != shape_file:
-            raise SSLBenchError(
+            raise BadWeightsFile(
                 f"{where}: positional mapping fails at {file_key} {shape_file} → {model_key} {shape_model}"
             )
         mapped[model_key] = state[file_key]
@@ -583,7 +583,7 @@ def load_state(model: Any, state: Mapping[str, Any], layout: Layout, where: str)
         state = _by_position(model_state, state, where)
     for key, value in state.items():
         if key in model_state and tuple(model_state[key].shape) != tuple(value.shape):
-            raise SSLBenchError(
+            raise BadWeightsFile(
                 f"{where}: {key} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(model_state[key].shape)} in the model (a different architecture?)"
             )
