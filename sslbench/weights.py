@@ -150,6 +150,10 @@ def _timm_url(source: WeightSource) -> str | None:
     return cfg.url if not cfg.hf_hub_id and isinstance(cfg.url, str) and cfg.url else None
 
 
+#: How a file found in the Hugging Face cache is described (the start of :attr:`LocalWeights.where`).
+HF_CACHE = "Hugging Face cache"
+
+
 def hf_cached_file(repo: str, revision: str | None, names: Iterable[str]) -> Path | None:
     """The first of ``names`` of ``repo`` in the Hugging Face cache (``$HF_HUB_CACHE``, else
     ``$HF_HOME/hub``), found by ``huggingface_hub.try_to_load_from_cache``: the filesystem only, no network."""
@@ -165,12 +169,19 @@ def hf_cached_file(repo: str, revision: str | None, names: Iterable[str]) -> Pat
 
 
 def hf_blob_sha256(path: Path) -> str | None:
-    """The sha256 the Hugging Face cache names the file's bytes by: a snapshot entry links to
-    ``blobs/<etag>``, and the etag of an LFS file (every weights file) is its sha256."""
-    blob = path.resolve().name
-    if path.is_symlink() and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
-        return blob
+    """The sha256 the Hugging Face cache names the file's bytes by: a snapshot entry
+    (``snapshots/<commit>/<file>``) links to ``blobs/<etag>``, and the etag of an LFS file (every weights
+    file) is its sha256. None for a file not laid out so (a copied cache without links, a git-stored file)."""
+    blob = path.resolve()
+    in_layout = path.is_symlink() and path.parent.parent.name == "snapshots" and blob.parent.name == "blobs"
+    if in_layout and len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name):
+        return blob.name
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def _url_file_name(source: WeightSource) -> str:
@@ -181,7 +192,8 @@ def _url_file_name(source: WeightSource) -> str:
 def _local_file(source: WeightSource) -> tuple[Path, str] | None:
     """Where ``source``'s file already is on this machine (and how to say where), looking only at disk."""
     if source.kind == "package":
-        return _from_package(source), f"package {str(source.package).partition(':')[0]}"
+        path = _from_package(source)
+        return (path, f"package {str(source.package).partition(':')[0]}") if path.is_file() else None
     if source.kind == "file":
         path = Path(source.path or "").expanduser()
         return (path, "file") if path.is_file() else None
@@ -197,7 +209,7 @@ def _local_file(source: WeightSource) -> tuple[Path, str] | None:
             target = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]
             return (target, "torch.hub cache") if target.is_file() else None
         found = hf_cached_file(*files)
-        return (found, f"Hugging Face cache {files[0]}") if found is not None else None
+        return (found, f"{HF_CACHE} {files[0]}") if found is not None else None
     return None
 
 
@@ -265,17 +277,18 @@ def hf_download(repo: str, revision: str | None, names: list[str]) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise SSLBenchError(f"downloading {repo} needs huggingface_hub (pip install huggingface_hub)") from None
-    entry_not_found, _ = hf_errors()
+    entry_not_found, local_not_found = hf_errors()
     for name in names:
         try:
             return Path(hf_hub_download(repo, name, revision=revision))
+        except local_not_found as exc:  # offline (HF_HUB_OFFLINE, no connection): before its base class below
+            raise SSLBenchError(
+                f"{repo} is not in the Hugging Face cache and cannot be downloaded ({_first_line(exc)})"
+            ) from None
         except entry_not_found:  # the repository holds another of the names
             continue
         except OSError as exc:  # network and disk errors (requests' and httpx's errors are OSErrors)
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise SSLBenchError(
-                f"cannot download {repo} from the Hugging Face hub: {type(exc).__name__}: {first}"
-            ) from None
+            raise SSLBenchError(f"cannot download {repo} from the Hugging Face hub: {_first_line(exc)}") from None
     raise SSLBenchError(f"the Hugging Face hub repository {repo} holds none of {', '.join(names)}")
 
 
@@ -287,7 +300,7 @@ def _fetch(source: WeightSource) -> tuple[Path, str] | None:
     if source.kind in ("hf", "timm"):
         files = _hf_files(source)
         if files is not None:
-            return hf_download(files[0], files[1], files[2]), f"Hugging Face cache {files[0]}"
+            return hf_download(files[0], files[1], files[2]), f"{HF_CACHE} {files[0]}"
         url = _timm_url(source)
         if url is None:
             raise SSLBenchError(f"timm's {source.timm_name} has no download location")

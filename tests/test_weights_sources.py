@@ -135,6 +135,18 @@ def test_every_local_source_comes_before_any_download(offline, tmp_path):
     assert attempts == []
 
 
+def test_a_timm_source_is_looked_up_in_the_hugging_face_cache_its_config_names(offline):
+    """kind timm (for third-party cards): timm's pretrained config gives the repository, then as for kind hf."""
+    hub, attempts = offline
+    card = CARDS["vit_small_patch16_224.dino"]
+    via_timm = card.model_copy(update={"weights": [WeightSource(kind="timm", timm_name="vit_small_patch16_224.dino")]})
+    assert local_weights(via_timm) is None
+    snapshot = write_hf_file(hub, "timm/vit_small_patch16_224.dino", "model.safetensors", b"mirror bytes")
+    found = resolve_weights(via_timm)
+    assert found.path == snapshot and found.blob_sha256 == hashlib.sha256(b"mirror bytes").hexdigest()
+    assert attempts == []
+
+
 def test_downloads_follow_in_card_order_only_when_nothing_is_local(offline):
     _, attempts = offline
     card = CARDS["vit_small_patch16_224.dino"]
