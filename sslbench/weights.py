@@ -150,7 +150,7 @@ def _timm_url(source: WeightSource) -> str | None:
     return cfg.url if not cfg.hf_hub_id and isinstance(cfg.url, str) and cfg.url else None
 
 
-#: How a file found in the Hugging Face cache is described (the start of :attr:`LocalWeights.where`).
+#: How a file found in the Hugging Face cache is described in :attr:`LocalWeights.where` and messages.
 HF_CACHE = "Hugging Face cache"
 
 
