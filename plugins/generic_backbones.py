@@ -40,8 +40,9 @@ from sslbench.weights import (
     apply_layout,
     downloads_allowed,
     file_digests,
+    hf_cached_file,
     hf_candidates,
-    hf_errors,
+    hf_download,
     hub_checkpoint_dir,
     load_state,
     read_checkpoint,
@@ -268,38 +269,9 @@ class TimmOptions(_Options):
 
 def hf_weights_file(model: str, cfg: Any) -> Path:
     """The weights file of timm's ``model`` in the Hugging Face cache, downloaded into it only if allowed."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-
     repo_id, revision, names = hf_candidates(cfg)
-    for filename in names:
-        found = try_to_load_from_cache(repo_id, filename, revision=revision)
-        if isinstance(found, str):
-            return Path(found)
-    cache = constants.HF_HUB_CACHE
-
-    def absent(why: str) -> SSLBenchError:
-        return SSLBenchError(
-            f"timm model {model}: {repo_id} ({' or '.join(names)}) is not in the Hugging Face cache {cache} "
-            f"and {why}; fill it on a machine with network (`hf download {repo_id}`, or `huggingface-cli download "
-            f"{repo_id}` with an older huggingface_hub) and copy its models--{repo_id.replace('/', '--')} folder "
-            "into that cache (or point HF_HUB_CACHE / HF_HOME at a copy)"
-        )
-
-    if not downloads_allowed.get():
-        raise absent("optional models are never downloaded")
-    if constants.HF_HUB_OFFLINE:
-        raise absent("HF_HUB_OFFLINE is set")
-    entry_not_found, local_not_found = hf_errors()
-    for filename in names:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
-        except local_not_found as exc:  # no connection (and not cached): before its base class below
-            raise absent(f"cannot be downloaded ({_first_line(exc)})") from None
-        except entry_not_found:  # the repository holds the other file name
-            continue
-        except OSError as exc:  # network, HTTP and disk errors of the hub client are OSErrors
-            raise SSLBenchError(f"timm model {model}: cannot download {repo_id}: {_first_line(exc)}") from None
-    raise SSLBenchError(f"timm model {model}: the hub repository {repo_id} holds none of {', '.join(names)}")
+    found = hf_cached_file(repo_id, revision, names)
+    return found if found is not None else hf_download(repo_id, revision, names, f"timm model {model}")
 
 
 def url_weights_file(model: str, cfg: Any) -> Path:

@@ -267,29 +267,40 @@ def download(url: str, file_name: str) -> Path:
     return target
 
 
-def hf_download(repo: str, revision: str | None, names: list[str]) -> Path:
-    """The first of ``names`` that ``repo`` holds, downloaded into the Hugging Face cache."""
-    _require_downloads(
-        f"{repo} ({' or '.join(names)}; to get it: `hf download {repo}` on a machine with network, then copy its "
-        f"models--{repo.replace('/', '--')} folder into this machine's Hugging Face cache)"
-    )
+def hf_download(repo: str, revision: str | None, names: list[str], who: str = "") -> Path:
+    """The first of ``names`` that ``repo`` holds, downloaded into the Hugging Face cache (which the caller
+    looked at first, with :func:`hf_cached_file`); errors start with ``who`` and say how to fill the cache
+    by hand."""
+    head = f"{who}: " if who else ""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError:
-        raise SSLBenchError(f"downloading {repo} needs huggingface_hub (pip install huggingface_hub)") from None
+        raise SSLBenchError(f"{head}downloading {repo} needs huggingface_hub (pip install huggingface_hub)") from None
+    cache = constants.HF_HUB_CACHE
+
+    def absent(why: str) -> SSLBenchError:
+        return SSLBenchError(
+            f"{head}{repo} ({' or '.join(names)}) is not in the Hugging Face cache {cache} and {why}; fill it on a "
+            f"machine with network (`hf download {repo}`, or `huggingface-cli download {repo}` with an older "
+            f"huggingface_hub) and copy its models--{repo.replace('/', '--')} folder into that cache (or point "
+            "HF_HUB_CACHE / HF_HOME at a copy)"
+        )
+
+    if not downloads_allowed.get():
+        raise absent("optional models are never downloaded")
+    if constants.HF_HUB_OFFLINE:
+        raise absent("HF_HUB_OFFLINE is set")
     entry_not_found, local_not_found = hf_errors()
     for name in names:
         try:
             return Path(hf_hub_download(repo, name, revision=revision))
-        except local_not_found as exc:  # offline (HF_HUB_OFFLINE, no connection): before its base class below
-            raise SSLBenchError(
-                f"{repo} is not in the Hugging Face cache and cannot be downloaded ({_first_line(exc)})"
-            ) from None
+        except local_not_found as exc:  # no connection (and not cached): before its base class below
+            raise absent(f"cannot be downloaded ({_first_line(exc)})") from None
         except entry_not_found:  # the repository holds another of the names
             continue
-        except OSError as exc:  # network and disk errors (requests' and httpx's errors are OSErrors)
-            raise SSLBenchError(f"cannot download {repo} from the Hugging Face hub: {_first_line(exc)}") from None
-    raise SSLBenchError(f"the Hugging Face hub repository {repo} holds none of {', '.join(names)}")
+        except OSError as exc:  # network, HTTP and disk errors of the hub client are OSErrors
+            raise SSLBenchError(f"{head}cannot download {repo}: {_first_line(exc)}") from None
+    raise SSLBenchError(f"{head}the Hugging Face hub repository {repo} holds none of {', '.join(names)}")
 
 
 def _fetch(source: WeightSource) -> tuple[Path, str] | None:
