@@ -134,15 +134,16 @@ class CardBackbone(Backbone):
 
 
 def _weights_summary(card: ModelCard) -> str:
-    first = card.weights[0]
-    return {
+    """Where the card's weights come from, every kind of source in the card's order."""
+    labels = {
         "url": "download",
         "hf": "Hugging Face",
         "timm": "timm",
         "package": "package",
         "file": "local file",
         "manual": "manual",
-    }[first.kind]
+    }
+    return " or ".join(dict.fromkeys(labels[source.kind] for source in card.weights))
 
 
 def card_backbones(source: Any, where: str = "cards") -> list[BackboneEntry]:

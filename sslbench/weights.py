@@ -184,6 +184,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
+def _top_module(source: WeightSource) -> str:
+    """The importable top-level module of a ``package`` source (what the user installs)."""
+    return str(source.package).partition(":")[0].split(".")[0]
+
+
 def _url_file_name(source: WeightSource) -> str:
     assert source.url is not None
     return source.file_name or source.url.rsplit("/", 1)[-1]
@@ -193,7 +198,7 @@ def _local_file(source: WeightSource) -> tuple[Path, str] | None:
     """Where ``source``'s file already is on this machine (and how to say where), looking only at disk."""
     if source.kind == "package":
         path = _from_package(source)
-        return (path, f"package {str(source.package).partition(':')[0]}") if path.is_file() else None
+        return (path, f"package {_top_module(source)}") if path.is_file() else None
     if source.kind == "file":
         path = Path(source.path or "").expanduser()
         return (path, "file") if path.is_file() else None
@@ -338,7 +343,7 @@ def resolve_weights(card: ModelCard, override: str | None = None) -> LocalWeight
         elif source.kind == "file":
             reasons.append(f"place the file at {source.path}")
         elif source.kind == "package":
-            reasons.append(f"install the Python package {str(source.package).partition(':')[0]}")
+            reasons.append(f"install the Python package that provides {_top_module(source)}")
         try:
             fetched = _fetch(source)
         except SSLBenchError as exc:

@@ -254,7 +254,7 @@ def test_models_command_reports_each_status_offline(tmp_path):
         "mobilenetv2_100.tv_in1k",
     )
     before = _models(tmp_path, env)
-    assert before[dino] == "absent (download)" and before[clip].startswith("absent")
+    assert before[dino] == "absent (download or Hugging Face)" and before[clip] == "absent (Hugging Face)"
     assert before[mobilenet].startswith("absent")
     write_hf_file(hub, "timm/vit_small_patch16_224.dino", "model.safetensors", b"good bytes")
     write_hf_file(hub, "timm/vit_base_patch16_clip_224.openai", "model.safetensors", b"bad", blob_name="ab" * 32)
