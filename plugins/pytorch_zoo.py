@@ -19,7 +19,14 @@ from sslbench.cards import ModelCard, backbone_entries, cards_from
 from sslbench.errors import SSLBenchError
 from sslbench.imaging import EvalTransform
 from sslbench.interfaces import Backbone, BackboneEntry
-from sslbench.weights import CARD_LOADER
+from sslbench.weights import (
+    CARD_LOADER,
+    apply_layout,
+    load_state,
+    read_checkpoint,
+    resolve_weights,
+    verify_weights,
+)
 
 LOADER = CARD_LOADER
 
@@ -63,9 +70,6 @@ class CardBackbone(Backbone):
         where = f"model {card.id}"
         if options.pretrained:
             self.model = build_architecture(card)
-            # Imported here: `sslbench plugins` and `models` need no weights machinery (cache, hashing).
-            from sslbench.weights import apply_layout, load_state, read_checkpoint, resolve_weights, verify_weights
-
             found = resolve_weights(card, options.weights)
             self.weights_sha256 = verify_weights(found, card.id)
             read_from = f"{where} ({found.where} {found.path})"
