@@ -91,6 +91,8 @@ def _from_package(source: WeightSource) -> Path:
     except ImportError:
         raise SSLBenchError(f"weights package '{module_name}' is not installed") from None
     for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise SSLBenchError(f"weights package '{module_name}' has no {attribute} (card source {source.package})")
         target = getattr(target, part)
     path = Path(target() if callable(target) else target)
     return path / source.file_name if source.file_name and path.is_dir() else path
@@ -187,6 +189,14 @@ def _first_line(exc: BaseException) -> str:
 def _top_module(source: WeightSource) -> str:
     """The importable top-level module of a ``package`` source (what the user installs)."""
     return str(source.package).partition(":")[0].split(".")[0]
+
+
+def _why_no_package_file(source: WeightSource) -> str:
+    try:
+        path = _from_package(source)
+    except SSLBenchError as exc:
+        return str(exc)
+    return f"package {_top_module(source)} names {path}, which is not a file"
 
 
 def _url_file_name(source: WeightSource) -> str:
@@ -343,7 +353,7 @@ def resolve_weights(card: ModelCard, override: str | None = None) -> LocalWeight
         elif source.kind == "file":
             reasons.append(f"place the file at {source.path}")
         elif source.kind == "package":
-            reasons.append(f"install the Python package that provides {_top_module(source)}")
+            reasons.append(_why_no_package_file(source))
         try:
             fetched = _fetch(source)
         except SSLBenchError as exc:

@@ -148,6 +148,15 @@ def test_a_timm_source_is_looked_up_in_the_hugging_face_cache_its_config_names(o
     assert attempts == []
 
 
+def test_a_package_source_naming_a_missing_function_is_one_line_not_a_crash(offline):
+    card = CARDS["mobilenetv2_100.tv_in1k"]
+    typo = WeightSource(kind="package", package="sslbench.weights:no_such_function")
+    broken = card.model_copy(update={"weights": [typo]})
+    assert local_weights(broken) is None and weights_status(broken).state == "absent"
+    with pytest.raises(SSLBenchError, match=r"weights package 'sslbench.weights' has no no_such_function"):
+        resolve_weights(broken)
+
+
 def test_downloads_follow_in_card_order_only_when_nothing_is_local(offline):
     _, attempts = offline
     card = CARDS["vit_small_patch16_224.dino"]
