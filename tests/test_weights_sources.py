@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save
 
 from sslbench.cards import ModelCard, WeightsHash, WeightSource, load_cards
@@ -224,6 +226,42 @@ def test_weights_status_absent_present_verified_failed(offline):
     assert failed.state == "failed" and "differs from its blob name" in failed.detail
     assert weights_status(card).state == "failed"  # remembered, never shown as cached
     assert snapshot.is_symlink() and attempts == []
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    data=st.binary(max_size=2000),
+    kind=st.sampled_from(["sha256", "sha256-prefix", "md5-prefix"]),
+    length=st.integers(1, 64),
+    flip=st.booleans(),
+)
+def test_status_is_verified_exactly_when_hashlib_agrees(offline, data, kind, length, flip):
+    """A file in torch.hub's cache against a pinned digest (the true one, or one hex digit changed), each
+    example a new file: verified iff hashlib's digest matches, failed otherwise, never hashed without --verify."""
+    algorithm = "md5" if kind == "md5-prefix" else "sha256"
+    digest = hashlib.new(algorithm, data).hexdigest()
+    value = digest if kind == "sha256" else digest[: min(length, len(digest))]
+    if flip:
+        value = value[:-1] + ("0" if value[-1] != "0" else "1")
+    name = f"{hashlib.sha256(data + kind.encode() + bytes([length, flip])).hexdigest()}.pth"
+    checkpoints = _torch_hub_checkpoints()
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / name).write_bytes(data)
+    card = CARDS["mobilenetv2_100.tv_in1k"].model_copy(
+        update={
+            "weights": [WeightSource(kind="url", url=f"https://example.invalid/{name}")],
+            "hash": WeightsHash(kind=kind, value=value),
+        }
+    )
+    assert weights_status(card).state == "present"
+    assert weights_status(card, verify=True).state == ("failed" if flip else "verified")
+    assert weights_status(card).state == ("failed" if flip else "verified")
 
 
 def test_a_file_without_any_hash_is_present_and_says_so(offline):
