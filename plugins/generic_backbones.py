@@ -45,6 +45,9 @@ from sslbench.weights import (
     apply_layout,
     downloads_allowed,
     file_digests,
+    hf_cached_file,
+    hf_candidates,
+    hf_download,
     hub_checkpoint_dir,
     load_state,
     read_checkpoint,
@@ -278,59 +281,11 @@ class TimmOptions(_Options):
         )
 
 
-def _hf_candidates(cfg: Any) -> tuple[str, str | None, list[str]]:
-    """The hub repository, its revision and the file names timm tries, in timm's order."""
-    repo_id, _, revision = str(cfg.hf_hub_id).partition("@")
-    filename = cfg.hf_hub_filename or "pytorch_model.bin"
-    safe = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
-    names = [safe.get(filename, filename[:-4] + ".safetensors" if filename.endswith(".bin") else filename)]
-    if filename not in names:
-        names.append(filename)
-    return repo_id, revision or None, names
-
-
-def _hf_errors() -> tuple[type[Exception], type[Exception]]:
-    try:
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError:  # huggingface_hub < 0.23 kept its errors in utils
-        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-    return EntryNotFoundError, LocalEntryNotFoundError
-
-
 def hf_weights_file(model: str, cfg: Any) -> Path:
     """The weights file of timm's ``model`` in the Hugging Face cache, downloaded into it only if allowed."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-
-    repo_id, revision, names = _hf_candidates(cfg)
-    for filename in names:
-        found = try_to_load_from_cache(repo_id, filename, revision=revision)
-        if isinstance(found, str):
-            return Path(found)
-    cache = constants.HF_HUB_CACHE
-
-    def absent(why: str) -> SSLBenchError:
-        return SSLBenchError(
-            f"timm model {model}: {repo_id} ({' or '.join(names)}) is not in the Hugging Face cache {cache} "
-            f"and {why}; fill it on a machine with network (`hf download {repo_id}`, or `huggingface-cli download "
-            f"{repo_id}` with an older huggingface_hub) and copy its models--{repo_id.replace('/', '--')} folder "
-            "into that cache (or point HF_HUB_CACHE / HF_HOME at a copy)"
-        )
-
-    if not downloads_allowed.get():
-        raise absent("optional models are never downloaded")
-    if constants.HF_HUB_OFFLINE:
-        raise absent("HF_HUB_OFFLINE is set")
-    entry_not_found, local_not_found = _hf_errors()
-    for filename in names:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
-        except local_not_found as exc:  # no connection (and not cached): before its base class below
-            raise absent(f"cannot be downloaded ({_first_line(exc)})") from None
-        except entry_not_found:  # the repository holds the other file name
-            continue
-        except OSError as exc:  # network, HTTP and disk errors of the hub client are OSErrors
-            raise SSLBenchError(f"timm model {model}: cannot download {repo_id}: {_first_line(exc)}") from None
-    raise SSLBenchError(f"timm model {model}: the hub repository {repo_id} holds none of {', '.join(names)}")
+    repo_id, revision, names = hf_candidates(cfg)
+    found = hf_cached_file(repo_id, revision, names)
+    return found if found is not None else hf_download(repo_id, revision, names, f"timm model {model}")
 
 
 def url_weights_file(model: str, cfg: Any) -> Path:

@@ -19,8 +19,16 @@ from sslbench.cards import ModelCard, backbone_entries, cards_from
 from sslbench.errors import SSLBenchError
 from sslbench.imaging import EvalTransform
 from sslbench.interfaces import Backbone, BackboneEntry
+from sslbench.weights import (
+    CARD_LOADER,
+    apply_layout,
+    load_state,
+    read_checkpoint,
+    resolve_weights,
+    verify_weights,
+)
 
-LOADER = "pytorch"
+LOADER = CARD_LOADER
 
 
 class CardOptions(BaseModel):
@@ -65,13 +73,11 @@ class CardBackbone(Backbone):
         where = f"model {card.id}"
         if options.pretrained:
             self.model = build_architecture(card)
-            # Imported here: `sslbench plugins` and `models` need no weights machinery (cache, hashing).
-            from sslbench.weights import apply_layout, load_state, read_checkpoint, resolve_weights, verify_hash
-
-            path = resolve_weights(card, options.weights)
-            self.weights_sha256 = verify_hash(path, card.hash, card.id)
-            state = apply_layout(read_checkpoint(path), card.layout, where)
-            load_state(self.model, state, card.layout, where)
+            found = resolve_weights(card, options.weights)
+            self.weights_sha256 = verify_weights(found, card.id)
+            read_from = f"{where} ({found.where} {found.path})"
+            state = apply_layout(read_checkpoint(found.path), found.layout, read_from)
+            load_state(self.model, state, found.layout, read_from)
         else:
             self.model = build_architecture(card, options.init_seed)
             self.weights_sha256 = f"random-init-{options.init_seed}"
@@ -135,14 +141,16 @@ class CardBackbone(Backbone):
 
 
 def _weights_summary(card: ModelCard) -> str:
-    first = card.weights[0]
-    return {
+    """Where the card's weights come from, every kind of source in the card's order."""
+    labels = {
         "url": "download",
+        "hf": "Hugging Face",
         "timm": "timm",
         "package": "package",
         "file": "local file",
         "manual": "manual",
-    }[first.kind]
+    }
+    return " or ".join(dict.fromkeys(labels[source.kind] for source in card.weights))
 
 
 def card_backbones(source: Any, where: str = "cards") -> list[BackboneEntry]:

@@ -33,11 +33,16 @@ class _Card(BaseModel):
 
 
 class WeightSource(_Card):
-    """One place the weights can come from; a card lists them in order of preference. The kinds, each
-    with the key it needs:
+    """One place the weights can come from; a card lists them in order of preference. Every source whose
+    file can already be on this machine (``file``, ``package``, a ``url`` in torch.hub's checkpoint cache,
+    an ``hf`` or ``timm`` file in the Hugging Face cache) is looked at before anything is downloaded;
+    downloads follow in the card's order. The kinds, each with the key it needs:
 
     - ``url`` (``url``): downloaded once into the torch.hub checkpoint folder, named ``file_name``
       (default: the URL's last part); a file already there is used without the network.
+    - ``hf`` (``repo``): a file of a Hugging Face hub repository (timm's mirror of a model is its
+      pretrained config's ``hf_hub_id``), read from the Hugging Face cache and downloaded into it only
+      when absent; its own ``layout`` and ``hash`` may differ from the card's.
     - ``timm`` (``timm_name``): the pretrained file timm knows by that ``arch.tag`` (Hugging Face hub or
       timm's URL), in timm's layout.
     - ``package`` (``package``): ``module:callable`` of an installed package returning the file, or its
@@ -48,9 +53,25 @@ class WeightSource(_Card):
       model's ``weights`` option.
     """
 
-    kind: Literal["url", "timm", "package", "file", "manual"]
+    kind: Literal["url", "hf", "timm", "package", "file", "manual"] = Field(
+        description="url: a download into torch.hub's checkpoint cache; hf: a file of a Hugging Face hub "
+        "repository, read from the Hugging Face cache and downloaded into it only when absent; timm: timm's "
+        "pretrained file of `timm_name` (the Hugging Face repository or URL its pretrained config names); "
+        "package: a file an installed Python package ships; file: a local path; manual: instructions only"
+    )
     url: str | None = Field(None, description="kind url: direct download address")
-    file_name: str | None = Field(None, description="url: name in the torch.hub cache; package: file in the folder")
+    repo: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="kind hf: the Hugging Face hub repository 'owner/name'; timm's mirror of a model is its "
+        "pretrained config's hf_hub_id, e.g. timm/vit_small_patch16_224.dino",
+    )
+    revision: str | None = Field(None, description="kind hf: a branch, tag or commit of the repository (default main)")
+    file_name: str | None = Field(
+        None,
+        description="url: name in the torch.hub cache; package: file in the folder; hf: the file in the repository "
+        "(default: model.safetensors, else pytorch_model.bin, the order timm tries them)",
+    )
     hub: str | None = Field(None, description="torch.hub reference 'owner/repo:commit entry' (provenance)")
     timm_name: str | None = Field(None, description="kind timm: 'arch.tag' whose pretrained file to fetch")
     package: str | None = Field(
@@ -60,6 +81,18 @@ class WeightSource(_Card):
         None, description="kind file: a local path; a relative one is taken from the card file's folder"
     )
     instructions: str | None = Field(None, description="kind manual: how to obtain the file by hand")
+    layout: Layout | None = Field(
+        None,
+        description="how this source's file becomes the architecture's state dict when it differs from the card's "
+        "`layout` (timm's mirror holds the model's own keys where the original file may wrap them); default: the "
+        "card's layout",
+    )
+    hash: WeightsHash | None = Field(
+        None,
+        description="the digest of this source's file; default: the card's `hash`, except for kind hf, a conversion "
+        "with its own digest: when none is pinned, the file's sha256 must equal its blob name in the Hugging Face "
+        "cache (the hub's LFS etag)",
+    )
 
     @field_validator("path")
     @classmethod
@@ -80,6 +113,7 @@ class WeightSource(_Card):
         """each kind needs its own key (the list above)"""
         needed = {
             "url": "url",
+            "hf": "repo",
             "timm": "timm_name",
             "package": "package",
             "file": "path",
@@ -102,7 +136,10 @@ class WeightsHash(_Card):
       feature-cache key).
     """
 
-    kind: Literal["sha256", "sha256-prefix", "md5-prefix", "none"]
+    kind: Literal["sha256", "sha256-prefix", "md5-prefix", "none"] = Field(
+        description="sha256: the whole hex digest; sha256-prefix, md5-prefix: its leading hex digits (as release "
+        "file names carry them); none: nothing published to check"
+    )
     value: str | None = Field(None, description="hex digits (lowercase); required by every kind but none")
 
     @model_validator(mode="after")
@@ -244,7 +281,8 @@ class ModelCard(_Card):
 
 def _openai_weights(card: ModelCard) -> bool:
     return card.id.endswith(".openai") or any(
-        (w.timm_name or "").endswith(".openai") or "openaipublic" in (w.url or "") for w in card.weights
+        (w.timm_name or "").endswith(".openai") or (w.repo or "").endswith(".openai") or "openaipublic" in (w.url or "")
+        for w in card.weights
     )
 
 

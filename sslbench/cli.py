@@ -237,7 +237,7 @@ def cmd_plugins(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
     from rich.table import Table
 
-    from sslbench.weights import cached_path
+    from sslbench.weights import CARD_LOADER, weights_status
 
     rows = []
     for entry in plugins.backbones:
@@ -247,8 +247,11 @@ def cmd_models(args: argparse.Namespace, plugins: Plugins) -> int:
         paper = ", ".join(f"{p.acc.mean:.2f}" for p in card.paper) if card and card.paper else "-"
         if card is None:
             weights = entry.weights
+        elif card.loader != CARD_LOADER:  # e.g. TF checkpoints: that loader looks for its own files
+            weights = f"{entry.weights}; looked up by the {card.loader} loader when it runs"
         else:
-            weights = "cached" if cached_path(card) is not None else f"not cached ({entry.weights})"
+            status = weights_status(card, verify=args.verify)
+            weights = f"absent ({entry.weights})" if status.state == "absent" else str(status)
         rows.append((entry.name, entry.family, dim, linear, paper, weights, plugins.backbones.origin(entry.name)))
     columns = ("id", "family", "dim", "linear top-1", "paper ACC", "weights", "plugin")
     if args.plain or not sys.stdout.isatty():
@@ -450,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list registered backbones")
     models.add_argument("--plain", action="store_true", help="tab-separated lines (the default when piped)")
+    models.add_argument(
+        "--verify", action="store_true", help="hash every weights file present but not yet verified (may take minutes)"
+    )
     models.set_defaults(func=cmd_models)
 
     report = sub.add_parser("report", help="render a results.json (or its run directory)")

@@ -56,7 +56,7 @@ from sslbench.results import (
 from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec
 from sslbench.table import headline_metrics
 from sslbench.transfer import ClassMap, checked_class_groups
-from sslbench.weights import no_downloads
+from sslbench.weights import BadWeightsFile, no_downloads
 
 #: Reports written next to results.json by ``sslbench run``.
 FILE_REPORTS = ("md", "csv")
@@ -309,7 +309,8 @@ def model_features(
 ) -> Iterator[ModelFeatures]:
     """For each model in turn: build it, extract what every dataset needs, free it, yield the features.
 
-    Optional models whose plugin or weights are missing are skipped with a ``note`` event.
+    Optional models whose plugin or weights are missing are skipped with a ``note`` event; weights that
+    are here but fail their hash or do not load stop the run, optional or not.
     """
     for m_index, model in enumerate(plan.models):
         emit(Event("stage", model.spec.label, name="build"))
@@ -320,7 +321,7 @@ def model_features(
             else:
                 backbone = _build(model, plan.device)
         except SSLBenchError as exc:
-            if not model.spec.optional:
+            if not model.spec.optional or isinstance(exc, BadWeightsFile):
                 raise
             emit(Event("note", f"optional model {model.spec.label} skipped: {exc}"))
             continue

@@ -157,7 +157,12 @@ class ModelSpec(_StrictModel):
     id: Label = Field(description="Registered backbone name (see `sslbench models`).")
     name: Label | None = Field(None, description="Display name in reports; defaults to `id`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone options.")
-    optional: bool = Field(False, description="Skip (with a note) when the backbone or its weights are not installed.")
+    optional: bool = Field(
+        False,
+        description="Skip (with a note) when the backbone's plugin is not installed or no local source has its weights "
+        "(the Hugging Face and torch.hub caches, a package, a file count): never downloads. Weights that are present "
+        "but fail their hash or do not load stop the run.",
+    )
 
     @property
     def label(self) -> str:

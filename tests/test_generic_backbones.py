@@ -41,11 +41,13 @@ from sslbench_plugins.generic_backbones import (
     TimmOptions,
 )
 
-from conftest import run_cli
+from conftest import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
+from hf_cache_writer import write_hf_cache
 
 #: The smallest timm model with a pretrained tag on the hub (a 64-wide, 160 px ViT; 0.5 M parameters).
 TINY = "test_vit.r160_in1k"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NO_NETWORK = Path(__file__).with_name("helpers") / "no_network"
 
 
@@ -65,27 +67,6 @@ def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
         k: torch.randn(v.shape, generator=generator).to(v.dtype) if v.is_floating_point() else v.clone()
         for k, v in model.state_dict().items()
     }
-
-
-def write_hf_cache(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -> Path:
-    """``state`` as ``model.safetensors`` of ``repo_id`` in a Hugging Face hub cache, laid out as
-    huggingface_hub writes it: the bytes in ``blobs/<sha256>``, a snapshot symlink per commit, and
-    ``refs/main`` holding the commit. Returns the snapshot path."""
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    staging = repo / "staging.safetensors"
-    staging.parent.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(staging))
-    blob = repo / "blobs" / hashlib.sha256(staging.read_bytes()).hexdigest()
-    blob.parent.mkdir()
-    staging.rename(blob)
-    snapshot = repo / "snapshots" / COMMIT / "model.safetensors"
-    snapshot.parent.mkdir(parents=True)
-    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return snapshot
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import pytest
 
 from sslbench import weights
 from sslbench.cache import default_cache_root
-from sslbench.cards import WeightsHash
+from sslbench.cards import Layout, WeightsHash
 from sslbench.errors import SSLBenchError
 from sslbench.imagenet_val import IMAGE_EXTENSIONS
 from sslbench_plugins import image_datasets
@@ -82,6 +82,11 @@ def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def verify(path: Path, expected: WeightsHash) -> str:
+    """A local file checked against ``expected`` as a card's weights are."""
+    return weights.verify_weights(weights.LocalWeights(path, "file", Layout(), expected), "test.card")
+
+
 def test_digest_cache_lives_beside_the_feature_cache(digests_json):
     assert weights.digest_cache_path() == default_cache_root().parent / "digests.json" == digests_json
 
@@ -96,8 +101,8 @@ def test_weights_file_is_hashed_once_then_taken_from_the_cache(weights_file, dig
     card_hash = WeightsHash(kind="sha256", value=expected)
     for _ in range(3):
         assert weights.file_digest(weights_file) == expected
-        assert weights.verify_hash(weights_file, card_hash, "test.card") == expected
-        assert weights.verify_hash(weights_file, WeightsHash(kind="none"), "test.card") == expected
+        assert verify(weights_file, card_hash) == expected
+        assert verify(weights_file, WeightsHash(kind="none")) == expected
     assert (reads.opens, len(reads.hashes)) == (1, 1)
 
     # Another process (a fresh read of the cache file) trusts the entry too.
@@ -185,10 +190,10 @@ def test_md5_card_is_checked_with_one_read(weights_file, digests_json, reads):
     sha256, md5 = sha256_of(weights_file), md5_of(weights_file)
     reads.opens = 0
     card_hash = WeightsHash(kind="md5-prefix", value=md5[:8])
-    assert weights.verify_hash(weights_file, card_hash, "test.card") == sha256
+    assert verify(weights_file, card_hash) == sha256
     assert reads.opens == 1
     assert sorted(reads.hashes[0]) == ["md5", "sha256"]
-    assert weights.verify_hash(weights_file, card_hash, "test.card") == sha256
+    assert verify(weights_file, card_hash) == sha256
     assert weights.file_digests(weights_file, ("md5", "sha256")) == {"md5": md5, "sha256": sha256}
     assert (reads.opens, len(reads.hashes)) == (1, 1)
 
@@ -196,7 +201,7 @@ def test_md5_card_is_checked_with_one_read(weights_file, digests_json, reads):
 def test_missing_kind_is_added_to_the_entry_in_one_more_read(weights_file, digests_json, reads):
     md5 = md5_of(weights_file)
     weights.file_digest(weights_file)
-    assert weights.verify_hash(weights_file, WeightsHash(kind="md5-prefix", value=md5[:10]), "test.card")
+    assert verify(weights_file, WeightsHash(kind="md5-prefix", value=md5[:10]))
     assert reads.hashes == [("sha256",), ("md5",)]
     assert weights.file_digest(weights_file, "md5") == md5
     assert weights.file_digest(weights_file) == sha256_of(weights_file)
@@ -208,9 +213,9 @@ def test_wrong_hash_is_an_error_also_from_the_cache(weights_file, digests_json, 
     wrong = WeightsHash(kind="md5-prefix", value=("0" if md5[0] != "0" else "1") + md5[1:8])  # one digit off
     for _ in range(2):
         with pytest.raises(SSLBenchError, match=r"does not match test\.card's md5-prefix"):
-            weights.verify_hash(weights_file, wrong, "test.card")
+            verify(weights_file, wrong)
     with pytest.raises(SSLBenchError, match="does not match"):
-        weights.verify_hash(weights_file, WeightsHash(kind="sha256", value="f" * 64), "test.card")
+        verify(weights_file, WeightsHash(kind="sha256", value="f" * 64))
     assert len(reads.hashes) == 1
 
 
