@@ -453,8 +453,8 @@ def _pool(paths: list[Path], repeats: int) -> None:
     from sslbench.extract import (
         ExtractionSettings,
         _collate,
+        _init_worker,
         _Samples,
-        _single_threaded_worker,
         extraction_pool,
         measure_costs,
         pool_rate,
@@ -489,7 +489,7 @@ def _pool(paths: list[Path], repeats: int) -> None:
                 batch_size=32,
                 num_workers=workers,
                 collate_fn=_collate,
-                worker_init_fn=_single_threaded_worker if workers else None,
+                worker_init_fn=_init_worker if workers else None,
             )
             started = time.perf_counter()
             with torch.inference_mode():
