@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -363,6 +364,7 @@ def is_convolutional(backbone: Backbone) -> bool:
 
 #: The CPU flags (``/proc/cpuinfo``) that compute bfloat16 natively, and what they are called.
 BFLOAT16_FLAGS = {"avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16"}
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def native_bfloat16() -> str | None:
@@ -377,7 +379,7 @@ def native_bfloat16() -> str | None:
         if check is not None and check():
             return name
     try:
-        with open("/proc/cpuinfo") as info:
+        with CPUINFO.open() as info:
             flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     except OSError:
         return None
