@@ -12,8 +12,10 @@ accepts, 32 MiB, is below one activation of a batch of 64 at 224 px (64 × 32 ×
 - ``M_TRIM_THRESHOLD = 1 GiB``: the heap's free top is kept rather than given back;
 - ``M_TOP_PAD = 64 MiB``: the heap grows in large steps.
 
-The cost is memory: the process keeps the heap its largest batch needed after the extraction ends
-(freed blocks are reused, not returned). Numbers are unchanged: only where memory comes from differs.
+The cost is memory: the heap is not given back while a model extracts, and with large blocks in the
+heap rather than in mappings of their own its peak can be higher (measured in benchmarks/README.md);
+:func:`trim_allocator` returns its free pages once a model is done. Numbers are unchanged: only where
+memory comes from differs.
 
 The CLI applies it at start-up (and so every ``torchrun`` rank, each a CLI process), an extraction's
 DataLoader workers apply it in their own process. The Python API leaves the caller's process as it
@@ -74,6 +76,13 @@ def tune_allocator() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _tuned = all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS)
     return _tuned
+
+
+def trim_allocator() -> None:
+    """Give the free pages of a tuned allocator's heap back to the system (glibc's ``malloc_trim``);
+    nothing when this process is not tuned."""
+    if _tuned:
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def allocator_tuned() -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from sslbench.allocator import trim_allocator
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.errors import PluginFailure, SSLBenchError
 from sslbench.events import Emit, Event, ignore
@@ -329,6 +330,7 @@ def precision_note(name: str, extracted: Extracted) -> str:
 
 def _release_device_memory(device: str) -> None:
     gc.collect()
+    trim_allocator()  # a tuned allocator keeps the model's batches' heap: give it back between models
     if device.startswith("cuda"):
         import torch
 
