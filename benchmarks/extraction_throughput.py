@@ -225,6 +225,7 @@ def main() -> int:
             ratio = f"{img_s / plain_rate:.2f}" if plain_rate else "-"
             bound = 100 * img_s * got["flops"] / rate
             notes = [f"{got['weights']} weights", f"{got['images']} {got['source']} images"]
+            notes.append(f"{got['flops'] / 1e9:.2f} GFLOP/img")
             if "memory_format" in got:
                 notes += [got["memory_format"], f"allocator {got['allocator']}", f"pool {got['pool']}"]
             if "cosine" in got:
@@ -236,7 +237,7 @@ def main() -> int:
                 f"{got['peak_rss_mb']:7.0f} {got['rss_after_mb'] - got['rss_before_mb']:7.0f}  {', '.join(notes)}",
                 flush=True,
             )
-    print(f"load average {os.getloadavg()[0]:.2f} at the end; GFLOP per image: FlopCounterMode of one forward")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end; GFLOP/img: FlopCounterMode of one forward")
     return 0
 
 
