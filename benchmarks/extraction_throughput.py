@@ -74,10 +74,11 @@ def _backbone(model_id: str) -> tuple[Any, str]:
         return entry.factory(entry.options.model_validate({"pretrained": False})), "random"
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """User and sys seconds of this process and of its children that ended (the decode workers)."""
+def _cpu_seconds() -> tuple[float, float, int]:
+    """User and sys seconds, and minor page faults, of this process and of its children that ended (the
+    decode workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + children.ru_utime, own.ru_stime + children.ru_stime
+    return own.ru_utime + children.ru_utime, own.ru_stime + children.ru_stime, own.ru_minflt + children.ru_minflt
 
 
 def _rss_mb() -> float:
@@ -113,7 +114,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             backbone.embed(sample)
         found["flops"] = counter.get_total_flops()
     gc_rss = _rss_mb()
-    user0, sys0 = _cpu_seconds()
+    user0, sys0, faults0 = _cpu_seconds()
     started = time.perf_counter()
     if args.child == "plain":
         from torch.utils.data import DataLoader, Dataset
@@ -155,11 +156,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if got.precision_check is not None:
             found["cosine"] = got.precision_check
     wall = time.perf_counter() - started
-    user1, sys1 = _cpu_seconds()
+    user1, sys1, faults1 = _cpu_seconds()
     found.update(
         wall_s=wall,
         user_s=user1 - user0,
         sys_s=sys1 - sys0,
+        page_faults=faults1 - faults0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         rss_before_mb=gc_rss,
         rss_after_mb=_rss_mb(),
@@ -225,7 +227,9 @@ def main() -> int:
             ratio = f"{img_s / plain_rate:.2f}" if plain_rate else "-"
             bound = 100 * img_s * got["flops"] / rate
             notes = [f"{got['weights']} weights", f"{got['images']} {got['source']} images"]
-            notes.append(f"{got['flops'] / 1e9:.2f} GFLOP/img")
+            notes.append(
+                f"{got['flops'] / 1e9:.2f} GFLOP/img, {got['page_faults'] / got['images']:.0f} page faults/img"
+            )
             if "memory_format" in got:
                 notes += [got["memory_format"], f"allocator {got['allocator']}", f"pool {got['pool']}"]
             if "cosine" in got:

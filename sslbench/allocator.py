@@ -9,7 +9,9 @@ accepts, 32 MiB, is below one activation of a batch of 64 at 224 px (64 × 32 ×
 103 MB). :func:`tune_allocator` therefore sets, through ``mallopt``:
 
 - ``M_MMAP_MAX = 0``: large blocks come from the heap, reused after ``free`` like small ones;
-- ``M_TRIM_THRESHOLD = 1 GiB``: the heap's free top is kept rather than given back;
+- ``M_TRIM_THRESHOLD = -1``: the heap's free top is never given back at ``free`` (mallopt(3): "disables
+  trimming completely"; a threshold of 1 GiB still let the top of a 2 GB heap go after every batch of
+  EfficientNet-Lite0 at 64 × 224 px, and the page faults with it);
 - ``M_TOP_PAD = 64 MiB``: the heap grows in large steps.
 
 The cost is memory: the heap is not given back while a model extracts, and with large blocks in the
@@ -37,7 +39,7 @@ CHOICES = ("tuned", "system")
 
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_TOP_PAD, 64 << 20))
 
 
 def allocator_choice() -> str:
