@@ -31,7 +31,7 @@ DEFAULT_MODELS = (
 def main() -> int:
     import torch
 
-    from sslbench.extract import _forward, prepare_backbone
+    from sslbench.extract import ExtractionSettings, _forward, prepare_backbone
     from sslbench.plugins import load_plugins
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,13 +57,13 @@ def main() -> int:
         build_s = time.perf_counter() - started
         outputs, rates = {}, {}
         for amp in (False, True):
-            _forward(backbone, batch, args.device, amp)  # warm-up: cuDNN autotuning, allocations
+            _forward(backbone, batch, args.device, ExtractionSettings(amp=amp))  # warm-up: cuDNN autotuning
             times = []
             for _ in range(args.repeats):
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                outputs[amp] = _forward(backbone, batch, args.device, amp)
+                outputs[amp] = _forward(backbone, batch, args.device, ExtractionSettings(amp=amp))
                 times.append(time.perf_counter() - t0)
             rates[amp] = args.batch / float(np.median(times))
         ref, low = outputs[False].astype(np.float64), outputs[True].astype(np.float64)

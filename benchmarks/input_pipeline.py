@@ -450,14 +450,17 @@ def _pool(paths: list[Path], repeats: int) -> None:
     """A CPU extraction (decode, preprocess, DataLoader, forward) per workers × threads."""
     from torch.utils.data import DataLoader
 
+    from sslbench.allocator import tune_allocator
     from sslbench.extract import (
         ExtractionSettings,
         _collate,
+        _forward,
+        _init_worker,
         _Samples,
-        _single_threaded_worker,
         extraction_pool,
         measure_costs,
         pool_rate,
+        resolved_settings,
         usable_cores,
     )
     from sslbench.plugins import load_plugins
@@ -469,12 +472,18 @@ def _pool(paths: list[Path], repeats: int) -> None:
     entry = plugins.backbones.get("mobilenetv2_100.tv_in1k")
     backbone = entry.factory(entry.options.model_validate({"pretrained": False}))
     torch.set_num_threads(cores)
-    settings = ExtractionSettings(batch_size=32, workers=min(4, os.cpu_count() or 1), amp=False)
+    tune_allocator()  # as the CLI does at start-up
+    # The forward as extraction runs it (channels-last for this convolutional network): the pool is sized
+    # for the forward's cost after that speed-up.
+    settings = resolved_settings(
+        backbone, ExtractionSettings(batch_size=32, workers=min(4, os.cpu_count() or 1), amp=False), "cpu"
+    )
     costs = measure_costs(backbone, split, 0, len(paths), settings, "cpu")
     assert costs is not None
     chosen = extraction_pool(settings.workers, "cpu", threads=cores, costs=costs)
     print(
-        f"CPU extraction of {len(paths)} images, MobileNetV2 (random init), batch 32, {cores} usable cores; "
+        f"CPU extraction of {len(paths)} images, MobileNetV2 (random init, {settings.memory_format}), batch 32, "
+        f"{cores} usable cores; "
         f"measured per image and core: decode {1e3 * costs[0]:.1f} ms, forward {1e3 * costs[1]:.1f} ms"
     )
     # Every split of the cores up to 4 workers, the choice, and what extraction did before (the spec's
@@ -489,12 +498,12 @@ def _pool(paths: list[Path], repeats: int) -> None:
                 batch_size=32,
                 num_workers=workers,
                 collate_fn=_collate,
-                worker_init_fn=_single_threaded_worker if workers else None,
+                worker_init_fn=_init_worker if workers else None,
             )
             started = time.perf_counter()
             with torch.inference_mode():
                 for _, batch, _, _ in loader:
-                    backbone.embed(batch)
+                    _forward(backbone, batch, "cpu", settings)
             best[workers, threads] = max(best[workers, threads], len(paths) / (time.perf_counter() - started))
     for (workers, threads), found in best.items():
         mark = "  ← extraction_pool's choice" if (workers, threads) == chosen else ""

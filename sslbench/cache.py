@@ -110,12 +110,18 @@ class CacheKey:
     #: recorded key and its digest, so entries written before the option existed keep their keys, and
     #: an entry of ``reduced`` decodes never serves an exact run (nor the other way round).
     decode: str = "exact"
+    #: The CPU forward's memory format (``extraction.cpu_memory_format``, resolved) and precision
+    #: (``extraction.cpu_precision``). Left out at their defaults, NCHW and float32, as ``decode`` is: an
+    #: NCHW float32 run keeps the key it had before they existed. A CUDA run records neither.
+    memory_format: str = "contiguous"
+    precision: str = "float32"
 
     def fields(self) -> dict[str, Any]:
-        """The key's fields as recorded: every field, less ``decode`` when it is ``exact``."""
+        """The key's fields as recorded: every field, less those added later when at their defaults."""
         found = asdict(self)
-        if found["decode"] == "exact":
-            del found["decode"]
+        for name, default in KEY_DEFAULTS.items():
+            if found[name] == default:
+                del found[name]
         return found
 
     def as_json(self) -> dict[str, Any]:
@@ -129,6 +135,10 @@ class CacheKey:
     def label(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{self.backbone}__{self.dataset}__{self.split}")
         return f"{slug}__{self.digest()}"
+
+
+#: Key fields added after the format was fixed, and the value that leaves each out of a recorded key.
+KEY_DEFAULTS = {"decode": "exact", "memory_format": "contiguous", "precision": "float32"}
 
 
 def key_digest(key: dict[str, Any]) -> str:

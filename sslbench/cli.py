@@ -500,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prefer_sleeping_threads()  # before torch is imported, or OpenMP never reads it
 
+    from sslbench.allocator import tune_allocator
     from sslbench.plugins import get_plugins
 
     def terminate(signum: int, frame: object) -> None:
@@ -513,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signum = getattr(signal, name)
                 previous[signum] = signal.signal(signum, terminate)
     try:
+        tune_allocator()  # before the first large allocation; SSLBENCH_MALLOC=system leaves it alone
         return int(args.func(args, get_plugins()))
     except SSLBenchError as exc:
         print(f"sslbench: error: {exc}", file=sys.stderr)

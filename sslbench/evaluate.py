@@ -24,7 +24,7 @@ from sslbench.inputs import FeatureSplit, checked_split, class_index
 from sslbench.interfaces import Backbone, Dataset
 from sslbench.pipeline import plan_protocol, run_protocol
 from sslbench.plugins import Plugins, get_plugins
-from sslbench.results import Results, build_results, environment
+from sslbench.results import ExtractionRecord, Results, build_results, environment
 from sslbench.spec import ProtocolSpec
 
 
@@ -242,6 +242,8 @@ def evaluate_model(
     batch_size: int = 256,
     workers: int = 0,
     amp: bool = True,
+    cpu_memory_format: str = "auto",
+    cpu_precision: str = "float32",
     name: str = "model",
     plugins: Plugins | None = None,
     scratch_dir: str | Path | None = None,
@@ -262,11 +264,18 @@ def evaluate_model(
     :param model: a ``torch.nn.Module`` (put in eval mode while features are extracted, its training
         mode restored after; never moved: batches go to the device of its parameters) or any callable
         mapping a batch tensor to ``(batch, dims)`` features. Called under ``torch.inference_mode``,
-        with float16 autocast on CUDA when ``amp``.
+        with float16 autocast on CUDA when ``amp``. Its parameters are never converted: the batches
+        alone are channels-last (on CUDA, and on the CPU as ``cpu_memory_format`` says), so the model
+        comes back in the memory format it came in.
     :param dataset: a registered dataset id (``digits``, ``fashion_mnist``, ``imagefolder`` …, with
         ``dataset_options``) or a :class:`~sslbench.interfaces.Dataset`.
     :param transform: sample (a PIL image or an array) → input tensor; default
         :func:`imagenet_eval_transform`.
+    :param cpu_memory_format: on the CPU, ``auto`` (channels-last batches for a convolutional model),
+        ``channels_last`` or ``contiguous``, as the spec's ``extraction.cpu_memory_format``.
+    :param cpu_precision: on the CPU, ``float32`` or ``bfloat16`` (autocast, refused on a CPU without
+        native bfloat16), as the spec's ``extraction.cpu_precision``; the cosine of bfloat16 features to
+        float32 ones on 32 samples per split is in the results' ``extraction`` records.
     :param fit_split: the split PCA and k-means are fitted on; ``eval_split`` (default: ``val`` if the
         dataset has it, else ``test``) is predicted and scored.
     :param protocol: every keyword :func:`evaluate_features` takes for the protocol (``n_clusters``,
@@ -274,11 +283,13 @@ def evaluate_model(
     :returns: the results; ``spec`` records ``{"api": "evaluate_model", "dataset": …}``.
 
     Features go to a scratch folder removed at the end (nothing is cached: a model being trained
-    changes between calls).
+    changes between calls). The C allocator's settings of this process are left as they are; a program
+    that extracts on the CPU gains from calling :func:`sslbench.allocator.tune_allocator` once (see its
+    notes).
     """
     import torch
 
-    from sslbench.extract import ExtractionSettings, extract_split
+    from sslbench.extract import ExtractionSettings, extract_split, forward_precision, resolved_settings
 
     plugins = plugins or get_plugins()
     if isinstance(dataset, str):
@@ -300,7 +311,26 @@ def evaluate_model(
             )
     backbone = _InMemoryModel(model, transform if transform is not None else imagenet_eval_transform())
     device = _model_device(model)
-    settings = ExtractionSettings(batch_size, workers, amp, "fail", 20, owner=f"evaluate_model's model ({name})")
+    for option, value, allowed in (
+        ("cpu_memory_format", cpu_memory_format, ("auto", "channels_last", "contiguous")),
+        ("cpu_precision", cpu_precision, ("float32", "bfloat16")),
+    ):
+        if value not in allowed:
+            raise SSLBenchError(f"evaluate_model: {option}: {value!r} is not one of {', '.join(allowed)}")
+    settings = resolved_settings(
+        backbone,
+        ExtractionSettings(
+            batch_size,
+            workers,
+            amp,
+            "fail",
+            20,
+            owner=f"evaluate_model's model ({name})",
+            memory_format=cpu_memory_format,  # type: ignore[arg-type]  # checked above
+            precision=cpu_precision,  # type: ignore[arg-type]
+        ),
+        device,
+    )
     training = model.training if isinstance(model, torch.nn.Module) else None
     started = time.perf_counter()
     with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
@@ -345,4 +375,18 @@ def evaluate_model(
         )
     spec = {**(results.spec or {}), "api": "evaluate_model", "dataset": label, "fit_split": fit_split}
     spec["eval_split"] = eval_split
-    return results.model_copy(update={"spec": spec, "wall_s": time.perf_counter() - started})
+    records = [
+        ExtractionRecord(
+            model=name,
+            dataset=label,
+            split=split,
+            device=device,
+            memory_format=settings.memory_format,
+            precision=forward_precision(settings, device),
+            decode=settings.decode,
+            precision_check=got.precision_check,
+        )
+        for split, got in extracted.items()
+    ]
+    update = {"spec": spec, "wall_s": time.perf_counter() - started, "extraction": records}
+    return results.model_copy(update=update)

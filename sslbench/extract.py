@@ -1,7 +1,9 @@
 """Feature extraction: the backbone's own preprocessing, no augmentation, a fixed sample order,
 ``torch.inference_mode``, batches from a ``DataLoader`` (``workers`` processes decode images),
-AMP and channels_last on CUDA; features go to the cache in committed chunks (see
-:mod:`sslbench.cache`), so an interrupted extraction resumes where it stopped.
+AMP and channels_last on CUDA; on the CPU, channels-last for convolutional backbones and, opt-in,
+bfloat16 autocast on CPUs that compute it natively (see :func:`resolved_settings`); features go to
+the cache in committed chunks (see :mod:`sslbench.cache`), so an interrupted extraction resumes
+where it stopped.
 
 Under ``torch.distributed`` (``torchrun ... -m sslbench extract SPEC``) the batches are split into
 contiguous, batch-aligned shards, one per rank — no sample twice, no padding — and every rank
@@ -18,10 +20,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from sslbench.allocator import allocator_tuned, tune_allocator
 from sslbench.cache import CacheEntry, CommitState, CorruptEntry, FeatureWriter
 from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.interfaces import Backbone, Split
@@ -51,6 +55,12 @@ class ExtractionSettings:
     #: ``exact``: every image decoded in full; ``reduced``: JPEGs decoded at a reduced DCT scale down to
     #: the backbone's :meth:`~sslbench.interfaces.Backbone.decode_side` (an approximation, checked).
     decode: Literal["exact", "reduced"] = "exact"
+    #: The batches' memory format on the CPU: ``auto`` (channels-last for a convolutional backbone, see
+    #: :func:`is_convolutional`), ``channels_last`` or ``contiguous`` (NCHW). CUDA always runs channels-last.
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    #: The forward's precision on the CPU: ``float32``, or ``bfloat16`` autocast (an approximation, only on
+    #: a CPU with native bfloat16: see :func:`native_bfloat16`). CUDA follows ``amp``.
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -66,6 +76,9 @@ class Extracted:
     #: With ``decode: reduced``: how far the features are from the exact decode's, on a sample of the
     #: split (see :func:`decode_check`); ``None`` with the exact decode.
     decode_check: dict[str, Any] | None = None
+    #: With ``precision: bfloat16``: the cosine of its features to float32 ones on a sample of the split
+    #: (see :func:`precision_check`); ``None`` in float32.
+    precision_check: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,9 +201,9 @@ def measure_costs(
         if not tensors:
             return None
         batch = torch.stack(tensors)
-        _forward(backbone, batch, device, settings.amp, settings.owner)
+        _forward(backbone, batch, device, settings)
         started = time.thread_time()
-        _forward(backbone, batch, device, settings.amp, settings.owner)
+        _forward(backbone, batch, device, settings)
         forward_s = (time.thread_time() - started) / len(tensors)
     return decode_s, forward_s
 
@@ -211,12 +224,15 @@ def compute_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _single_threaded_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """A decode worker computes on one core: torch already limits itself there (DataLoader does); the
-    BLAS and OpenMP pools of numpy and friends (SimCLRv2's resize is two matrix products) too."""
+    BLAS and OpenMP pools of numpy and friends (SimCLRv2's resize is two matrix products) too. Its
+    allocator keeps its decoded images' blocks for the next ones (a process of sslbench's own, so this
+    holds in the Python API too; ``SSLBENCH_MALLOC=system`` leaves it alone)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)
+    tune_allocator()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +316,7 @@ def _batches(
         num_workers=settings.workers,
         collate_fn=_collate,
         pin_memory=device.startswith("cuda"),
-        worker_init_fn=_single_threaded_worker if settings.workers else None,
+        worker_init_fn=_init_worker if settings.workers else None,
     )
     yield from loader
 
@@ -309,15 +325,15 @@ class _NotFeatures(TypeError):
     """``embed`` returned something other than a floating-point tensor."""
 
 
-def _forward(backbone: Backbone, batch: Any, device: str, amp: bool, owner: str) -> np.ndarray:
+def _forward(backbone: Backbone, batch: Any, device: str, settings: ExtractionSettings) -> np.ndarray:
     try:
-        return _embed(backbone, batch, device, amp)
+        return _embed(backbone, batch, device, settings)
     except SSLBenchError:
         raise
     except _NotFeatures as exc:
-        raise PluginFailure(f"{owner}: embed() returned {exc}; expected an (n, feature_dim) float tensor") from None
+        raise PluginFailure(f"{settings.owner}: embed() returned {exc}; expected an (n, feature_dim) float tensor") from None
     except Exception as exc:
-        raise PluginFailure(f"{owner}: embed() raised {exception_line(exc)}") from exc
+        raise PluginFailure(f"{settings.owner}: embed() raised {exception_line(exc)}") from exc
 
 
 def _features(out: Any) -> np.ndarray:
@@ -332,19 +348,98 @@ def _features(out: Any) -> np.ndarray:
     return out.float().cpu().numpy()
 
 
-def _embed(backbone: Backbone, batch: Any, device: str, amp: bool) -> np.ndarray:
+def _embed(backbone: Backbone, batch: Any, device: str, settings: ExtractionSettings) -> np.ndarray:
+    """The backbone's features of ``batch``; the memory format is the batch's alone (channels-last
+    layers propagate it), so the model's own parameters are never converted on the CPU."""
     import torch
 
+    cuda = device.startswith("cuda")
     with torch.inference_mode():
         batch = batch.to(device, non_blocking=True)
-        if device.startswith("cuda"):
-            if batch.ndim == 4:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        if batch.ndim == 4 and (cuda or (device.startswith("cpu") and settings.memory_format == "channels_last")):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if cuda:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=settings.amp):
+                out = backbone.embed(batch)
+        elif device.startswith("cpu") and settings.precision == "bfloat16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = backbone.embed(batch)
         else:
             out = backbone.embed(batch)
         return _features(out)
+
+
+def is_convolutional(backbone: Backbone) -> bool:
+    """Whether the backbone is a convolutional network: more than one 2-D convolution among its
+    modules (a ViT's patch embedding is its only one). Decided by structure rather than by timing, so
+    that the choice, and with it the cache key, is the same on every run of the same model."""
+    import torch
+
+    convolutions = sum(
+        isinstance(layer, torch.nn.Conv2d) for module in backbone.torch_modules() for layer in module.modules()
+    )
+    return convolutions > 1
+
+
+#: The CPU flags (``/proc/cpuinfo``) that compute bfloat16 natively, and what they are called.
+BFLOAT16_FLAGS = {"avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16"}
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def native_bfloat16() -> str | None:
+    """The CPU's native bfloat16 instructions (``"AVX-512-BF16"`` or ``"AMX-BF16"``), as torch's probe or
+    else the kernel's CPU flags report them; ``None`` when it has none (bfloat16 would be emulated,
+    slower than float32)."""
+    import torch
+
+    probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX-512-BF16", "_is_avx512_bf16_supported"))
+    for name, probe in probes:
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return name
+    try:
+        with CPUINFO.open() as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((BFLOAT16_FLAGS[flag] for flag in BFLOAT16_FLAGS if flag in flags), None)
+
+
+def check_precision(precision: str, device: str) -> None:
+    """Refuse ``precision: bfloat16`` on a CPU without native bfloat16, in one line."""
+    if precision == "bfloat16" and device.startswith("cpu") and native_bfloat16() is None:
+        raise SSLBenchError(
+            "extraction.cpu_precision: bfloat16 needs a CPU with native bfloat16 (AVX-512-BF16 or AMX); "
+            "this one has neither, where bfloat16 is emulated and slower than float32: use float32"
+        )
+
+
+def resolved_settings(backbone: Backbone, settings: ExtractionSettings, device: str) -> ExtractionSettings:
+    """``settings`` as the extraction on ``device`` runs them: the memory format decided (on the CPU,
+    ``auto`` is channels-last for a convolutional backbone, NCHW otherwise; CUDA runs channels-last,
+    other devices NCHW) and the precision checked (on the CPU) or float32 (elsewhere, where ``amp``
+    rules)."""
+    if not device.startswith("cpu"):
+        on_cuda = device.startswith("cuda")
+        return replace(settings, memory_format="channels_last" if on_cuda else "contiguous", precision="float32")
+    check_precision(settings.precision, device)
+    if settings.memory_format == "auto":
+        return replace(settings, memory_format="channels_last" if is_convolutional(backbone) else "contiguous")
+    return settings
+
+
+def forward_precision(settings: ExtractionSettings, device: str) -> str:
+    """The precision the forward runs in: float16 autocast on CUDA with ``amp``, else the (resolved)
+    settings' CPU precision."""
+    return "float16" if device.startswith("cuda") and settings.amp else settings.precision
+
+
+def key_numerics(settings: ExtractionSettings, device: str) -> tuple[str, str]:
+    """``(memory format, precision)`` as a cache key records them: the CPU's (resolved settings). Other
+    devices record the defaults, NCHW and float32, as before the settings existed."""
+    if not device.startswith("cpu"):
+        return "contiguous", "float32"
+    return settings.memory_format, settings.precision
 
 
 def prepare_backbone(backbone: Backbone, device: str) -> Backbone:
@@ -430,7 +525,7 @@ def _extract_range(
                 )
             progress.skipped += _handle_errors(errors, split, settings, name)
             if batch is not None:
-                out = _forward(backbone, batch, device, settings.amp, settings.owner)
+                out = _forward(backbone, batch, device, settings)
                 _check_shape(backbone, out, len(indices), settings.owner)
                 if errors:
                     out[[i - indices[0] for i, _ in errors]] = 0.0
@@ -488,6 +583,7 @@ def extract_split(
             return Extracted(direct, split.labels)
     if entry is None:
         raise ValueError("extract_split needs a cache entry for a model that runs batch by batch")
+    settings = resolved_settings(backbone, settings, device)
     ranks = current_ranks()
     corrupt = None
     if entry.claims_complete():
@@ -523,6 +619,9 @@ def extract_split(
             "sample_count": n,
             "workers": workers,
             "decode": settings.decode,
+            "memory_format": settings.memory_format,
+            "precision": forward_precision(settings, device),
+            "allocator": "tuned" if allocator_tuned() else "system",
         }
         if threads is not None:
             found["threads"] = threads
@@ -530,6 +629,8 @@ def extract_split(
             found["pool_costs_ms"] = [round(1e3 * c, 3) for c in costs]  # decode, forward: per image, per core
         if settings.decode != "exact":
             found["decode_check"] = decode_check(backbone, split, settings, device)
+        if settings.precision != "float32":
+            found["precision_check"] = precision_check(backbone, split, settings, device)
         return found
 
     with compute_threads(threads):
@@ -599,11 +700,8 @@ def decode_check(
     import torch
 
     min_side = decode_min_side(backbone, settings)
-    n = len(split)
-    count = min(samples, n)
-    indices = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
     exact, reduced, smaller = [], [], 0
-    for index in indices:
+    for index in _spread(len(split), samples):
         full = _Samples(split, backbone, index, index + 1)[0]
         small = _Samples(split, backbone, index, index + 1, min_side)[0] if min_side is not None else full
         if full[1] is None or small[1] is None:
@@ -614,12 +712,57 @@ def decode_check(
     record: dict[str, Any] = {"samples": len(exact), "min_side": min_side, "changed": smaller}
     if not exact:
         return record
-    batch = torch.stack(exact + reduced)
-    features = torch.from_numpy(_forward(backbone, batch, device, settings.amp, settings.owner)).double()
-    a, b = features[: len(exact)], features[len(exact) :]
-    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
-    record.update(mean_cosine=float(cosine.mean()), min_cosine=float(cosine.min()))
+    features = _forward(backbone, torch.stack(exact + reduced), device, settings)
+    record.update(_cosines(features[: len(exact)], features[len(exact) :]))
     return record
+
+
+#: Samples of a split whose features ``precision: bfloat16`` compares with float32 ones.
+PRECISION_CHECK_SAMPLES = 32
+
+
+def precision_check(
+    backbone: Backbone,
+    split: Split,
+    settings: ExtractionSettings,
+    device: str,
+    samples: int = PRECISION_CHECK_SAMPLES,
+) -> dict[str, Any]:
+    """How far the precision moves the features: the cosine between the features of ``samples``
+    samples spread evenly over the split computed in ``settings.precision`` and in float32 (the same
+    batch, the same decode and memory format). Samples that cannot be read are left out."""
+    import torch
+
+    min_side = decode_min_side(backbone, settings)
+    tensors = []
+    for index in _spread(len(split), samples):
+        got = _Samples(split, backbone, index, index + 1, min_side)[0][1]
+        if got is not None:
+            tensors.append(got)
+    record: dict[str, Any] = {"samples": len(tensors), "precision": settings.precision}
+    if not tensors:
+        return record
+    batch = torch.stack(tensors)
+    approximate = _forward(backbone, batch, device, settings)
+    reference = _forward(backbone, batch, device, replace(settings, precision="float32"))
+    record.update(_cosines(approximate, reference))
+    return record
+
+
+def _spread(n: int, samples: int) -> list[int]:
+    """Up to ``samples`` row indices spread evenly over ``n`` rows, first and last included."""
+    count = min(samples, n)
+    return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean and least cosine between the rows of ``a`` and ``b`` (in float64)."""
+    import torch
+
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(a).double(), torch.from_numpy(b).double(), dim=1, eps=1e-12
+    )
+    return {"mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())}
 
 
 def _discard(entry: CacheEntry) -> None:
@@ -638,14 +781,16 @@ def _shard(entry: CacheEntry, start: int, stop: int) -> CacheEntry:
 def _loaded(entry: CacheEntry, from_cache: bool) -> Extracted:
     features, labels, manifest = entry.load()
     nonfinite = (manifest.nonfinite_rows, manifest.first_nonfinite)
-    check = (manifest.model_extra or {}).get("decode_check")
+    extra = manifest.model_extra or {}
+    decode, precision = (extra.get(name) for name in ("decode_check", "precision_check"))
     return Extracted(
         features,
         labels,
         manifest.skipped,
         from_cache=from_cache,
         nonfinite=nonfinite,
-        decode_check=check if isinstance(check, dict) else None,
+        decode_check=decode if isinstance(decode, dict) else None,
+        precision_check=precision if isinstance(precision, dict) else None,
     )
 
 

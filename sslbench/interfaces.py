@@ -95,7 +95,9 @@ class Backbone(ABC):
         return {}
 
     def torch_modules(self) -> list[Any]:
-        """The ``torch.nn.Module`` objects inside, so extraction can set channels_last on CUDA."""
+        """The ``torch.nn.Module`` objects inside: extraction sets them channels_last on CUDA, and on the
+        CPU runs channels-last batches when they hold more than one 2-D convolution (a convolutional
+        network; see ``extraction.cpu_memory_format``)."""
         return []
 
     def embed_array(self, array: np.ndarray) -> np.ndarray | None:

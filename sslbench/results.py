@@ -205,6 +205,23 @@ class SkippedSample(_Model):
     error: str
 
 
+class ExtractionRecord(_Model):
+    """How one split's features were computed: the numeric settings beyond the spec's words (``auto``
+    resolved) and, for an approximation, how far it moved the features (cosines to the reference)."""
+
+    model: str
+    dataset: str
+    split: str
+    device: str
+    memory_format: str
+    precision: str
+    decode: str
+    #: ``{"samples", "precision", "mean_cosine", "min_cosine"}`` against float32 (``cpu_precision: bfloat16``).
+    precision_check: dict[str, Any] | None = None
+    #: ``{"samples", "min_side", "changed", "mean_cosine", "min_cosine"}`` (``decode: reduced``).
+    decode_check: dict[str, Any] | None = None
+
+
 class PluginVersion(_Model):
     name: str
     distribution: str | None
@@ -238,6 +255,16 @@ class Results(_Model):
     runs: list[Run]
     summary: list[SummaryRow]
     skipped: list[SkippedSample] = Field(default_factory=list)
+    #: One record per model × split extracted by a spec's run; left out of the JSON when empty (results of
+    #: the API's features, older files), so that such results read as before.
+    extraction: list[ExtractionRecord] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _without_extraction_when_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not self.extraction:
+            data.pop("extraction", None)
+        return data
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
@@ -360,6 +387,7 @@ def build_results(
     columns: Sequence[str] | None = None,
     skipped: list[SkippedSample] | None = None,
     published: PublishedLookup | None = None,
+    extraction: list[ExtractionRecord] | None = None,
 ) -> Results:
     """The results of ``runs``; ``metrics`` describes (at least) every metric they hold, in column order
     (None: none is described, and reports show them as :func:`schema1_info` says)."""
@@ -370,6 +398,7 @@ def build_results(
         raise ValueError(f"metrics recorded without a descriptor: {', '.join(missing)}")
     results = Results(
         skipped=skipped or [],
+        extraction=extraction or [],
         sslbench_version=sslbench_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         spec=spec,
@@ -429,6 +458,7 @@ def merge_results(parts: list[Results], sources: list[str]) -> Results:
             for row in part.summary
         ],
         skipped=[sample for part in parts for sample in part.skipped],
+        extraction=[record for part in parts for record in part.extraction],
     )
 
 

@@ -26,10 +26,21 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from sslbench.allocator import trim_allocator
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.events import Emit, Event, ignore
-from sslbench.extract import Extracted, ExtractionSettings, extract_split, prepare_backbone, resolve_device
+from sslbench.extract import (
+    Extracted,
+    ExtractionSettings,
+    check_precision,
+    extract_split,
+    forward_precision,
+    key_numerics,
+    prepare_backbone,
+    resolve_device,
+    resolved_settings,
+)
 from sslbench.inputs import FeatureSplit, checked_split
 from sslbench.interfaces import Backbone, BackboneEntry, Dataset, Split
 from sslbench.knn import knn_metric
@@ -39,6 +50,7 @@ from sslbench.progress import NullProgress, Progress
 from sslbench.results import (
     HEADLINE_METRICS,
     MetricInfo,
+    ExtractionRecord,
     MetricSummary,
     Published,
     PublishedLookup,
@@ -209,8 +221,16 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
         missing = None if known else plugins.backbones.unavailable(m_spec.id)
         models.append(ModelPlan(m_spec, m_options, entry, info, missing))
     ext = spec.extraction
+    check_precision(ext.cpu_precision, device)  # before any model is built
     settings = ExtractionSettings(
-        ext.batch_size, ext.workers, ext.amp, ext.on_error, ext.commit_every, decode=ext.decode
+        ext.batch_size,
+        ext.workers,
+        ext.amp,
+        ext.on_error,
+        ext.commit_every,
+        decode=ext.decode,
+        memory_format=ext.cpu_memory_format,
+        precision=ext.cpu_precision,
     )
     cache = FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None)
     return RunPlan(resolved, tuple(models), tuple(datasets), device, cache, settings)
@@ -248,10 +268,15 @@ class ModelFeatures:
     model: ModelPlan
     per_dataset: list[dict[str, Extracted]] = field(default_factory=list)
     extract_s: list[float] = field(default_factory=list)
+    #: The settings the extraction ran with (``auto`` resolved for this backbone and device).
+    settings: ExtractionSettings = field(default_factory=ExtractionSettings)
 
 
-def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource, decode: str = "exact") -> CacheKey:
+def _cache_key(
+    model: ModelPlan, backbone: Backbone, source: SplitSource, settings: ExtractionSettings, device: str
+) -> CacheKey:
     plugin = model.plugin
+    memory_format, precision = key_numerics(settings, device)
     return CacheKey(
         backbone=model.spec.id,
         plugin={
@@ -265,7 +290,9 @@ def _cache_key(model: ModelPlan, backbone: Backbone, source: SplitSource, decode
         dataset_options=source.options.model_dump(mode="json"),
         split=source.name,
         split_fingerprint=source.fingerprint,
-        decode=decode,
+        decode=settings.decode,
+        memory_format=memory_format,
+        precision=precision,
     )
 
 
@@ -296,8 +323,21 @@ def decode_note(name: str, extracted: Extracted) -> str:
     )
 
 
+def precision_note(name: str, extracted: Extracted) -> str:
+    """The line a run prints about ``cpu_precision: bfloat16``: how close its features are to float32 ones."""
+    check = extracted.precision_check or {}
+    head = f"{name}: {check.get('precision', 'reduced precision')}"
+    if "mean_cosine" not in check:
+        return f"{head}: no sample could be compared with float32"
+    return (
+        f"{head}: feature cosine to float32 on {check['samples']} samples: mean {check['mean_cosine']:.6f}, "
+        f"min {check['min_cosine']:.6f}"
+    )
+
+
 def _release_device_memory(device: str) -> None:
     gc.collect()
+    trim_allocator()  # a tuned allocator keeps the model's batches' heap: give it back between models
     if device.startswith("cuda"):
         import torch
 
@@ -325,14 +365,16 @@ def model_features(
                 raise
             emit(Event("note", f"optional model {model.spec.label} skipped: {exc}"))
             continue
-        settings = ExtractionSettings(**{**vars(plan.settings), "owner": model.owner})
-        features = ModelFeatures(model)
+        settings = resolved_settings(
+            backbone, ExtractionSettings(**{**vars(plan.settings), "owner": model.owner}), plan.device
+        )
+        features = ModelFeatures(model, settings=settings)
         try:
             for d_index, dataset in enumerate(plan.datasets):
                 started = time.perf_counter()
                 extracted = {}
                 for s_index, source in enumerate(dataset.sources()):
-                    key = _cache_key(model, backbone, source, settings.decode)
+                    key = _cache_key(model, backbone, source, settings, plan.device)
                     entry = (
                         plan.cache.entry(key)
                         if use_cache
@@ -349,8 +391,11 @@ def model_features(
                         progress=progress,
                         reextract_corrupt=plan.resolved.spec.extraction.on_corrupt == "reextract",
                     )
+                    where = f"{source.label}/{source.name} ({model.spec.label})"
                     if got.decode_check is not None:
-                        emit(Event("note", decode_note(f"{source.label}/{source.name} ({model.spec.label})", got)))
+                        emit(Event("note", decode_note(where, got)))
+                    if got.precision_check is not None:
+                        emit(Event("note", precision_note(where, got)))
                     extracted[f"{source.label}/{source.name}"] = got
                 features.per_dataset.append(extracted)
                 features.extract_s.append(time.perf_counter() - started)
@@ -406,6 +451,7 @@ def run_spec(
     published = paper_values(resolved, plugins)
     runs: list[Run] = []
     skipped: list[SkippedSample] = []
+    records: list[ExtractionRecord] = []
     results: Results | None = None
     with run_scratch(plan.cache.root) as scratch:
         for features in model_features(
@@ -419,6 +465,7 @@ def run_spec(
                     got = extracted[f"{source.label}/{source.name}"]
                     splits[f"{source.label}/{source.name}"] = _checked(f"{source.label}/{source.name} ({m_label})", got)
                     skipped += _skipped(m_label, source, got)
+                    records.append(_extraction_record(m_label, source, got, features.settings, device))
                 origin = "cache" if all(e.from_cache for e in extracted.values()) else "extracted"
                 said = "from the cache" if origin == "cache" else origin
                 text = f"{m_label} on {dataset.spec.label}: features {said}"
@@ -463,11 +510,30 @@ def run_spec(
                     wall_s=time.perf_counter() - started,
                     skipped=skipped,
                     published=published,
+                    extraction=records,
                 )
                 write_reports(results, out_dir, plugins)
     if results is None:
         raise SSLBenchError("no model of the spec could run (all were optional and unavailable)")
     return results
+
+
+def _extraction_record(
+    model: str, source: SplitSource, got: Extracted, settings: ExtractionSettings, device: str
+) -> ExtractionRecord:
+    return ExtractionRecord(
+        model=model,
+        dataset=source.label,
+        split=source.name,
+        device=device,
+        memory_format=settings.memory_format,
+        precision=forward_precision(settings, device),
+        decode=settings.decode,
+        precision_check=got.precision_check,
+        decode_check=got.decode_check,
+    )
+
+
 
 
 def run_metric_descriptors(plan: RunPlan, plugins: Plugins) -> dict[str, MetricInfo]:

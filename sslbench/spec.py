@@ -345,7 +345,19 @@ class ExtractionSpec(_StrictModel):
         "approximation). `reduced` records the cosine of its features to the exact decode's on 32 samples per "
         "split, and its features are cached apart.",
     )
-    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on the CPU).")
+    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on the CPU: see `cpu_precision`).")
+    cpu_memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="Memory format of the batches on the CPU: `auto` (channels-last for a convolutional backbone, "
+        "NCHW otherwise), `channels_last` or `contiguous` (NCHW). Float32-close either way (not bit-identical); "
+        "recorded in the cache key and the manifest. CUDA always runs channels-last.",
+    )
+    cpu_precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Precision of the forward on the CPU: `float32`, or `bfloat16` autocast (only on a CPU with "
+        "native bfloat16, AVX-512-BF16 or AMX; refused elsewhere): an approximation, cached apart, that records "
+        "the cosine of its features to float32 ones on 32 samples per split.",
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="An unreadable image: stop naming it, or skip it and list it in results."
     )
