@@ -331,7 +331,9 @@ def _forward(backbone: Backbone, batch: Any, device: str, settings: ExtractionSe
     except SSLBenchError:
         raise
     except _NotFeatures as exc:
-        raise PluginFailure(f"{settings.owner}: embed() returned {exc}; expected an (n, feature_dim) float tensor") from None
+        raise PluginFailure(
+            f"{settings.owner}: embed() returned {exc}; expected an (n, feature_dim) float tensor"
+        ) from None
     except Exception as exc:
         raise PluginFailure(f"{settings.owner}: embed() raised {exception_line(exc)}") from exc
 

@@ -49,8 +49,8 @@ from sslbench.plugins import PluginInfo, Plugins
 from sslbench.progress import NullProgress, Progress
 from sslbench.results import (
     HEADLINE_METRICS,
-    MetricInfo,
     ExtractionRecord,
+    MetricInfo,
     MetricSummary,
     Published,
     PublishedLookup,
@@ -532,8 +532,6 @@ def _extraction_record(
         precision_check=got.precision_check,
         decode_check=got.decode_check,
     )
-
-
 
 
 def run_metric_descriptors(plan: RunPlan, plugins: Plugins) -> dict[str, MetricInfo]:
