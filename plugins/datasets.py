@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sslbench import hookimpl
-from sslbench.errors import SSLBenchError
+from sslbench.errors import SSLBenchError, exception_line
 from sslbench.inputs import checked_feature_array, checked_labels, class_index
 from sslbench.interfaces import Dataset, DatasetEntry, NoOptions, Split
 
@@ -153,12 +153,7 @@ def _load_npy(path_text: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r")
     except _READ_ERRORS as exc:
-        raise SSLBenchError(f"cannot read {path}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise SSLBenchError(f"cannot read {path}: {exception_line(exc)}") from None
 
 
 def _load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -181,7 +176,7 @@ def _load_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                     raise SSLBenchError(f"{path}: has {name}_embs but no {name}_labs")
                 splits[name] = (archive[f"{name}_embs"], archive[f"{name}_labs"])
     except _READ_ERRORS as exc:
-        raise SSLBenchError(f"cannot read {path}: {_first_line(exc)}") from None
+        raise SSLBenchError(f"cannot read {path}: {exception_line(exc)}") from None
     if not splits:
         raise SSLBenchError(f"{path}: no <split>_embs arrays (expected e.g. train_embs, val_embs)")
     return splits

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sslbench import hookimpl
 from sslbench.cards import Layout
-from sslbench.errors import SSLBenchError, did_you_mean
+from sslbench.errors import SSLBenchError, did_you_mean, exception_line
 from sslbench.imaging import SEPARABLE, EvalTransform, rgb
 from sslbench.interfaces import Backbone, BackboneEntry
 from sslbench.weights import (
@@ -122,11 +122,6 @@ def state_sha256(module: Any) -> str:
         digest.update(f"{key}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 @contextlib.contextmanager
@@ -644,10 +639,10 @@ class HubBackbone(_ModuleBackbone):
             except RuntimeError as exc:
                 if not str(exc).startswith("Cannot find callable"):
                     raise
-                raise SSLBenchError(f"{self.where}: {_first_line(exc)}") from None
+                raise SSLBenchError(f"{self.where}: {exception_line(exc)}") from None
             except OSError as exc:  # network errors of urllib are OSErrors
                 raise SSLBenchError(
-                    f"{self.where}: cannot fetch the repository or its weights: {_first_line(exc)}"
+                    f"{self.where}: cannot fetch the repository or its weights: {exception_line(exc)}"
                 ) from None
         if not isinstance(model, torch.nn.Module):
             raise SSLBenchError(f"{self.where} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -695,7 +690,7 @@ def import_callable(path: str, what: str) -> Callable[..., Any]:
     try:
         target: Any = importlib.import_module(module_name)
     except (ImportError, SyntaxError) as exc:
-        raise SSLBenchError(f"cannot import the {what} {path}: {_first_line(exc)}") from None
+        raise SSLBenchError(f"cannot import the {what} {path}: {exception_line(exc)}") from None
     for part in attribute.split("."):
         try:
             target = getattr(target, part)

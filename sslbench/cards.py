@@ -124,6 +124,11 @@ class WeightSource(_Card):
         return self
 
 
+#: Hex digits a hash prefix has at least: the shortest that release file names carry (torchvision's
+#: ``resnet50-19c8e3.pth`` style); one wrong file in 16 million passes it by chance.
+MIN_HASH_PREFIX = 6
+
+
 class WeightsHash(_Card):
     """The digest the weights file must match, checked before it is loaded (a different or corrupted
     file is an error). The kinds:
@@ -144,7 +149,8 @@ class WeightsHash(_Card):
 
     @model_validator(mode="after")
     def _value_for_kind(self) -> WeightsHash:
-        """``value``: lowercase hex digits, required by every kind but ``none`` (which has none); 64 for sha256."""
+        """``value``: lowercase hex digits, required by every kind but ``none`` (which has none); 64 for sha256,
+        at least 6 for a prefix."""
         if self.kind == "none":
             if self.value is not None:
                 raise ValueError("hash kind 'none' takes no value")
@@ -153,6 +159,12 @@ class WeightsHash(_Card):
             raise ValueError(f"hash kind '{self.kind}' needs a value of lowercase hex digits")
         if self.kind == "sha256" and len(self.value) != 64:
             raise ValueError(f"a sha256 hash has 64 hex digits, not {len(self.value)} (or use sha256-prefix)")
+        if self.kind != "sha256" and len(self.value) < MIN_HASH_PREFIX:
+            # A shorter pin matches a wrong file too often to be a check (1 in 16 for one digit).
+            raise ValueError(
+                f"a {self.kind} value has at least {MIN_HASH_PREFIX} hex digits, not {len(self.value)} "
+                "(the shortest release file names carry)"
+            )
         return self
 
 
@@ -233,7 +245,7 @@ class PaperMetrics(_Card):
 
 
 #: A card id: timm's ``arch.tag`` style, checked by :data:`CARD_ID_PATTERN` and explained by :data:`CARD_ID_RULE`.
-CARD_ID_PATTERN = re.compile(r"^[a-z0-9_]+\.[a-z0-9_]+$")
+CARD_ID_PATTERN = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
 CARD_ID_RULE = (
     "two parts joined by one dot, architecture then weights tag, each of lowercase letters, digits and "
     "underscores (e.g. resnet50.mocov2_800ep)"
@@ -265,7 +277,7 @@ class ModelCard(_Card):
     @field_validator("id")
     @classmethod
     def _id_in_arch_tag_style(cls, value: str) -> str:
-        if not CARD_ID_PATTERN.match(value):
+        if not CARD_ID_PATTERN.fullmatch(value):
             raise PydanticCustomError("card_id", "not an arch.tag id: " + CARD_ID_RULE)
         return value
 

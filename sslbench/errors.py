@@ -30,9 +30,14 @@ class CardError(SSLBenchError):
         self.card_ids = tuple(card_ids)
 
 
+def closest(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` known names closest to ``name`` (what :func:`did_you_mean` suggests), best first."""
+    return difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
+
+
 def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean 'x'?)"`` for the ``n`` closest known names, or an empty string."""
-    matches = difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
+    matches = closest(name, known, n)
     if not matches:
         return ""
     quoted = " or ".join(f"'{m}'" for m in matches)

@@ -41,7 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from sslbench.arrays import RowReader, RowWriter, available_memory_bytes, projection_scale
-from sslbench.errors import SSLBenchError
+from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.events import Emit, Event, ignore
 from sslbench.inputs import (
     FeatureSplit,
@@ -61,7 +61,7 @@ from sslbench.predictions import predictions_name, save_predictions
 from sslbench.progress import NullProgress, Progress
 from sslbench.protocol import contingency
 from sslbench.results import MetricInfo, Run, RunProtocol, Timings
-from sslbench.spec import ProtocolPoint, ProtocolSpec
+from sslbench.spec import ProtocolPoint, ProtocolSpec, one_line
 from sslbench.transfer import TRANSFER_METRIC_INFO, TRANSFER_METRICS, ClassMap, transfer_scores
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class ProtocolPlan:
     backend: BackendEntry
     backend_options: BaseModel
     metrics: tuple[MetricEntry, ...]
+    #: How messages name each metric's code: ``metric 'm' (plugin 'p' from dist 1.0)``.
+    metric_owners: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
     #: The registered backbone (null for the API's features): runs record it for the plots.
     backbone: str | None = None
@@ -190,6 +192,10 @@ def plan_protocol(
         backend=backend,
         backend_options=options,
         metrics=tuple(plugins.metrics),
+        metric_owners={
+            entry.name: f"metric '{entry.name}' ({plugins.plugin_of(plugins.metrics, entry.name).label})"
+            for entry in plugins.metrics
+        },
         **{**extra, "transfers": tuple(transfers)},  # type: ignore[arg-type]
     )
 
@@ -437,10 +443,29 @@ def _context(
     return ctx
 
 
-def _metrics(entries: Sequence[MetricEntry], ctx: ScoringContext) -> dict[str, float]:
+def _metrics(plan: ProtocolPlan, ctx: ScoringContext) -> dict[str, float]:
     if len(ctx.eval_labels) == 0:
-        return {entry.name: float("nan") for entry in entries}
-    return {entry.name: float(entry.fn(ctx)) for entry in entries}
+        return {entry.name: float("nan") for entry in plan.metrics}
+    return {entry.name: _metric_value(entry, ctx, plan.metric_owners) for entry in plan.metrics}
+
+
+def _metric_value(entry: MetricEntry, ctx: ScoringContext, owners: Mapping[str, str]) -> float:
+    """``entry``'s value for ``ctx``; what its function raises or returns instead of a number is a
+    :class:`~sslbench.errors.PluginFailure` naming the metric and its plugin."""
+    owner = owners.get(entry.name, f"metric '{entry.name}'")
+    try:
+        value = entry.fn(ctx)
+    except SSLBenchError:
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{owner}: its function raised {exception_line(exc)}") from exc
+    if isinstance(value, bool | str | bytes):
+        raise PluginFailure(f"{owner}: its function returned {value!r}, not a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        shown = one_line(repr(value), 80)
+        raise PluginFailure(f"{owner}: its function returned {type(value).__name__} {shown}, not a number") from None
 
 
 def group_metric(metric: str, group: str) -> str:
@@ -481,7 +506,7 @@ def score_seed(plan: ProtocolPlan, n_clusters: int, preds: SeedPredictions, emit
     ctx = _context(
         preds.train_pred, plan.train.labels, train_cost, preds.eval_pred, plan.eval.labels, n_clusters, plan.n_classes
     )
-    metrics = _metrics(plan.metrics, ctx)
+    metrics = _metrics(plan, ctx)
     for group, classes in plan.class_groups.items():
         inside = np.isin(plan.eval.labels, classes)
         sub = _context(
@@ -494,7 +519,7 @@ def score_seed(plan: ProtocolPlan, n_clusters: int, preds: SeedPredictions, emit
             plan.n_classes,
             ctx.train_assignment,
         )
-        metrics.update({group_metric(name, group): value for name, value in _metrics(plan.metrics, sub).items()})
+        metrics.update({group_metric(name, group): value for name, value in _metrics(plan, sub).items()})
     transfers = tuple(
         _score_transfer(plan, target, pred, preds.train_pred, train_cost, ctx.train_assignment, n_clusters)
         for target, pred in zip(plan.transfers, preds.transfer_pred, strict=True)
@@ -531,7 +556,7 @@ def _score_transfer(
         len(class_map.shared),
         class_map.composed_assignment(assignment),
     )
-    metrics = _metrics(plan.metrics, ctx)
+    metrics = _metrics(plan, ctx)
     metrics.update({name: table[name] for name in TRANSFER_METRICS})
     return metrics, scored
 

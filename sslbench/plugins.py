@@ -198,6 +198,12 @@ class PluginInfo:
     would_register: dict[str, list[str]] = field(default_factory=dict)
 
     @property
+    def label(self) -> str:
+        """How messages about its code name it: ``plugin 'p' from dist 1.0``."""
+        dist = f"{self.distribution} {self.version}" if self.distribution else "no distribution"
+        return f"plugin '{self.name}' from {dist}"
+
+    @property
     def failure(self) -> str | None:
         """``"failed to import: …"`` or ``"failed to load: …"``; None for a loaded plugin."""
         if self.error is None:

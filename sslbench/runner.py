@@ -153,8 +153,7 @@ class ModelPlan:
         """How messages name the backbone's code: ``backbone 'x' (plugin p from dist 1.0)``."""
         if self.plugin is None:
             return f"backbone '{self.spec.id}'"
-        dist = f"{self.plugin.distribution} {self.plugin.version}" if self.plugin.distribution else "no distribution"
-        return f"backbone '{self.spec.id}' (plugin '{self.plugin.name}' from {dist})"
+        return f"backbone '{self.spec.id}' ({self.plugin.label})"
 
 
 @dataclass(frozen=True)

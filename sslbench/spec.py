@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from sslbench.errors import SSLBenchError, did_you_mean
+from sslbench.errors import SSLBenchError, closest, did_you_mean
 from sslbench.plugins import Plugins
 from sslbench.predictions import file_stem, predictions_name
 
@@ -835,8 +835,10 @@ def _format_loc(loc: Sequence[Any], lines: Mapping[tuple[Any, ...], int]) -> tup
     for part in loc:
         if (*path, part) in lines:
             path = (*path, part)
-        elif isinstance(part, int):
+        elif isinstance(part, int) and lines:
             continue  # a scalar the validator wrapped in a list
+        elif isinstance(part, int):
+            path = (*path, part)  # no YAML behind it (a mapping given in code): the index is all that locates it
         elif isinstance(part, str) and not part.startswith(("function-after", "function-before")):
             path = (*path, part)
     text = ""
@@ -867,7 +869,16 @@ def validation_message(
     shown: dict[str, str] = {}
     seen: set[tuple[Any, ...]] = set()
     more: set[tuple[Any, ...]] = set()
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
+    for err in errors:
+        # A misspelled key is one mistake: its "unknown key (did you mean …)" says it all, so the
+        # required key it was meant to be is not reported missing as well.
+        if err["type"] == "missing" and closest(str(err["loc"][-1]), unknown.get(tuple(err["loc"][:-1]), ()), n=1):
+            continue
         ctx = err.get("ctx") or {}
         at = tuple(ctx.get("at") or ()) if err["type"] == "spec_conflict" else ()
         loc = (*prefix, *err["loc"], *at)
@@ -880,7 +891,7 @@ def validation_message(
         where, line = _format_loc(loc, lines)
         if where in shown:  # one message per field
             continue
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
         if err["type"] == "extra_forbidden":
             known = _fields_at(model, tuple(err["loc"][:-1])) if model else []
             key = str(err["loc"][-1])

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sslbench.cards import Layout, ModelCard, WeightsHash, WeightSource
-from sslbench.errors import SSLBenchError
+from sslbench.errors import SSLBenchError, exception_line
 
 
 def hub_checkpoint_dir() -> Path:
@@ -181,11 +181,6 @@ def hf_blob_sha256(path: Path) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
 def _top_module(source: WeightSource) -> str:
     """The importable top-level module of a ``package`` source (what the user installs)."""
     return str(source.package).partition(":")[0].split(".")[0]
@@ -310,11 +305,11 @@ def hf_download(repo: str, revision: str | None, names: list[str], who: str = ""
         try:
             return Path(hf_hub_download(repo, name, revision=revision))
         except local_not_found as exc:  # no connection (and not cached): before its base class below
-            raise absent(f"cannot be downloaded ({_first_line(exc)})") from None
+            raise absent(f"cannot be downloaded ({exception_line(exc)})") from None
         except entry_not_found:  # the repository holds another of the names
             continue
         except OSError as exc:  # network, HTTP and disk errors of the hub client are OSErrors
-            raise SSLBenchError(f"{head}cannot download {repo}: {_first_line(exc)}") from None
+            raise SSLBenchError(f"{head}cannot download {repo}: {exception_line(exc)}") from None
     raise SSLBenchError(f"{head}the Hugging Face hub repository {repo} holds none of {', '.join(names)}")
 
 
@@ -564,8 +559,7 @@ def read_checkpoint(path: Path) -> Mapping[str, Any]:
             return load_file(str(path))
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for truncated or foreign files
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadWeightsFile(f"cannot read checkpoint {path}: {message[:300]}") from None
+        raise BadWeightsFile(f"cannot read checkpoint {path}: {exception_line(exc)}") from None
     if not isinstance(loaded, Mapping):
         raise BadWeightsFile(f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict")
     return loaded

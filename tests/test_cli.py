@@ -243,7 +243,7 @@ def test_bad_feature_files(tmp_path, case, expected):
         ),
         (
             "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {seeds: 0}\n",
-            "protocol.seeds: Value error, a seed count must be at least 1",
+            "protocol.seeds: a seed count must be at least 1",
         ),
         (
             "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocl: {}\n",

@@ -408,7 +408,7 @@ def test_npz_layout_problems_name_the_file(tmp_path, capsys, separable):
     np.savez(tmp_path / "cut.npz", train_embs=xtr, train_labs=ytr, val_embs=xev, val_labs=yev)
     data = (tmp_path / "cut.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-    assert f"cannot read {tmp_path / 'cut.npz'}: File is not a zip file" in cli_error(
+    assert f"cannot read {tmp_path / 'cut.npz'}: BadZipFile: File is not a zip file" in cli_error(
         capsys, "run", str(npz_spec(tmp_path, tmp_path / "cut.npz")), "--out", str(tmp_path / "out")
     )
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04" + os.urandom(200))

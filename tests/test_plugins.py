@@ -772,6 +772,7 @@ def _line_of(path: Path, text: str, after: int = 0) -> int:
 
 
 def test_every_card_schema_error_is_listed_with_its_line_and_did_you_mean(tmp_path):
+    """Every error once: a misspelled key is its did-you-mean alone, not also the required key it was meant to be."""
     from sslbench.cards import cards_from
     from sslbench.errors import CardError
 
@@ -781,13 +782,10 @@ def test_every_card_schema_error_is_listed_with_its_line_and_did_you_mean(tmp_pa
         cards_from(folder)
     card_fields = "id, family, loader, version, description, architecture, weights, hash, layout, feature, "
     card_fields += "preprocessing, linear_top1, knn_top1, paper, license, notes"
-    bad = _line_of(b, "tiny_bad")  # where the second card starts
     assert str(info.value) == (
-        f"{b}:{_line_of(b, 'architecture:', bad)}: cards[1].architecture.name: required key is missing; "
         f"{b}:{_line_of(b, 'nmae')}: cards[1].architecture.nmae: unknown key (did you mean 'name'?); "
         "allowed: source, name, args, num_classes; "
         f"{b}:{_line_of(b, 'dim: 0')}: cards[1].feature.dim: Input should be greater than or equal to 1 (got 0); "
-        f"{b}:{bad}: cards[1].preprocessing: required key is missing; "
         f"{b}:{_line_of(b, 'preprocesing')}: cards[1].preprocesing: unknown key (did you mean 'preprocessing'?); "
         f"allowed: {card_fields}"
     )
@@ -806,7 +804,6 @@ def test_card_mappings_in_code_list_every_error_of_every_card():
     with pytest.raises(CardError) as info:
         cards_from([good, typo, wide], where="my_cards")
     assert str(info.value) == (
-        "my_cards[1]: license: required key is missing; "
         "my_cards[1]: licence: unknown key (did you mean 'license'?); allowed: id, family, loader, version, "
         "description, architecture, weights, hash, layout, feature, preprocessing, linear_top1, knn_top1, paper, "
         "license, notes; "
@@ -1080,10 +1077,15 @@ class _FailsInWorkers(_Returns):
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="a CPU extraction keeps no decode worker on one core")
-def test_preprocess_failing_in_a_worker_keeps_its_message_whole(tmp_path):
+def test_preprocess_failing_in_a_worker_keeps_its_message_whole(tmp_path, monkeypatch):
+    from sslbench import extract
     from sslbench.cache import CacheKey, FeatureCache
     from sslbench.errors import PluginFailure
     from sslbench.extract import ExtractionSettings, extract_split
+
+    # The pool keeps a decode worker only where the measured costs call for one; this model's are both
+    # microseconds, so the choice would follow the machine's load: equal costs make one worker the fastest.
+    monkeypatch.setattr(extract, "measure_costs", lambda *args: (1.0, 1.0))
 
     owner = "backbone 'b' (plugin 'p' from d 1.0)"
     settings = ExtractionSettings(batch_size=4, workers=1, amp=False, owner=owner)
@@ -1095,3 +1097,49 @@ def test_preprocess_failing_in_a_worker_keeps_its_message_whole(tmp_path):
     assert first == f"{owner}: preprocess() raised ValueError: sample 0 in worker 0 / second line (on sample 0)"
     assert traceback_lines[0] == "Traceback (most recent call last):"
     assert any("raise ValueError" in line for line in traceback_lines)
+
+
+@pytest.mark.parametrize(
+    ("returns", "message"),
+    [
+        (KeyError("no 'purity' / in ctx"), "its function raised KeyError: \"no 'purity' / in ctx\""),
+        (None, "its function returned NoneType None, not a number"),
+        ("0.5", "its function returned '0.5', not a number"),
+        (True, "its function returned True, not a number"),
+    ],
+)
+def test_a_metric_that_raises_or_returns_no_number_names_its_plugin(split_blobs, returns, message):
+    """The run stops with the metric and the plugin that registered it named, not with an anonymous bug."""
+    from sslbench import evaluate_features
+    from sslbench.errors import PluginFailure
+
+    def fn(ctx):
+        if isinstance(returns, Exception):
+            raise returns
+        return returns
+
+    @hookimpl
+    def sslbench_register_metrics(register):
+        register(MetricEntry("broken", fn, "Broken", "fails on purpose"))
+
+    plugins = load_plugins(
+        extra=[("faulty", types.SimpleNamespace(sslbench_register_metrics=sslbench_register_metrics))]
+    )
+    with pytest.raises(PluginFailure) as info:
+        evaluate_features(*split_blobs, seeds=1, epochs=1, plugins=plugins)
+    assert str(info.value) == f"metric 'broken' (plugin 'faulty' from no distribution): {message}"
+
+
+def test_a_metric_returning_a_numpy_or_torch_scalar_is_recorded_as_a_float(split_blobs):
+    from sslbench import evaluate_features
+
+    @hookimpl
+    def sslbench_register_metrics(register):
+        register(MetricEntry("np_half", lambda ctx: np.float32(0.5), "np", "numpy scalar"))
+        register(MetricEntry("torch_quarter", lambda ctx: torch.tensor(0.25), "torch", "0-d tensor"))
+
+    plugins = load_plugins(
+        extra=[("scalars", types.SimpleNamespace(sslbench_register_metrics=sslbench_register_metrics))]
+    )
+    results = evaluate_features(*split_blobs, seeds=1, epochs=1, plugins=plugins)
+    assert results.runs[0].metrics["np_half"] == 0.5 and results.runs[0].metrics["torch_quarter"] == 0.25

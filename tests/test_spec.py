@@ -68,7 +68,7 @@ def test_paper_batch_size_rule_and_overclustering():
         ),
         (
             GOOD.replace("seeds: 3", "seeds: 0"),
-            "spec.yaml:9: protocol.seeds: Value error, a seed count must be",
+            "spec.yaml:9: protocol.seeds: a seed count must be",
         ),
         (GOOD + "  epochs: 0\n", "spec.yaml:10: protocol.epochs: Input should be greater than or equal to 1"),
         (GOOD.replace("  - id: raw", "  - idd: raw"), "spec.yaml:3: models[0]"),

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from sslbench.cards import ModelCard, WeightsHash, WeightSource, load_cards
+from sslbench.cards import MIN_HASH_PREFIX, ModelCard, WeightsHash, WeightSource, load_cards
 from sslbench.errors import SSLBenchError
 from sslbench.weights import BadWeightsFile, file_digest, local_weights, no_downloads, resolve_weights, weights_status
 from sslbench_plugins.pytorch_zoo import CardBackbone, CardOptions, build_architecture
@@ -238,7 +238,7 @@ def test_weights_status_absent_present_verified_failed(offline):
 @given(
     data=st.binary(max_size=2000),
     kind=st.sampled_from(["sha256", "sha256-prefix", "md5-prefix"]),
-    length=st.integers(1, 64),
+    length=st.integers(MIN_HASH_PREFIX, 64),
     flip=st.booleans(),
 )
 def test_status_is_verified_exactly_when_hashlib_agrees(offline, data, kind, length, flip):
