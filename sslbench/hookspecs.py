@@ -19,7 +19,9 @@ with a ``tryfirst`` implementation are called before the others, ``trylast`` aft
 (see :mod:`sslbench.interfaces`) and returning ``None``. ``register`` raises
 :class:`~sslbench.errors.PluginError` when the entry has the wrong type or when its name is already
 taken; that error names both plugins. Registering the same name twice is never silently allowed:
-a benchmark whose backbone was quietly replaced reports wrong numbers.
+a benchmark whose backbone was quietly replaced reports wrong numbers. A third-party plugin that
+takes a name a built-in registers is disabled (one warning); two third-party plugins taking one name
+are an error.
 
 **Validation.** An implementation whose name matches no hook below, or that asks for an argument
 the hook does not have, fails start-up with a one-line error naming the plugin, its distribution and

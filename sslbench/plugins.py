@@ -20,10 +20,12 @@ whose implementation is ``tryfirst`` are called first and those whose implementa
 last; otherwise plugins are called in load order: entry points sorted by name, then the ``extra``
 plugins in the order given. That order is also the order of the entries in each registry.
 
-Nothing is silently shadowed: two entry points with the same name (the third party's is to be
-renamed), two plugins registering the same name, or a plugin name given twice are errors naming both
-sides — which one a spec means is not the loader's to guess, so a clash stays an error even for
-third-party plugins. A hook implementation with an unknown name or argument is an error too; a
+Nothing is silently shadowed. A built-in's names are taken for good: a third-party entry point named
+like a built-in one is left out before import, and a third-party plugin registering a name a built-in
+registers is disabled as above, each with one warning telling it to rename (a built-in cannot be the
+culprit, and the rest of sslbench keeps working). Between third parties, which one a spec means is not
+the loader's to guess: two plugins registering one name are an error naming both, and two entry points
+with one name are both left out. A hook implementation with an unknown name or argument is an error too; a
 function named like a hook without ``@hookimpl`` is a warning (pluggy would ignore it). Every error or
 warning about a plugin names its distribution and version (what to uninstall) and how to disable it,
 and keeps the plugin's exception message whole on one line (:func:`~sslbench.errors.exception_line`).
@@ -191,7 +193,8 @@ class PluginInfo:
     registered: dict[str, list[str]] = field(default_factory=dict)
     #: Why the plugin failed (``"ModuleNotFoundError: …"``, ``"hook 'h' raised KeyError: …"``); None: loaded.
     error: str | None = None
-    #: Where it failed: ``"import"`` or ``"registration"`` (None: loaded).
+    #: Where it failed: ``"name"`` (its entry point's name is another's), ``"import"`` or ``"registration"``
+    #: (None: loaded).
     stage: str | None = None
     #: What a plugin that failed in a registration hook would have registered, as far as known: the
     #: names it registered before failing (withdrawn) and the ids in card files it could not load.
@@ -208,6 +211,8 @@ class PluginInfo:
         """``"failed to import: …"`` or ``"failed to load: …"``; None for a loaded plugin."""
         if self.error is None:
             return None
+        if self.stage == "name":
+            return f"left out: {self.error}"
         return f"failed to {'import' if self.stage == 'import' else 'load'}: {self.error}"
 
 
@@ -235,7 +240,7 @@ class Plugins:
     def plugin_of(self, registry: Registry[Any], name: str) -> PluginInfo:
         """The plugin (with its distribution and version) that registered ``name`` in ``registry``."""
         origin = registry.origin(name)
-        return next(p for p in self.plugins if p.name == origin)
+        return next(p for p in self.plugins if p.name == origin and p.error is None)
 
     @property
     def failures(self) -> list[PluginInfo]:
@@ -379,29 +384,37 @@ def load_plugins(
         ``extra`` plugin (a third-party plugin's is a warning, and the plugin is left out).
     """
     warn = warn or (lambda line: print(f"sslbench: warning: {line}", file=sys.stderr))
-    candidates = _candidates(entry_points, extra)
+    candidates = _candidates(entry_points, extra, warn)
 
     for candidate in candidates:
+        if candidate.info.error is not None:  # left out before import (a name it cannot have)
+            continue
         if candidate.entry_point is not None:
             _import(candidate, warn)
         if candidate.info.error is None:
             candidate.manager = _manager(candidate, trace, warn)
 
-    by_name = {c.info.name: c for c in candidates}
+    by_name = {c.info.name: c for c in candidates if c.info.stage != "name"}
     registries: dict[str, Registry[Any]] = {
         attr: Registry(kind, entry_type, describe=lambda plugin: by_name[plugin].label)
         for attr, entry_type, kind in _REGISTRATION_HOOKS.values()
     }
+
+    def disable(candidate: _Candidate, fault: _HookFault) -> None:
+        _disable(candidate, fault, registries)
+        warn(f"{candidate.label} {candidate.info.failure}{_disable_advice([candidate])}")
+
     for hook_name, (attr, _, _kind) in _REGISTRATION_HOOKS.items():
         for candidate in _call_order(candidates, hook_name):
-            fault = _call_registration_hook(candidate, hook_name, registries[attr], by_name)
+            if candidate.manager is None:  # evicted during this hook by a built-in's registration
+                continue
+            fault = _call_registration_hook(candidate, hook_name, registries[attr], by_name, disable)
             if fault is None:
                 continue
             if candidate.builtin or candidate.entry_point is None:
                 # A broken built-in is a broken installation; an ``extra`` plugin's caller wants to know.
                 raise fault.error from fault.cause
-            _disable(candidate, fault, registries)
-            warn(f"{candidate.label} {candidate.info.failure}{_disable_advice([candidate])}")
+            disable(candidate, fault)
 
     for candidate in candidates:
         info = candidate.info
@@ -437,7 +450,9 @@ def _disable(candidate: _Candidate, fault: _HookFault, registries: dict[str, Reg
     info.would_register = would
 
 
-def _candidates(entry_points: bool, extra: Iterable[tuple[str, object]]) -> list[_Candidate]:
+def _candidates(
+    entry_points: bool, extra: Iterable[tuple[str, object]], warn: Callable[[str], None]
+) -> list[_Candidate]:
     """The plugins to load, in load order, after checking that their names are unique."""
     candidates: list[_Candidate] = []
     if entry_points:
@@ -449,8 +464,8 @@ def _candidates(entry_points: bool, extra: Iterable[tuple[str, object]]) -> list
             info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None)
             candidates.append(_Candidate(info, ep))
     # Before anything is imported: a plugin that would be rejected must not run import-time code.
-    _check_unique(candidates)
-    taken = {c.info.name: c for c in candidates}
+    candidates = _without_collisions(candidates, warn)
+    taken = {c.info.name: c for c in candidates if c.info.error is None}
     for name, plugin in extra:
         candidate = _Candidate(PluginInfo(name, None, None), None, plugin)
         if name in taken:
@@ -464,20 +479,28 @@ def _candidates(entry_points: bool, extra: Iterable[tuple[str, object]]) -> list
     return candidates
 
 
-def _check_unique(candidates: Sequence[_Candidate]) -> None:
-    """Two entry points with one name: pluggy keeps one plugin per name, so one would vanish."""
+def _without_collisions(candidates: list[_Candidate], warn: Callable[[str], None]) -> list[_Candidate]:
+    """Two entry points with one name: pluggy keeps one plugin per name, so one would vanish. The
+    third-party ones are left out, with one warning each and listed as failed by ``sslbench plugins``
+    (a built-in keeps its name: it cannot be the culprit); two built-ins are a broken installation."""
     groups: dict[str, list[_Candidate]] = {}
     for candidate in candidates:
         groups.setdefault(candidate.info.name, []).append(candidate)
     for name, group in groups.items():
-        if len(group) > 1:
-            sides = " and ".join(
-                f"{c.distribution_label} ({c.entry_point.value if c.entry_point else '?'})" for c in group
-            )
-            raise PluginError(
-                f"plugin name '{name}' is declared by {len(group)} entry points of group '{ENTRY_POINT_GROUP}': "
-                f"{sides}; {_collision_advice(group)}"
-            )
+        if len(group) < 2:
+            continue
+        sides = " and ".join(f"{c.distribution_label} ({c.entry_point.value if c.entry_point else '?'})" for c in group)
+        message = (
+            f"plugin name '{name}' is declared by {len(group)} entry points of group '{ENTRY_POINT_GROUP}': "
+            f"{sides}; {_collision_advice(group)}"
+        )
+        third_party = [c for c in group if not c.builtin]
+        if len(third_party) < len(group) - 1:
+            raise PluginError(message)
+        for candidate in third_party:
+            candidate.info.error, candidate.info.stage = message, "name"
+            warn(f"{candidate.label} is left out: {message}")
+    return candidates
 
 
 def _collision_advice(group: Sequence[_Candidate]) -> str:
@@ -634,14 +657,20 @@ class _HookFault:
 
 
 def _call_registration_hook(
-    candidate: _Candidate, hook_name: str, registry: Registry[Any], by_name: dict[str, _Candidate]
+    candidate: _Candidate,
+    hook_name: str,
+    registry: Registry[Any],
+    by_name: dict[str, _Candidate],
+    evict: Callable[[_Candidate, _HookFault], None],
 ) -> _HookFault | None:
     """Call one plugin's implementations of a registration hook through pluggy.
 
+    :param evict: takes out a third-party plugin that registered a name a built-in registers too
+        (called when the built-in comes second; a third party that comes second gets the fault).
     :returns: what the plugin's hook did wrong by itself (an exception, an entry of the wrong type or
-        without a name), or None.
-    :raises PluginError: a name another plugin registered already (which of the two is meant is not
-        the loader's to guess), even when the plugin swallowed the error ``register`` raised.
+        without a name, a name a built-in registers), or None.
+    :raises PluginError: a name another third-party plugin registered already (which of the two is
+        meant is not the loader's to guess), even when the plugin swallowed the error ``register`` raised.
     """
     assert candidate.manager is not None
     conflicts: list[PluginError] = []
@@ -667,6 +696,17 @@ def _call_registration_hook(
                 error = PluginError(f"{exc}{_disable_advice([candidate])}")
                 faults.append(_HookFault(hook_name, f"registered {registry.kind} '{entry.name}' twice", error))
                 raise error from None
+            third_party = _third_party_side(other, candidate)
+            if third_party is not None:  # a built-in's name is taken for good: the third party goes
+                builtin = candidate if third_party is other else other
+                what = f"registered {registry.kind} '{entry.name}', which built-in {builtin.label} registers; rename it"
+                fault = _HookFault(hook_name, what, PluginError(f"{exc}{_disable_advice([third_party])}"))
+                if third_party is candidate:
+                    faults.append(fault)
+                    raise fault.error from None
+                evict(other, fault)
+                registry.add(entry, candidate.info.name)
+                return
             error = PluginError(f"{exc}{_disable_advice([other, candidate])}")
             # Kept for after the call: a swallowed duplicate would leave the other plugin's entry
             # silently in place.
@@ -691,6 +731,14 @@ def _call_registration_hook(
     if conflicts:
         raise conflicts[0]
     return faults[0] if faults else None
+
+
+def _third_party_side(one: _Candidate, other: _Candidate) -> _Candidate | None:
+    """Of two plugins registering one name, the third-party entry point when the other is a built-in."""
+    for third_party, builtin in ((one, other), (other, one)):
+        if builtin.builtin and not third_party.builtin and third_party.entry_point is not None:
+            return third_party
+    return None
 
 
 @functools.cache
