@@ -444,7 +444,9 @@ def file_digests(path: Path, kinds: Iterable[str] = ("sha256",)) -> dict[str, st
         # A file that changed while it was read has no single digest worth remembering.
         if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
             # Re-read just before writing so that entries other processes added meanwhile are kept.
-            files = _read_digest_cache(cache_path)
+            # Entries of files that no longer exist go (a deleted download, a test's temporary folder),
+            # so the file stays as long as the weights on this machine, not every path ever hashed.
+            files = {path: entry for path, entry in _read_digest_cache(cache_path).items() if os.path.exists(path)}
             files[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, **known}
             # A read-only or full disk costs a re-hash next time, not the run.
             with contextlib.suppress(OSError):

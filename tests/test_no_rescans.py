@@ -111,6 +111,17 @@ def test_weights_file_is_hashed_once_then_taken_from_the_cache(weights_file, dig
     assert (entry["size"], entry["mtime_ns"]) == (weights_file.stat().st_size, weights_file.stat().st_mtime_ns)
 
 
+def test_entries_of_deleted_files_are_dropped_when_the_cache_is_written(tmp_path, digests_json):
+    """digests.json holds the weights on this machine, not every path ever hashed."""
+    first, second = tmp_path / "first.pth", tmp_path / "second.pth"
+    first.write_bytes(b"one")
+    second.write_bytes(b"two")
+    weights.file_digest(first)
+    first.unlink()
+    weights.file_digest(second)
+    assert list(json.loads(digests_json.read_text())["files"]) == [str(second.resolve())]
+
+
 def test_a_link_to_the_file_shares_its_entry(weights_file, digests_json, reads, tmp_path):
     link = tmp_path / "link.pth"
     link.symlink_to(weights_file)
