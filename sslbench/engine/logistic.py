@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -275,11 +275,9 @@ def fit_logistic(
     tol: float = 1e-12,
     device: str = "cpu",
     chunk_rows: int = CHUNK_ROWS,
-    init: LogisticFit | None = None,
 ) -> LogisticFit:
     """scikit-learn's ``LogisticRegression(C=C, solver="lbfgs", tol=tol, max_iter=max_iter)`` on
-    ``features`` (an array or a memory-mapped file, streamed) and integer ``labels``; ``init`` warm-starts
-    from an earlier fit with the same classes."""
+    ``features`` (an array or a memory-mapped file, streamed) and integer ``labels``, from zero weights."""
     torch = torch_module()
     device = resolve_device(device)
     data = _Features(features, labels, device, "train")
@@ -289,10 +287,6 @@ def fit_logistic(
     problem = _Problem(data.rows, _codes(data.labels, classes), len(classes), chunk_rows, device)
     _check_finite(problem, "train")
     theta = torch.zeros(problem.width * (problem.dims + 1), dtype=torch.float64, device=device)
-    if init is not None:
-        if not np.array_equal(init.classes, classes) or init.coef.shape != (problem.width, problem.dims):
-            raise SSLBenchError("linear probe: the warm start was fitted on other classes or dimensions")
-        theta.copy_(torch.from_numpy(np.concatenate([init.coef.ravel(), init.intercept])))
     weights = torch.ones(len(data.labels), dtype=torch.float64, device=device)
     with torch_threads(4 * chunk_rows * problem.dims * problem.width):
         fit, _ = _fit(problem, weights, classes, C, theta, max_iter, tol)
@@ -300,23 +294,29 @@ def fit_logistic(
     return fit
 
 
+def _class_logits(
+    fit: LogisticFit, features: np.ndarray, device: str, chunk_rows: int
+) -> Iterator[tuple[slice, Tensor]]:
+    """Every class's logits of ``fit``, chunk by chunk of ``features`` (streamed), float64."""
+    torch = torch_module()
+    reader = RowReader(features)
+    rows = DeviceRows(reader, device)
+    coef = torch.from_numpy(fit.coef).to(device)
+    intercept = torch.from_numpy(fit.intercept).to(device)
+    for chunk in iter_chunks(len(reader), chunk_rows):
+        z = torch.addmm(intercept, rows.rows(chunk).double(), coef.T)
+        yield chunk, torch.nn.functional.pad(z, (1, 0)) if len(fit.classes) == 2 else z
+    reader.release()
+
+
 def predict_proba(
     fit: LogisticFit, features: np.ndarray, *, device: str = "cpu", chunk_rows: int = CHUNK_ROWS
 ) -> np.ndarray:
     """Class probabilities of every row (columns in the order of ``fit.classes``), float64."""
     torch = torch_module()
-    device = resolve_device(device)
-    reader = RowReader(features)
-    rows = DeviceRows(reader, device)
-    coef = torch.from_numpy(fit.coef).to(device)
-    intercept = torch.from_numpy(fit.intercept).to(device)
-    out = np.empty((len(reader), len(fit.classes)), dtype=np.float64)
-    for chunk in iter_chunks(len(reader), chunk_rows):
-        z = torch.addmm(intercept, rows.rows(chunk).double(), coef.T)
-        if len(fit.coef) == 1 and len(fit.classes) == 2:
-            z = torch.nn.functional.pad(z, (1, 0))
+    out = np.empty((len(features), len(fit.classes)), dtype=np.float64)
+    for chunk, z in _class_logits(fit, features, resolve_device(device), chunk_rows):
         out[chunk] = torch.softmax(z, dim=1).cpu().numpy()
-    reader.release()
     return out
 
 
@@ -325,22 +325,14 @@ def _top_k(
 ) -> tuple[float, float]:
     """Top-1 and top-5 (fractions) of ``fit`` on labelled rows; labels outside its classes count as wrong."""
     torch = torch_module()
-    reader = RowReader(features)
-    rows = DeviceRows(reader, device)
-    coef = torch.from_numpy(fit.coef).to(device)
-    intercept = torch.from_numpy(fit.intercept).to(device)
     classes = torch.from_numpy(fit.classes).to(device)
     truth = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
     top1 = top5 = 0
-    for chunk in iter_chunks(len(reader), chunk_rows):
-        z = torch.addmm(intercept, rows.rows(chunk).double(), coef.T)
-        if len(fit.coef) == 1 and len(fit.classes) == 2:
-            z = torch.nn.functional.pad(z, (1, 0))
+    for chunk, z in _class_logits(fit, features, device, chunk_rows):
         ranked = classes[z.topk(min(5, z.shape[1]), dim=1).indices]
         hits = ranked == truth[chunk][:, None]
         top1 += int(hits[:, 0].sum())
         top5 += int(hits.any(dim=1).sum())
-    reader.release()
     return top1 / len(labels), top5 / len(labels)
 
 
