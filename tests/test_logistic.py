@@ -127,7 +127,7 @@ def test_non_convergence_is_reported():
     assert fit.iterations == 3 and not fit.converged
     options = LogisticOptions(c_values=(0.01, 10.0), max_iter=3)
     result = linear_probe(x, y, x, y, options)
-    assert any("max_iter=3" in line for line in result.warnings)
+    assert any("did not converge in 3 iterations" in line for line in result.warnings)
     assert not all(point.converged for point in result.sweep)
 
 

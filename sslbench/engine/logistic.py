@@ -15,8 +15,9 @@ iterations; ``C`` chosen by top-1 on a held-out tenth of train (``torch.manual_s
 ``torch.randperm(n)``, the first ``n // 10`` permuted rows held out), then refitted on all of train and
 scored on the eval split (top-1, top-5). DINOv2 fits each ``C`` from scratch with cuML; here the ``C``
 values are swept from the smallest up, each fit starting at the previous solution (a warm start: the
-objective and its minimiser do not depend on the start), held-out rows riding along in every pass with
-weight zero.
+objective and its minimiser do not depend on the start; where a C stops at ``max_iter`` the iterate, and so
+its held-out score, does, and the fit is reported as not converged), held-out rows riding along in every
+pass with weight zero.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class LogisticFit:
     #: The largest entry of the gradient of the mean objective (``objective / (C·n)``) at the fit.
     gradient_max: float
     iterations: int
-    #: Whether L-BFGS stopped on a tolerance (not on ``max_iter`` or its evaluation cap).
+    #: Whether L-BFGS-B stopped on a tolerance (not on ``max_iter``, its evaluation cap or a failed line
+    #: search), and scipy's reason.
     converged: bool
+    stop_reason: str
     #: Whether the fit classifies every training row correctly: then the training set is linearly
     #: separated, no finite minimiser exists without the penalty, and the weights grow with C.
     separable: bool
@@ -186,10 +189,10 @@ class _Problem:
 
 def _minimise(
     problem: _Problem, weights: Tensor, C: float, theta: Tensor, max_iter: int, tol: float
-) -> tuple[int, bool]:
+) -> tuple[int, bool, str]:
     """scipy's L-BFGS-B, as scikit-learn calls it (``maxls`` 50, ``gtol = tol``, ``ftol = 64·eps``), on
     scikit-learn's mean objective ``objective / (C·n)`` from ``theta`` (updated in place), each evaluation
-    one streamed pass on the device; returns (iterations, converged: stopped on a tolerance)."""
+    one streamed pass on the device; returns (iterations, whether it stopped on a tolerance, scipy's reason)."""
     from scipy.optimize import minimize
 
     torch = torch_module()
@@ -209,7 +212,7 @@ def _minimise(
         options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": FTOL},
     )
     theta.copy_(torch.from_numpy(found.x))
-    return int(found.nit), found.status == 0
+    return int(found.nit), found.status == 0, str(found.message)
 
 
 class _Features:
@@ -243,7 +246,7 @@ def _fit(
     """Minimise at ``C`` from ``theta`` (in place); the fit, and every row's correctness at it."""
     if not (C > 0 and math.isfinite(C)):
         raise SSLBenchError(f"linear probe: C must be a positive number, got {C}")
-    iterations, converged = _minimise(problem, weights, C, theta, max_iter, tol)
+    iterations, converged, reason = _minimise(problem, weights, C, theta, max_iter, tol)
     objective, gradient, right, correct = problem.evaluate(theta, weights, C)
     assert gradient is not None
     n = float(weights.sum())
@@ -257,6 +260,7 @@ def _fit(
         gradient_max=float(gradient.abs().max()) / (C * n),
         iterations=iterations,
         converged=converged,
+        stop_reason=reason,
         separable=right == n,
     )
     return fit, correct
@@ -401,11 +405,13 @@ def linear_probe(
         fit, _ = _fit(full, all_rows, classes, best.C, theta, opts.max_iter, opts.tol)
         top1, top5 = _top_k(fit, eval_features, eval_labels, device, opts.chunk_rows)
     data.reader.release()
-    for point in sweep:
-        if not point.converged:
-            warnings.append(f"C={point.C:.3g}: L-BFGS stopped at max_iter={opts.max_iter} before converging")
-    if not fit.converged:
-        warnings.append(f"refit at C={fit.C:.3g}: L-BFGS stopped at max_iter={opts.max_iter} before converging")
+    for done in [*fits.values(), fit]:
+        if not done.converged:
+            what = "refit" if done is fit else "sweep"
+            warnings.append(
+                f"{what} at C={done.C:.3g}: L-BFGS-B did not converge in {done.iterations} iterations "
+                f"({done.stop_reason})"
+            )
     separated = [p.C for p in sweep if p.separable]
     if separated:
         warnings.append(
