@@ -64,12 +64,12 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (x[:600] / 16).astype(np.float32), y[:600]
 
 
-@pytest.mark.parametrize("C", [1e-4, 1e-2, pytest.param(0.3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("C", [1e-4, 1e-2, 0.3])
 def test_digits_match_scikit_learn(digits, C):
     assert_same_fit(*digits, C)
 
 
-@pytest.mark.parametrize("C", [1e-3, pytest.param(1.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("C", [1e-3, 1.0])
 def test_two_classes_take_the_binary_model(digits, C):
     x, y = digits
     binary = (y > 4).astype(np.int64) * 7 + 3  # labels 3 and 10: classes are the labels, not 0..K-1
@@ -175,7 +175,6 @@ def test_default_grid_is_dinov2s():
     assert LogisticOptions().c_values == tuple((10 ** torch.linspace(-6, 5, 45)).tolist())
 
 
-@pytest.mark.slow
 def test_protocol_chooses_scikit_learns_c(digits):
     x, y = digits
     rng = np.random.default_rng(0)
