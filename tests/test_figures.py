@@ -56,7 +56,7 @@ def _results(plugins, measured=None):
             n_eval=10,
             metrics={"linear_top1": top1, "linear_top5": 0.9},
             seconds=1.0,
-        )  # fmt: skip
+        )
         for backbone, top1 in (measured or {}).items()
     ]
     described = {name: MetricInfo(label=name) for name in ("acc", "ari", "linear_top1", "linear_top5")}
