@@ -192,12 +192,12 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
         )
         if eval_.name == fit.name:
             eval_ = fit
-        for probe in resolved.probes:  # before any extraction: k larger than train is known now
+        for p_index, probe in enumerate(resolved.probes):  # before any extraction: k larger than train is known now
             if probe.entry.check is not None:
                 try:
                     probe.entry.check(probe.options, len(fit.split), f"{d_spec.label}/{fit.name}")
                 except SSLBenchError as exc:
-                    raise SSLBenchError(f"{resolved.loaded.source}: probes: {probe.name}: {exc}") from None
+                    raise SSLBenchError(f"{resolved.loaded.source}: probes[{p_index}]: {exc}") from None
         groups = dataset.metadata.get("class_groups")
         class_groups = (
             dict(checked_class_groups(groups, dataset.num_classes, f"dataset {d_spec.label}"))
