@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import sslbench.plugins as plugins_module
 from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
-from sslbench.hookspecs import PLUGIN_KINDS
 from sslbench.errors import PluginError, SSLBenchError, exception_line
 from sslbench.extract import usable_cores
+from sslbench.hookspecs import PLUGIN_KINDS
 from sslbench.plugins import load_plugins
 
 from conftest import PAPER_METRICS, run_cli
