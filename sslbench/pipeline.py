@@ -563,24 +563,25 @@ def run_probes(plan: ProtocolPlan, emit: Emit = ignore) -> list[ProbeRecord]:
             )
         for note in outcome.notes:
             emit(Event("note", f"{plan.model}/{plan.dataset}: {probe.name} probe: {note}"))
-        records.append(
-            ProbeRecord(
-                model=plan.model,
-                backbone=plan.backbone,
-                dataset=plan.dataset,
-                probe=probe.name,
-                options=probe.options.model_dump(mode="json"),
-                fit_split=plan.fit_split,
-                eval_split=plan.eval_split,
-                n_classes=plan.n_classes,
-                n_train=len(plan.train.labels),
-                n_eval=len(plan.eval.labels),
-                metrics={name: float(outcome.metrics[name]) for name in declared},
-                details=dict(outcome.details),
-                notes=list(outcome.notes),
-                seconds=seconds,
-            )
+        record = ProbeRecord(
+            model=plan.model,
+            backbone=plan.backbone,
+            dataset=plan.dataset,
+            probe=probe.name,
+            options=probe.options.model_dump(mode="json"),
+            fit_split=plan.fit_split,
+            eval_split=plan.eval_split,
+            n_classes=plan.n_classes,
+            n_train=len(plan.train.labels),
+            n_eval=len(plan.eval.labels),
+            metrics={name: float(outcome.metrics[name]) for name in declared},
+            details=dict(outcome.details),
+            notes=list(outcome.notes),
+            seconds=seconds,
         )
+        shown = "  ".join(f"{info.label} {info.text(record.metrics[name])}" for name, info in declared.items())
+        emit(Event("probe", f"{plan.model} on {plan.dataset}: {shown}  ({seconds:.1f} s)", data={"record": record}))
+        records.append(record)
     return records
 
 
