@@ -21,7 +21,7 @@ from sslbench.errors import SSLBenchError
 from sslbench.evaluate import evaluate_features
 from sslbench.interfaces import ProbeData
 from sslbench.plugins import load_plugins
-from sslbench.results import load_results
+from sslbench.results import ProbeRecord, load_results
 from sslbench.spec import parse_spec, resolve_spec
 from sslbench_plugins.linear_probe import LinearOptions
 
@@ -324,3 +324,52 @@ def test_the_three_evals_spec_runs(tmp_path):
     assert probes["linear"].details["C"] in probes["linear"].options["c_values"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| kNN-10 | kNN-20 | Linear top-1 | Linear top-5 |" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# Published values beside the measured ones: a second weights check
+
+
+def test_reports_show_measured_linear_and_knn_beside_the_cards(plugins):
+    from sslbench.results import Run, RunProtocol, Timings, build_results, environment
+    from sslbench.runner import paper_values
+
+    spec = "models: [{id: vit_small_patch16_224.dino, name: dino}]\ndatasets: [{id: digits}]\nprobes: [{id: knn}, {id: linear}]\n"
+    resolved = resolve_spec(parse_spec(spec, "spec.yaml"), plugins)
+    card = plugins.backbones.get("vit_small_patch16_224.dino").card
+    protocol = RunProtocol(
+        fit_split="train", eval_split="val", n_classes=1000, k=1000, overcluster=1.0, n_clusters=1000,
+        pca_dims=384, whiten=False, epochs=60, batch_size=2048, backend="torch",
+    )  # fmt: skip
+    timings = Timings(extract_s=0, pca_s=0, kmeans_s=0, eval_s=0)
+    runs = [
+        Run(model="dino", backbone=card.id, dataset="ImageNet", protocol=protocol, seed=seed, n_train=10, n_eval=10,
+            metrics={"acc": 0.4 + seed / 100}, timings=timings)
+        for seed in (0, 1)
+    ]  # fmt: skip
+    measured = {"knn_top1_k20": 0.7400, "linear_top1": 0.7850, "linear_top5": 0.93}
+    records = [
+        ProbeRecord(model="dino", backbone=card.id, dataset="ImageNet", probe=probe, options={}, fit_split="train",
+                    eval_split="val", n_classes=1000, n_train=10, n_eval=10, seconds=1.0,
+                    metrics={k: v for k, v in measured.items() if k.startswith(probe[:3])})
+        for probe in ("knn", "linear")
+    ]  # fmt: skip
+    described = {"acc": plugins.metrics.get("acc").info}
+    for probe in resolved.probes:
+        described |= probe.metrics()
+    results = build_results(
+        runs, spec=None, env=environment("cpu", plugins), wall_s=1.0, metrics=described, probes=records,
+        published=paper_values(resolved, plugins),
+    )  # fmt: skip
+    (row,) = results.summary
+    assert row.published.metrics["linear_top1"].mean == card.linear_top1.value / 100
+    assert row.published.metrics["knn_top1_k20"].mean == card.knn_top1.value / 100
+    assert f"Linear top-1: {card.linear_top1.source}" in row.published.source
+    linear_delta = f"{78.50 - card.linear_top1.value:+.2f}"
+    knn_delta = f"{74.00 - card.knn_top1.value:+.2f}"
+    md = plugins.reporters.get("md").reporter.render(results)
+    assert f"{card.linear_top1.value:.2f} ({linear_delta})" in md and f"{card.knn_top1.value:.2f} ({knn_delta})" in md
+    lines = plugins.reporters.get("csv").reporter.render(results).splitlines()
+    csv = dict(zip(lines[0].split(","), lines[1].split(","), strict=True))
+    assert float(csv["linear_top1_published"]) == card.linear_top1.value / 100
+    assert float(csv["linear_top1_delta"]) == pytest.approx(0.785 - card.linear_top1.value / 100)
