@@ -48,3 +48,21 @@ def class_blobs_torch(
         block = latent @ basis + noise * 0.1 * torch.randn(stop - start, dims, generator=generator, device=device)
         out[start:stop] = block.clamp_min_(0.0).cpu().numpy()
     return out, labels.cpu().numpy().astype(np.int64)
+
+
+def gaussian_classes(
+    n: int, n_classes: int, dims: int, separation: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` float32 rows: a Gaussian class mean (norm about ``separation``) plus unit Gaussian noise, so
+    that classes overlap as a linear probe's do (3.5 at 768 dims, 100 classes: about 3/4 top-1).
+    Generated in blocks, so memory stays at one block."""
+    rng = np.random.default_rng(seed)
+    means = (rng.normal(size=(n_classes, dims)) * (separation / np.sqrt(dims))).astype(np.float32)
+    labels = rng.integers(0, n_classes, n)
+    out = np.empty((n, dims), dtype=np.float32)
+    for start in range(0, n, 65536):
+        stop = min(start + 65536, n)
+        block_rng = np.random.default_rng([seed, start])
+        out[start:stop] = block_rng.standard_normal((stop - start, dims), dtype=np.float32)
+        out[start:stop] += means[labels[start:stop]]
+    return out, labels.astype(np.int64)

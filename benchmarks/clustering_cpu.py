@@ -25,9 +25,11 @@ from _gemm import gemm_rate
 from _synthetic import class_blobs
 
 from sslbench import evaluate_features
+from sslbench.engine.kmeans import TorchKMeans
+from sslbench.engine.options import TorchOptions
+from sslbench.engine.pca import TorchPCA
 from sslbench.interfaces import ClustererConfig, ReducerConfig
 from sslbench.spec import default_kmeans_batch_size
-from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA
 
 
 def main() -> None:

@@ -41,9 +41,12 @@ from _gemm import gemm_rate  # noqa: E402
 from _synthetic import class_blobs  # noqa: E402
 
 from sslbench import evaluate_features  # noqa: E402
+from sslbench.engine.gemm import cpu_has_bf16  # noqa: E402
+from sslbench.engine.kmeans import TorchKMeans  # noqa: E402
+from sslbench.engine.options import TorchOptions  # noqa: E402
+from sslbench.engine.pca import TorchPCA  # noqa: E402
 from sslbench.interfaces import ClustererConfig, ReducerConfig  # noqa: E402
 from sslbench.spec import default_kmeans_batch_size  # noqa: E402
-from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA, cpu_has_bf16  # noqa: E402
 
 
 def verdict(ok: bool) -> str:

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic import class_blobs_torch
 
 from sslbench import evaluate_features
+from sslbench.engine.kmeans import TorchKMeans
+from sslbench.engine.pca import TorchPCA
 from sslbench.interfaces import ClustererConfig, ReducerConfig
 from sslbench.spec import default_kmeans_batch_size
-from sslbench_plugins.torch_backend import TorchKMeans, TorchPCA
 
 
 def gemm_rate(m: int, k: int, n: int, dtype: object, device: str) -> float:

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthetic import class_blobs
 
+from sslbench.engine.kmeans import TorchKMeans
 from sslbench.interfaces import ClustererConfig
 from sslbench.spec import default_kmeans_batch_size
-from sslbench_plugins.torch_backend import TorchKMeans
 
 
 def peak_rss_gb() -> float:

@@ -34,9 +34,10 @@ def stages() -> dict[str, Callable[[], object]]:
     from _synthetic import class_blobs
 
     from sslbench import evaluate_features
+    from sslbench.engine.kmeans import TorchKMeans
+    from sslbench.engine.pca import TorchPCA
     from sslbench.interfaces import ClustererConfig, ReducerConfig
     from sslbench.knn import knn_top1
-    from sslbench_plugins.torch_backend import TorchKMeans, TorchPCA
 
     x, y = class_blobs(44_000, 200, 512)
     small, small_labels = class_blobs(5_500, 10, 256, seed=1)

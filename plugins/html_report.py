@@ -43,8 +43,9 @@ _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 
 #: What each figure shows, under it.
 FIGURE_CAPTIONS = {
-    "fig1_acc_vs_linear": "k-means ACC against the linear top-1 of each model's card, at the paper's protocol point; "
-    "points far from the least-squares line are labelled.",
+    "fig1_acc_vs_linear": "k-means ACC against each model's linear top-1 (filled: measured by the run's linear "
+    "probe; hollow: published in its card), at the paper's protocol point; points far from the least-squares line "
+    "are labelled.",
     "fig1_ari_vs_acc": "ARI against ACC, one point per model at the paper's protocol point; "
     "points far from the least-squares line are labelled.",
     "fig2_dims": "ACC and ARI against the PCA dimensions kept; error bars: std over seeds.",
@@ -403,7 +404,7 @@ keeps the sorted view.</span></footer>
         if drawn:
             parts.append('<div class="figures">')
             for plan, svg in drawn:
-                caption = FIGURE_CAPTIONS.get(plan.stem, "")
+                caption = " ".join(part for part in (FIGURE_CAPTIONS.get(plan.stem, ""), plan.note) if part)
                 parts.append(
                     f'<figure id="{_e(plan.stem)}">\n{inline_svg(svg, plan.stem + "-", plan.title)}\n'
                     f"<figcaption><b>{_e(plan.title)}.</b> {_e(caption)}</figcaption>\n</figure>"

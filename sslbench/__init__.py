@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from sslbench.errors import PluginError, SSLBenchError
-from sslbench.hookspecs import hookimpl
+from sslbench.hookspecs import PLUGIN_KINDS, hookimpl
 
 if TYPE_CHECKING:
     from sslbench.evaluate import evaluate_features, evaluate_model
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
         DatasetEntry,
         MetricEntry,
         NoOptions,
+        ProbeData,
+        ProbeEntry,
+        ProbeOutcome,
         Reducer,
         ReducerConfig,
         ReportContext,
@@ -44,20 +47,18 @@ _LAZY = {
     "Event": "sslbench.events",
     **dict.fromkeys(
         [
+            *(kind.entry for kind in PLUGIN_KINDS),
             "Backbone",
-            "BackboneEntry",
-            "BackendEntry",
             "Clusterer",
             "ClustererConfig",
             "Dataset",
-            "DatasetEntry",
-            "MetricEntry",
             "NoOptions",
+            "ProbeData",
+            "ProbeOutcome",
             "Reducer",
             "ReducerConfig",
             "ReportContext",
             "Reporter",
-            "ReporterEntry",
             "ScoringContext",
             "Split",
         ],
@@ -87,33 +88,6 @@ def __getattr__(name: str) -> Any:
 #: The installed distribution's version (``0+unknown`` when run from a source tree without metadata).
 __version__: str
 
-__all__ = [
-    "Backbone",
-    "BackboneEntry",
-    "BackendEntry",
-    "Clusterer",
-    "ClustererConfig",
-    "Dataset",
-    "DatasetEntry",
-    "Event",
-    "MetricEntry",
-    "MetricInfo",
-    "NoOptions",
-    "PluginError",
-    "Plugins",
-    "Reducer",
-    "ReducerConfig",
-    "ReportContext",
-    "Reporter",
-    "ReporterEntry",
-    "Results",
-    "SSLBenchError",
-    "ScoringContext",
-    "Split",
-    "__version__",
-    "evaluate_features",
-    "evaluate_model",
-    "hookimpl",
-    "load_plugins",
-    "load_results",
-]
+__all__ = sorted(
+    [*_LAZY, "PluginError", "SSLBenchError", "__version__", "hookimpl"], key=lambda name: (name[0].islower(), name)
+)

@@ -67,6 +67,8 @@ def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
             console.print(f"[yellow]{escape(event.text)}", soft_wrap=True)
         elif event.kind == "features":
             console.print(f"[bold]{escape(event.text)}", soft_wrap=True)
+        elif event.kind == "probe":
+            console.print(f"  {escape(event.text)}", soft_wrap=True)
         elif event.kind == "run" and event.run is not None:
             # One line per protocol point once all its seeds are in, not one per seed.
             run = event.run

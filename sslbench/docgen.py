@@ -409,6 +409,7 @@ _OPTION_KINDS = (
     ("backbones", "backbone", "models[].options."),
     ("datasets", "dataset", "datasets[].options."),
     ("backends", "backend", "protocol.backend_options."),
+    ("probes", "probe", "probes[].options."),
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from sslbench.events import Emit, ignore
 from sslbench.extract import resolve_device
 from sslbench.inputs import FeatureSplit, checked_split, class_index
 from sslbench.interfaces import Backbone, Dataset
-from sslbench.pipeline import plan_protocol, run_protocol
+from sslbench.pipeline import plan_protocol, run_probes, run_protocol
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.results import ExtractionRecord, Results, build_results, environment
-from sslbench.spec import ProtocolSpec
+from sslbench.spec import ProbeSpec, ProtocolSpec, ResolvedProbe
 
 
 def evaluate_features(
@@ -43,8 +43,7 @@ def evaluate_features(
     seeds: int | Sequence[int] = 5,
     backend: str = "torch",
     backend_options: dict[str, Any] | None = None,
-    knn: int | Sequence[int] = (),
-    knn_temperature: float = 0.07,
+    probes: Sequence[Mapping[str, Any]] = (),
     device: str = "auto",
     n_classes: int | None = None,
     model: str = "features",
@@ -72,9 +71,9 @@ def evaluate_features(
     :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds.
     :param backend: ``reference`` (the paper's scikit-learn code) or ``torch`` (fast, CPU or GPU).
     :param backend_options: options of the backend's clusterer, e.g. ``{"algorithm": "lloyd"}``.
-    :param knn: weighted kNN top-1 (the DINO protocol: cosine, ``exp(sim / T)`` votes) on the raw
-        features for each k, recorded in every run's metrics as ``knn_top1_k<k>``; ``()`` = off.
-    :param knn_temperature: ``T`` of the kNN weights.
+    :param probes: evaluations that learn from the train labels, each ``{"id": …, "options": {…}}`` as in a
+        spec's ``probes``: e.g. ``[{"id": "knn", "options": {"k": [10, 20]}}, {"id": "linear"}]``; run once on
+        the raw features and stored in ``results.probes`` (each summary row shows their values).
     :param device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; used by backends that run on GPUs.
     :param n_classes: number of classes (every label must be below it); ``None`` = ``max(label) + 1``
         over both splits, unless the labels are sparse (the largest at least twice the number of
@@ -101,8 +100,6 @@ def evaluate_features(
                 "seeds": _plain(seeds),
                 "backend": backend,
                 "backend_options": _plain(dict(backend_options or {})),
-                "knn": _plain(list(knn) if isinstance(knn, Sequence | range | np.ndarray) else knn),
-                "knn_temperature": _plain(knn_temperature),
             }
         )
     except ValidationError as exc:
@@ -119,17 +116,73 @@ def evaluate_features(
             eval_ = FeatureSplit(eval_.name, eval_.features, index.apply(eval_.labels))
     else:
         classes = _count("n_classes", n_classes)
+    resolved_probes = _resolved_probes(probes, plugins)
     device = resolve_device(_checked_device(device))
     plan = plan_protocol(
-        train, eval_, n_classes=classes, protocol=protocol, plugins=plugins, model=model, dataset=dataset, device=device
+        train,
+        eval_,
+        n_classes=classes,
+        protocol=protocol,
+        plugins=plugins,
+        model=model,
+        dataset=dataset,
+        device=device,
+        probes=resolved_probes,
     )
+    probe_records = run_probes(plan, emit)
     with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
         runs = list(run_protocol(plan, scratch=scratch, emit=emit))
     env = environment(device, plugins)
-    spec = {"api": "evaluate_features", "protocol": protocol.model_dump(mode="json")}
+    spec = {
+        "api": "evaluate_features",
+        "protocol": protocol.model_dump(mode="json"),
+        "probes": [{"id": p.name, "options": p.options.model_dump(mode="json")} for p in resolved_probes],
+    }
     return build_results(
-        runs, spec=spec, env=env, wall_s=time.perf_counter() - started, metrics=plan.metric_descriptors
+        runs,
+        spec=spec,
+        env=env,
+        wall_s=time.perf_counter() - started,
+        metrics=plan.metric_descriptors,
+        probes=probe_records,
     )
+
+
+def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> tuple[ResolvedProbe, ...]:
+    """The API's ``probes`` as a spec's: each ``{"id": …, "options": {…}}``, the id registered, the options
+    validated by the probe's model, no metric recorded twice; else a one-line error naming the probe."""
+    if isinstance(probes, Mapping | str):
+        raise SSLBenchError("evaluate_features: probes: give a list of {'id': …, 'options': {…}}")
+    resolved: list[ResolvedProbe] = []
+    for index, given in enumerate(probes):
+        try:
+            spec = ProbeSpec.model_validate(_plain(dict(given)) if isinstance(given, Mapping) else given)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise SSLBenchError(
+                f"evaluate_features: probes[{index}]{'.' + where if where else ''}: {err['msg']}"
+            ) from None
+        try:
+            entry = plugins.probes.get(spec.id)
+        except SSLBenchError as exc:
+            raise SSLBenchError(f"evaluate_features: probes[{index}].id: {exc}") from None
+        try:
+            options = entry.options.model_validate(spec.options)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise SSLBenchError(
+                f"evaluate_features: probes[{index}].options.{where}: {err['msg']} (got {err.get('input')!r})"
+            ) from None
+        probe = ResolvedProbe(entry, options)
+        taken = [name for earlier in resolved for name in earlier.metrics() if name in probe.metrics()]
+        if taken:
+            raise SSLBenchError(
+                f"evaluate_features: probes[{index}]: metric '{taken[0]}' is recorded by an earlier probe"
+            )
+        resolved.append(probe)
+    return tuple(resolved)
 
 
 def _plain(value: Any) -> Any:
@@ -279,7 +332,7 @@ def evaluate_model(
     :param fit_split: the split PCA and k-means are fitted on; ``eval_split`` (default: ``val`` if the
         dataset has it, else ``test``) is predicted and scored.
     :param protocol: every keyword :func:`evaluate_features` takes for the protocol (``n_clusters``,
-        ``overcluster``, ``pca_dim``, ``epochs``, ``seeds``, ``backend``, ``knn`` …).
+        ``overcluster``, ``pca_dim``, ``epochs``, ``seeds``, ``backend``, ``probes`` …).
     :returns: the results; ``spec`` records ``{"api": "evaluate_model", "dataset": …}``.
 
     Features go to a scratch folder removed at the end (nothing is cached: a model being trained

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from sslbench.results import Run
 
-EventKind = Literal["stage", "note", "features", "run"]
+EventKind = Literal["stage", "note", "features", "probe", "run"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class Event:
     * ``stage``: a protocol stage starts (``name`` in :data:`STAGES`; ``text`` says on what);
     * ``note``: something the user should know that is not an error (an optional model skipped);
     * ``features``: a split's features are ready (``data``: ``source`` = ``cache`` or ``extracted``);
+    * ``probe``: a probe of one model × dataset is scored (``text``: its values; ``data``: ``record``, the
+      :class:`~sslbench.results.ProbeRecord`);
     * ``run``: one run (model × dataset × protocol point × seed) is scored (``run`` holds it).
     """
 

@@ -34,7 +34,7 @@ to disable it (``SSLBENCH_DISABLE_PLUGINS=dist:name``).
 wrong type or without a name, the plugin is disabled as one that fails to import is: one warning
 line (the exception's type and whole message), everything it registered in *any* hook withdrawn, none
 of its later hooks called, and ``sslbench plugins`` lists it as failed with the reason (exit status
-0). A spec naming a backbone, dataset, backend, metric or reporter it would have provided fails with
+0). A spec naming a backbone, dataset, backend, metric, probe or reporter it would have provided fails with
 "X is provided by plugin P (distribution D), which failed to load: reason" (the names it registered
 before failing, and the card ids of card files it could not load, are known). A built-in plugin's
 failure is an error (the installation is broken); so is a name that two plugins register.
@@ -45,6 +45,7 @@ All hooks return ``None``; what a hook returns is ignored.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -55,10 +56,38 @@ if TYPE_CHECKING:
         BackendEntry,
         DatasetEntry,
         MetricEntry,
+        ProbeEntry,
         ReporterEntry,
     )
 
 PROJECT_NAME = "sslbench"
+
+
+@dataclass(frozen=True)
+class PluginKind:
+    """One kind of entry plugins register: everything the loader, :class:`~sslbench.plugins.Plugins`,
+    ``sslbench plugins``, the generated reference and ``sslbench``'s exports know about it."""
+
+    #: The registration hook below.
+    hook: str
+    #: The entry class in :mod:`sslbench.interfaces`, by name (this module imports nothing heavy).
+    entry: str
+    #: How messages and ``sslbench plugins`` name one entry.
+    kind: str
+    #: The registry's attribute on :class:`~sslbench.plugins.Plugins`.
+    attribute: str
+
+
+#: Every kind of plugin entry, in the order their hooks are called. A new kind is declared here, by its
+#: hook below and by its entry class in :mod:`sslbench.interfaces`; nothing else names it.
+PLUGIN_KINDS: tuple[PluginKind, ...] = (
+    PluginKind("sslbench_register_backbones", "BackboneEntry", "backbone", "backbones"),
+    PluginKind("sslbench_register_datasets", "DatasetEntry", "dataset", "datasets"),
+    PluginKind("sslbench_register_backends", "BackendEntry", "backend", "backends"),
+    PluginKind("sslbench_register_metrics", "MetricEntry", "metric", "metrics"),
+    PluginKind("sslbench_register_probes", "ProbeEntry", "probe", "probes"),
+    PluginKind("sslbench_register_reporters", "ReporterEntry", "reporter", "reporters"),
+)
 
 #: Marks a hook specification (used only in this module).
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -126,6 +155,24 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
         plugin show it the same.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def sslbench_register_probes(register: Callable[[ProbeEntry], None]) -> None:
+    """Register probes: evaluations that learn from the train features' labels and score the eval split
+    (the weighted kNN, the linear probe), which a spec names under ``probes[].id``.
+
+    :param register: call with one :class:`~sslbench.interfaces.ProbeEntry` per probe. Its ``options``
+        model validates the spec's ``probes[].options``; ``metrics`` names and describes what it records
+        for those options; ``run`` receives a :class:`~sslbench.interfaces.ProbeData` (the raw train and
+        eval features, possibly memory-mapped and larger than RAM, their labels, the device) and the
+        validated options, and returns a :class:`~sslbench.interfaces.ProbeOutcome`. A probe runs once
+        per model × dataset, before the clustering (it depends on no k-means seed); results.json stores
+        it once, with its options, time and notes, and every report shows its values beside the card's
+        published ones (``published``).
+
+    .. versionadded:: 0.2
     """
 
 

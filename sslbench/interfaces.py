@@ -3,7 +3,7 @@
 A plugin registers *entries* (small frozen dataclasses: a name, a factory, an options model and a
 description) through the registration hooks in :mod:`sslbench.hookspecs`. The factories build the
 working objects defined here: :class:`Backbone`, :class:`Dataset`/:class:`Split`, :class:`Reducer`,
-:class:`Clusterer` and :class:`Reporter`.
+:class:`Clusterer`, the probes' :class:`ProbeData` and :class:`ProbeOutcome`, and :class:`Reporter`.
 
 Feature matrices cross these interfaces as ``numpy`` arrays of shape ``(n_samples, n_features)``.
 They may be ``np.memmap`` arrays larger than RAM: implementations read them in row chunks (see
@@ -386,6 +386,71 @@ class MetricEntry:
             err = exc.errors(include_url=False)[0]
             field = ".".join(str(p) for p in err["loc"])
             raise PluginError(f"metric '{self.name}': {field}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """What a probe learns from and scores: one model's raw features of one dataset (no PCA).
+
+    Features are ``(n, d)`` arrays that may be memory-mapped and larger than RAM: read them in row
+    chunks (:class:`sslbench.arrays.RowReader`). Labels are ``int64`` class indices below ``n_classes``.
+    """
+
+    train_features: np.ndarray
+    train_labels: np.ndarray
+    eval_features: np.ndarray
+    eval_labels: np.ndarray
+    n_classes: int
+    #: The spec's device, resolved: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    device: str = "cpu"
+
+
+#: A value a probe records besides its metrics (the linear probe's chosen C).
+Detail = float | int | str | bool
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    """What one probe run produced.
+
+    :param metrics: metric name → value, exactly the names :attr:`ProbeEntry.metrics` declared.
+    :param details: other recorded values (the chosen C), shown in results.json, not as columns.
+    :param notes: what the reader must know about the numbers (non-convergence, separable data), one
+        line each: stored with the probe and printed when it runs.
+    """
+
+    metrics: dict[str, float]
+    details: dict[str, Detail] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProbeEntry:
+    """An evaluation that learns from the train features' labels and scores the eval split, named by a
+    spec's ``probes[].id`` with its ``options``.
+
+    :param metrics: the metrics a run with these (validated) options records, described, in column
+        order: ``{"knn_top1_k20": MetricInfo(label="kNN-20"), …}``. Names are unique across probes.
+    :param run: the probe itself: returns exactly the metrics ``metrics`` declared.
+    :param check: refuses, before any feature is extracted or clustered, options the train split cannot
+        satisfy (``check(options, n_train, split_name)``: k larger than train): a one-line
+        :class:`~sslbench.errors.SSLBenchError`.
+    :param published: the card's published values of this probe's metrics, when they measure the same
+        thing: ``published(card, n_classes, options)`` → metric → ``(value as a fraction, source)``.
+        Reports show them beside the measured ones, with the difference.
+    """
+
+    name: str
+    run: Callable[[ProbeData, BaseModel], ProbeOutcome]
+    metrics: Callable[[BaseModel], dict[str, MetricInfo]]
+    description: str
+    options: type[BaseModel] = NoOptions
+    check: Callable[[BaseModel, int, str], None] | None = None
+    published: Callable[[ModelCard, int, BaseModel], dict[str, tuple[float, str]]] | None = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import numpy as np
 from sslbench.arrays import RowReader
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import iter_chunks
-from sslbench.results import MetricInfo
 from sslbench.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -55,16 +54,6 @@ EVAL_CHUNK = 4096
 TRAIN_CHUNK = 8192
 #: Train indices are packed into the low 32 bits of a candidate's key.
 MAX_TRAIN_ROWS = 2**32 - 1
-
-
-def knn_metric(k: int) -> str:
-    """Name of the kNN top-1 for ``k`` neighbours in a run's metrics: ``knn_top1_k20``."""
-    return f"knn_top1_k{k}"
-
-
-def knn_info(k: int) -> MetricInfo:
-    """How the reports show :func:`knn_metric` of ``k``: ``kNN-20``."""
-    return MetricInfo(label=f"kNN-{k}", description=f"weighted {k}-NN top-1 on the raw features (cosine, exp(sim/T))")
 
 
 def check_knn(ks: Sequence[int], n_train: int, what: str = "train") -> None:

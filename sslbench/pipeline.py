@@ -12,15 +12,13 @@ For one model on one dataset (a :class:`ProtocolPlan`, checked by :func:`plan_pr
                      and on each transfer target
     save_predictions the run's cluster ids, when asked
 
-and, once per plan before the clustering stages, when ``protocol.knn`` lists any k::
+and, once per plan, for each of the spec's probes (kNN, linear, a plugin's: :class:`ProbeEntry`)::
 
-    score_knn        weighted kNN top-1 (the DINO protocol, :mod:`sslbench.knn`) of the eval split
-                     against the train split, on the raw features (no PCA, no seed)
+    run_probes       each probe learns from the train split's raw features and labels (no PCA, no
+                     seed) and scores the eval split
 
-Where kNN lives in the results: its top-1 for each k is added to the metrics of every run of that model
-× dataset as ``knn_top1_k<k>`` (not to transfer runs), and its time to ``timings.knn_s``. So the
-summaries, reports, CSV and merges carry it with no new structure; the value is the same for every
-seed (its std is 0 by construction), and runs without kNN keep exactly the metrics they had.
+A probe's values are stored once per model × dataset (:class:`~sslbench.results.ProbeRecord`, with its
+options, details, notes and time), not in the runs; each summary row of that model × dataset shows them.
 
 No stage holds a whole feature or projection matrix in memory: inputs are read and outputs written in
 row chunks, so a full ImageNet run needs a few GB of RAM whatever the feature dimension. Only the
@@ -51,17 +49,17 @@ from sslbench.interfaces import (
     BackendEntry,
     ClustererConfig,
     MetricEntry,
+    ProbeData,
     Reducer,
     ReducerConfig,
     ScoringContext,
     iter_chunks,
 )
-from sslbench.knn import check_knn, knn_info, knn_metric, knn_top1
 from sslbench.predictions import predictions_name, save_predictions
 from sslbench.progress import NullProgress, Progress
 from sslbench.protocol import contingency
-from sslbench.results import MetricInfo, Run, RunProtocol, Timings
-from sslbench.spec import ProtocolPoint, ProtocolSpec, one_line
+from sslbench.results import MetricInfo, ProbeRecord, Run, RunProtocol, Timings
+from sslbench.spec import ProtocolPoint, ProtocolSpec, ResolvedProbe, one_line
 from sslbench.transfer import TRANSFER_METRIC_INFO, TRANSFER_METRICS, ClassMap, transfer_scores
 
 if TYPE_CHECKING:
@@ -107,6 +105,8 @@ class ProtocolPlan:
     transfers: tuple[TransferTarget, ...] = ()
     extract_s: float = 0.0
     predictions_dir: Path | None = None
+    #: The probes run once on this model × dataset.
+    probes: tuple[ResolvedProbe, ...] = ()
 
     @functools.cached_property
     def points(self) -> list[ProtocolPoint]:
@@ -115,7 +115,7 @@ class ProtocolPlan:
     @functools.cached_property
     def metric_descriptors(self) -> dict[str, MetricInfo]:
         """Every metric the runs of this plan record, described (see :func:`metric_descriptors`)."""
-        return metric_descriptors(self.metrics, self.class_groups, self.protocol.knn, bool(self.transfers))
+        return metric_descriptors(self.metrics, self.class_groups, self.probes, bool(self.transfers))
 
 
 def validated_backend_options(backend: BackendEntry, options: Mapping[str, object]) -> BaseModel:
@@ -177,7 +177,10 @@ def plan_protocol(
                 f"{target.features.name}: its class map refers to {target.class_map.n_source} source classes "
                 f"but {train.name} has {n_classes}"
             )
-    check_knn(protocol.knn, n_train, train.name)
+    probes: Sequence[ResolvedProbe] = extra.get("probes", ())  # type: ignore[assignment]
+    for probe in probes:
+        if probe.entry.check is not None:
+            probe.entry.check(probe.options, n_train, train.name)
     backend = plugins.backends.get(protocol.backend)
     options = (
         backend_options if backend_options is not None else validated_backend_options(backend, protocol.backend_options)
@@ -196,7 +199,7 @@ def plan_protocol(
             entry.name: f"metric '{entry.name}' ({plugins.plugin_of(plugins.metrics, entry.name).label})"
             for entry in plugins.metrics
         },
-        **{**extra, "transfers": tuple(transfers)},  # type: ignore[arg-type]
+        **{**extra, "transfers": tuple(transfers), "probes": tuple(probes)},  # type: ignore[arg-type]
     )
 
 
@@ -474,17 +477,18 @@ def group_metric(metric: str, group: str) -> str:
 
 
 def metric_descriptors(
-    entries: Sequence[MetricEntry], class_groups: Iterable[str], knn: Sequence[int], transfer: bool
+    entries: Sequence[MetricEntry], class_groups: Iterable[str], probes: Sequence[ResolvedProbe], transfer: bool
 ) -> dict[str, MetricInfo]:
     """How the reports show every metric a plan records, in column order: the registered metrics,
-    each again per class group, the transfer metrics (when there are transfer targets), the kNN top-1s
-    by increasing k. Results carry this table (results.json ``metrics``)."""
+    each again per class group, the transfer metrics (when there are transfer targets), the probes'
+    in the order of the probes. Results carry this table (results.json ``metrics``)."""
     described = {entry.name: entry.info for entry in entries}
     for group in class_groups:
         described.update({group_metric(e.name, group): e.info.in_group(e.name, group) for e in entries})
     if transfer:
         described.update({n: info for n, info in TRANSFER_METRIC_INFO.items() if n not in described})
-    described.update({knn_metric(k): knn_info(k) for k in sorted(knn)})
+    for probe in probes:
+        described.update(probe.metrics())
     return described
 
 
@@ -562,36 +566,48 @@ def _score_transfer(
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage: kNN
+# Stage: probes
 
 
-@dataclass(frozen=True)
-class KnnScores:
-    #: ``knn_top1_k<k>`` → top-1 (a fraction), for every k of ``protocol.knn``; empty when it is off.
-    metrics: dict[str, float]
-    #: None when it is off.
-    knn_s: float | None
-
-
-def score_knn(plan: ProtocolPlan, emit: Emit = ignore) -> KnnScores:
-    """Weighted kNN top-1 of the eval split against the train split for every ``protocol.knn`` k, on the
-    raw features (L2-normalised, cosine, ``exp(sim / T)`` votes; see :mod:`sslbench.knn`). It depends on
-    neither the PCA nor the seed, so it runs once per plan."""
-    ks = plan.protocol.knn
-    if not ks:
-        return KnnScores({}, None)
-    emit(Event("stage", f"{plan.model}/{plan.dataset}: kNN k={', '.join(map(str, ks))}", name="knn"))
-    result = knn_top1(
-        plan.train.features,
-        plan.train.labels,
-        plan.eval.features,
-        plan.eval.labels,
-        ks,
-        n_classes=plan.n_classes,
-        temperature=plan.protocol.knn_temperature,
-        device=plan.device,
+def run_probes(plan: ProtocolPlan, emit: Emit = ignore) -> list[ProbeRecord]:
+    """Each probe of the plan on the raw train and eval features (they depend on neither the PCA nor the
+    seed, so each runs once per plan); its notes are emitted as they come."""
+    data = ProbeData(
+        plan.train.features, plan.train.labels, plan.eval.features, plan.eval.labels, plan.n_classes, plan.device
     )
-    return KnnScores({knn_metric(k): result.top1[k] for k in ks}, result.seconds)
+    records = []
+    for probe in plan.probes:
+        emit(Event("stage", f"{plan.model}/{plan.dataset}: {probe.name} probe", name="probe"))
+        started = time.perf_counter()
+        outcome = probe.entry.run(data, probe.options)
+        seconds = time.perf_counter() - started
+        declared = probe.metrics()
+        if set(outcome.metrics) != set(declared):  # a plugin's bug: its columns would silently differ
+            raise SSLBenchError(
+                f"probe '{probe.name}' returned metrics {sorted(outcome.metrics)} but declared {sorted(declared)}"
+            )
+        for note in outcome.notes:
+            emit(Event("note", f"{plan.model}/{plan.dataset}: {probe.name} probe: {note}"))
+        record = ProbeRecord(
+            model=plan.model,
+            backbone=plan.backbone,
+            dataset=plan.dataset,
+            probe=probe.name,
+            options=probe.options.model_dump(mode="json"),
+            fit_split=plan.fit_split,
+            eval_split=plan.eval_split,
+            n_classes=plan.n_classes,
+            n_train=len(plan.train.labels),
+            n_eval=len(plan.eval.labels),
+            metrics={name: float(outcome.metrics[name]) for name in declared},
+            details=dict(outcome.details),
+            notes=list(outcome.notes),
+            seconds=seconds,
+        )
+        shown = "  ".join(f"{info.label} {info.text(record.metrics[name])}" for name, info in declared.items())
+        emit(Event("probe", f"{plan.model} on {plan.dataset}: {shown}  ({seconds:.1f} s)", data={"record": record}))
+        records.append(record)
+    return records
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,13 +617,13 @@ def score_knn(plan: ProtocolPlan, emit: Emit = ignore) -> KnnScores:
 def run_protocol(
     plan: ProtocolPlan, *, scratch: Path, progress: Progress | None = None, emit: Emit = ignore
 ) -> Iterator[Run]:
-    """kNN (when asked) → fit the reducer → per dims: project → per point and seed: cluster, score, save → runs.
+    """Fit the reducer → per dims: project → per point and seed: cluster, score, save → runs (the probes
+    are :func:`run_probes`).
 
     Yields each run as soon as it is scored (transfer runs right after their source run).
     ``scratch`` receives the projections; the caller owns it and removes it.
     """
     progress = progress or NullProgress()
-    knn = score_knn(plan, emit)
     fitted = fit_reducer(plan, progress, emit)
     for dims in plan.protocol.pca_dims:
         projected = project_splits(plan, fitted, dims, scratch, emit)
@@ -635,7 +651,6 @@ def run_protocol(
                     pca_s=projected.pca_s,
                     kmeans_s=preds.kmeans_s,
                     eval_s=preds.predict_s + time.perf_counter() - started,
-                    knn_s=knn.knn_s,
                 )
                 run = Run(
                     model=plan.model,
@@ -645,7 +660,7 @@ def run_protocol(
                     seed=seed,
                     n_train=len(plan.train.labels),
                     n_eval=len(plan.eval.labels),
-                    metrics={**scores.metrics, **knn.metrics},
+                    metrics=scores.metrics,
                     timings=timings,
                 )
                 transfer_runs = [

@@ -1,6 +1,7 @@
 """The paper's figures from results files (``sslbench plot``), PNG and SVG, with matplotlib.
 
-* Figure 1a — k-means ACC against linear top-1 (from each backbone's model card);
+* Figure 1a — k-means ACC against linear top-1: measured, where the results hold the ``linear`` probe's
+  ``linear_top1``, else published (the backbone's model card); the legend says which point is which;
 * Figure 1b — ARI against ACC; points far from the least-squares line are labelled;
 * Figure 2a — ACC and ARI against PCA dimensions, one line per model, error bars = std over seeds;
 * Figure 2b — ACC and ARI against the number of clusters, likewise.
@@ -68,8 +69,12 @@ def _headline_rows(results: Results) -> list[SummaryRow]:
     return list(best.values())
 
 
+#: The metric the ``linear`` probe records (:mod:`sslbench_plugins.linear_probe`).
+MEASURED_LINEAR = "linear_top1"
+
+
 def linear_top1(row: SummaryRow, plugins: Plugins | None) -> float | None:
-    """The row's linear top-1 in percent: its card's own number, else the one the paper quoted."""
+    """The row's published linear top-1 in percent: its card's own number, else the one the paper quoted."""
     if plugins is None or row.backbone is None or row.backbone not in plugins.backbones:
         return None
     card = plugins.backbones.get(row.backbone).card
@@ -101,6 +106,22 @@ def _save(fig: Any, out_dir: Path, stem: str, size: FigureSize, formats: Sequenc
     return paths
 
 
+def linear_point(row: SummaryRow, plugins: Plugins | None) -> tuple[float, str] | None:
+    """The row's linear top-1 in percent for Figure 1a and where it comes from: ``measured`` by the
+    run's linear probe when the row has it, else ``published`` (:func:`linear_top1`); None: neither."""
+    if MEASURED_LINEAR in row.metrics:
+        return 100 * row.metrics[MEASURED_LINEAR].mean, "measured"
+    published = linear_top1(row, plugins)
+    return (published, "published") if published is not None else None
+
+
+#: How Figure 1a's legend names the two kinds of linear top-1.
+LINEAR_ORIGINS = {
+    "measured": "linear top-1 measured (linear probe)",
+    "published": "linear top-1 published (model card)",
+}
+
+
 def _scatter(
     plt: Any,
     points: list[tuple[str, float, float]],
@@ -108,11 +129,22 @@ def _scatter(
     ylabel: str,
     title: str,
     size: FigureSize,
+    series: Sequence[str] | None = None,
 ) -> Any:
+    """A labelled scatter with its least-squares line; ``series`` (one name per point) splits the points
+    into legend entries, filled for the first name met, hollow for the others."""
     fig, ax = plt.subplots(figsize=(size.width_in, size.height_in), dpi=size.dpi, layout="constrained")
     x = np.array([p[1] for p in points])
     y = np.array([p[2] for p in points])
-    ax.scatter(x, y, color="tab:blue", zorder=3)
+    if series is None:
+        ax.scatter(x, y, color="tab:blue", zorder=3)
+    else:
+        names = np.array(series)
+        for index, name in enumerate(dict.fromkeys(series)):
+            chosen = names == name
+            face = "tab:blue" if index == 0 else "none"
+            ax.scatter(x[chosen], y[chosen], facecolors=face, edgecolors="tab:blue", zorder=3, label=name)
+        ax.legend(fontsize=8)
     for (label, px, py), flagged in zip(points, outliers(x, y), strict=True):
         if flagged:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -178,6 +210,8 @@ class FigurePlan:
     stem: str
     title: str
     make: Callable[[Any], Any]
+    #: What a reader must know about this drawing (Figure 1a: which linear top-1s are measured).
+    note: str = ""
 
 
 def plan_figures(
@@ -187,20 +221,40 @@ def plan_figures(
     plans: list[FigurePlan] = []
     skipped: list[str] = []
     headline = _headline_rows(results)
-    with_linear = [(row, linear_top1(row, plugins)) for row in headline]
-    linear_points = [(row.model, top1, 100 * row.metrics["acc"].mean) for row, top1 in with_linear if top1 is not None]
+    with_linear = [(row, linear_point(row, plugins)) for row in headline]
+    linear_points = [(row.model, p[0], 100 * row.metrics["acc"].mean) for row, p in with_linear if p is not None]
+    origins = [LINEAR_ORIGINS[p[1]] for _, p in with_linear if p is not None]
     if len(linear_points) >= 2:
+        measured = [row.model for row, p in with_linear if p is not None and p[1] == "measured"]
+        note = (
+            "Linear top-1 measured by the run's linear probe for every model."
+            if len(measured) == len(linear_points)
+            else f"Linear top-1 measured by the run's linear probe for {', '.join(measured)}; "
+            "published (model card) for the others."
+            if measured
+            else "Linear top-1 published (model cards); with the linear probe a run places each model at its own."
+        )
         plans.append(
             FigurePlan(
                 "fig1_acc_vs_linear",
                 "Figure 1a: ACC vs linear",
                 lambda plt: _scatter(
-                    plt, linear_points, "linear top-1 (%)", "k-means ACC (%)", "Figure 1a: ACC vs linear", size
+                    plt,
+                    linear_points,
+                    "linear top-1 (%)",
+                    "k-means ACC (%)",
+                    "Figure 1a: ACC vs linear",
+                    size,
+                    origins,
                 ),
+                note,
             )
         )
     else:
-        skipped.append(f"fig1_acc_vs_linear: {len(linear_points)} model(s) with a linear top-1 in their card; 2 needed")
+        skipped.append(
+            f"fig1_acc_vs_linear: {len(linear_points)} model(s) with a linear top-1 (measured by the linear probe "
+            "or in their card); 2 needed"
+        )
     ari_points = [(row.model, 100 * row.metrics["acc"].mean, 100 * row.metrics["ari"].mean) for row in headline]
     if len(ari_points) >= 2:
         plans.append(

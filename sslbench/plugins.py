@@ -61,15 +61,9 @@ from typing import Any, Generic, TypeVar
 
 import pluggy
 
-from sslbench import hookspecs
+from sslbench import hookspecs, interfaces
 from sslbench.errors import CardError, PluginError, SSLBenchError, did_you_mean, exception_line
-from sslbench.interfaces import (
-    BackboneEntry,
-    BackendEntry,
-    DatasetEntry,
-    MetricEntry,
-    ReporterEntry,
-)
+from sslbench.hookspecs import PLUGIN_KINDS
 
 ENTRY_POINT_GROUP = "sslbench"
 DISABLE_ENV = "SSLBENCH_DISABLE_PLUGINS"
@@ -216,26 +210,27 @@ class PluginInfo:
         return f"failed to {'import' if self.stage == 'import' else 'load'}: {self.error}"
 
 
-# Registration hook name → (attribute of Plugins, entry type, human name of the kind).
+# Registration hook name → (attribute of Plugins, entry type, human name of the kind), from the one
+# declaration of the kinds (:data:`sslbench.hookspecs.PLUGIN_KINDS`).
 _REGISTRATION_HOOKS: dict[str, tuple[str, type, str]] = {
-    "sslbench_register_backbones": ("backbones", BackboneEntry, "backbone"),
-    "sslbench_register_datasets": ("datasets", DatasetEntry, "dataset"),
-    "sslbench_register_backends": ("backends", BackendEntry, "backend"),
-    "sslbench_register_metrics": ("metrics", MetricEntry, "metric"),
-    "sslbench_register_reporters": ("reporters", ReporterEntry, "reporter"),
+    kind.hook: (kind.attribute, getattr(interfaces, kind.entry), kind.kind) for kind in PLUGIN_KINDS
 }
 
 
 @dataclass
 class Plugins:
-    """The loaded plugin set: one registry per kind of entry, and what each plugin contributed."""
+    """The loaded plugin set: one registry per kind of entry (``plugins.backbones``, ``plugins.probes``,
+    one attribute per :data:`~sslbench.hookspecs.PLUGIN_KINDS` entry), and what each plugin contributed."""
 
-    backbones: Registry[BackboneEntry]
-    datasets: Registry[DatasetEntry]
-    backends: Registry[BackendEntry]
-    metrics: Registry[MetricEntry]
-    reporters: Registry[ReporterEntry]
+    registries: dict[str, Registry[Any]]
     plugins: list[PluginInfo]
+
+    def __getattr__(self, attribute: str) -> Registry[Any]:
+        # Only reached for attributes not set on the instance: the registries by kind.
+        registries = self.__dict__.get("registries", {})
+        if attribute in registries:
+            return registries[attribute]
+        raise AttributeError(f"'Plugins' object has no attribute {attribute!r}")
 
     def plugin_of(self, registry: Registry[Any], name: str) -> PluginInfo:
         """The plugin (with its distribution and version) that registered ``name`` in ``registry``."""
@@ -426,7 +421,7 @@ def load_plugins(
             names = [n for n in registries[attr].names() if registries[attr].origin(n) == info.name]
             if names:
                 info.registered[kind] = names
-    return Plugins(plugins=[c.info for c in candidates], **registries)
+    return Plugins(registries=registries, plugins=[c.info for c in candidates])
 
 
 def _disable(candidate: _Candidate, fault: _HookFault, registries: dict[str, Registry[Any]]) -> None:

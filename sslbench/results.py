@@ -26,6 +26,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     ValidationError,
     model_serializer,
+    model_validator,
 )
 
 from sslbench.errors import SSLBenchError, did_you_mean
@@ -33,8 +34,10 @@ from sslbench.errors import SSLBenchError, did_you_mean
 if TYPE_CHECKING:
     from sslbench.plugins import Plugins
 
-#: 2: results carry ``metrics``, the descriptor of every metric, and ``columns``; 1 had neither.
-SCHEMA_VERSION = 2
+#: 3: probes (kNN, linear, a plugin's) are stored once per model × dataset in ``probes``, not in every run's
+#: metrics, and ``timings.knn_s`` is gone; 2: results carry ``metrics``, the descriptor of every metric, and
+#: ``columns``; 1 had neither. Files of schemas 1 and 2 are read as they were written.
+SCHEMA_VERSION = 3
 
 #: The metrics reports show first, in this order (the paper's Table 1); the rest follow.
 HEADLINE_METRICS = ("acc", "ari", "ami", "nmi")
@@ -139,21 +142,19 @@ class RunProtocol(_Model):
 
 
 class Timings(_Model):
-    """Wall-clock seconds. ``extract_s``, ``pca_s`` and ``knn_s`` are shared by the runs that reuse them."""
+    """Wall-clock seconds. ``extract_s`` and ``pca_s`` are shared by the runs that reuse them."""
 
     extract_s: float
     pca_s: float
     kmeans_s: float
     eval_s: float
-    #: The kNN search and vote (``protocol.knn``), once per model × dataset; None, and left out of the
-    #: JSON, when kNN is off, so that results without kNN read as before (older readers forbid new keys).
-    knn_s: float | None = None
 
-    @model_serializer(mode="wrap")
-    def _without_knn_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if self.knn_s is None:
-            data.pop("knn_s", None)
+    @model_validator(mode="before")
+    @classmethod
+    def _schema2_knn_time(cls, data: Any) -> Any:
+        """Schema 2 recorded the kNN's time in every run (``knn_s``); a probe now keeps its own (``seconds``)."""
+        if isinstance(data, dict) and "knn_s" in data:
+            return {key: value for key, value in data.items() if key != "knn_s"}
         return data
 
 
@@ -168,6 +169,27 @@ class Run(_Model):
     n_eval: int
     metrics: dict[str, float]
     timings: Timings
+
+
+class ProbeRecord(_Model):
+    """One probe (kNN, linear, a plugin's) of one model on one dataset: stored once, whatever the seeds."""
+
+    model: str
+    backbone: str | None = None
+    dataset: str
+    probe: str = Field(description="the registered probe's name")
+    options: dict[str, Any] = Field(description="its validated options")
+    fit_split: str
+    eval_split: str
+    n_classes: int
+    n_train: int
+    n_eval: int
+    metrics: dict[str, float]
+    details: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="other values it recorded (the linear probe's chosen C)"
+    )
+    notes: list[str] = Field(default_factory=list, description="non-convergence, separable data, …")
+    seconds: float
 
 
 class MetricSummary(_Model):
@@ -253,6 +275,8 @@ class Results(_Model):
     #: None: every metric, the headline ones first (see :func:`sslbench.table.default_metrics`).
     columns: list[str] | None = None
     runs: list[Run]
+    #: Each probe of each model × dataset, once (schema 3; in schema 2 the kNN was in the runs' metrics).
+    probes: list[ProbeRecord] = Field(default_factory=list)
     summary: list[SummaryRow]
     skipped: list[SkippedSample] = Field(default_factory=list)
     #: One record per model × split extracted by a spec's run; left out of the JSON when empty (results of
@@ -346,8 +370,11 @@ def environment(device: str, plugins: Plugins) -> Environment:
 PublishedLookup = Callable[[str, RunProtocol], Published | None]
 
 
-def summarize(runs: Iterable[Run], published: PublishedLookup | None = None) -> list[SummaryRow]:
-    """Mean and sample std (ddof=1) of every metric over the seeds of each protocol point.
+def summarize(
+    runs: Iterable[Run], published: PublishedLookup | None = None, probes: Sequence[ProbeRecord] = ()
+) -> list[SummaryRow]:
+    """Mean and sample std (ddof=1) of every metric over the seeds of each protocol point, and the values
+    of the probes of its model × dataset (on the same eval split; no std: a probe has no seed).
 
     ``published(model, protocol)`` may return the published value of a row, shown beside it.
     """
@@ -362,6 +389,9 @@ def summarize(runs: Iterable[Run], published: PublishedLookup | None = None) -> 
             finite = all(math.isfinite(v) for v in values)
             std = statistics.stdev(values) if len(values) > 1 and finite else None
             metrics[name] = MetricSummary(mean=statistics.fmean(values), std=std)
+        for probe in probes:
+            if (probe.model, probe.dataset, probe.eval_split) == (model, dataset, protocol.eval_split):
+                metrics.update({name: MetricSummary(mean=value, std=None) for name, value in probe.metrics.items()})
         rows.append(
             SummaryRow(
                 model=model,
@@ -388,10 +418,11 @@ def build_results(
     skipped: list[SkippedSample] | None = None,
     published: PublishedLookup | None = None,
     extraction: list[ExtractionRecord] | None = None,
+    probes: Sequence[ProbeRecord] = (),
 ) -> Results:
-    """The results of ``runs``; ``metrics`` describes (at least) every metric they hold, in column order
-    (None: none is described, and reports show them as :func:`schema1_info` says)."""
-    recorded = {name for run in runs for name in run.metrics}
+    """The results of ``runs`` and ``probes``; ``metrics`` describes (at least) every metric they hold, in
+    column order (None: none is described, and reports show them as :func:`schema1_info` says)."""
+    recorded = {name for run in runs for name in run.metrics} | {name for probe in probes for name in probe.metrics}
     metrics = metrics if metrics is not None else {}
     missing = sorted(recorded - metrics.keys()) if metrics else []
     if missing:  # the producer of the runs forgot to describe what it recorded: a bug, not a user error
@@ -406,7 +437,8 @@ def build_results(
         wall_s=wall_s,
         metrics={name: info for name, info in metrics.items() if name in recorded},
         runs=runs,
-        summary=summarize(runs, published),
+        probes=list(probes),
+        summary=summarize(runs, published, probes),
     )
     # Chosen before the run and checked there (:func:`checked_columns`): a column of a dataset not yet
     # run is kept for the results rewritten once it is.
@@ -452,6 +484,7 @@ def merge_results(parts: list[Results], sources: list[str]) -> Results:
         metrics=merged_descriptors(parts, sources),
         columns=columns,
         runs=[run for part in parts for run in part.runs],
+        probes=[probe for part in parts for probe in part.probes],
         summary=[
             row.model_copy(update={"source": row.source or source})
             for part, source in zip(parts, sources, strict=True)

@@ -43,8 +43,7 @@ from sslbench.extract import (
 )
 from sslbench.inputs import FeatureSplit, checked_split
 from sslbench.interfaces import Backbone, BackboneEntry, Dataset, Split
-from sslbench.knn import knn_metric
-from sslbench.pipeline import TransferTarget, metric_descriptors, plan_protocol, run_protocol
+from sslbench.pipeline import TransferTarget, metric_descriptors, plan_protocol, run_probes, run_protocol
 from sslbench.plugins import PluginInfo, Plugins
 from sslbench.progress import NullProgress, Progress
 from sslbench.results import (
@@ -52,6 +51,7 @@ from sslbench.results import (
     ExtractionRecord,
     MetricInfo,
     MetricSummary,
+    ProbeRecord,
     Published,
     PublishedLookup,
     Results,
@@ -203,6 +203,12 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
         )
         if eval_.name == fit.name:
             eval_ = fit
+        for p_index, probe in enumerate(resolved.probes):  # before any extraction: k larger than train is known now
+            if probe.entry.check is not None:
+                try:
+                    probe.entry.check(probe.options, len(fit.split), f"{d_spec.label}/{fit.name}")
+                except SSLBenchError as exc:
+                    raise SSLBenchError(f"{resolved.loaded.source}: probes[{p_index}]: {exc}") from None
         groups = dataset.metadata.get("class_groups")
         class_groups = (
             dict(checked_class_groups(groups, dataset.num_classes, f"dataset {d_spec.label}"))
@@ -449,6 +455,7 @@ def run_spec(
     spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
     published = paper_values(resolved, plugins)
     runs: list[Run] = []
+    probes: list[ProbeRecord] = []
     skipped: list[SkippedSample] = []
     records: list[ExtractionRecord] = []
     results: Results | None = None
@@ -495,7 +502,9 @@ def run_spec(
                     transfers=transfers,
                     extract_s=features.extract_s[d_index],
                     predictions_dir=out_dir / "predictions" if save_predictions else None,
+                    probes=resolved.probes,
                 )
+                probes += run_probes(protocol_plan, emit)
                 for run in run_protocol(protocol_plan, scratch=scratch / "projections", progress=progress, emit=emit):
                     runs.append(run)
                     data = {"seeds": len(spec.protocol.seeds), "metrics": described}
@@ -510,6 +519,7 @@ def run_spec(
                     skipped=skipped,
                     published=published,
                     extraction=records,
+                    probes=probes,
                 )
                 write_reports(results, out_dir, plugins)
     if results is None:
@@ -539,8 +549,9 @@ def run_metric_descriptors(plan: RunPlan, plugins: Plugins) -> dict[str, MetricI
     described: dict[str, MetricInfo] = {}
     for dataset in plan.datasets:
         groups = dataset.class_groups or {}
-        knn = plan.resolved.spec.protocol.knn
-        described.update(metric_descriptors(tuple(plugins.metrics), groups, knn, bool(dataset.targets)))
+        described.update(
+            metric_descriptors(tuple(plugins.metrics), groups, plan.resolved.probes, bool(dataset.targets))
+        )
     return described
 
 
@@ -552,22 +563,20 @@ def _run_line(run: Run, described: Mapping[str, MetricInfo]) -> str:
 
 def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
     """The paper's Table 1 values from the model cards, for rows with the paper's protocol
-    (1000 classes and clusters = overclustering × 1000), and the card's published kNN top-1
-    (``knn_top1``, the DINO 20-NN protocol on ImageNet-1k) as ``knn_top1_k20`` for 1000-class rows when
-    ``protocol.knn`` has k = 20."""
+    (1000 classes and clusters = overclustering × 1000), and the card's published values of each probe
+    of the spec that has some (:attr:`~sslbench.interfaces.ProbeEntry.published`: kNN-20 and linear
+    top-1 on 1000-class data)."""
     cards = {}
     for m_spec in resolved.spec.models:
         if m_spec.id in plugins.backbones and plugins.backbones.get(m_spec.id).card is not None:
             cards[m_spec.label] = plugins.backbones.get(m_spec.id).card
 
-    knn_published = 20 in resolved.spec.protocol.knn
-
     def lookup(model: str, protocol: RunProtocol) -> Published | None:
         card = cards.get(model)
-        if card is None or protocol.n_classes != 1000:
+        if card is None:
             return None
         sources, metrics = [], {}
-        for row in card.paper if protocol.k == 1000 else []:
+        for row in card.paper if protocol.n_classes == 1000 and protocol.k == 1000 else []:
             if row.overcluster == protocol.overcluster:
                 metrics = {
                     name: MetricSummary(mean=getattr(row, name).mean / 100, std=getattr(row, name).std / 100)
@@ -575,9 +584,12 @@ def paper_values(resolved: ResolvedSpec, plugins: Plugins) -> PublishedLookup:
                 }
                 sources.append(f"paper Table 1: {row.row}")
                 break
-        if knn_published and card.knn_top1 is not None:
-            metrics[knn_metric(20)] = MetricSummary(mean=card.knn_top1.value / 100, std=None)
-            sources.append(f"kNN-20: {card.knn_top1.source}")
+        for probe in resolved.probes:
+            if probe.entry.published is None:
+                continue
+            for name, (value, source) in probe.entry.published(card, protocol.n_classes, probe.options).items():
+                metrics[name] = MetricSummary(mean=value, std=None)
+                sources.append(f"{probe.metrics()[name].label}: {source}")
         return Published(source="; ".join(sources), metrics=metrics) if metrics else None
 
     return lookup

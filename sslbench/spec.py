@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -37,6 +37,10 @@ from sslbench.errors import SSLBenchError, closest, did_you_mean
 from sslbench.plugins import Plugins
 from sslbench.predictions import file_stem, predictions_name
 
+if TYPE_CHECKING:
+    from sslbench.interfaces import ProbeEntry
+    from sslbench.results import MetricInfo
+
 # --------------------------------------------------------------------------------------------------
 # Limits: every value a spec accepts is one that a run can use.
 
@@ -53,8 +57,6 @@ MAX_SEED = 2**31 - 1
 MAX_SEEDS = 10_000
 #: Protocol points (the product of the sweep lists' lengths).
 MAX_POINTS = 10_000
-#: kNN neighbours at most (the running top-k is n_eval × k).
-MAX_KNN = 4096
 MAX_CLUSTERS = 2**24
 MAX_PCA_DIMS = 2**20
 MAX_EPOCHS = 2**20
@@ -186,6 +188,15 @@ class TransferSpec(_StrictModel):
         return self.name or self.id
 
 
+class ProbeSpec(_StrictModel):
+    """An evaluation that learns from the train split's labels (kNN, linear), run once per model × dataset."""
+
+    id: Label = Field(description="Registered probe name (see `sslbench plugins`): knn, linear, a plugin's.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The probe's options (knn: k, temperature; linear: c_values, …)."
+    )
+
+
 class DatasetSpec(_StrictModel):
     """One dataset, with the split k-means is fitted on and the split it is scored on."""
 
@@ -209,7 +220,6 @@ Overcluster = Annotated[float, Field(ge=1.0, le=MAX_CLUSTERS, allow_inf_nan=Fals
 Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
 Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-KnnK = Annotated[int, Field(ge=1, le=MAX_KNN)]
 
 
 class ProtocolSpec(_StrictModel):
@@ -237,18 +247,8 @@ class ProtocolSpec(_StrictModel):
     backend_options: dict[str, Any] = Field(
         default={}, description="Options of the backend's clusterer (e.g. torch: algorithm)."
     )
-    knn: list[KnnK] = Field(
-        default=[],
-        description=(
-            "Weighted kNN top-1 (DINO protocol) on the raw features for each k, e.g. [10, 20, 200]; "
-            "[] = off. Recorded once per model × dataset as metric knn_top1_k<k>."
-        ),
-    )
-    knn_temperature: float = Field(
-        0.07, gt=0, le=1e6, allow_inf_nan=False, description="Temperature T of the kNN weights exp(sim / T)."
-    )
 
-    _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", "knn", mode="before")(_as_list)
+    _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -261,13 +261,6 @@ class ProtocolSpec(_StrictModel):
             return list(range(value))
         if isinstance(value, list) and len(value) > MAX_SEEDS:
             raise ValueError(f"at most {MAX_SEEDS} seeds, got a list of {len(value)}")
-        return value
-
-    @field_validator("knn")
-    @classmethod
-    def _unique_knn(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"has repeated values: {one_line(str(value), 80)}")
         return value
 
     @field_validator("pca_dims", "k", "overcluster", "epochs", "seeds")
@@ -378,7 +371,7 @@ class ReportSpec(_StrictModel):
         min_length=1,
         description="The metric columns of every report, in this order, by their names in results.json: "
         "a registered metric (`acc`, `nmi`, a plugin's), `<metric>_<group>` for a dataset's class group "
-        "(`acc_in_imagenet`), `knn_top1_k<k>` for a `protocol.knn` k, a transfer metric (`acc_tr`, …); "
+        "(`acc_in_imagenet`), a probe's (`knn_top1_k20`, `linear_top1`), a transfer metric (`acc_tr`, …); "
         "default: every metric, ACC, ARI, AMI and NMI first.",
     )
 
@@ -393,6 +386,11 @@ class Spec(_StrictModel):
     models: list[ModelSpec] = Field(min_length=1, description="Backbones to evaluate.")
     datasets: list[DatasetSpec] = Field(min_length=1, description="Datasets to cluster.")
     protocol: ProtocolSpec = Field(ProtocolSpec(), description="PCA, k-means, seeds and backend; see `protocol.*`.")
+    probes: list[ProbeSpec] = Field(
+        default_factory=list,
+        description="Probes on the raw features beside k-means, once per model × dataset, e.g. "
+        "[{id: knn, options: {k: [10, 20, 200]}}, {id: linear}]; default none.",
+    )
     extraction: ExtractionSpec = Field(
         ExtractionSpec(), description="How features are extracted and cached; see `extraction.*`."
     )
@@ -1000,10 +998,28 @@ class ResolvedSpec:
     backend_options: BaseModel
     #: Per dataset, the validated options of each of its ``transfer`` targets.
     transfer_options: list[list[BaseModel]] = field(default_factory=list)
+    #: The spec's probes, each with its validated options, in the spec's order.
+    probes: tuple[ResolvedProbe, ...] = ()
 
     @property
     def spec(self) -> Spec:
         return self.loaded.spec
+
+
+@dataclass(frozen=True)
+class ResolvedProbe:
+    """A probe of the spec (or the API) with its validated options."""
+
+    entry: ProbeEntry
+    options: BaseModel
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def metrics(self) -> dict[str, MetricInfo]:
+        """What it records with these options, described."""
+        return self.entry.metrics(self.options)
 
 
 def _at(loaded: LoadedSpec, at: tuple[Any, ...]) -> str:
@@ -1072,21 +1088,41 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
     backend_options = _validate_options(
         loaded, backend.options, spec.protocol.backend_options, ("protocol", "backend_options")
     )
+    probes = []
+    for i, probe in enumerate(spec.probes):
+        entry = _named(loaded, ("probes", i, "id"), plugins.probes.get, probe.id)
+        probes.append(
+            ResolvedProbe(entry, _validate_options(loaded, entry.options, probe.options, ("probes", i, "options")))
+        )
+    _check_probe_metrics(loaded, probes)
     _check_device(loaded)
-    _check_report_metrics(loaded, plugins)
-    return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options)
+    _check_report_metrics(loaded, plugins, probes)
+    return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options, tuple(probes))
 
 
-def _check_report_metrics(loaded: LoadedSpec, plugins: Plugins) -> None:
+def _check_probe_metrics(loaded: LoadedSpec, probes: Sequence[ResolvedProbe]) -> None:
+    """Two probes (the same one twice, or two recording a metric of one name) would overwrite each other."""
+    recorded: dict[str, int] = {}
+    for i, probe in enumerate(probes):
+        for name in probe.metrics():
+            if name in recorded:
+                at = _at(loaded, ("probes", i, "id"))
+                raise SSLBenchError(
+                    f"{at}: metric '{name}' is also recorded by probes[{recorded[name]}]; "
+                    "give each probe once (list its options together)"
+                )
+            recorded[name] = i
+
+
+def _check_report_metrics(loaded: LoadedSpec, plugins: Plugins, probes: Sequence[ResolvedProbe]) -> None:
     """Each ``report.metrics`` name is a metric the run can record. A ``<metric>_<group>`` name passes
     here when ``<metric>`` is registered: the datasets' class groups are known when the run is planned,
     which checks it again (:func:`sslbench.runner.plan_run`)."""
-    from sslbench.knn import knn_metric
     from sslbench.transfer import TRANSFER_METRICS
 
     spec = loaded.spec
     registered = plugins.metrics.names()
-    known = [*registered, *(knn_metric(k) for k in spec.protocol.knn)]
+    known = [*registered, *(name for probe in probes for name in probe.metrics())]
     if any(d.transfer for d in spec.datasets):
         known += [m for m in TRANSFER_METRICS if m not in known]
     for index, name in enumerate(spec.report.metrics or []):

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import torch.distributed as dist
 
+from sslbench.engine.kmeans import TorchKMeans
 from sslbench.interfaces import ClustererConfig
-from sslbench_plugins.torch_backend import TorchKMeans
 
 
 def main(features_path: str, out_path: str) -> None:

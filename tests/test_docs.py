@@ -10,8 +10,8 @@ import pytest
 from pydantic import BaseModel
 
 from sslbench import docgen, hookspecs
-from sslbench.results import Results, Run, RunProtocol, SummaryRow, Timings
-from sslbench.spec import DatasetSpec, ExtractionSpec, ModelSpec, ProtocolSpec, Spec, TransferSpec
+from sslbench.results import ProbeRecord, Results, Run, RunProtocol, SummaryRow, Timings
+from sslbench.spec import DatasetSpec, ExtractionSpec, ModelSpec, ProbeSpec, ProtocolSpec, Spec, TransferSpec
 
 from conftest import REPO
 
@@ -20,7 +20,10 @@ HOOKS = [(name, fn) for name, fn in vars(hookspecs).items() if name.startswith("
 
 def test_every_hook_is_documented_in_the_contract_and_contributing():
     contributing = (REPO / "CONTRIBUTING.md").read_text()
-    assert len(HOOKS) == 5
+    # Every hook is a declared plugin kind, and every kind has its hook and its entry class.
+    assert [name for name, _ in HOOKS] == [kind.hook for kind in hookspecs.PLUGIN_KINDS]
+    for kind in hookspecs.PLUGIN_KINDS:
+        assert f"`{kind.entry}`" in contributing, kind
     for name, fn in HOOKS:
         doc = inspect.getdoc(fn) or ""
         assert ":param register:" in doc and "versionadded" in doc, name
@@ -34,14 +37,14 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 def test_every_spec_field_is_in_the_readme():
     readme = (REPO / "README.md").read_text()
-    for model in (Spec, ModelSpec, DatasetSpec, ProtocolSpec, ExtractionSpec):
+    for model in (Spec, ModelSpec, DatasetSpec, ProtocolSpec, ExtractionSpec, ProbeSpec):
         for field in _fields(model):
             assert f"{field}:" in readme or f"`{field}`" in readme or f".{field}" in readme, (model, field)
 
 
 def test_every_results_key_is_in_the_readme():
     readme = (REPO / "README.md").read_text()
-    for model in (Results, Run, RunProtocol, Timings, SummaryRow):
+    for model in (Results, Run, RunProtocol, Timings, SummaryRow, ProbeRecord):
         for field in _fields(model):
             assert f"`{field}`" in readme, (model.__name__, field)
 

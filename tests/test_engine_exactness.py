@@ -9,20 +9,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sslbench.engine import seeding
+from sslbench.engine.bounds import Bounds, round_down
+from sslbench.engine.gemm import symmetric_gram
+from sslbench.engine.kmeans import TorchKMeans, update_centres
+from sslbench.engine.nearest import Nearest, Screening, closest_centres
+from sslbench.engine.options import TorchOptions
+from sslbench.engine.seeding import kmeans_plus_plus
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import ClustererConfig
 from sslbench.threads import SMALL_WORK, _cgroup_quota, available_cores, compute_threads, torch_threads
-from sslbench_plugins import torch_backend
-from sslbench_plugins.torch_backend import (
-    TorchKMeans,
-    TorchOptions,
-    _Bounds,
-    _closest,
-    _Nearest,
-    _round_down,
-    _Screening,
-    kmeans_plus_plus,
-)
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -61,9 +57,9 @@ def hostile_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
 def test_bfloat16_screening_gives_the_float32_labels(case):
     rows, centers = (torch.from_numpy(a) for a in case)
     center_sq = (centers * centers).sum(dim=1)
-    plain = _closest(rows, centers, center_sq)[0]
-    exact = _Nearest(centers, _Screening(False)).closest(rows)
-    screened = _Nearest(centers, _Screening(True, adaptive=False)).closest(rows)
+    plain = closest_centres(rows, centers, center_sq)[0]
+    exact = Nearest(centers, Screening(False)).closest(rows)
+    screened = Nearest(centers, Screening(True, adaptive=False)).closest(rows)
     assert torch.equal(screened, exact)
     # The exact labels are those of float64 squared distances (ties to the lowest index)...
     distance = ((rows.double()[:, None, :] - centers.double()[None]) ** 2).sum(dim=2)
@@ -78,7 +74,7 @@ def test_bfloat16_screening_gives_the_float32_labels(case):
 def test_scores_are_within_their_error_bound(case, screen):
     rows, centers = (torch.from_numpy(a) for a in case)
     norms = torch.linalg.vector_norm(rows, dim=1)
-    nearest = _Nearest(centers, _Screening(screen, adaptive=False))
+    nearest = Nearest(centers, Screening(screen, adaptive=False))
     scores, screened = nearest.scores(rows)
     assert screened == screen
     exact = (centers.double() ** 2).sum(dim=1)[None, :] - 2 * rows.double() @ centers.double().T
@@ -127,7 +123,7 @@ def test_yinyang_bounds_settle_most_rows_once_centres_settle():
 @given(st.lists(st.floats(-1e30, 1e30, allow_nan=False), min_size=1, max_size=50))
 def test_round_down_never_rounds_up(values):
     exact = torch.tensor(values, dtype=torch.float64)
-    low = _round_down(exact)
+    low = round_down(exact)
     assert low.dtype == torch.float32
     assert bool((low.double() <= exact).all())
     assert bool((exact - low.double() <= exact.abs() * 2**-23 + 2**-149).all())
@@ -135,7 +131,7 @@ def test_round_down_never_rounds_up(values):
 
 def test_centre_groups_cover_every_centre():
     centers = torch.randn(300, 8)
-    bounds = _Bounds(10, centers)
+    bounds = Bounds(10, centers)
     assert bounds.n_groups == 30
     assert bounds.group.shape == (300,)
     assert int(bounds.group.min()) >= 0 and int(bounds.group.max()) < 30
@@ -175,7 +171,7 @@ def test_kmeans_plus_plus_picks_the_same_centres_from_the_distance_matrix(monkey
     sample = torch.from_numpy((rng.normal(size=(30, 16)) * 5)[rng.integers(0, 30, 900)] + rng.normal(size=(900, 16)))
     sample = sample.float()
     with_matrix = kmeans_plus_plus(sample, 40, torch.Generator().manual_seed(3))
-    monkeypatch.setattr(torch_backend, "GRAM_BYTES", 0)
+    monkeypatch.setattr(seeding, "GRAM_BYTES", 0)
     without = kmeans_plus_plus(sample, 40, torch.Generator().manual_seed(3))
     assert torch.equal(with_matrix, without)
 
@@ -216,8 +212,8 @@ def test_yinyang_bounds_give_the_exact_labels_through_drift_and_reseeding(walk, 
     re-seeded since a row's last visit, which it catches up with at the next)."""
     rows, start, steps = walk
     x, centers = torch.from_numpy(rows), torch.from_numpy(start).clone()
-    bounds = _Bounds(len(x), centers)
-    screening = _Screening(screen, adaptive=False)
+    bounds = Bounds(len(x), centers)
+    screening = Screening(screen, adaptive=False)
     for kind, seed in steps:
         rng = np.random.default_rng(seed)
         if kind == "visit":
@@ -256,7 +252,7 @@ def test_the_walks_reach_tracked_bursts(tracked):
     assert sum(n > 0 for n in tracked) >= 5
 
 
-def _assert_bounds_hold(bounds: _Bounds, x: torch.Tensor, centers: torch.Tensor) -> None:
+def _assert_bounds_hold(bounds: Bounds, x: torch.Tensor, centers: torch.Tensor) -> None:
     seen = torch.nonzero(bounds.label >= 0).flatten()
     distance = torch.cdist(x[seen].double(), centers.double())
     own = bounds.label[seen]
@@ -279,8 +275,8 @@ def test_screening_turns_itself_off_where_bfloat16_settles_few_rows_and_back_on(
     rng = np.random.default_rng(0)
     crowded = torch.from_numpy(rng.normal(size=(4096, 256))).float()
     centers = torch.from_numpy(rng.normal(size=(500, 256))).float()
-    screening = _Screening(True)
-    nearest = _Nearest(centers, screening)
+    screening = Screening(True)
+    nearest = Nearest(centers, screening)
     labels = torch.cat([nearest.closest(chunk) for chunk in crowded.split(256)])
     assert not screening.active()
     assert torch.equal(labels, torch.cdist(crowded.double(), centers.double()).argmin(dim=1))
@@ -296,7 +292,7 @@ def test_symmetric_gram_is_the_product_with_the_transpose(n, d, seed):
     """The k-means++ Gram matrix from upper blocks and their mirror: within float32 rounding of the
     float64 product everywhere (the mirrored blocks included)."""
     rows = torch.from_numpy(np.random.default_rng(seed).normal(size=(n, d))).float()
-    gram = torch_backend._symmetric_gram(rows)
+    gram = symmetric_gram(rows)
     exact = rows.double() @ rows.double().T
     scale = (rows.double() ** 2).sum(dim=1)
     bound = 1.01 * (d + 2) * 2.0**-24 * torch.sqrt(scale[:, None] * scale[None, :])
@@ -321,7 +317,7 @@ def test_the_centre_update_bounds_how_far_each_centre_moved(k, d, scale, count_e
     rows = centers.double() + torch.from_numpy(rng.normal(size=(k, d)) * 2.0**scale * 1e-3)
     sums = (rows * batch_counts[:, None]).float()
     before = centers.clone()
-    movement = torch_backend._update_centres(centers, counts + batch_counts, sums, batch_counts, bound=True)
+    movement = update_centres(centers, counts + batch_counts, sums, batch_counts, bound=True)
     assert movement is not None
     actual = torch.linalg.vector_norm(centers.double() - before.double(), dim=1)
     assert bool((actual <= movement).all())
@@ -334,8 +330,8 @@ def test_bounds_stay_exact_through_thousands_of_ulp_sized_updates():
     that was no longer its nearest)."""
     x = torch.tensor([[0.0]])
     centers = torch.tensor([[1.0], [1.0025]])
-    bounds = _Bounds(1, centers)
-    screening = _Screening(False)
+    bounds = Bounds(1, centers)
+    screening = Screening(False)
     local = torch.tensor([0])
     assert bounds.labels(local, x, centers, screening).tolist() == [0]
     counts = torch.tensor([5.0, 2.0**20], dtype=torch.float64)
@@ -344,7 +340,7 @@ def test_bounds_stay_exact_through_thousands_of_ulp_sized_updates():
         batch_counts = torch.tensor([0.0, 1.0], dtype=torch.float64)
         sums.zero_()
         sums[1] = centers[1] - 0.07
-        movement = torch_backend._update_centres(centers, counts + batch_counts, sums, batch_counts, bound=True)
+        movement = update_centres(centers, counts + batch_counts, sums, batch_counts, bound=True)
         assert movement is not None
         bounds.moved(movement)
         counts = counts + batch_counts

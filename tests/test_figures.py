@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslbench.plots import FigureSize, linear_top1, outliers, plot_results
-from sslbench.results import Run, RunProtocol, Timings, build_results, environment
+from sslbench.plots import FigureSize, linear_point, linear_top1, outliers, plan_figures, plot_results, svg_figures
+from sslbench.results import MetricInfo, ProbeRecord, Run, RunProtocol, Timings, build_results, environment
 
 from conftest import run_cli
 
@@ -28,7 +28,8 @@ def _protocol(dims: int, clusters: int) -> RunProtocol:
     )  # fmt: skip
 
 
-def _results(plugins):
+def _results(plugins, measured=None):
+    """``measured``: backbone → the linear top-1 its linear probe recorded (a fraction)."""
     runs = []
     for backbone, (acc, ari) in CARDS.items():
         for dims in (256, 512, 2048):
@@ -41,7 +42,25 @@ def _results(plugins):
                         timings=Timings(extract_s=0, pca_s=0, kmeans_s=0, eval_s=0),
                     )
                 )  # fmt: skip
-    return build_results(runs, spec=None, env=environment("cpu", plugins), wall_s=1.0)
+    probes = [
+        ProbeRecord(
+            model=backbone.split(".")[1],
+            backbone=backbone,
+            dataset="ImageNet",
+            probe="linear",
+            options={},
+            fit_split="train",
+            eval_split="val",
+            n_classes=1000,
+            n_train=10,
+            n_eval=10,
+            metrics={"linear_top1": top1, "linear_top5": 0.9},
+            seconds=1.0,
+        )
+        for backbone, top1 in (measured or {}).items()
+    ]
+    described = {name: MetricInfo(label=name) for name in ("acc", "ari", "linear_top1", "linear_top5")}
+    return build_results(runs, spec=None, env=environment("cpu", plugins), wall_s=1.0, probes=probes, metrics=described)
 
 
 def test_linear_top1_comes_from_the_cards(plugins):
@@ -50,6 +69,36 @@ def test_linear_top1_comes_from_the_cards(plugins):
         linear_top1(rows["resnet50.swav_800ep"], plugins)
         == plugins.backbones.get("resnet50.swav_800ep").card.linear_top1.value
     )
+
+
+def test_figure_1a_places_models_at_their_measured_linear_top1(plugins):
+    """With the linear probe in the results, Fig. 1a's x is the measured top-1 (the card's for the
+    others), and the legend and the note say which is which."""
+    measured = {"resnet50.swav_800ep": 0.5, "resnet50.infomin_800ep": 0.6}
+    results = _results(plugins, measured)
+    rows = {row.backbone: row for row in results.summary if row.protocol.pca_dims == 2048}
+    assert linear_point(rows["resnet50.swav_800ep"], plugins) == (50.0, "measured")
+    card = plugins.backbones.get("resnet50.mocov2_pycontrast_200ep").card
+    assert linear_point(rows["resnet50.mocov2_pycontrast_200ep"], plugins) == (card.linear_top1.value, "published")
+    (fig1a, *_), _ = plan_figures(results, plugins=plugins)
+    assert fig1a.stem == "fig1_acc_vs_linear"
+    assert (
+        fig1a.note
+        == "Linear top-1 measured by the run's linear probe for swav_800ep, infomin_800ep; published (model card) for the others."
+    )
+    drawn, _ = svg_figures(results, plugins=plugins)
+    svg = dict((plan.stem, text) for plan, text in drawn)["fig1_acc_vs_linear"]
+    assert "linear top-1 measured (linear probe)" in svg and "linear top-1 published (model card)" in svg
+    from sslbench.interfaces import ReportContext
+
+    page = plugins.reporters.get("html").reporter.render_with_context(results, ReportContext(plugins=plugins))
+    assert "probe for swav_800ep, infomin_800ep; published (model card) for the others." in page
+    everyone = _results(plugins, dict.fromkeys(CARDS, 0.4))
+    assert plan_figures(everyone, plugins=plugins)[0][0].note.startswith(
+        "Linear top-1 measured by the run's linear probe for every model"
+    )
+    none = plan_figures(_results(plugins), plugins=plugins)[0][0]
+    assert none.note.startswith("Linear top-1 published (model cards)")
 
 
 def test_outliers_are_points_far_from_the_line():

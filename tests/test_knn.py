@@ -1,5 +1,6 @@
-"""Weighted kNN top-1 (the DINO protocol) beside k-means: against a brute-force reference, on hostile
-inputs, on real offline weights, and end to end through ``sslbench run`` and the reports."""
+"""Weighted kNN top-1 (the DINO protocol) beside k-means, the ``knn`` probe: against a brute-force
+reference, on hostile inputs, on real offline weights, and end to end through ``sslbench run`` and the
+reports."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from hypothesis import strategies as st
 from sslbench.cards import Reference
 from sslbench.errors import SSLBenchError
 from sslbench.evaluate import evaluate_features
-from sslbench.knn import knn_metric, knn_top1, nearest_neighbours
+from sslbench.knn import knn_top1, nearest_neighbours
 from sslbench.plugins import get_plugins
 from sslbench.results import MetricSummary, Published, Results, RunProtocol, SummaryRow, environment
 from sslbench.runner import paper_values
-from sslbench.spec import ProtocolSpec
+from sslbench.spec import ResolvedProbe
 from sslbench.table import summary_tables
+from sslbench_plugins.knn_probe import KnnOptions, knn_metric
 
 from conftest import run_cli
 
@@ -154,16 +156,19 @@ def test_k_larger_than_train_is_refused():
     with pytest.raises(SSLBenchError, match="k=5 neighbours asked for but train has only 4 samples"):
         knn_top1(np.ones((4, 3)), np.zeros(4, int), np.ones((2, 3)), np.zeros(2, int), [5])
     with pytest.raises(SSLBenchError, match="only 10 samples"):
-        evaluate_features(np.eye(10), np.arange(10), np.eye(10), np.arange(10), seeds=1, knn=[20], device="cpu")
+        evaluate_features(np.eye(10), np.arange(10), np.eye(10), np.arange(10), seeds=1, device="cpu", probes=[KNN20])
 
 
-def test_spec_validates_knn():
-    assert ProtocolSpec().knn == [] and ProtocolSpec().knn_temperature == 0.07
-    assert ProtocolSpec.model_validate({"knn": 20}).knn == [20]
-    assert ProtocolSpec.model_validate({"knn": [10, 20, 200]}).knn == [10, 20, 200]
-    for bad in ({"knn": [0]}, {"knn": [20, 20]}, {"knn_temperature": 0}, {"knn_temperature": float("nan")}):
+KNN20 = {"id": "knn", "options": {"k": [20]}}
+
+
+def test_probe_options_validate_k_and_temperature():
+    assert KnnOptions().k == [20] and KnnOptions().temperature == 0.07
+    assert KnnOptions.model_validate({"k": 20}).k == [20]
+    assert KnnOptions.model_validate({"k": [200, 10, 20]}).k == [10, 20, 200]
+    for bad in ({"k": [0]}, {"k": [20, 20]}, {"k": []}, {"temperature": 0}, {"temperature": float("nan")}, {"T": 1}):
         with pytest.raises(ValueError):
-            ProtocolSpec.model_validate(bad)
+            KnnOptions.model_validate(bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -181,22 +186,38 @@ def test_api_records_knn_once_per_model_and_dataset():
 
     x, y = load_digits(return_X_y=True)
     off = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=1, epochs=2, device="cpu")
-    assert not any(m.startswith("knn") for m in off.runs[0].metrics) and off.runs[0].timings.knn_s is None
-    assert "knn_s" not in off.to_json()  # results without kNN read exactly as before
+    assert off.probes == [] and not any(m.startswith("knn") for m in off.summary[0].metrics)
     table = summary_tables(off)[0]
     # Every registered metric (the installed example plugin's too), the paper's four first.
     rest = [entry.label for entry in get_plugins().metrics if entry.name not in ("acc", "ari", "ami", "nmi")]
     every_metric = ["ACC", "ARI", "AMI", "NMI", *rest]
     assert [table.label(m) for m in table.metrics] == every_metric
-    on = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=2, epochs=2, device="cpu", knn=[10, 20])
-    values = [run.metrics[knn_metric(20)] for run in on.runs]
-    assert on.runs[0].timings.knn_s is not None and '"knn_s"' in on.to_json()
-    assert values[0] == values[1] > 0.9  # digits: kNN on raw pixels is easy
-    assert on.summary[0].metrics["knn_top1_k20"].std == 0.0
-    reference = knn_top1(x[::2], y[::2], x[1::2], y[1::2], [20], n_classes=10).top1[20]
-    assert values[0] == reference
+    on = evaluate_features(
+        x[::2],
+        y[::2],
+        x[1::2],
+        y[1::2],
+        seeds=2,
+        epochs=2,
+        device="cpu",
+        probes=[{"id": "knn", "options": {"k": [20, 10]}}],
+    )
+    # Stored once, with its options and time, and in no run.
+    (probe,) = on.probes
+    assert probe.probe == "knn" and probe.options == {"k": [10, 20], "temperature": 0.07} and probe.seconds > 0
+    assert (probe.n_train, probe.n_eval, probe.n_classes) == (899, 898, 10)
+    assert not any(m.startswith("knn") for run in on.runs for m in run.metrics)
+    # The numbers of the function the previous code called, to the last digit.
+    reference = knn_top1(x[::2], y[::2], x[1::2], y[1::2], [10, 20], n_classes=10).top1
+    assert probe.metrics == {"knn_top1_k10": reference[10], "knn_top1_k20": reference[20]}
+    assert reference[20] > 0.9  # digits: kNN on raw pixels is easy
+    assert on.summary[0].metrics["knn_top1_k20"] == MetricSummary(mean=reference[20], std=None)
     table = summary_tables(on)[0]
     assert [table.label(m) for m in table.metrics] == [*every_metric, "kNN-10", "kNN-20"]
+    # The k-means numbers do not depend on whether a probe ran.
+    assert [run.metrics for run in on.runs][:1] == [
+        evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=[0], epochs=2, device="cpu").runs[0].metrics
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,8 +289,9 @@ def test_paper_values_add_the_cards_knn_top1(plugins):
             return SimpleNamespace(card=card)
 
     def lookup(knn):
+        probe = ResolvedProbe(plugins.probes.get("knn"), KnnOptions(k=knn))
         resolved = SimpleNamespace(
-            spec=SimpleNamespace(models=[SimpleNamespace(id=card_id, label="lite0")], protocol=ProtocolSpec(knn=knn))
+            spec=SimpleNamespace(models=[SimpleNamespace(id=card_id, label="lite0")]), probes=(probe,)
         )
         return paper_values(resolved, SimpleNamespace(backbones=Backbones()))  # type: ignore[arg-type]
 
@@ -334,9 +356,17 @@ def test_pretrained_knn_beats_random_init_on_fashion_mnist():
                 return np.concatenate(out)
 
             results = evaluate_features(
-                embed(train_x), train_y, embed(test_x), test_y, seeds=1, epochs=1, pca_dim=16, knn=[20], device="cpu"
+                embed(train_x),
+                train_y,
+                embed(test_x),
+                test_y,
+                seeds=1,
+                epochs=1,
+                pca_dim=16,
+                probes=[KNN20],
+                device="cpu",
             )
-            measured[card_id, pretrained] = results.runs[0].metrics["knn_top1_k20"]
+            measured[card_id, pretrained] = results.probes[0].metrics["knn_top1_k20"]
     print("kNN-20 top-1 (pretrained, random init):", measured)
     for card_id in ("tf_efficientnet_lite0.offline_in1k", "mobilenetv2_100.tv_in1k"):
         assert measured[card_id, True] > measured[card_id, False] + 0.08, (card_id, measured)
@@ -353,18 +383,19 @@ models:
   - {id: raw}
 datasets:
   - {id: digits}
-protocol: {epochs: 2, seeds: 2, knn: [10, 20]}
+protocol: {epochs: 2, seeds: 2}
+probes: [{id: knn, options: {k: [10, 20]}}]
 device: cpu
 """
     (tmp_path / "spec.yaml").write_text(spec)
     proc = run_cli("run", "spec.yaml", "--out", "out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["spec"]["protocol"]["knn"] == [10, 20]
-    for run in results["runs"]:
-        assert 0.9 < run["metrics"]["knn_top1_k10"] <= 1 and 0.9 < run["metrics"]["knn_top1_k20"] <= 1
-        assert run["timings"]["knn_s"] > 0
-    assert len({run["metrics"]["knn_top1_k20"] for run in results["runs"]}) == 1
+    assert results["schema_version"] == 3 and results["spec"]["probes"] == [{"id": "knn", "options": {"k": [10, 20]}}]
+    (probe,) = results["probes"]
+    assert 0.9 < probe["metrics"]["knn_top1_k10"] <= 1 and 0.9 < probe["metrics"]["knn_top1_k20"] <= 1
+    assert probe["seconds"] > 0 and probe["options"] == {"k": [10, 20], "temperature": 0.07}
+    assert all("knn_s" not in run["timings"] and "knn_top1_k20" not in run["metrics"] for run in results["runs"])
     md = (tmp_path / "out" / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Method |"))
     assert header.startswith("| Method | ACC | ARI | AMI | NMI |") and header.endswith("| kNN-10 | kNN-20 |")

@@ -288,8 +288,8 @@ def test_a_metric_entry_with_an_unknown_unit_is_refused_when_made():
 def test_spec_report_metrics_are_checked_at_validate(plugins):
     from sslbench.spec import parse_spec, resolve_spec
 
-    base = "models: [{id: raw}]\ndatasets: [{id: digits}]\nprotocol: {knn: [20]}\nreport:\n  metrics: [acc, %s]\n"
-    for good in ("nmi", "knn_top1_k20", "acc_in_some_group"):
+    base = "models: [{id: raw}]\ndatasets: [{id: digits}]\nprobes: [{id: knn}, {id: linear}]\nreport:\n  metrics: [acc, %s]\n"
+    for good in ("nmi", "knn_top1_k20", "linear_top5", "acc_in_some_group"):
         resolve_spec(parse_spec(base % good, "spec.yaml"), plugins)
     with pytest.raises(SSLBenchError) as info:
         resolve_spec(parse_spec(base % "nmii", "spec.yaml"), plugins)

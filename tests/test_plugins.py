@@ -23,6 +23,7 @@ import sslbench.plugins as plugins_module
 from sslbench import Backbone, BackboneEntry, MetricEntry, Split, hookimpl
 from sslbench.errors import PluginError, SSLBenchError, exception_line
 from sslbench.extract import usable_cores
+from sslbench.hookspecs import PLUGIN_KINDS
 from sslbench.plugins import load_plugins
 
 from conftest import PAPER_METRICS, run_cli
@@ -537,7 +538,7 @@ def test_exception_in_an_installed_plugins_hook_disables_it_with_one_warning(ins
     # Everything else is exactly what it is without the plugin.
     monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "flaky-metrics:flaky")
     without = load_plugins(warn=pytest.fail)
-    for kind in ("backbones", "datasets", "backends", "metrics", "reporters"):
+    for kind in (k.attribute for k in PLUGIN_KINDS):
         assert getattr(loaded, kind).names() == getattr(without, kind).names(), kind
 
 
@@ -592,7 +593,7 @@ def test_a_plugin_failing_in_a_later_hook_is_withdrawn_from_every_registry(insta
     assert failure.would_register == {"backbone": ["half_net_a", "half_net_b"], "metric": ["half_metric"]}
     monkeypatch.setenv("SSLBENCH_DISABLE_PLUGINS", "half")
     without = load_plugins(warn=pytest.fail)
-    for kind in ("backbones", "datasets", "backends", "metrics", "reporters"):
+    for kind in (k.attribute for k in PLUGIN_KINDS):
         assert getattr(loaded, kind).names() == getattr(without, kind).names(), kind
 
     provider = "plugin 'half' (distribution half-plugin 1.0)"

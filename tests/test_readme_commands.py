@@ -286,6 +286,7 @@ def test_every_python_block_of_contributing_is_complete_or_marked():
         "my_plugin/backbone.py",
         "my_plugin/dataset.py",
         "my_plugin/metric.py",
+        "my_plugin/probe.py",
         "try_it.py",
         "spec.yaml",
     }
@@ -350,6 +351,11 @@ def test_contributing_plugin_guide_runs(workdir, capsys, monkeypatch):
     results = json.loads((workdir / "runs" / "my-first-run" / "results.json").read_text())
     assert {r["model"] for r in results["runs"]} == {"tiny_cnn"} and len(results["runs"]) == 4
     assert all(0.0 < r["metrics"]["largest_cluster"] <= 1.0 for r in results["runs"])
+    # The guide's probe and a built-in one, stored once each, with their columns in the reports.
+    probes = {p["probe"]: p for p in results["probes"]}
+    assert set(probes) == {"nearest_mean", "knn"} and probes["nearest_mean"]["n_eval"] == 80
+    assert 0.0 < probes["nearest_mean"]["metrics"]["nearest_mean_top1"] <= 1.0
+    assert "| NCM |" in (workdir / "runs" / "my-first-run" / "results.md").read_text()
     plugins = {p["name"]: p["distribution"] for p in results["environment"]["plugins"]}
     assert plugins["my_plugin"] == "my-sslbench-plugin"
 

@@ -167,4 +167,4 @@ def test_the_modern_zoo_spec_runs_every_modern_card_with_knn(plugins):
     paper = {"mocov2", "infomin", "swav", "supervised", "offline", "simclrv2", "bigbigan"}
     spec = resolve_spec(load_spec(bundled_specs()["modern-zoo"]), plugins).spec
     assert {m.id for m in spec.models} == {c.id for c in load_cards() if c.family not in paper}
-    assert spec.protocol.knn == [10, 20, 200]
+    assert [(p.id, p.options) for p in spec.probes] == [("knn", {"k": [10, 20, 200]})]

@@ -12,9 +12,11 @@ from sklearn.decomposition import PCA
 
 from sslbench import SSLBenchError, evaluate_features
 from sslbench.arrays import RowReader
+from sslbench.engine.kmeans import TorchKMeans
+from sslbench.engine.options import TorchOptions
+from sslbench.engine.pca import TorchPCA
 from sslbench.interfaces import ClustererConfig, ReducerConfig
 from sslbench_plugins.reference_backend import ReferencePCA
-from sslbench_plugins.torch_backend import TorchKMeans, TorchOptions, TorchPCA
 
 from conftest import blobs, run_torchrun
 

