@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
-from sslbench.table import Table, summary_tables
+from sslbench.table import Table, headline_metrics, summary_tables
 
 if TYPE_CHECKING:  # rich is imported by the methods that draw: listing plugins need not load it
     from rich.console import Console
@@ -173,7 +173,12 @@ class CSVReporter(Reporter):
     suffix = ".csv"
 
     def render(self, results: Results) -> str:
-        metrics = results.columns if results.columns is not None else results.metric_names()
+        if results.columns is not None:
+            metrics = list(results.columns)
+        else:  # every metric, the headline ones first (as the other reports order their columns)
+            names = results.metric_names()
+            first = headline_metrics(names)
+            metrics = [*first, *(name for name in names if name not in first)]
         metrics = [m for m in metrics if any(m in row.metrics for row in results.summary)]
         compared = [m for m in metrics if any(row.published and m in row.published.metrics for row in results.summary)]
         protocol_fields = [

@@ -230,6 +230,18 @@ def test_columns_chosen_and_ordered_and_unknown_names_refused(plugins, tmp_path)
     ]
 
 
+def test_csv_puts_the_headline_metrics_first_by_default(plugins):
+    """Whatever order the descriptors come in (a third party's metric can be described before the built-in
+    ones), the CSV's default columns start with ACC, ARI, AMI and NMI, as every other report does."""
+    rows = [_summary("m", {"purity": (0.9, 0.0), "nmi": (0.4, 0.0), "acc": (0.5, 0.0), "ari": (0.3, 0.0)})]
+    results = _results(rows, plugins)
+    purity = MetricInfo(label="Purity")
+    described = {"purity": purity, **{name: results.metric_info(name) for name in ("nmi", "acc", "ari")}}
+    header = plugins.reporters.get("csv").reporter.render(results.model_copy(update={"metrics": described}))
+    means = [column for column in header.splitlines()[0].split(",") if column.endswith("_mean")]
+    assert means == ["acc_mean", "ari_mean", "nmi_mean", "purity_mean"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Results written before descriptors; merged results
 
