@@ -137,6 +137,12 @@ class _Problem:
         self.codes = torch.from_numpy(codes).to(device)
         self.dims = rows.dims
 
+    @property
+    def chunk_work(self) -> int:
+        """Floating-point operations of one chunk's two products (what sizes the thread count: a small
+        problem runs on one thread, where a second one only adds a wake-up and a barrier per operation)."""
+        return 4 * min(self.chunk_rows, len(self.rows)) * self.dims * self.width
+
     def split(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """(weights ``(width, d)``, intercepts ``(width,)``) of the flat parameter vector."""
         coef = theta[: self.width * self.dims].view(self.width, self.dims)
@@ -292,7 +298,7 @@ def fit_logistic(
     _check_finite(problem, "train")
     theta = torch.zeros(problem.width * (problem.dims + 1), dtype=torch.float64, device=device)
     weights = torch.ones(len(data.labels), dtype=torch.float64, device=device)
-    with torch_threads(4 * chunk_rows * problem.dims * problem.width):
+    with torch_threads(problem.chunk_work):
         fit, _ = _fit(problem, weights, classes, C, theta, max_iter, tol)
     data.reader.release()
     return fit
@@ -386,7 +392,7 @@ def linear_probe(
     sweep: list[SweepPoint] = []
     fits: dict[float, LogisticFit] = {}
     warnings: list[str] = []
-    with torch_threads(4 * opts.chunk_rows * problem.dims * problem.width):
+    with torch_threads(problem.chunk_work):
         for C in sorted(opts.c_values):
             fit, correct = _fit(problem, fit_weights, sweep_classes, C, theta, opts.max_iter, opts.tol)
             held_top1 = float(torch.dot(correct[held_index], held_known)) / len(held)
