@@ -93,8 +93,9 @@ class ProtocolPlan:
     backend: BackendEntry
     backend_options: BaseModel
     metrics: tuple[MetricEntry, ...]
-    #: How messages name each metric's code: ``metric 'm' (plugin 'p' from dist 1.0)``.
+    #: How messages name each metric's and probe's code: ``metric 'm' (plugin 'p' from dist 1.0)``.
     metric_owners: Mapping[str, str] = field(default_factory=dict)
+    probe_owners: Mapping[str, str] = field(default_factory=dict)
     device: str = "cpu"
     #: The registered backbone (null for the API's features): runs record it for the plots.
     backbone: str | None = None
@@ -198,6 +199,11 @@ def plan_protocol(
         metric_owners={
             entry.name: f"metric '{entry.name}' ({plugins.plugin_of(plugins.metrics, entry.name).label})"
             for entry in plugins.metrics
+        },
+        probe_owners={
+            probe.name: f"probe '{probe.name}' ({plugins.plugin_of(plugins.probes, probe.name).label})"
+            for probe in probes
+            if probe.name in plugins.probes
         },
         **{**extra, "transfers": tuple(transfers), "probes": tuple(probes)},  # type: ignore[arg-type]
     )
@@ -578,13 +584,19 @@ def run_probes(plan: ProtocolPlan, emit: Emit = ignore) -> list[ProbeRecord]:
     records = []
     for probe in plan.probes:
         emit(Event("stage", f"{plan.model}/{plan.dataset}: {probe.name} probe", name="probe"))
+        owner = plan.probe_owners.get(probe.name, f"probe '{probe.name}'")
         started = time.perf_counter()
-        outcome = probe.entry.run(data, probe.options)
+        try:
+            outcome = probe.entry.run(data, probe.options)
+        except SSLBenchError:
+            raise
+        except Exception as exc:
+            raise PluginFailure(f"{owner}: run() raised {exception_line(exc)}") from exc
         seconds = time.perf_counter() - started
         declared = probe.metrics()
         if set(outcome.metrics) != set(declared):  # a plugin's bug: its columns would silently differ
-            raise SSLBenchError(
-                f"probe '{probe.name}' returned metrics {sorted(outcome.metrics)} but declared {sorted(declared)}"
+            raise PluginFailure(
+                f"{owner}: run() returned metrics {sorted(outcome.metrics)} but declared {sorted(declared)}"
             )
         for note in outcome.notes:
             emit(Event("note", f"{plan.model}/{plan.dataset}: {probe.name} probe: {note}"))

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sslbench.engine.logistic import LogisticOptions, held_out_rows, linear_probe
 from sslbench.errors import SSLBenchError
 from sslbench.evaluate import evaluate_features
-from sslbench.interfaces import ProbeData
+from sslbench.interfaces import ProbeData, ProbeOutcome
 from sslbench.plugins import load_plugins
 from sslbench.results import ProbeRecord, load_results
 from sslbench.spec import parse_spec, resolve_spec
@@ -174,6 +175,33 @@ def test_the_api_refuses_bad_probes_in_one_line():
     ):
         with pytest.raises(SSLBenchError, match=message):
             evaluate_features(x, y, x, y, seeds=1, epochs=1, device="cpu", probes=probes)
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        (lambda data, options: 1 / 0, "run() raised ZeroDivisionError: division by zero"),
+        (
+            lambda data, options: ProbeOutcome({"other": 0.5}),
+            "run() returned metrics ['other'] but declared ['own_top1']",
+        ),
+    ],
+)
+def test_a_probe_that_crashes_or_returns_other_metrics_names_its_plugin(run, message):
+    """A probe's bug ends the run naming the probe and the plugin that registered it (exit 1 on the CLI)."""
+    from sslbench import ProbeEntry, hookimpl
+    from sslbench.errors import PluginFailure
+    from sslbench.results import MetricInfo
+
+    @hookimpl
+    def sslbench_register_probes(register):
+        register(ProbeEntry("own", run, lambda options: {"own_top1": MetricInfo(label="Own")}, "a faulty probe"))
+
+    plugins = load_plugins(extra=[("faulty", types.SimpleNamespace(sslbench_register_probes=sslbench_register_probes))])
+    x, y = blobs(10, 2, 4, seed=0)
+    with pytest.raises(PluginFailure) as info:
+        evaluate_features(x, y, x, y, seeds=1, epochs=1, device="cpu", probes=[{"id": "own"}], plugins=plugins)
+    assert str(info.value) == f"probe 'own' (plugin 'faulty' from no distribution): {message}"
 
 
 # --------------------------------------------------------------------------------------------------
