@@ -39,6 +39,8 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
         "torch": "sslbench_plugins.torch_backend",
         "faiss": "sslbench_plugins.faiss_backend",
         "cuml": "sslbench_plugins.cuml_backend",
+        "knn": "sslbench_plugins.knn_probe",
+        "linear": "sslbench_plugins.linear_probe",
     }
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert scripts == {"sslbench": "sslbench.cli:main"}
