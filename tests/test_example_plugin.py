@@ -133,7 +133,12 @@ def test_the_example_wheel_carries_its_cards_and_weights(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     for name in ("cards/example.yaml", "cards/test_vit_moco.pth", "weights/test_vit.pth"):
         assert f"sslbench_example/{name}" in shipped, name
-    where = _run(python, "-c", "import sslbench, sslbench_example; print(sslbench.__file__, sslbench_example.__file__)")
+    where = _run(
+        python,
+        "-c",
+        "import sslbench, sslbench_example; print(sslbench.__file__, sslbench_example.__file__)",
+        cwd=tmp_path,
+    )
     installed, example = where.stdout.split()
     assert installed == sslbench.__file__ and Path(example).is_relative_to(tmp_path / "venv")
 
