@@ -158,11 +158,7 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
         try:
             spec = ProbeSpec.model_validate(_plain(dict(given)) if isinstance(given, Mapping) else given)
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise SSLBenchError(
-                f"evaluate_features: probes[{index}]{'.' + where if where else ''}: {err['msg']}"
-            ) from None
+            raise _first_error(exc, f"probes[{index}]", show_input=False) from None
         try:
             entry = plugins.probes.get(spec.id)
         except SSLBenchError as exc:
@@ -170,11 +166,7 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
         try:
             options = entry.options.model_validate(spec.options)
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise SSLBenchError(
-                f"evaluate_features: probes[{index}].options.{where}: {err['msg']} (got {err.get('input')!r})"
-            ) from None
+            raise _first_error(exc, f"probes[{index}].options", show_input=True) from None
         probe = ResolvedProbe(entry, options)
         taken = [name for earlier in resolved for name in earlier.metrics() if name in probe.metrics()]
         if taken:
@@ -183,6 +175,14 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
             )
         resolved.append(probe)
     return tuple(resolved)
+
+
+def _first_error(exc: ValidationError, at: str, show_input: bool) -> SSLBenchError:
+    """``evaluate_features: <at>.<field>: <message>`` for the first error of ``exc`` (with the value given)."""
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    shown = f" (got {err.get('input')!r})" if show_input else ""
+    return SSLBenchError(f"evaluate_features: {at}{'.' + where if where else ''}: {err['msg']}{shown}")
 
 
 def _plain(value: Any) -> Any:
