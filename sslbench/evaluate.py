@@ -19,12 +19,15 @@ from pydantic import ValidationError
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
-from sslbench.extract import resolve_device
+from sslbench.extract import Extracted, ExtractionSettings, extract_split, resolve_device, resolved_settings
 from sslbench.inputs import FeatureSplit, checked_split, class_index
 from sslbench.interfaces import Backbone, Dataset
+from sslbench.isolation import untouched_training, unwrapped
 from sslbench.pipeline import plan_protocol, run_probes, run_protocol
 from sslbench.plugins import Plugins, get_plugins
+from sslbench.ranks import Ranks
 from sslbench.results import ExtractionRecord, Results, build_results, environment
+from sslbench.sharded import extract_across_ranks, picklable
 from sslbench.spec import ProbeSpec, ProtocolSpec, ResolvedProbe
 
 
@@ -51,6 +54,8 @@ def evaluate_features(
     plugins: Plugins | None = None,
     scratch_dir: str | Path | None = None,
     emit: Emit = ignore,
+    fit_split: str = "train",
+    eval_split: str = "val",
 ) -> Results:
     """Cluster precomputed features with the paper's protocol and score them.
 
@@ -82,6 +87,9 @@ def evaluate_features(
     :param scratch_dir: where the PCA projections are written while the runs last (removed after);
         default a folder beside the feature cache (``$SSLBENCH_CACHE``).
     :param emit: receives :class:`~sslbench.events.Event` objects (stages, runs) as they happen.
+    :param fit_split: the name of the train features' split, as runs and probe records show it.
+    :param eval_split: the name of the eval features' split, as runs and probe records show it (and the
+        reports' caption: "scored on …").
     :returns: :class:`~sslbench.results.Results` with ``runs`` (per seed) and ``summary``.
     :raises SSLBenchError: unusable input (a dtype, shape or value outside the contract, NaN/inf,
         mismatched shapes, k larger than the train set, an unknown device), in one line.
@@ -128,6 +136,8 @@ def evaluate_features(
         dataset=dataset,
         device=device,
         probes=resolved_probes,
+        fit_split=fit_split,
+        eval_split=eval_split,
     )
     probe_records = run_probes(plan, emit)
     with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
@@ -314,8 +324,9 @@ def evaluate_model(
                 results = sslbench.evaluate_model(encoder, "fashion_mnist", transform=eval_tf, seeds=3, epochs=20)
                 log(epoch, results.summary[0].metrics["acc"].mean)
 
-    :param model: a ``torch.nn.Module`` (put in eval mode while features are extracted, its training
-        mode restored after; never moved: batches go to the device of its parameters) or any callable
+    :param model: a ``torch.nn.Module`` (every submodule in eval mode while features are extracted;
+        never moved: batches go to the device of its parameters; a ``DistributedDataParallel`` wrapper's
+        module is called directly) or any callable
         mapping a batch tensor to ``(batch, dims)`` features. Called under ``torch.inference_mode``,
         with float16 autocast on CUDA when ``amp``. Its parameters are never converted: the batches
         alone are channels-last (on CUDA, and on the CPU as ``cpu_memory_format`` says), so the model
@@ -339,11 +350,27 @@ def evaluate_model(
     changes between calls). The C allocator's settings of this process are left as they are; a program
     that extracts on the CPU gains from calling :func:`sslbench.allocator.tune_allocator` once (see its
     notes).
+
+    **No side effects on the training.** After the call, whatever its exit: every submodule's
+    train/eval mode, ``requires_grad``, the buffers (BatchNorm's running statistics), grad mode, the CPU
+    and CUDA autocast state, torch's intra-op thread count and the random states of Python, NumPy's
+    global generator, torch's CPU and CUDA generators are exactly as they were
+    (:mod:`sslbench.isolation`), so a training with evaluation calls between its epochs ends with the
+    weights it has without them.
+
+    **Under torch.distributed** (called with a process group initialised, any backend): every rank of
+    the default group must call it, with the same arguments and a model of the same weights (as DDP
+    keeps them). Each rank embeds a contiguous, batch-aligned shard of every split — no padding, no
+    sample twice, empty shards where a split has fewer batches than there are ranks — into its own
+    scratch folder (no shared file system needed) and sends it to rank 0 through the process group, in
+    bounded chunks; rank 0 alone holds the assembled rows (in sample order), runs PCA, k-means and the
+    probes, and broadcasts its :class:`Results`, which every rank returns. They equal a one-process
+    call's on the same data and weights to the last digit (the same batches, so bit-identical features,
+    when the ranks compute with the same thread count as that process). An exception on any rank is
+    raised on every rank. The other ranks wait for rank 0's clustering inside a collective: the process
+    group's ``timeout`` must exceed it.
     """
-    import torch
-
-    from sslbench.extract import ExtractionSettings, extract_split, forward_precision, resolved_settings
-
+    ranks = Ranks.of_process_group()
     plugins = plugins or get_plugins()
     if isinstance(dataset, str):
         entry = plugins.datasets.get(dataset)
@@ -362,7 +389,7 @@ def evaluate_model(
             raise SSLBenchError(
                 f"evaluate_model: dataset '{label}' has no split '{split}'; it has: {', '.join(data.splits)}"
             )
-    backbone = _InMemoryModel(model, transform if transform is not None else imagenet_eval_transform())
+    backbone = _InMemoryModel(unwrapped(model), transform if transform is not None else imagenet_eval_transform())
     device = _model_device(model)
     for option, value, allowed in (
         ("cpu_memory_format", cpu_memory_format, ("auto", "channels_last", "contiguous")),
@@ -384,48 +411,102 @@ def evaluate_model(
         ),
         device,
     )
-    training = model.training if isinstance(model, torch.nn.Module) else None
     started = time.perf_counter()
-    with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
-        try:
-            if isinstance(model, torch.nn.Module):
-                model.eval()
-            extracted = {}
-            for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
-                key = CacheKey(
-                    backbone=name,
-                    plugin={},
-                    backbone_options={},
-                    backbone_fingerprint={},
-                    dataset=label,
-                    dataset_options={},
-                    split=split,
-                    split_fingerprint=f"in-memory-{index}",
-                )
-                extracted[split] = extract_split(
+    with untouched_training(model), run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
+        extracted: dict[str, Extracted | None] = {}
+        for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
+            key = CacheKey(
+                backbone=name,
+                plugin={},
+                backbone_options={},
+                backbone_fingerprint={},
+                dataset=label,
+                dataset_options={},
+                split=split,
+                split_fingerprint=f"in-memory-{index}",
+            )
+            where = f"{label}/{split} ({name})"
+            if ranks.distributed:
+                extracted[split] = extract_across_ranks(
                     backbone,
                     data.splits[split],
+                    ranks=ranks,
                     settings=settings,
                     device=device,
-                    name=f"{label}/{split} ({name})",
-                    entry=FeatureCache(scratch / f"features-{index}").entry(key),
+                    name=where,
+                    key=key,
+                    scratch=scratch / f"features-{index}",
                 )
-        finally:
-            if training is not None:
-                model.train(training)
-        results = evaluate_features(
-            extracted[fit_split].features,
-            extracted[fit_split].labels,
-            extracted[eval_split].features,
-            extracted[eval_split].labels,
-            n_classes=data.num_classes,
-            model=name,
-            dataset=label,
-            plugins=plugins,
-            scratch_dir=scratch,
-            emit=emit,
-            **protocol,
-        )
+            else:
+                entry = FeatureCache(scratch / f"features-{index}").entry(key)
+                extracted[split] = extract_split(
+                    backbone, data.splits[split], settings=settings, device=device, name=where, entry=entry
+                )
+        outcome: Results | BaseException | None = None
+        if ranks.rank == 0:  # rank 0 holds every split; the others wait for its results
+            try:
+                outcome = _scored(
+                    extracted,
+                    fit_split,
+                    eval_split,
+                    data.num_classes,
+                    name,
+                    label,
+                    plugins,
+                    scratch,
+                    emit,
+                    protocol,
+                    settings,
+                    device,
+                    started,
+                )
+            except Exception as exc:
+                if not ranks.distributed:
+                    raise
+                outcome = picklable(exc)  # the other ranks raise it too, rather than wait forever
+        outcome = ranks.broadcast_object(outcome)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    assert isinstance(outcome, Results)
+    return outcome
+
+
+def _scored(
+    extracted: Mapping[str, Extracted | None],
+    fit_split: str,
+    eval_split: str,
+    n_classes: int,
+    name: str,
+    label: str,
+    plugins: Plugins,
+    scratch: Path,
+    emit: Emit,
+    protocol: Mapping[str, Any],
+    settings: ExtractionSettings,
+    device: str,
+    started: float,
+) -> Results:
+    """evaluate_model's results: :func:`evaluate_features` on the extracted splits, recording the
+    dataset, the splits' names and how they were extracted."""
+    from sslbench.extract import forward_precision
+
+    fit, scored = extracted[fit_split], extracted[eval_split]
+    assert fit is not None and scored is not None
+    results = evaluate_features(
+        fit.features,
+        fit.labels,
+        scored.features,
+        scored.labels,
+        n_classes=n_classes,
+        model=name,
+        dataset=label,
+        plugins=plugins,
+        scratch_dir=scratch,
+        emit=emit,
+        fit_split=fit_split,
+        eval_split=eval_split,
+        **protocol,
+    )
     spec = {**(results.spec or {}), "api": "evaluate_model", "dataset": label, "fit_split": fit_split}
     spec["eval_split"] = eval_split
     records = [
@@ -440,6 +521,7 @@ def evaluate_model(
             precision_check=got.precision_check,
         )
         for split, got in extracted.items()
+        if got is not None
     ]
     update = {"spec": spec, "wall_s": time.perf_counter() - started, "extraction": records}
     return results.model_copy(update=update)
