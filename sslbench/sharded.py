@@ -95,6 +95,7 @@ def extract_across_ranks(
     shard: Extracted | None = None
     error: BaseException | None = None
     try:
+        scratch.mkdir(parents=True, exist_ok=True)  # rank 0 writes the split there, shard or no shard
         if stop > start:
             entry = FeatureCache(scratch / f"shard-{start}-{stop}").entry(key)
             shard = extract_split(
