@@ -7,7 +7,6 @@ in memory. Both return the same typed :class:`Results`.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,9 +16,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
+from sslbench.devices import is_device_name, missing_device, resolve_device, unavailable
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
-from sslbench.extract import Extracted, ExtractionSettings, extract_split, resolve_device, resolved_settings
+from sslbench.extract import Extracted, ExtractionSettings, extract_split, resolved_settings
 from sslbench.inputs import FeatureSplit, checked_split, class_index
 from sslbench.interfaces import Backbone, Dataset
 from sslbench.isolation import untouched_training, unwrapped
@@ -38,13 +38,13 @@ def evaluate_features(
     eval_labels: Any,
     *,
     n_clusters: int | None = None,
-    overcluster: float | Sequence[float] = 1.0,
+    overcluster: float | Sequence[float] | None = None,
     pca_dim: int | Sequence[int | None] | None = None,
-    whiten: bool = False,
-    epochs: int = 60,
+    whiten: bool | None = None,
+    epochs: int | Sequence[int] | None = None,
     batch_size: int | None = None,
-    seeds: int | Sequence[int] = 5,
-    backend: str = "torch",
+    seeds: int | Sequence[int] | None = None,
+    backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
     probes: Sequence[Mapping[str, Any]] = (),
     device: str = "auto",
@@ -67,6 +67,10 @@ def evaluate_features(
     non-empty 2-D array of a floating or integer dtype, finite, of largest magnitude between 2^-100 and
     2^100 (or all zero); labels are non-negative integers (any integer dtype, or whole-number floats).
     Integer parameters may be NumPy integers, and ``seeds`` or ``pca_dim`` NumPy arrays.
+
+    A protocol parameter left at ``None`` takes a spec's default (:class:`~sslbench.spec.ProtocolSpec`,
+    the one place they are set: 60 epochs, seeds 0..4, overcluster 1, no whitening, all PCA components,
+    ``k`` = classes, the ``torch`` backend), so ``sslbench run`` and this call agree unless told otherwise.
 
     :param train_features: ``(n_train, d)`` array (a ``np.memmap`` is read in chunks).
     :param train_labels: ``(n_train,)`` integer class indices.
@@ -97,19 +101,18 @@ def evaluate_features(
     started = time.perf_counter()
     plugins = plugins or get_plugins()
     try:
-        protocol = ProtocolSpec.model_validate(
-            {
-                "pca_dims": _plain(pca_dim),
-                "whiten": _plain(whiten),
-                "k": _plain(n_clusters),
-                "overcluster": _plain(overcluster),
-                "epochs": _plain(epochs),
-                "batch_size": _plain(batch_size),
-                "seeds": _plain(seeds),
-                "backend": backend,
-                "backend_options": _plain(dict(backend_options or {})),
-            }
-        )
+        given = {
+            "pca_dims": pca_dim,
+            "whiten": whiten,
+            "k": n_clusters,
+            "overcluster": overcluster,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seeds": seeds,
+            "backend": backend,
+            "backend_options": None if backend_options is None else dict(backend_options),
+        }
+        protocol = ProtocolSpec.model_validate({name: _plain(v) for name, v in given.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in err["loc"][:1])
@@ -187,12 +190,12 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
     return tuple(resolved)
 
 
-def _first_error(exc: ValidationError, at: str, show_input: bool) -> SSLBenchError:
-    """``evaluate_features: <at>.<field>: <message>`` for the first error of ``exc`` (with the value given)."""
+def _first_error(exc: ValidationError, at: str, show_input: bool, api: str = "evaluate_features") -> SSLBenchError:
+    """``<api>: <at>.<field>: <message>`` for the first error of ``exc`` (with the value given)."""
     err = exc.errors(include_url=False)[0]
     where = ".".join(str(p) for p in err["loc"])
     shown = f" (got {err.get('input')!r})" if show_input else ""
-    return SSLBenchError(f"evaluate_features: {at}{'.' + where if where else ''}: {err['msg']}{shown}")
+    return SSLBenchError(f"{api}: {at}{'.' + where if where else ''}: {err['msg']}{shown}")
 
 
 def _plain(value: Any) -> Any:
@@ -215,25 +218,16 @@ def _count(name: str, value: Any) -> int:
     return plain
 
 
-#: What ``device`` may be: as a spec's ``device``.
-DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-
-
 def _checked_device(device: Any) -> str:
-    if not isinstance(device, str) or not DEVICES.match(device):
+    """``device`` checked as a spec's is (:mod:`sslbench.devices`), in the API's words."""
+    if not is_device_name(device):
         raise SSLBenchError(
             f"evaluate_features: device: {device!r} is not a device; valid devices: auto, cpu, cuda, cuda:N, mps"
         )
-    import torch
-
-    if device.startswith("cuda:") and torch.cuda.is_available() and int(device[5:]) >= torch.cuda.device_count():
-        raise SSLBenchError(
-            f"evaluate_features: device: {device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
-            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        )
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise SSLBenchError("evaluate_features: device: 'mps' but torch sees no Apple GPU; use auto or cpu")
-    return device
+    missing = missing_device(device)
+    if missing is not None:
+        raise SSLBenchError(f"evaluate_features: device: {unavailable(device, missing)}")
+    return str(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,9 +371,7 @@ def evaluate_model(
         try:
             options = entry.options.model_validate(dataset_options or {})
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise SSLBenchError(f"evaluate_model: dataset_options.{field}: {err['msg']}") from None
+            raise _first_error(exc, "dataset_options", show_input=True, api="evaluate_model") from None
         data, label = entry.factory(options), dataset
     else:
         data, label = dataset, dataset.name

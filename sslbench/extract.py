@@ -33,17 +33,6 @@ from sslbench.progress import NullProgress, Progress
 from sslbench.ranks import ONE_PROCESS, Ranks
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; a missing GPU is a user error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SSLBenchError(f"device '{device}' was asked for but torch sees no CUDA GPU; use device: cpu")
-    return device
-
-
 @dataclass(frozen=True)
 class ExtractionSettings:
     batch_size: int = 256

@@ -276,7 +276,7 @@ class ClustererConfig:
     on_epoch: Callable[[], None] | None = None
     #: The processes the fit is split across: each passes ``fit`` its contiguous shard of the rows, in
     #: rank order. The protocol always hands one process every row (:data:`~sslbench.ranks.ONE_PROCESS`);
-    #: a backend that cannot split a fit ignores it only when ``ranks.world`` is 1.
+    #: other ranks come only from a backend's direct users, to a backend that splits fits (``torch``).
     ranks: Ranks = ONE_PROCESS
 
 

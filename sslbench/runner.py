@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from sslbench.allocator import trim_allocator
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
+from sslbench.devices import resolve_device
 from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.events import Emit, Event, ignore
 from sslbench.extract import (
@@ -38,7 +39,6 @@ from sslbench.extract import (
     forward_precision,
     key_numerics,
     prepare_backbone,
-    resolve_device,
     resolved_settings,
 )
 from sslbench.inputs import FeatureSplit, checked_split

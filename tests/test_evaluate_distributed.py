@@ -12,6 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+import sslbench
+
+from conftest import run_torchrun
 from distributed_evaluate_worker import (
     PROTOCOL,
     VAL_OFFSET,
@@ -22,15 +26,6 @@ from distributed_evaluate_worker import (
     seed_everything,
     train,
 )
-from torch import nn
-
-import sslbench
-from sslbench.interfaces import Dataset
-from sslbench.runner import run_spec
-from sslbench.spec import parse_spec, resolve_spec
-from sslbench_plugins.datasets import ArraySplit
-
-from conftest import run_torchrun
 
 WORKER = Path(__file__).with_name("distributed_evaluate_worker.py")
 DIGITS_ROWS = {"train": 1348, "val": 449}
@@ -138,56 +133,3 @@ def test_an_evaluation_leaves_every_state_a_training_reads(tmp_path):
     assert before["threads"] == after["threads"] and before["autocast"] == after["autocast"]
     assert before["grad"] == after["grad"]
     assert model.rows == sum(DIGITS_ROWS.values())  # it did embed every sample
-
-
-def _train_test() -> Dataset:
-    rng = np.random.default_rng(0)
-    labels = np.arange(120) % 3
-    features = (rng.normal(size=(3, 8)) * 4)[labels] + rng.normal(size=(120, 8))
-    images = features.astype(np.float32)[:, None, :, None].repeat(8, axis=3)  # (n, 1, 8, 8)
-    split = {"train": slice(0, 90), "test": slice(90, 120)}
-    return Dataset(
-        "train_test",
-        ["a", "b", "c"],
-        {name: ArraySplit(images[rows], labels[rows], as_image=False) for name, rows in split.items()},
-    )
-
-
-def test_every_run_of_a_train_test_dataset_records_the_split_it_scored(tmp_path, plugins):
-    """evaluate_model scores ``test`` when there is no ``val``: its runs, probe records, spec and the
-    reports' caption say ``test``; an explicit eval_split is recorded as given; ``sslbench run`` on the
-    same rows (a features dataset with train/test splits) records ``test`` too."""
-    data = _train_test()
-    model = nn.Flatten()
-    found = sslbench.evaluate_model(
-        model, data, transform=torch.from_numpy, scratch_dir=tmp_path, plugins=plugins, **PROTOCOL
-    )
-    on_train = sslbench.evaluate_model(
-        model, data, transform=torch.from_numpy, eval_split="train", scratch_dir=tmp_path, plugins=plugins, **PROTOCOL
-    )
-    for results, scored, n_eval in ((found, "test", 30), (on_train, "train", 90)):
-        assert {(r.protocol.fit_split, r.protocol.eval_split, r.n_eval) for r in results.runs} == {
-            ("train", scored, n_eval)
-        }
-        assert {(p.fit_split, p.eval_split) for p in results.probes} == {("train", scored)}
-        assert results.spec is not None and results.spec["eval_split"] == scored
-        assert f"scored on {scored}" in plugins.reporters.get("md").reporter.render(results)
-    for name in ("train", "test"):
-        split = data.splits[name]
-        np.save(tmp_path / f"{name}_x.npy", split.as_array().reshape(len(split), -1))
-        np.save(tmp_path / f"{name}_y.npy", split.labels)
-    spec = f"""\
-models: [{{id: raw}}]
-datasets:
-  - id: features
-    eval_split: test
-    options: {{splits: {{train: {{features: {tmp_path}/train_x.npy, labels: {tmp_path}/train_y.npy}},
-                        test: {{features: {tmp_path}/test_x.npy, labels: {tmp_path}/test_y.npy}}}}}}
-protocol: {{epochs: 3, seeds: 2}}
-cache_dir: {tmp_path}/cache
-device: cpu
-"""
-    ran = run_spec(resolve_spec(parse_spec(spec), plugins), plugins, out_dir=tmp_path / "out")
-    assert {(r.protocol.eval_split, r.n_eval) for r in ran.runs} == {("test", 30)}
-    # The same rows, the same protocol: the API and the CLI's path give the same numbers.
-    assert [r.metrics for r in ran.runs] == [r.metrics for r in found.runs]
