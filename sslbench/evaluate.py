@@ -28,7 +28,7 @@ from sslbench.plugins import Plugins, get_plugins
 from sslbench.ranks import Ranks
 from sslbench.results import ExtractionRecord, Results, build_results, environment
 from sslbench.sharded import extract_across_ranks, picklable
-from sslbench.spec import ProbeSpec, ProtocolSpec, ResolvedProbe
+from sslbench.spec import ExtractionSpec, ProbeSpec, ProtocolSpec, ResolvedProbe
 
 
 def evaluate_features(
@@ -195,7 +195,7 @@ def _first_error(exc: ValidationError, at: str, show_input: bool, api: str = "ev
     err = exc.errors(include_url=False)[0]
     where = ".".join(str(p) for p in err["loc"])
     shown = f" (got {err.get('input')!r})" if show_input else ""
-    return SSLBenchError(f"{api}: {at}{'.' + where if where else ''}: {err['msg']}{shown}")
+    return SSLBenchError(f"{api}: {'.'.join(part for part in (at, where) if part)}: {err['msg']}{shown}")
 
 
 def _plain(value: Any) -> Any:
@@ -383,26 +383,21 @@ def evaluate_model(
             )
     backbone = _InMemoryModel(unwrapped(model), transform if transform is not None else imagenet_eval_transform())
     device = _model_device(model)
-    for option, value, allowed in (
-        ("cpu_memory_format", cpu_memory_format, ("auto", "channels_last", "contiguous")),
-        ("cpu_precision", cpu_precision, ("float32", "bfloat16")),
-    ):
-        if value not in allowed:
-            raise SSLBenchError(f"evaluate_model: {option}: {value!r} is not one of {', '.join(allowed)}")
-    settings = resolved_settings(
-        backbone,
-        ExtractionSettings(
-            batch_size,
-            workers,
-            amp,
-            "fail",
-            20,
-            owner=f"evaluate_model's model ({name})",
-            memory_format=cpu_memory_format,  # type: ignore[arg-type]  # checked above
-            precision=cpu_precision,  # type: ignore[arg-type]
-        ),
-        device,
-    )
+    try:  # the spec's extraction options, validated as a spec's are
+        extraction = ExtractionSpec.model_validate(
+            {
+                "batch_size": _plain(batch_size),
+                "workers": _plain(workers),
+                "amp": _plain(amp),
+                "cpu_memory_format": cpu_memory_format,
+                "cpu_precision": cpu_precision,
+                "cache": False,
+            }
+        )
+    except ValidationError as exc:
+        raise _first_error(exc, "", show_input=True, api="evaluate_model") from None
+    owner = f"evaluate_model's model ({name})"
+    settings = resolved_settings(backbone, ExtractionSettings.of(extraction, owner), device)
     started = time.perf_counter()
     with untouched_training(model), run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
         extracted: dict[str, Extracted | None] = {}

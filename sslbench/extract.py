@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.interfaces import Backbone, Split
 from sslbench.progress import NullProgress, Progress
 from sslbench.ranks import ONE_PROCESS, Ranks
+
+if TYPE_CHECKING:
+    from sslbench.spec import ExtractionSpec
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,22 @@ class ExtractionSettings:
     #: The forward's precision on the CPU: ``float32``, or ``bfloat16`` autocast (an approximation, only on
     #: a CPU with native bfloat16: see :func:`native_bfloat16`). CUDA follows ``amp``.
     precision: Literal["float32", "bfloat16"] = "float32"
+
+    @classmethod
+    def of(cls, extraction: ExtractionSpec, owner: str = "the backbone") -> ExtractionSettings:
+        """The settings a spec's ``extraction`` asks for (``sslbench run`` and :func:`sslbench.evaluate_model`
+        alike), for the backbone ``owner`` names."""
+        return cls(
+            extraction.batch_size,
+            extraction.workers,
+            extraction.amp,
+            extraction.on_error,
+            extraction.commit_every,
+            owner=owner,
+            decode=extraction.decode,
+            memory_format=extraction.cpu_memory_format,
+            precision=extraction.cpu_precision,
+        )
 
 
 @dataclass

@@ -230,16 +230,7 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str, ranks: Ranks
         models.append(ModelPlan(m_spec, m_options, entry, info, missing))
     ext = spec.extraction
     check_precision(ext.cpu_precision, device)  # before any model is built
-    settings = ExtractionSettings(
-        ext.batch_size,
-        ext.workers,
-        ext.amp,
-        ext.on_error,
-        ext.commit_every,
-        decode=ext.decode,
-        memory_format=ext.cpu_memory_format,
-        precision=ext.cpu_precision,
-    )
+    settings = ExtractionSettings.of(ext)
     cache = FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None)
     return RunPlan(resolved, tuple(models), tuple(datasets), device, cache, settings, ranks)
 

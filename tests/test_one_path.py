@@ -4,10 +4,13 @@ place and record the splits they fitted and scored."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import sslbench
+from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Dataset
 from sslbench.runner import run_spec
 from sslbench.spec import ProtocolSpec, parse_spec, resolve_spec
@@ -77,3 +80,23 @@ device: cpu
     assert {(r.protocol.eval_split, r.n_eval) for r in ran.runs} == {("test", 30)}
     # The same rows, the same protocol: the API and the CLI's path give the same numbers.
     assert [r.metrics for r in ran.runs] == [r.metrics for r in found.runs]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "spec_says"),
+    [
+        ("cpu_memory_format", "nchw", "Input should be 'auto', 'channels_last' or 'contiguous'"),
+        ("batch_size", 0, "Input should be greater than or equal to 1"),
+        ("workers", -1, "Input should be greater than or equal to 0"),
+    ],
+)
+def test_evaluate_model_validates_extraction_options_as_a_spec_does(plugins, option, value, spec_says):
+    """evaluate_model's extraction options go through the spec's model: the spec's rule and words."""
+    from sslbench.spec import ExtractionSpec
+
+    with pytest.raises(ValidationError) as by_spec:
+        ExtractionSpec.model_validate({option: value})
+    assert by_spec.value.errors()[0]["msg"].startswith(spec_says)
+    with pytest.raises(SSLBenchError) as refused:
+        sslbench.evaluate_model(nn.Flatten(), "digits", plugins=plugins, **{option: value})
+    assert str(refused.value) == f"evaluate_model: {option}: {by_spec.value.errors()[0]['msg']} (got {value!r})"
