@@ -51,9 +51,6 @@ class ShardOfSplit(Split):
     def describe(self, index: int) -> str:
         return self.split.describe(self.start + index)
 
-    def fingerprint(self) -> str:
-        return f"{self.split.fingerprint()}[{self.start}:{self.stop}]"
-
 
 def raise_if_any_failed(ranks: Ranks, error: BaseException | None, what: str) -> None:
     """A collective: every rank learns whether any rank failed at ``what``. The rank that failed raises
