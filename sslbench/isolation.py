@@ -57,16 +57,13 @@ class TrainingState:
     def capture(cls, model: Any) -> TrainingState:
         import torch
 
-        modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+        root = model if isinstance(model, torch.nn.Module) else torch.nn.Module()
         return cls(
-            modes=tuple((m, m.training) for m in modules),
-            requires_grad=tuple((p, p.requires_grad) for m in modules[:1] for p in m.parameters()),
-            buffers=tuple((b, b.detach().clone()) for m in modules[:1] for b in m.buffers()),
+            modes=tuple((m, m.training) for m in root.modules()),
+            requires_grad=tuple((p, p.requires_grad) for p in root.parameters()),
+            buffers=tuple((b, b.detach().clone()) for b in root.buffers()),
             grad_enabled=torch.is_grad_enabled(),
-            autocast=tuple(
-                (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-                for device in AUTOCAST_DEVICES
-            ),
+            autocast=tuple((device, *_autocast(device)) for device in AUTOCAST_DEVICES),
             autocast_cache=torch.is_autocast_cache_enabled(),
             threads=torch.get_num_threads(),
             python_rng=random.getstate(),
@@ -89,8 +86,7 @@ class TrainingState:
                     buffer.copy_(saved)
         torch.set_grad_enabled(self.grad_enabled)
         for device, enabled, dtype in self.autocast:
-            torch.set_autocast_enabled(device, enabled)
-            torch.set_autocast_dtype(device, dtype)
+            _set_autocast(device, enabled, dtype)
         torch.set_autocast_cache_enabled(self.autocast_cache)
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
@@ -99,6 +95,32 @@ class TrainingState:
         torch.set_rng_state(self.torch_rng)
         if self.cuda_rng:
             torch.cuda.set_rng_state_all(list(self.cuda_rng))
+
+
+def _autocast(device: str) -> tuple[bool, Any]:
+    """(enabled, dtype) of ``device``'s autocast (torch < 2.4 names CUDA's ``gpu`` and has no device
+    argument)."""
+    import torch
+
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    if device == "cpu":
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def _set_autocast(device: str, enabled: bool, dtype: Any) -> None:
+    import torch
+
+    if hasattr(torch, "set_autocast_dtype"):
+        torch.set_autocast_enabled(device, enabled)
+        torch.set_autocast_dtype(device, dtype)
+    elif device == "cpu":
+        torch.set_autocast_cpu_enabled(enabled)
+        torch.set_autocast_cpu_dtype(dtype)
+    else:
+        torch.set_autocast_enabled(enabled)
+        torch.set_autocast_gpu_dtype(dtype)
 
 
 @contextmanager

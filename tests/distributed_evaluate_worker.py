@@ -2,7 +2,8 @@
 gone) the same call in one process; with 2 ranks also a DDP training with and without evaluations.
 
 Each rank writes ``rank<r>.json`` into the output folder: the Results it got, the rows its model
-embedded, the one-process Results, and (2 ranks) the weights after both trainings.
+embedded, the message of a call rank 0 refuses, the one-process Results and refusal (rank 0), and
+(2 ranks) the weights after both trainings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 import sslbench
+from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Dataset
 from sslbench.results import Results
 from sslbench_plugins.datasets import ArraySplit
@@ -97,6 +99,15 @@ def evaluations(model: nn.Module, scratch: Path) -> dict[str, Results]:
     }
 
 
+def refusal(model: nn.Module, scratch: Path) -> str:
+    """The message of a call that rank 0 refuses after the extraction (more clusters than samples)."""
+    try:
+        sslbench.evaluate_model(model, "digits", transform=digits_tensor, scratch_dir=scratch, n_clusters=5000)
+    except SSLBenchError as exc:
+        return str(exc)
+    raise AssertionError("5,000 clusters of 1,348 samples were not refused")
+
+
 def comparable(results: Results) -> dict[str, Any]:
     """What must be equal between ranks and with one process: every number, not the timings."""
     return {
@@ -147,6 +158,7 @@ def main(out: str) -> None:
     model = Counting(Encoder())
     found = {name: comparable(results) for name, results in evaluations(model, scratch).items()}
     record: dict[str, Any] = {"results": found, "rows": model.rows, "indices": model.indices}
+    record["refused"] = refusal(model, scratch)  # on every rank, not only where it happened
     if world == 2:
         weights = {}
         for evaluate in (False, True):
@@ -158,6 +170,7 @@ def main(out: str) -> None:
     if rank == 0:  # the same call in one process, on the same thread count
         model.rows, model.indices = 0, []
         record["one_process"] = {name: comparable(results) for name, results in evaluations(model, scratch).items()}
+        record["one_process_refused"] = refusal(model, scratch)
     (folder / f"rank{rank}.json").write_text(json.dumps(record))
 
 

@@ -53,6 +53,15 @@ def test_every_rank_returns_the_one_process_results(ranks_out):
 
 
 @pytest.mark.slow
+def test_a_refusal_on_rank_0_is_raised_on_every_rank(ranks_out):
+    """Rank 0 alone clusters: what it refuses reaches every rank (none waits forever), in one process's words."""
+    _world, records = ranks_out
+    expected = records[0]["one_process_refused"]
+    assert "fewer than the 5000 clusters" in expected
+    assert [r["refused"] for r in records] == [expected] * len(records)
+
+
+@pytest.mark.slow
 def test_each_rank_embeds_a_contiguous_shard_once(ranks_out):
     """No padding, no duplicates: the ranks' rows add up to the splits' sizes; the 1,001 + 2 indexed
     samples come out as one contiguous run of indices per rank and split, in rank order, covering each
