@@ -19,7 +19,7 @@ from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.devices import is_device_name, missing_device, resolve_device, unavailable
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
-from sslbench.extract import Extracted, ExtractionSettings, extract_split, resolved_settings
+from sslbench.extract import Extracted, ExtractionSettings, extract_split, forward_precision, resolved_settings
 from sslbench.inputs import FeatureSplit, checked_split, class_index
 from sslbench.interfaces import Backbone, Dataset
 from sslbench.isolation import untouched_training, unwrapped
@@ -391,7 +391,6 @@ def evaluate_model(
                 "amp": _plain(amp),
                 "cpu_memory_format": cpu_memory_format,
                 "cpu_precision": cpu_precision,
-                "cache": False,
             }
         )
     except ValidationError as exc:
@@ -434,18 +433,18 @@ def evaluate_model(
             try:
                 outcome = _scored(
                     extracted,
-                    fit_split,
-                    eval_split,
-                    data.num_classes,
-                    name,
-                    label,
-                    plugins,
-                    scratch,
-                    emit,
-                    protocol,
-                    settings,
-                    device,
-                    started,
+                    fit_split=fit_split,
+                    eval_split=eval_split,
+                    n_classes=data.num_classes,
+                    name=name,
+                    label=label,
+                    plugins=plugins,
+                    scratch=scratch,
+                    emit=emit,
+                    protocol=protocol,
+                    settings=settings,
+                    device=device,
+                    started=started,
                 )
             except Exception as exc:
                 if not ranks.distributed:
@@ -460,6 +459,7 @@ def evaluate_model(
 
 def _scored(
     extracted: Mapping[str, Extracted | None],
+    *,
     fit_split: str,
     eval_split: str,
     n_classes: int,
@@ -475,8 +475,6 @@ def _scored(
 ) -> Results:
     """evaluate_model's results: :func:`evaluate_features` on the extracted splits, recording the
     dataset, the splits' names and how they were extracted."""
-    from sslbench.extract import forward_precision
-
     fit, scored = extracted[fit_split], extracted[eval_split]
     assert fit is not None and scored is not None
     results = evaluate_features(
