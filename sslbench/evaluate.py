@@ -305,6 +305,7 @@ def evaluate_model(
     plugins: Plugins | None = None,
     scratch_dir: str | Path | None = None,
     emit: Emit = ignore,
+    ranks: Ranks | None = None,
     **protocol: Any,
 ) -> Results:
     """Extract features of ``dataset`` with a model in memory, then cluster and score them exactly
@@ -336,6 +337,9 @@ def evaluate_model(
         float32 ones on 32 samples per split is in the results' ``extraction`` records.
     :param fit_split: the split PCA and k-means are fitted on; ``eval_split`` (default: ``val`` if the
         dataset has it, else ``test``) is predicted and scored.
+    :param ranks: the processes that evaluate together (:class:`~sslbench.ranks.Ranks`); default: every
+        rank of the default process group when ``torch.distributed`` is initialised, else this process.
+        :data:`~sslbench.ranks.ONE_PROCESS` evaluates in this process alone (e.g. on rank 0 only).
     :param protocol: every keyword :func:`evaluate_features` takes for the protocol (``n_clusters``,
         ``overcluster``, ``pca_dim``, ``epochs``, ``seeds``, ``backend``, ``probes`` …).
     :returns: the results; ``spec`` records ``{"api": "evaluate_model", "dataset": …}``.
@@ -353,18 +357,18 @@ def evaluate_model(
     weights it has without them.
 
     **Under torch.distributed** (called with a process group initialised, any backend): every rank of
-    the default group must call it, with the same arguments and a model of the same weights (as DDP
-    keeps them). Each rank embeds a contiguous, batch-aligned shard of every split — no padding, no
-    sample twice, empty shards where a split has fewer batches than there are ranks — into its own
-    scratch folder (no shared file system needed) and sends it to rank 0 through the process group, in
-    bounded chunks; rank 0 alone holds the assembled rows (in sample order), runs PCA, k-means and the
-    probes, and broadcasts its :class:`Results`, which every rank returns. They equal a one-process
-    call's on the same data and weights to the last digit (the same batches, so bit-identical features,
-    when the ranks compute with the same thread count as that process). An exception on any rank is
-    raised on every rank. The other ranks wait for rank 0's clustering inside a collective: the process
-    group's ``timeout`` must exceed it.
+    ``ranks`` (default: the default group's) must call it, with the same arguments and a model of the
+    same weights (as DDP keeps them). Each rank embeds a contiguous, batch-aligned shard of every split —
+    no padding, no sample twice, empty shards where a split has fewer batches than there are ranks —
+    into its own scratch folder (no shared file system needed) and sends it to rank 0 through the
+    process group, in bounded chunks; rank 0 alone holds the assembled rows (in sample order), runs PCA,
+    k-means and the probes, and broadcasts its :class:`Results`, which every rank returns. They equal a
+    one-process call's on the same data and weights to the last digit (the same batches, so
+    bit-identical features, when the ranks compute with the same thread count as that process). An
+    exception on any rank is raised on every rank. The other ranks wait for rank 0's clustering inside
+    a collective: the process group's ``timeout`` must exceed it.
     """
-    ranks = Ranks.of_process_group()
+    ranks = ranks if ranks is not None else Ranks.of_process_group()
     plugins = plugins or get_plugins()
     if isinstance(dataset, str):
         entry = plugins.datasets.get(dataset)

@@ -2,7 +2,8 @@
 gone) the same call in one process; with 2 ranks also a DDP training with and without evaluations.
 
 Each rank writes ``rank<r>.json`` into the output folder: the Results it got, the rows its model
-embedded, the message of a call rank 0 refuses, the one-process Results and refusal (rank 0), and
+embedded, the message of a call rank 0 refuses, the one-process Results and refusal and the Results of
+a call on rank 0 alone inside the group (rank 0), and
 (2 ranks) the weights after both trainings.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 import sslbench
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Dataset
+from sslbench.ranks import ONE_PROCESS
 from sslbench.results import Results
 from sslbench_plugins.datasets import ArraySplit
 
@@ -159,6 +161,12 @@ def main(out: str) -> None:
     found = {name: comparable(results) for name, results in evaluations(model, scratch).items()}
     record: dict[str, Any] = {"results": found, "rows": model.rows, "indices": model.indices}
     record["refused"] = refusal(model, scratch)  # on every rank, not only where it happened
+    if rank == 0:  # alone, inside the group: the other ranks do not take part
+        alone = sslbench.evaluate_model(
+            model, "digits", transform=digits_tensor, batch_size=100, scratch_dir=scratch, ranks=ONE_PROCESS, **PROTOCOL
+        )
+        record["rank_0_alone"] = comparable(alone)
+    dist.barrier()
     if world == 2:
         weights = {}
         for evaluate in (False, True):

@@ -53,6 +53,14 @@ def test_every_rank_returns_the_one_process_results(ranks_out):
 
 
 @pytest.mark.slow
+def test_rank_0_alone_evaluates_in_one_process_when_told(ranks_out):
+    """``ranks=ONE_PROCESS``: the other ranks of the initialised group take no part, and rank 0 gets the
+    one-process results."""
+    _world, records = ranks_out
+    np.testing.assert_equal(records[0]["rank_0_alone"], records[0]["one_process"]["digits"])
+
+
+@pytest.mark.slow
 def test_a_refusal_on_rank_0_is_raised_on_every_rank(ranks_out):
     """Rank 0 alone clusters: what it refuses reaches every rank (none waits forever), in one process's words."""
     _world, records = ranks_out
