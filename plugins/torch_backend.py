@@ -2,7 +2,7 @@
 
 The algorithms live in the engine (:mod:`sslbench.engine`): :class:`~sslbench.engine.pca.TorchPCA`
 (PCA from a streamed covariance), :class:`~sslbench.engine.kmeans.TorchKMeans` (mini-batch or Lloyd
-k-means with exact nearest centres on the CPU, across ``torch.distributed`` ranks) and their options
+k-means with exact nearest centres on the CPU, split across the ranks it is handed) and their options
 :class:`~sslbench.engine.options.TorchOptions`. This module registers them as one backend.
 """
 

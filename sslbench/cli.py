@@ -133,7 +133,12 @@ def cmd_extract(args: argparse.Namespace, plugins: Plugins) -> int:
     quiet = ranks.rank != 0
     with rich_progress(None if not quiet else Console(quiet=True)) as progress:
         models = extract_spec(
-            resolved, plugins, progress=progress, device=device, emit=_renderer(log_console, stages=False)
+            resolved,
+            plugins,
+            progress=progress,
+            device=device,
+            emit=_renderer(log_console, stages=False),
+            ranks=ranks,
         )
     if not quiet:
         for features in models:

@@ -7,7 +7,6 @@ in memory. Both return the same typed :class:`Results`.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,15 +16,19 @@ import numpy as np
 from pydantic import ValidationError
 
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
+from sslbench.devices import is_device_name, missing_device, resolve_device, unavailable
 from sslbench.errors import SSLBenchError
 from sslbench.events import Emit, ignore
-from sslbench.extract import resolve_device
+from sslbench.extract import Extracted, ExtractionSettings, extract_split, forward_precision, resolved_settings
 from sslbench.inputs import FeatureSplit, checked_split, class_index
 from sslbench.interfaces import Backbone, Dataset
+from sslbench.isolation import untouched_training, unwrapped
 from sslbench.pipeline import plan_protocol, run_probes, run_protocol
 from sslbench.plugins import Plugins, get_plugins
+from sslbench.ranks import Ranks
 from sslbench.results import ExtractionRecord, Results, build_results, environment
-from sslbench.spec import ProbeSpec, ProtocolSpec, ResolvedProbe
+from sslbench.sharded import extract_across_ranks, picklable
+from sslbench.spec import ExtractionSpec, ProbeSpec, ProtocolSpec, ResolvedProbe
 
 
 def evaluate_features(
@@ -35,13 +38,13 @@ def evaluate_features(
     eval_labels: Any,
     *,
     n_clusters: int | None = None,
-    overcluster: float | Sequence[float] = 1.0,
+    overcluster: float | Sequence[float] | None = None,
     pca_dim: int | Sequence[int | None] | None = None,
-    whiten: bool = False,
-    epochs: int = 60,
+    whiten: bool | None = None,
+    epochs: int | Sequence[int] | None = None,
     batch_size: int | None = None,
-    seeds: int | Sequence[int] = 5,
-    backend: str = "torch",
+    seeds: int | Sequence[int] | None = None,
+    backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
     probes: Sequence[Mapping[str, Any]] = (),
     device: str = "auto",
@@ -51,6 +54,8 @@ def evaluate_features(
     plugins: Plugins | None = None,
     scratch_dir: str | Path | None = None,
     emit: Emit = ignore,
+    fit_split: str = "train",
+    eval_split: str = "val",
 ) -> Results:
     """Cluster precomputed features with the paper's protocol and score them.
 
@@ -62,6 +67,10 @@ def evaluate_features(
     non-empty 2-D array of a floating or integer dtype, finite, of largest magnitude between 2^-100 and
     2^100 (or all zero); labels are non-negative integers (any integer dtype, or whole-number floats).
     Integer parameters may be NumPy integers, and ``seeds`` or ``pca_dim`` NumPy arrays.
+
+    A protocol parameter left at ``None`` takes a spec's default (:class:`~sslbench.spec.ProtocolSpec`,
+    the one place they are set: 60 epochs, seeds 0..4, overcluster 1, no whitening, all PCA components,
+    ``k`` = classes, the ``torch`` backend), so ``sslbench run`` and this call agree unless told otherwise.
 
     :param train_features: ``(n_train, d)`` array (a ``np.memmap`` is read in chunks).
     :param train_labels: ``(n_train,)`` integer class indices.
@@ -82,6 +91,9 @@ def evaluate_features(
     :param scratch_dir: where the PCA projections are written while the runs last (removed after);
         default a folder beside the feature cache (``$SSLBENCH_CACHE``).
     :param emit: receives :class:`~sslbench.events.Event` objects (stages, runs) as they happen.
+    :param fit_split: the name of the train features' split, as runs and probe records show it.
+    :param eval_split: the name of the eval features' split, as runs and probe records show it (and the
+        reports' caption: "scored on …").
     :returns: :class:`~sslbench.results.Results` with ``runs`` (per seed) and ``summary``.
     :raises SSLBenchError: unusable input (a dtype, shape or value outside the contract, NaN/inf,
         mismatched shapes, k larger than the train set, an unknown device), in one line.
@@ -89,19 +101,18 @@ def evaluate_features(
     started = time.perf_counter()
     plugins = plugins or get_plugins()
     try:
-        protocol = ProtocolSpec.model_validate(
-            {
-                "pca_dims": _plain(pca_dim),
-                "whiten": _plain(whiten),
-                "k": _plain(n_clusters),
-                "overcluster": _plain(overcluster),
-                "epochs": _plain(epochs),
-                "batch_size": _plain(batch_size),
-                "seeds": _plain(seeds),
-                "backend": backend,
-                "backend_options": _plain(dict(backend_options or {})),
-            }
-        )
+        given = {
+            "pca_dims": pca_dim,
+            "whiten": whiten,
+            "k": n_clusters,
+            "overcluster": overcluster,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seeds": seeds,
+            "backend": backend,
+            "backend_options": None if backend_options is None else dict(backend_options),
+        }
+        protocol = ProtocolSpec.model_validate({name: _plain(v) for name, v in given.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in err["loc"][:1])
@@ -128,6 +139,8 @@ def evaluate_features(
         dataset=dataset,
         device=device,
         probes=resolved_probes,
+        fit_split=fit_split,
+        eval_split=eval_split,
     )
     probe_records = run_probes(plan, emit)
     with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
@@ -177,12 +190,12 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
     return tuple(resolved)
 
 
-def _first_error(exc: ValidationError, at: str, show_input: bool) -> SSLBenchError:
-    """``evaluate_features: <at>.<field>: <message>`` for the first error of ``exc`` (with the value given)."""
+def _first_error(exc: ValidationError, at: str, show_input: bool, api: str = "evaluate_features") -> SSLBenchError:
+    """``<api>: <at>.<field>: <message>`` for the first error of ``exc`` (with the value given)."""
     err = exc.errors(include_url=False)[0]
     where = ".".join(str(p) for p in err["loc"])
     shown = f" (got {err.get('input')!r})" if show_input else ""
-    return SSLBenchError(f"evaluate_features: {at}{'.' + where if where else ''}: {err['msg']}{shown}")
+    return SSLBenchError(f"{api}: {'.'.join(part for part in (at, where) if part)}: {err['msg']}{shown}")
 
 
 def _plain(value: Any) -> Any:
@@ -205,25 +218,16 @@ def _count(name: str, value: Any) -> int:
     return plain
 
 
-#: What ``device`` may be: as a spec's ``device``.
-DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-
-
 def _checked_device(device: Any) -> str:
-    if not isinstance(device, str) or not DEVICES.match(device):
+    """``device`` checked as a spec's is (:mod:`sslbench.devices`), in the API's words."""
+    if not is_device_name(device):
         raise SSLBenchError(
             f"evaluate_features: device: {device!r} is not a device; valid devices: auto, cpu, cuda, cuda:N, mps"
         )
-    import torch
-
-    if device.startswith("cuda:") and torch.cuda.is_available() and int(device[5:]) >= torch.cuda.device_count():
-        raise SSLBenchError(
-            f"evaluate_features: device: {device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
-            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        )
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise SSLBenchError("evaluate_features: device: 'mps' but torch sees no Apple GPU; use auto or cpu")
-    return device
+    missing = missing_device(device)
+    if missing is not None:
+        raise SSLBenchError(f"evaluate_features: device: {unavailable(device, missing)}")
+    return str(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +305,7 @@ def evaluate_model(
     plugins: Plugins | None = None,
     scratch_dir: str | Path | None = None,
     emit: Emit = ignore,
+    ranks: Ranks | None = None,
     **protocol: Any,
 ) -> Results:
     """Extract features of ``dataset`` with a model in memory, then cluster and score them exactly
@@ -314,8 +319,9 @@ def evaluate_model(
                 results = sslbench.evaluate_model(encoder, "fashion_mnist", transform=eval_tf, seeds=3, epochs=20)
                 log(epoch, results.summary[0].metrics["acc"].mean)
 
-    :param model: a ``torch.nn.Module`` (put in eval mode while features are extracted, its training
-        mode restored after; never moved: batches go to the device of its parameters) or any callable
+    :param model: a ``torch.nn.Module`` (every submodule in eval mode while features are extracted;
+        never moved: batches go to the device of its parameters; a ``DistributedDataParallel`` wrapper's
+        module is called directly) or any callable
         mapping a batch tensor to ``(batch, dims)`` features. Called under ``torch.inference_mode``,
         with float16 autocast on CUDA when ``amp``. Its parameters are never converted: the batches
         alone are channels-last (on CUDA, and on the CPU as ``cpu_memory_format`` says), so the model
@@ -331,6 +337,9 @@ def evaluate_model(
         float32 ones on 32 samples per split is in the results' ``extraction`` records.
     :param fit_split: the split PCA and k-means are fitted on; ``eval_split`` (default: ``val`` if the
         dataset has it, else ``test``) is predicted and scored.
+    :param ranks: the processes that evaluate together (:class:`~sslbench.ranks.Ranks`); default: every
+        rank of the default process group when ``torch.distributed`` is initialised, else this process.
+        :data:`~sslbench.ranks.ONE_PROCESS` evaluates in this process alone (e.g. on rank 0 only).
     :param protocol: every keyword :func:`evaluate_features` takes for the protocol (``n_clusters``,
         ``overcluster``, ``pca_dim``, ``epochs``, ``seeds``, ``backend``, ``probes`` …).
     :returns: the results; ``spec`` records ``{"api": "evaluate_model", "dataset": …}``.
@@ -339,20 +348,34 @@ def evaluate_model(
     changes between calls). The C allocator's settings of this process are left as they are; a program
     that extracts on the CPU gains from calling :func:`sslbench.allocator.tune_allocator` once (see its
     notes).
+
+    **No side effects on the training.** After the call, whatever its exit: every submodule's
+    train/eval mode, ``requires_grad``, the buffers (BatchNorm's running statistics), grad mode, the CPU
+    and CUDA autocast state, torch's intra-op thread count and the random states of Python, NumPy's
+    global generator, torch's CPU and CUDA generators are exactly as they were
+    (:mod:`sslbench.isolation`), so a training with evaluation calls between its epochs ends with the
+    weights it has without them.
+
+    **Under torch.distributed** (called with a process group initialised, any backend): every rank of
+    ``ranks`` (default: the default group's) must call it, with the same arguments and a model of the
+    same weights (as DDP keeps them). Each rank embeds a contiguous, batch-aligned shard of every split —
+    no padding, no sample twice, empty shards where a split has fewer batches than there are ranks —
+    into its own scratch folder (no shared file system needed) and sends it to rank 0 through the
+    process group, in bounded chunks; rank 0 alone holds the assembled rows (in sample order), runs PCA,
+    k-means and the probes, and broadcasts its :class:`Results`, which every rank returns. They equal a
+    one-process call's on the same data and weights to the last digit (the same batches, so
+    bit-identical features, when the ranks compute with the same thread count as that process). An
+    exception on any rank is raised on every rank. The other ranks wait for rank 0's clustering inside
+    a collective: the process group's ``timeout`` must exceed it.
     """
-    import torch
-
-    from sslbench.extract import ExtractionSettings, extract_split, forward_precision, resolved_settings
-
+    ranks = ranks if ranks is not None else Ranks.of_process_group()
     plugins = plugins or get_plugins()
     if isinstance(dataset, str):
         entry = plugins.datasets.get(dataset)
         try:
             options = entry.options.model_validate(dataset_options or {})
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise SSLBenchError(f"evaluate_model: dataset_options.{field}: {err['msg']}") from None
+            raise _first_error(exc, "dataset_options", show_input=True, api="evaluate_model") from None
         data, label = entry.factory(options), dataset
     else:
         data, label = dataset, dataset.name
@@ -362,70 +385,117 @@ def evaluate_model(
             raise SSLBenchError(
                 f"evaluate_model: dataset '{label}' has no split '{split}'; it has: {', '.join(data.splits)}"
             )
-    backbone = _InMemoryModel(model, transform if transform is not None else imagenet_eval_transform())
+    backbone = _InMemoryModel(unwrapped(model), transform if transform is not None else imagenet_eval_transform())
     device = _model_device(model)
-    for option, value, allowed in (
-        ("cpu_memory_format", cpu_memory_format, ("auto", "channels_last", "contiguous")),
-        ("cpu_precision", cpu_precision, ("float32", "bfloat16")),
-    ):
-        if value not in allowed:
-            raise SSLBenchError(f"evaluate_model: {option}: {value!r} is not one of {', '.join(allowed)}")
-    settings = resolved_settings(
-        backbone,
-        ExtractionSettings(
-            batch_size,
-            workers,
-            amp,
-            "fail",
-            20,
-            owner=f"evaluate_model's model ({name})",
-            memory_format=cpu_memory_format,  # type: ignore[arg-type]  # checked above
-            precision=cpu_precision,  # type: ignore[arg-type]
-        ),
-        device,
-    )
-    training = model.training if isinstance(model, torch.nn.Module) else None
+    try:  # the spec's extraction options, validated as a spec's are
+        extraction = ExtractionSpec.model_validate(
+            {
+                "batch_size": _plain(batch_size),
+                "workers": _plain(workers),
+                "amp": _plain(amp),
+                "cpu_memory_format": cpu_memory_format,
+                "cpu_precision": cpu_precision,
+            }
+        )
+    except ValidationError as exc:
+        raise _first_error(exc, "", show_input=True, api="evaluate_model") from None
+    owner = f"evaluate_model's model ({name})"
+    settings = resolved_settings(backbone, ExtractionSettings.of(extraction, owner), device)
     started = time.perf_counter()
-    with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
-        try:
-            if isinstance(model, torch.nn.Module):
-                model.eval()
-            extracted = {}
-            for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
-                key = CacheKey(
-                    backbone=name,
-                    plugin={},
-                    backbone_options={},
-                    backbone_fingerprint={},
-                    dataset=label,
-                    dataset_options={},
-                    split=split,
-                    split_fingerprint=f"in-memory-{index}",
-                )
-                extracted[split] = extract_split(
+    with untouched_training(model), run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
+        extracted: dict[str, Extracted | None] = {}
+        for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
+            key = CacheKey(
+                backbone=name,
+                plugin={},
+                backbone_options={},
+                backbone_fingerprint={},
+                dataset=label,
+                dataset_options={},
+                split=split,
+                split_fingerprint=f"in-memory-{index}",
+            )
+            where = f"{label}/{split} ({name})"
+            if ranks.distributed:
+                extracted[split] = extract_across_ranks(
                     backbone,
                     data.splits[split],
+                    ranks=ranks,
                     settings=settings,
                     device=device,
-                    name=f"{label}/{split} ({name})",
-                    entry=FeatureCache(scratch / f"features-{index}").entry(key),
+                    name=where,
+                    key=key,
+                    scratch=scratch / f"features-{index}",
                 )
-        finally:
-            if training is not None:
-                model.train(training)
-        results = evaluate_features(
-            extracted[fit_split].features,
-            extracted[fit_split].labels,
-            extracted[eval_split].features,
-            extracted[eval_split].labels,
-            n_classes=data.num_classes,
-            model=name,
-            dataset=label,
-            plugins=plugins,
-            scratch_dir=scratch,
-            emit=emit,
-            **protocol,
-        )
+            else:
+                entry = FeatureCache(scratch / f"features-{index}").entry(key)
+                extracted[split] = extract_split(
+                    backbone, data.splits[split], settings=settings, device=device, name=where, entry=entry
+                )
+        outcome: Results | BaseException | None = None
+        if ranks.rank == 0:  # rank 0 holds every split; the others wait for its results
+            try:
+                outcome = _scored(
+                    extracted,
+                    fit_split=fit_split,
+                    eval_split=eval_split,
+                    n_classes=data.num_classes,
+                    name=name,
+                    label=label,
+                    plugins=plugins,
+                    scratch=scratch,
+                    emit=emit,
+                    protocol=protocol,
+                    settings=settings,
+                    device=device,
+                    started=started,
+                )
+            except Exception as exc:
+                if not ranks.distributed:
+                    raise
+                outcome = picklable(exc)  # the other ranks raise it too, rather than wait forever
+        outcome = ranks.broadcast_object(outcome)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    assert isinstance(outcome, Results)
+    return outcome
+
+
+def _scored(
+    extracted: Mapping[str, Extracted | None],
+    *,
+    fit_split: str,
+    eval_split: str,
+    n_classes: int,
+    name: str,
+    label: str,
+    plugins: Plugins,
+    scratch: Path,
+    emit: Emit,
+    protocol: Mapping[str, Any],
+    settings: ExtractionSettings,
+    device: str,
+    started: float,
+) -> Results:
+    """evaluate_model's results: :func:`evaluate_features` on the extracted splits, recording the
+    dataset, the splits' names and how they were extracted."""
+    fit, scored = extracted[fit_split], extracted[eval_split]
+    assert fit is not None and scored is not None
+    results = evaluate_features(
+        fit.features,
+        fit.labels,
+        scored.features,
+        scored.labels,
+        n_classes=n_classes,
+        model=name,
+        dataset=label,
+        plugins=plugins,
+        scratch_dir=scratch,
+        emit=emit,
+        fit_split=fit_split,
+        eval_split=eval_split,
+        **protocol,
+    )
     spec = {**(results.spec or {}), "api": "evaluate_model", "dataset": label, "fit_split": fit_split}
     spec["eval_split"] = eval_split
     records = [
@@ -440,6 +510,7 @@ def evaluate_model(
             precision_check=got.precision_check,
         )
         for split, got in extracted.items()
+        if got is not None
     ]
     update = {"spec": spec, "wall_s": time.perf_counter() - started, "extraction": records}
     return results.model_copy(update=update)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,17 +30,10 @@ from sslbench.cache import CacheEntry, CommitState, CorruptEntry, FeatureWriter
 from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.interfaces import Backbone, Split
 from sslbench.progress import NullProgress, Progress
+from sslbench.ranks import ONE_PROCESS, Ranks
 
-
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; a missing GPU is a user error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SSLBenchError(f"device '{device}' was asked for but torch sees no CUDA GPU; use device: cpu")
-    return device
+if TYPE_CHECKING:
+    from sslbench.spec import ExtractionSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +54,22 @@ class ExtractionSettings:
     #: The forward's precision on the CPU: ``float32``, or ``bfloat16`` autocast (an approximation, only on
     #: a CPU with native bfloat16: see :func:`native_bfloat16`). CUDA follows ``amp``.
     precision: Literal["float32", "bfloat16"] = "float32"
+
+    @classmethod
+    def of(cls, extraction: ExtractionSpec, owner: str = "the backbone") -> ExtractionSettings:
+        """The settings a spec's ``extraction`` asks for (``sslbench run`` and :func:`sslbench.evaluate_model`
+        alike), for the backbone ``owner`` names."""
+        return cls(
+            extraction.batch_size,
+            extraction.workers,
+            extraction.amp,
+            extraction.on_error,
+            extraction.commit_every,
+            owner=owner,
+            decode=extraction.decode,
+            memory_format=extraction.cpu_memory_format,
+            precision=extraction.cpu_precision,
+        )
 
 
 @dataclass
@@ -85,36 +94,11 @@ class Extracted:
 # Distributed ranks
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def current_ranks() -> RankInfo:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return RankInfo(dist.get_rank(), dist.get_world_size())
-    return RankInfo()
-
-
 def batch_shards(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` row ranges, one per rank, on batch boundaries, covering ``n``."""
     n_batches = -(-n // batch_size)
     bounds = [round(r * n_batches / world) for r in range(world + 1)]
     return [(min(b0 * batch_size, n), min(b1 * batch_size, n)) for b0, b1 in itertools.pairwise(bounds)]
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -564,8 +548,13 @@ def extract_split(
     entry: CacheEntry | None,
     progress: Progress | None = None,
     reextract_corrupt: bool = False,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Extracted:
     """Features of every sample of ``split`` in order: from the cache, or extracted into it.
+
+    With ``ranks`` of several processes (``torchrun -m sslbench extract``; each calls with the same
+    ``entry``, in a folder they share), each rank extracts its shard (:func:`batch_shards`) and rank 0
+    assembles the entry, which every rank then loads.
 
     A cached entry is verified before use (key, shape, checksums of every byte); a corrupt one stops
     the run with one line naming it and the command that removes it (:class:`CorruptEntry`), or, with
@@ -586,7 +575,6 @@ def extract_split(
     if entry is None:
         raise ValueError("extract_split needs a cache entry for a model that runs batch by batch")
     settings = resolved_settings(backbone, settings, device)
-    ranks = current_ranks()
     corrupt = None
     if entry.claims_complete():
         try:
@@ -596,10 +584,10 @@ def extract_split(
                 raise
             corrupt = exc
     if corrupt is not None:
-        _barrier()  # every rank has read the entry before rank 0 empties it
+        ranks.barrier()  # every rank has read the entry before rank 0 empties it
         if ranks.rank == 0:
             _discard(entry)
-        _barrier()
+        ranks.barrier()
 
     n = len(split)
     task = progress.task(f"extract {name}", n if not ranks.distributed else None, unit="img")
@@ -650,7 +638,7 @@ def _extract_or_assemble(
     device: str,
     name: str,
     task: Any,
-    ranks: RankInfo,
+    ranks: Ranks,
     provenance: Callable[[], dict[str, Any]],
     reextract_corrupt: bool,
 ) -> Extracted | None:
@@ -678,13 +666,13 @@ def _extract_or_assemble(
         if stop > start:
             with shard_entry.locked():
                 _extract_range(backbone, split, shard_entry, start, stop, settings, device, name, task)
-        _barrier()
+        ranks.barrier()
         if ranks.rank == 0:
             with entry.locked():
                 if not entry.claims_complete():
                     _assemble(entry, shards, n)
                     entry.finish(split.labels, provenance())
-        _barrier()
+        ranks.barrier()
     return None
 
 
@@ -831,10 +819,10 @@ def _assemble(entry: CacheEntry, shards: list[tuple[int, int]], n: int) -> None:
         shutil.rmtree(shard.path)
 
 
-def init_distributed_from_env() -> RankInfo:
+def init_distributed_from_env() -> Ranks:
     """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return RankInfo()
+        return ONE_PROCESS
     import torch
     import torch.distributed as dist
 
@@ -843,4 +831,4 @@ def init_distributed_from_env() -> RankInfo:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-    return current_ranks()
+    return Ranks.of_process_group()

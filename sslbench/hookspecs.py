@@ -133,9 +133,10 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
     :param register: call with one :class:`~sslbench.interfaces.BackendEntry` per backend: its
         ``pca`` factory receives a :class:`~sslbench.interfaces.ReducerConfig` and returns a
         :class:`~sslbench.interfaces.Reducer`; its ``kmeans`` factory receives a
-        :class:`~sslbench.interfaces.ClustererConfig` (clusters, epochs, batch size, seed, device)
-        and returns a :class:`~sslbench.interfaces.Clusterer` that makes every random choice from
-        the seed; its ``options`` model validates ``protocol.backend_options`` once for both.
+        :class:`~sslbench.interfaces.ClustererConfig` (clusters, epochs, batch size, seed, device,
+        ranks: the protocol always hands one process every row) and returns a
+        :class:`~sslbench.interfaces.Clusterer` that makes every random choice from the seed; its
+        ``options`` model validates ``protocol.backend_options`` once for both.
         Inputs are memory-mapped float32 files that may exceed RAM: read them in row chunks.
 
     .. versionadded:: 0.1

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sslbench.errors import PluginError
 from sslbench.protocol import hungarian_mapping
+from sslbench.ranks import ONE_PROCESS, Ranks
 from sslbench.results import MetricInfo
 
 if TYPE_CHECKING:
@@ -273,6 +274,10 @@ class ClustererConfig:
     options: BaseModel = field(default_factory=NoOptions)
     #: Called after every epoch (progress display only).
     on_epoch: Callable[[], None] | None = None
+    #: The processes the fit is split across: each passes ``fit`` its contiguous shard of the rows, in
+    #: rank order. The protocol always hands one process every row (:data:`~sslbench.ranks.ONE_PROCESS`);
+    #: other ranks come only from a backend's direct users, to a backend that splits fits (``torch``).
+    ranks: Ranks = ONE_PROCESS
 
 
 class Clusterer(ABC):

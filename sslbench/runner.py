@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from sslbench.allocator import trim_allocator
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
+from sslbench.devices import resolve_device
 from sslbench.errors import PluginFailure, SSLBenchError, exception_line
 from sslbench.events import Emit, Event, ignore
 from sslbench.extract import (
@@ -38,7 +39,6 @@ from sslbench.extract import (
     forward_precision,
     key_numerics,
     prepare_backbone,
-    resolve_device,
     resolved_settings,
 )
 from sslbench.inputs import FeatureSplit, checked_split
@@ -46,6 +46,7 @@ from sslbench.interfaces import Backbone, BackboneEntry, Dataset, Split
 from sslbench.pipeline import TransferTarget, metric_descriptors, plan_protocol, run_probes, run_protocol
 from sslbench.plugins import PluginInfo, Plugins
 from sslbench.progress import NullProgress, Progress
+from sslbench.ranks import ONE_PROCESS, Ranks
 from sslbench.results import (
     HEADLINE_METRICS,
     ExtractionRecord,
@@ -166,6 +167,8 @@ class RunPlan:
     device: str
     cache: FeatureCache
     settings: ExtractionSettings
+    #: The processes extracting together (``torchrun -m sslbench extract``); ``sslbench run`` is one.
+    ranks: Ranks = ONE_PROCESS
 
 
 def _split_source(
@@ -183,7 +186,7 @@ def _dataset_at(resolved: ResolvedSpec, index: int, key: str) -> str:
     return f"{resolved.loaded.source}:{line}: datasets[{index}]"
 
 
-def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
+def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str, ranks: Ranks = ONE_PROCESS) -> RunPlan:
     """Load every dataset once, check its splits, groups and transfer maps, and resolve every model."""
     spec = resolved.spec
     datasets = []
@@ -227,18 +230,9 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str) -> RunPlan:
         models.append(ModelPlan(m_spec, m_options, entry, info, missing))
     ext = spec.extraction
     check_precision(ext.cpu_precision, device)  # before any model is built
-    settings = ExtractionSettings(
-        ext.batch_size,
-        ext.workers,
-        ext.amp,
-        ext.on_error,
-        ext.commit_every,
-        decode=ext.decode,
-        memory_format=ext.cpu_memory_format,
-        precision=ext.cpu_precision,
-    )
+    settings = ExtractionSettings.of(ext)
     cache = FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None)
-    return RunPlan(resolved, tuple(models), tuple(datasets), device, cache, settings)
+    return RunPlan(resolved, tuple(models), tuple(datasets), device, cache, settings, ranks)
 
 
 def _target_plans(resolved: ResolvedSpec, plugins: Plugins, d_index: int, source: Dataset) -> tuple[TargetPlan, ...]:
@@ -395,6 +389,7 @@ def model_features(
                         entry=entry,
                         progress=progress,
                         reextract_corrupt=plan.resolved.spec.extraction.on_corrupt == "reextract",
+                        ranks=plan.ranks,
                     )
                     where = f"{source.label}/{source.name} ({model.spec.label})"
                     if got.decode_check is not None:
@@ -606,11 +601,13 @@ def extract_spec(
     progress: Progress | None = None,
     device: str | None = None,
     emit: Emit = ignore,
+    ranks: Ranks = ONE_PROCESS,
 ) -> list[ModelFeatures]:
-    """Fill the cache for every model × dataset of the spec; computes no clustering."""
+    """Fill the cache for every model × dataset of the spec (each of ``ranks`` extracting its shard of
+    every split); computes no clustering."""
     spec = resolved.spec
     checked_writable_dir(FeatureCache(Path(spec.cache_dir) if spec.cache_dir else None).root, "cache directory")
-    plan = plan_run(resolved, plugins, device or resolve_device(resolved.spec.device))
+    plan = plan_run(resolved, plugins, device or resolve_device(resolved.spec.device), ranks)
     with run_scratch(plan.cache.root) as scratch:
         return list(
             model_features(plan, use_cache=True, scratch=scratch, progress=progress or NullProgress(), emit=emit)

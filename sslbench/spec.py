@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from sslbench.devices import DEVICE_PATTERN, missing_device, unavailable
 from sslbench.errors import SSLBenchError, closest, did_you_mean
 from sslbench.plugins import Plugins
 from sslbench.predictions import file_stem, predictions_name
@@ -401,7 +402,7 @@ class Spec(_StrictModel):
     )
     device: str = Field(
         "auto",
-        pattern=r"^(auto|cpu|cuda(:[0-9]{1,4})?|mps)$",
+        pattern=DEVICE_PATTERN,
         description="auto, cpu, cuda, cuda:N or mps; cuda and mps must be available to torch.",
     )
 
@@ -1046,20 +1047,9 @@ def _named(loaded: LoadedSpec, at: tuple[Any, ...], lookup: Any, name: str) -> A
 def _check_device(loaded: LoadedSpec) -> None:
     """``cuda``, ``cuda:N`` and ``mps`` must be there now (torch is imported only for them)."""
     device = loaded.spec.device
-    if device in ("auto", "cpu"):
-        return
-    import torch
-
-    if device == "mps":
-        missing = None if torch.backends.mps.is_available() else "torch has no MPS device here"
-    elif not torch.cuda.is_available():
-        missing = "torch sees no CUDA GPU"
-    else:
-        count = torch.cuda.device_count()
-        index = int(device.partition(":")[2] or 0)
-        missing = None if index < count else f"torch sees {count} CUDA GPU(s), numbered from 0"
+    missing = missing_device(device)
     if missing:
-        raise SSLBenchError(f"{_at(loaded, ('device',))}: '{device}' was asked for but {missing}; use auto or cpu")
+        raise SSLBenchError(f"{_at(loaded, ('device',))}: {unavailable(device, missing)}")
 
 
 def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:

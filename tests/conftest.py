@@ -57,11 +57,20 @@ def split_blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def run_torchrun(
-    *args: str, cwd: Path, port: int, env: dict[str, str] | None = None
+    *args: str, cwd: Path, port: int, env: dict[str, str] | None = None, processes: int = 2
 ) -> subprocess.CompletedProcess[str]:
-    """Two CPU processes under ``torchrun`` (gloo), running ``args`` (a script, or ``-m module``)."""
+    """``processes`` CPU processes under ``torchrun`` (gloo), running ``args`` (a script, or ``-m module``)."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(port),
+            *args,
+        ],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,

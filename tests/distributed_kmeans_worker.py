@@ -10,15 +10,17 @@ import torch.distributed as dist
 
 from sslbench.engine.kmeans import TorchKMeans
 from sslbench.interfaces import ClustererConfig
+from sslbench.ranks import Ranks
 
 
 def main(features_path: str, out_path: str) -> None:
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    ranks = Ranks.of_process_group()
+    rank, world = ranks.rank, ranks.world
     features = np.load(features_path, mmap_mode="r")
     bounds = np.linspace(0, len(features), world + 1).astype(int)
     shard = features[bounds[rank] : bounds[rank + 1]]
-    kmeans = TorchKMeans(ClustererConfig(9, 3, 256, 3))
+    kmeans = TorchKMeans(ClustererConfig(9, 3, 256, 3, ranks=ranks))
     kmeans.fit(shard)
     if rank == 0:
         labels = kmeans.predict(features)

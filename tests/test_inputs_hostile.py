@@ -28,7 +28,7 @@ from sslbench.inputs import MAX_FEATURE_MAGNITUDE, checked_labels, checked_split
 from sslbench.pipeline import plan_protocol, run_protocol
 from sslbench.plugins import get_plugins
 from sslbench.results import load_results, write_atomic
-from sslbench.spec import ProtocolSpec
+from sslbench.spec import ProtocolSpec, parse_spec, resolve_spec
 
 from conftest import blobs, run_cli
 
@@ -222,6 +222,31 @@ def test_unknown_device_lists_the_valid_ones(separable, device):
     assert api_error(*separable, device=device) == (
         f"evaluate_features: device: {device!r} is not a device; valid devices: auto, cpu, cuda, cuda:N, mps"
     )
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda", "count", "mps", "missing"),
+    [
+        ("cuda", False, 0, False, "torch sees no CUDA GPU"),
+        ("cuda:1", True, 1, False, "torch sees 1 CUDA GPU(s), numbered from 0"),
+        ("mps", False, 0, False, "torch has no MPS device here"),
+    ],
+)
+def test_a_device_that_is_not_here_is_refused_as_a_spec_refuses_it(
+    separable, plugins, monkeypatch, device, cuda, count, mps, missing
+):
+    """The API and a spec check a device in one place: the same words after their own prefix."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    said = f"'{device}' was asked for but {missing}; use auto or cpu"
+    assert api_error(*separable, device=device) == f"evaluate_features: device: {said}"
+    spec = "models: [{id: raw}]\ndatasets: [{id: digits}]\ndevice: " + device + "\n"
+    with pytest.raises(SSLBenchError) as refused:
+        resolve_spec(parse_spec(spec, "spec.yaml"), plugins)
+    assert str(refused.value) == f"spec.yaml:3: device: {said}"
 
 
 def test_class_index_renumbers_sparse_labels_only():

@@ -3,7 +3,7 @@
 One idea per module:
 
 * :mod:`~sslbench.engine.device` — torch, imported when first used, and the device asked for;
-* :mod:`~sslbench.engine.rows` — rows on the device and across ``torch.distributed`` ranks, in chunks;
+* :mod:`~sslbench.engine.rows` — rows on the device and across the ranks of a process group, in chunks;
 * :mod:`~sslbench.engine.gemm` — Gram products and the rounding of float32/bfloat16 products;
 * :mod:`~sslbench.engine.nearest` — the exact nearest centre of every row by GEMM;
 * :mod:`~sslbench.engine.bounds` — Yinyang bounds that skip rows whose nearest centre cannot change;

@@ -14,8 +14,9 @@ memory-mapped files read through :class:`~sslbench.arrays.RowReader`. All random
 ``torch.Generator`` seeded with the run's seed (on the CPU, whatever the device), so a fit is
 deterministic on the CPU.
 
-When ``torch.distributed`` is initialised (``torchrun``), the clusterer runs across ranks: each rank
-passes its contiguous shard of the rows (rank order = row order), every rank draws the same
+Handed the ranks of a process group (``ClustererConfig.ranks``, a :class:`~sslbench.ranks.Ranks`), the
+clusterer runs across them: each rank passes its contiguous shard of the rows (rank order = row order),
+every rank draws the same
 permutations, works on the part of each global batch it holds, and centre sums and counts are
 all-reduced, so the result matches a single-process fit up to floating-point summation order.
 """
@@ -33,7 +34,7 @@ from sslbench.engine.device import resolve_device, torch_module
 from sslbench.engine.gemm import FP32_UNIT, cpu_has_bf16
 from sslbench.engine.nearest import Screening, closest_centres, nearest_centres
 from sslbench.engine.options import TorchOptions
-from sslbench.engine.rows import DeviceRows, Ranks, gather_rows
+from sslbench.engine.rows import DeviceRows, RowShards, gather_rows
 from sslbench.engine.seeding import kmeans_plus_plus
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Clusterer, ClustererConfig, iter_chunks
@@ -88,8 +89,8 @@ class TorchKMeans(Clusterer):
         torch = torch_module()
         stream = RowReader(features)
         reader = DeviceRows(stream, self.device)
-        ranks = Ranks(len(reader), self.device)
         cfg, opts = self.config, self.options
+        ranks = RowShards(len(reader), self.device, cfg.ranks)
         if ranks.n_total < cfg.n_clusters:
             raise SSLBenchError(f"{ranks.n_total} samples are fewer than the {cfg.n_clusters} clusters")
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -114,7 +115,9 @@ class TorchKMeans(Clusterer):
         if not bool(torch.isfinite(self.centers).all()):
             raise SSLBenchError("k-means: the centres overflowed to NaN or inf (features of extreme magnitude?)")
 
-    def _minibatch(self, reader: DeviceRows, ranks: Ranks, centers: Tensor, generator: torch_types.Generator) -> Tensor:
+    def _minibatch(
+        self, reader: DeviceRows, ranks: RowShards, centers: Tensor, generator: torch_types.Generator
+    ) -> Tensor:
         torch = torch_module()
         cfg = self.config
         k, device = cfg.n_clusters, self.device
@@ -192,7 +195,7 @@ class TorchKMeans(Clusterer):
     def _reassign(
         self,
         reader: DeviceRows,
-        ranks: Ranks,
+        ranks: RowShards,
         centers: Tensor,
         counts: Tensor,
         batch: Tensor | np.ndarray,
@@ -243,7 +246,7 @@ class TorchKMeans(Clusterer):
         counts.copy_(torch.where(to_reassign & torch.isfinite(smallest), smallest, counts))
         return jumps
 
-    def _lloyd(self, reader: DeviceRows, ranks: Ranks, centers: Tensor) -> Tensor:
+    def _lloyd(self, reader: DeviceRows, ranks: RowShards, centers: Tensor) -> Tensor:
         torch = torch_module()
         cfg, opts, device = self.config, self.options, self.device
         k, dims = cfg.n_clusters, reader.dims
@@ -295,18 +298,13 @@ class TorchKMeans(Clusterer):
                 break
         return centers
 
-    def _farthest(self, ranks: Ranks, score: Tensor, rows: Tensor, labels: Tensor, n: int) -> list[tuple[Tensor, int]]:
+    def _farthest(
+        self, ranks: RowShards, score: Tensor, rows: Tensor, labels: Tensor, n: int
+    ) -> list[tuple[Tensor, int]]:
         """The ``n`` rows farthest from their centres over all ranks, farthest first."""
         torch = torch_module()
         if ranks.active:
-            world = torch.distributed.get_world_size()
-            parts = [torch.zeros_like(score.cpu()) for _ in range(world)]
-            torch.distributed.all_gather(parts, score.cpu().contiguous())
-            rows_parts = [torch.zeros_like(rows.cpu()) for _ in range(world)]
-            torch.distributed.all_gather(rows_parts, rows.cpu().contiguous())
-            label_parts = [torch.zeros_like(labels.cpu()) for _ in range(world)]
-            torch.distributed.all_gather(label_parts, labels.cpu().contiguous())
-            score, rows, labels = torch.cat(parts), torch.cat(rows_parts), torch.cat(label_parts)
+            score, rows, labels = (torch.cat(ranks.ranks.all_gather(t)) for t in (score, rows, labels))
         top = torch.topk(score, n).indices
         return list(zip(rows[top].to(self.device), labels[top].tolist(), strict=True))
 

@@ -1,5 +1,5 @@
-"""Rows on the compute device and across ``torch.distributed`` ranks, read in chunks from arrays or
-memory-mapped files (:class:`~sslbench.arrays.RowReader`)."""
+"""Rows on the compute device and across the ranks of a process group (:class:`~sslbench.ranks.Ranks`),
+read in chunks from arrays or memory-mapped files (:class:`~sslbench.arrays.RowReader`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 from sslbench.arrays import RowReader
 from sslbench.engine.device import torch_module
 from sslbench.interfaces import iter_chunks
+from sslbench.ranks import ONE_PROCESS, Ranks
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -18,33 +19,24 @@ if TYPE_CHECKING:
 CHUNK_ROWS = 8192
 
 
-class Ranks:
-    """This process's place among the ranks of ``torch.distributed`` (one rank when not initialised)."""
+class RowShards:
+    """Which rows of a fit this process holds: its contiguous shard of ``n_total`` rows among ``ranks``
+    (rank order = row order), or every row on one process."""
 
-    def __init__(self, n_local: int, device: str) -> None:
+    def __init__(self, n_local: int, device: str, ranks: Ranks = ONE_PROCESS) -> None:
         torch = torch_module()
-        dist = torch.distributed
-        self.n_local = n_local
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.device = device
+        self.n_local, self.device, self.ranks = n_local, device, ranks
+        self.active = ranks.distributed
         if not self.active:
             self.n_total, self.start = n_local, 0
             return
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64))
-        counts = [int(s.item()) for s in sizes]
+        counts = [int(c.item()) for c in ranks.all_gather(torch.tensor([n_local], dtype=torch.int64))]
         self.n_total = sum(counts)
-        self.start = sum(counts[: dist.get_rank()])
+        self.start = sum(counts[: ranks.rank])
 
     def sum_(self, tensor: Tensor) -> Tensor:
         """All-reduce ``tensor`` in place (a no-op on one rank)."""
-        if self.active:
-            torch = torch_module()
-            on_cpu = tensor.cpu() if torch.distributed.get_backend() == "gloo" else tensor
-            torch.distributed.all_reduce(on_cpu)
-            if on_cpu is not tensor:
-                tensor.copy_(on_cpu)
-        return tensor
+        return self.ranks.sum_(tensor)
 
     def local(self, global_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in ``global_index``, local row numbers) of the rows this rank holds."""
@@ -109,7 +101,7 @@ class DeviceRows:
         return torch.from_numpy(self.reader.rows(rows)).to(self.device)
 
 
-def gather_rows(reader: DeviceRows, ranks: Ranks, global_index: np.ndarray) -> Tensor:
+def gather_rows(reader: DeviceRows, ranks: RowShards, global_index: np.ndarray) -> Tensor:
     """Rows at sorted global indices, identical on every rank (owners fill, then a sum)."""
     torch = torch_module()
     positions, local = ranks.local(global_index)
