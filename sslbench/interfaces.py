@@ -337,6 +337,23 @@ class ScoringContext:
     n_classes: int
     train_contingency: np.ndarray = field(repr=False)
     eval_contingency: np.ndarray = field(repr=False)
+    #: The eval split as the k-means saw it (its PCA projection, ``n × dims``), possibly a memory map
+    #: larger than RAM: read it in row chunks (:class:`sslbench.arrays.RowReader`). ``None`` outside a
+    #: protocol run; label-free scores are then NaN.
+    eval_space: np.ndarray | None = field(default=None, repr=False)
+    #: The eval split's raw features (``n × d``, possibly memory-mapped), for scores of the
+    #: representation itself (RankMe); ``None`` outside a protocol run.
+    eval_features: np.ndarray | None = field(default=None, repr=False)
+    #: Rows of ``eval_space`` and ``eval_features`` that ``eval_pred`` scores, ascending (a class
+    #: group's, a transfer target's mapped classes); ``None``: all of them.
+    eval_rows: np.ndarray | None = field(default=None, repr=False)
+    #: The run's k-means seed, which also draws the silhouette's sample.
+    seed: int = 0
+    #: The most rows the silhouette reads (``protocol.silhouette_rows``).
+    silhouette_rows: int = 10_000
+    #: Values that depend on the scored rows only, not on the clusters (RankMe): shared by every
+    #: context of one model × split, so each is computed once however many points and seeds.
+    shared: dict[str, float] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def train_assignment(self) -> np.ndarray:

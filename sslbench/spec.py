@@ -220,6 +220,9 @@ Overcluster = Annotated[float, Field(ge=1.0, le=MAX_CLUSTERS, allow_inf_nan=Fals
 Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
 Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+#: The silhouette's sample holds its rows and a block of their distances in memory (2^16 rows of
+#: 2048 float64 dims: 1 GB).
+MAX_SILHOUETTE_ROWS = 1 << 16
 
 
 class ProtocolSpec(_StrictModel):
@@ -246,6 +249,13 @@ class ProtocolSpec(_StrictModel):
     backend: Label = Field("torch", description="PCA + k-means implementation.")
     backend_options: dict[str, Any] = Field(
         default={}, description="Options of the backend's clusterer (e.g. torch: algorithm)."
+    )
+    silhouette_rows: int = Field(
+        10_000,
+        ge=2,
+        le=MAX_SILHOUETTE_ROWS,
+        description="Most eval rows the silhouette reads (at most 2^16): the first of "
+        "numpy RandomState(seed).permutation(n), as scikit-learn's silhouette_score(sample_size=…, random_state=seed).",
     )
 
     _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
