@@ -144,7 +144,8 @@ class Split(ABC):
     @property
     @abstractmethod
     def labels(self) -> np.ndarray:
-        """Class index of every sample, ``int64`` of shape ``(len(self),)``."""
+        """Class index of every sample, ``int64`` of shape ``(len(self),)``; in a dataset without
+        classes, :data:`sslbench.inputs.NO_LABEL` (-1) for every sample."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -185,7 +186,8 @@ class Split(ABC):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled dataset: class names and named splits."""
+    """A dataset: class names and named splits. One without classes (``classes`` empty) has no labels:
+    its splits are clustered and given the label-free scores only."""
 
     name: str
     classes: Sequence[str]
@@ -201,6 +203,10 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def labeled(self) -> bool:
+        return bool(self.classes)
+
 
 @dataclass(frozen=True)
 class DatasetEntry:
@@ -210,6 +216,9 @@ class DatasetEntry:
     factory: Callable[[Any], Dataset]
     description: str
     options: type[BaseModel] = NoOptions
+    #: Whether the dataset these (validated) options load has class labels, said without loading it,
+    #: so that ``sslbench validate`` refuses what needs labels on data without; ``None``: always.
+    labeled: Callable[[Any], bool] | None = None
 
 
 # --------------------------------------------------------------------------------------------------

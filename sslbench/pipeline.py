@@ -125,6 +125,11 @@ class ProtocolPlan:
         """Every metric the runs of this plan record, described (see :func:`metric_descriptors`)."""
         return metric_descriptors(self.metrics, self.class_groups, self.probes, bool(self.transfers))
 
+    @property
+    def labeled(self) -> bool:
+        """Whether the splits have class labels (else only the label-free metrics are scored)."""
+        return self.n_classes > 0
+
 
 def validated_backend_options(backend: BackendEntry, options: Mapping[str, object]) -> BaseModel:
     """``protocol.backend_options`` through the backend's options model (the API's path; a spec's
@@ -154,10 +159,15 @@ def plan_protocol(
 
     ``extra`` sets the other :class:`ProtocolPlan` fields (device, backbone, split names, groups,
     transfers, extraction time, predictions folder).
+
+    Splits without labels (``n_classes`` 0) are clustered and given the label-free scores only.
     """
-    top = max(int(train.labels.max()), int(eval_.labels.max()))
-    if top >= n_classes:
-        raise SSLBenchError(f"labels go up to {top} but the dataset has {n_classes} classes")
+    if n_classes == 0:
+        check_label_free(protocol, extra, train.name)
+    else:
+        top = max(int(train.labels.max()), int(eval_.labels.max()))
+        if top >= n_classes:
+            raise SSLBenchError(f"labels go up to {top} but the dataset has {n_classes} classes")
     if train.features.shape[1] != eval_.features.shape[1]:
         raise SSLBenchError(
             f"{train.name} features have {train.features.shape[1]} dims but {eval_.name} features have "
@@ -202,7 +212,7 @@ def plan_protocol(
         protocol=protocol,
         backend=backend,
         backend_options=options,
-        metrics=tuple(plugins.metrics),
+        metrics=tuple(e for e in plugins.metrics if n_classes or not e.needs_labels),
         metric_owners={
             entry.name: f"metric '{entry.name}' ({plugins.plugin_of(plugins.metrics, entry.name).label})"
             for entry in plugins.metrics
@@ -214,6 +224,18 @@ def plan_protocol(
         },
         **{**extra, "transfers": tuple(transfers), "probes": tuple(probes)},  # type: ignore[arg-type]
     )
+
+
+def check_label_free(protocol: ProtocolSpec, extra: Mapping[str, object], split: str) -> None:
+    """What a plan of splits without labels cannot do, refused in one line: choose k by the number of
+    classes, probes, transfer targets, class groups."""
+    if None in protocol.k:
+        raise SSLBenchError(f"{split} has no labels, so there is no number of classes to take k from: give protocol.k")
+    for key, what in (("probes", "probes learn from labels"), ("transfers", "transfer maps classes")):
+        if extra.get(key):
+            raise SSLBenchError(f"{split} has no labels, and {what}: remove the {key}")
+    if extra.get("class_groups"):
+        raise SSLBenchError(f"{split} has no labels, so class groups select nothing: remove them")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +457,7 @@ def cluster_seed(
 def _context(
     train_pred: np.ndarray,
     train_labels: np.ndarray,
-    train_cost: np.ndarray,
+    train_cost: np.ndarray | None,
     eval_pred: np.ndarray,
     eval_labels: np.ndarray,
     n_clusters: int,
@@ -450,8 +472,10 @@ def _context(
         eval_labels=eval_labels,
         n_clusters=n_clusters,
         n_classes=n_classes,
-        train_contingency=train_cost,
-        eval_contingency=contingency(eval_pred, eval_labels, n_clusters, n_classes),
+        train_contingency=_no_classes(n_clusters) if train_cost is None else train_cost,
+        eval_contingency=contingency(eval_pred, eval_labels, n_clusters, n_classes)
+        if n_classes
+        else _no_classes(n_clusters),
     )
     if space is not None:
         ctx = dataclasses.replace(
@@ -468,6 +492,11 @@ def _context(
         # share it instead of solving the same Hungarian problem again.
         ctx.__dict__["train_assignment"] = assignment
     return ctx
+
+
+def _no_classes(n_clusters: int) -> np.ndarray:
+    """The contingency table of splits without labels: no class column."""
+    return np.zeros((n_clusters, 0), dtype=np.int64)
 
 
 def _metrics(plan: ProtocolPlan, ctx: ScoringContext) -> dict[str, float]:
@@ -558,7 +587,7 @@ def score_seed(
     in) and ``seed`` are what the label-free scores read; without them those scores are NaN.
     """
     emit(Event("stage", f"{plan.model}/{plan.dataset} k={n_clusters}", name="score"))
-    train_cost = contingency(preds.train_pred, plan.train.labels, n_clusters, plan.n_classes)
+    train_cost = contingency(preds.train_pred, plan.train.labels, n_clusters, plan.n_classes) if plan.labeled else None
     shared = plan.shared_scores
     space = (
         None
@@ -614,7 +643,7 @@ def _score_transfer(
     target: TransferTarget,
     target_pred: np.ndarray,
     train_pred: np.ndarray,
-    train_cost: np.ndarray,
+    train_cost: np.ndarray | None,
     assignment: np.ndarray,
     n_clusters: int,
     space: ScoredSpace | None = None,

@@ -116,8 +116,13 @@ def _caption(
     protocols = [row.protocol for row in summaries]
     first = protocols[0]
     clusters = _values(protocols, "n_clusters")
+    classes = (
+        f"{first.n_classes} classes"
+        if first.n_classes
+        else "no class labels: only label-free scores, no metric that compares clusters with classes"
+    )
     sentences = [
-        f"{dataset}: fitted on {first.fit_split}, scored on {first.eval_split} ({first.n_classes} classes)",
+        f"{dataset}: fitted on {first.fit_split}, scored on {first.eval_split} ({classes})",
         f"{clusters} cluster{'s' if clusters != '1' else ''}",
     ]
     dims = {p.pca_dims for p in protocols}
