@@ -433,10 +433,10 @@ def evaluate_model(
                 model.train(training)
         results = evaluate_features(
             extracted[fit_split].features,
-            extracted[fit_split].labels,
+            extracted[fit_split].labels if data.labeled else None,
             extracted[eval_split].features,
-            extracted[eval_split].labels,
-            n_classes=data.num_classes,
+            extracted[eval_split].labels if data.labeled else None,
+            n_classes=data.num_classes if data.labeled else None,
             model=name,
             dataset=label,
             plugins=plugins,

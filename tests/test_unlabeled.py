@@ -188,3 +188,30 @@ def test_label_free_scores_of_unlabeled_features_equal_scikit_learns_on_their_cl
     (run,) = run_protocol(plan, scratch=tmp_path / "scratch")
     pred, _ = load_predictions(tmp_path / predictions_name("m", "d", 1), "eval")
     assert run.metrics["davies_bouldin"] == pytest.approx(sk.davies_bouldin_score(xev.astype(np.float64), pred), 1e-4)
+
+
+def test_an_unlabeled_image_folder_through_the_api_gives_the_runs_numbers(tmp_path, plugins):
+    """evaluate_model on the `images` dataset (a model in memory) and `run_spec` on the same folder agree."""
+    import sslbench
+    from sslbench.runner import run_spec
+    from sslbench.spec import load_spec, resolve_spec
+    from sslbench_plugins.basic_backbones import RandomCNN, RandomCNNOptions
+
+    _images(tmp_path / "data")
+    results = run_spec(resolve_spec(load_spec(_spec(tmp_path)), plugins), plugins, out_dir=tmp_path / "out")
+    cnn = RandomCNN(RandomCNNOptions(image_size=16, width=4))
+    mine = sslbench.evaluate_model(
+        cnn.net,
+        "images",
+        dataset_options={"root": str(tmp_path / "data")},
+        transform=cnn.preprocess,
+        batch_size=8,
+        n_clusters=3,
+        epochs=3,
+        seeds=2,
+        device="cpu",
+        plugins=plugins,
+        scratch_dir=tmp_path / "scratch",
+    )
+    assert [r.metrics for r in mine.runs] == [r.metrics for r in results.runs]
+    assert set(mine.metrics) == LABEL_FREE and mine.runs[0].protocol.n_classes == 0
