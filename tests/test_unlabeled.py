@@ -128,6 +128,8 @@ def test_a_features_dataset_without_labels_runs_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert set(run["metrics"]) == LABEL_FREE and run["n_eval"] == 30
+    # the run's line leads with the label-free scores, as a labelled run's with ACC, ARI, AMI, NMI
+    assert f"Sil {run['metrics']['silhouette']:.3f}  DB {run['metrics']['davies_bouldin']:.3f}" in proc.stderr
 
 
 def test_evaluate_features_without_labels_clusters_as_with_them(split_blobs):
