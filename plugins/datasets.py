@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sslbench import hookimpl
 from sslbench.errors import SSLBenchError, exception_line
-from sslbench.inputs import checked_feature_array, checked_labels, class_index
+from sslbench.inputs import NO_LABEL, checked_feature_array, checked_labels, class_index
 from sslbench.interfaces import Dataset, DatasetEntry, NoOptions, Split
 
 
@@ -69,7 +69,11 @@ class SplitFiles(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     features: str = Field(description=".npy file of shape (n, d); memory-mapped")
-    labels: str = Field(description=".npy file of n non-negative integer class indices (or one-hot rows)")
+    labels: str | None = Field(
+        None,
+        description=".npy file of n non-negative integer class indices (or one-hot rows); leave it out of "
+        "every split for features without labels (label-free scores only)",
+    )
 
 
 class FeaturesOptions(BaseModel):
@@ -97,7 +101,16 @@ class FeaturesOptions(BaseModel):
     def _one_source(self) -> FeaturesOptions:
         if (self.file is None) == (self.splits is None):
             raise ValueError("give exactly one of `file` (an .npz) or `splits` (.npy files per split)")
+        if self.splits is not None and len({files.labels is None for files in self.splits.values()}) > 1:
+            raise ValueError("give `labels` for every split, or for none (features without labels)")
+        if not self.labeled and (self.num_classes or self.class_groups or self.class_maps):
+            raise ValueError("features without labels have no classes: leave out num_classes, class_groups, class_maps")
         return self
+
+    @property
+    def labeled(self) -> bool:
+        """Whether the splits come with labels (an .npz always has them: ``<split>_labs``)."""
+        return self.splits is None or all(files.labels is not None for files in self.splits.values())
 
 
 #: What reading a damaged .npy or .npz raises.
@@ -202,7 +215,13 @@ def load_features_dataset(options: FeaturesOptions) -> Dataset:
         assert options.splits is not None
         for name, files in options.splits.items():
             features = _features(_load_npy(files.features), f"{name} ({files.features})")
-            arrays[name] = (features, _labels(_load_npy(files.labels), f"{name} ({files.labels})"))
+            if files.labels is None:
+                arrays[name] = (features, np.full(len(features), NO_LABEL, dtype=np.int64))
+            else:
+                arrays[name] = (features, _labels(_load_npy(files.labels), f"{name} ({files.labels})"))
+    if not options.labeled:
+        unlabeled = {name: ArraySplit(features, labels, as_image=False) for name, (features, labels) in arrays.items()}
+        return Dataset("features", [], unlabeled, "precomputed features without labels")
     group_ids: dict[str, list[int]] | None = options.class_groups
     if options.num_classes is not None:
         n_classes = options.num_classes
@@ -258,7 +277,8 @@ def sslbench_register_datasets(register: Callable[[DatasetEntry], None]) -> None
         DatasetEntry(
             "features",
             load_features_dataset,
-            "precomputed features and labels per split (.npz or .npy); use with backbone `raw`",
+            "precomputed features and labels per split (.npz or .npy; labels may be left out); use with backbone `raw`",
             FeaturesOptions,
+            labeled=lambda options: bool(options.labeled),
         )
     )

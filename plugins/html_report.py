@@ -32,7 +32,8 @@ import numpy as np
 import yaml
 
 from sslbench.errors import SSLBenchError
-from sslbench.inspection import ClusterStat, cluster_stats, purest_and_least_pure
+from sslbench.inputs import NO_LABEL
+from sslbench.inspection import ClusterStat, cluster_stats, largest_and_smallest, purest_and_least_pure
 from sslbench.interfaces import ReportContext, Reporter
 from sslbench.plots import FigureSize, svg_figures
 from sslbench.results import Results, sslbench_version
@@ -455,6 +456,8 @@ keeps the sorted view.</span></footer>
         if len(pred) == 0:
             return f'<section><h4>{_e(path.name)}</h4><p class="note">no predictions</p></section>'
         stats = cluster_stats(pred, labels)
+        if bool(labels[0] == NO_LABEL):
+            return self._unlabeled_cluster_file(path, stats, len(pred))
         purest, impure = purest_and_least_pure(stats, self.top, self.min_size)
 
         def rows(heading: str, listed: list[ClusterStat]) -> str:
@@ -474,6 +477,22 @@ keeps the sorted view.</span></footer>
             '<table><thead><tr><th scope="col">cluster</th><th scope="col">size</th>'
             '<th scope="col">majority class</th><th scope="col">purity</th></tr></thead>'
             f"<tbody>{rows('purest', purest)}{rows('least pure', impure)}</tbody></table></section>"
+        )
+
+    def _unlabeled_cluster_file(self, path: Path, stats: list[ClusterStat], n_samples: int) -> str:
+        """Clusters of a split without labels: the largest and the smallest, by size (purity needs labels)."""
+        largest, smallest = largest_and_smallest(stats, self.top)
+        rows = "".join(
+            f'<tr class="group"><th colspan="2" scope="rowgroup">{heading}</th></tr>'
+            + "".join(f"<tr><td>{stat.cluster}</td><td>{stat.size}</td></tr>" for stat in listed)
+            for heading, listed in (("largest", largest), ("smallest", smallest))
+        )
+        return (
+            f'<section data-file="{_e(path.name)}"><h4>{_e(path.name)}</h4>'
+            f'<p class="note">{len(stats)} non-empty clusters, {n_samples} samples; no class labels, so '
+            "no purity: the largest and smallest clusters</p>"
+            '<table><thead><tr><th scope="col">cluster</th><th scope="col">size</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table></section>"
         )
 
     def _skipped(self, results: Results, limit: int = 100) -> str:

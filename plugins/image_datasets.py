@@ -21,6 +21,7 @@ from sslbench import hookimpl
 from sslbench.errors import SSLBenchError
 from sslbench.imagenet_val import IMAGE_EXTENSIONS
 from sslbench.imaging import load_rgb
+from sslbench.inputs import NO_LABEL
 from sslbench.interfaces import Dataset, DatasetEntry, Split
 
 from .datasets import ArraySplit
@@ -168,6 +169,31 @@ def load_image_folder(options: ImageFolderOptions) -> Dataset:
             raise SSLBenchError(f"split '{name}' has no images under {folder}")
         splits[name] = FileSplit(folder, files, np.array(labels))
     return Dataset("imagefolder", classes, splits, f"image folders under {root}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Folders of images without classes
+
+
+class ImagesOptions(_Options):
+    root: str = Field(description="folder holding one sub-folder per split")
+    splits: dict[str, str] = Field(
+        default={"train": "train", "val": "val"}, description="split name → sub-folder of root"
+    )
+
+
+def load_images(options: ImagesOptions) -> Dataset:
+    """``root/<split>/**/<image>`` without class labels: every image under a split's folder, at any
+    depth, in sorted path order; sub-folders are not classes."""
+    root = _need_dir(Path(options.root).expanduser(), "image folder root", "expected root/<split>/*")
+    splits: dict[str, Split] = {}
+    for name, sub in options.splits.items():
+        folder = _need_dir(root / sub, f"split '{name}' folder", "expected one sub-folder per split")
+        files = _image_files(folder)
+        if not files:
+            raise SSLBenchError(f"split '{name}' has no images under {folder}")
+        splits[name] = FileSplit(folder, files, np.full(len(files), NO_LABEL, dtype=np.int64))
+    return Dataset("images", [], splits, f"images without labels under {root}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +387,15 @@ def sslbench_register_datasets(register: Callable[[DatasetEntry], None]) -> None
             load_image_folder,
             "ImageNet-style root/<split>/<class>/<image> folders (see `sslbench prepare-imagenet-val`)",
             ImageFolderOptions,
+        )
+    )
+    register(
+        DatasetEntry(
+            "images",
+            load_images,
+            "images without class labels, root/<split>/**/<image>: clustered and given label-free scores",
+            ImagesOptions,
+            labeled=lambda options: False,
         )
     )
     register(

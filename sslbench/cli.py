@@ -302,21 +302,31 @@ def cmd_report(args: argparse.Namespace, plugins: Plugins) -> int:
 def cmd_clusters(args: argparse.Namespace, plugins: Plugins) -> int:
     from rich.table import Table
 
-    from sslbench.inspection import cluster_stats, purest_and_least_pure
+    from sslbench.inputs import NO_LABEL
+    from sslbench.inspection import cluster_stats, largest_and_smallest, purest_and_least_pure
     from sslbench.predictions import find_predictions, load_predictions
 
     path = find_predictions(Path(args.run_dir), args.model, args.dataset, args.seed, args.clusters)
     pred, labels = load_predictions(path, args.split)
     stats = cluster_stats(pred, labels)
-    purest, impure = purest_and_least_pure(stats, args.top, args.min_size)
+    labeled = bool(labels[0] != NO_LABEL)
     console = _console()
     console.print(f"{path.name}: {len(stats)} non-empty clusters on the {args.split} split")
-    for title, rows in (("purest clusters", purest), ("least pure clusters", impure)):
+    if labeled:
+        purest, impure = purest_and_least_pure(stats, args.top, args.min_size)
+        listed = (("purest clusters", purest), ("least pure clusters", impure))
+    else:
+        console.print("no class labels: clusters by size (purity needs labels)")
+        largest, smallest = largest_and_smallest(stats, args.top)
+        listed = (("largest clusters", largest), ("smallest clusters", smallest))
+    columns = ("cluster", "size", "majority class", "purity") if labeled else ("cluster", "size")
+    for title, rows in listed:
         table = Table(title=title)
-        for column in ("cluster", "size", "majority class", "purity"):
+        for column in columns:
             table.add_column(column, justify="right")
         for stat in rows:
-            table.add_row(str(stat.cluster), str(stat.size), str(stat.majority_class), f"{100 * stat.purity:.1f} %")
+            purity = (str(stat.majority_class), f"{100 * stat.purity:.1f} %") if labeled else ()
+            table.add_row(str(stat.cluster), str(stat.size), *purity)
         console.print(table)
     if args.grid is not None:
         out = _cluster_grid(args, path, pred, plugins)

@@ -73,7 +73,9 @@ def evaluate_features(
     ``k`` = classes, the ``torch`` backend), so ``sslbench run`` and this call agree unless told otherwise.
 
     :param train_features: ``(n_train, d)`` array (a ``np.memmap`` is read in chunks).
-    :param train_labels: ``(n_train,)`` integer class indices.
+    :param train_labels: ``(n_train,)`` integer class indices, or ``None`` (and ``eval_labels`` too) for
+        features without labels: then ``n_clusters`` must be given, no probe can run, and the runs hold
+        the label-free scores only (silhouette, Davies–Bouldin, Calinski–Harabasz, RankMe).
     :param n_clusters: clusters before overclustering; ``None`` = number of classes.
     :param overcluster: fit ``int(overcluster × n_clusters)`` clusters; a list sweeps.
     :param pca_dim: PCA components to keep; ``None`` keeps all; a list sweeps.
@@ -119,7 +121,9 @@ def evaluate_features(
         raise SSLBenchError(f"evaluate_features: {field}: {err['msg']} (got {err.get('input')!r})") from None
     train = checked_split("train", train_features, train_labels)
     eval_ = checked_split("eval", eval_features, eval_labels)
-    if n_classes is None:
+    if not (train.labeled and eval_.labeled):
+        classes = _unlabeled_classes(train, eval_, n_classes)
+    elif n_classes is None:
         index = class_index([train.labels, eval_.labels])
         classes = index.n_classes
         if index.ids is not None:
@@ -159,6 +163,20 @@ def evaluate_features(
         metrics=plan.metric_descriptors,
         probes=probe_records,
     )
+
+
+def _unlabeled_classes(train: FeatureSplit, eval_: FeatureSplit, n_classes: int | None) -> int:
+    """0, the number of classes of features without labels; labels on one split only, or a number of
+    classes without labels, is a one-line error."""
+    if train.labeled or eval_.labeled:
+        given, missing = ("train", "eval") if train.labeled else ("eval", "train")
+        raise SSLBenchError(
+            f"evaluate_features: {given}_labels given but {missing}_labels is None; give both, or neither "
+            "for label-free scores only"
+        )
+    if n_classes is not None:
+        raise SSLBenchError("evaluate_features: n_classes given without labels; leave it None")
+    return 0
 
 
 def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> tuple[ResolvedProbe, ...]:
@@ -439,7 +457,8 @@ def evaluate_model(
                     extracted,
                     fit_split=fit_split,
                     eval_split=eval_split,
-                    n_classes=data.num_classes,
+                    n_classes=data.num_classes if data.labeled else None,
+                    labeled=data.labeled,
                     name=name,
                     label=label,
                     plugins=plugins,
@@ -466,7 +485,8 @@ def _scored(
     *,
     fit_split: str,
     eval_split: str,
-    n_classes: int,
+    n_classes: int | None,
+    labeled: bool,
     name: str,
     label: str,
     plugins: Plugins,
@@ -483,9 +503,9 @@ def _scored(
     assert fit is not None and scored is not None
     results = evaluate_features(
         fit.features,
-        fit.labels,
+        fit.labels if labeled else None,
         scored.features,
-        scored.labels,
+        scored.labels if labeled else None,
         n_classes=n_classes,
         model=name,
         dataset=label,

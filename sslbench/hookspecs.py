@@ -114,12 +114,13 @@ def sslbench_register_backbones(register: Callable[[BackboneEntry], None]) -> No
 
 @hookspec
 def sslbench_register_datasets(register: Callable[[DatasetEntry], None]) -> None:
-    """Register labelled datasets that a spec names under ``datasets[].id``.
+    """Register datasets that a spec names under ``datasets[].id``.
 
     :param register: call with one :class:`~sslbench.interfaces.DatasetEntry` per dataset. Its
         ``factory`` receives the validated options and returns a
         :class:`~sslbench.interfaces.Dataset` whose splits the spec selects with ``fit_split`` and
-        ``eval_split``. A factory that cannot find its files raises
+        ``eval_split``; a dataset without class labels has no classes (and its ``labeled`` callable
+        says so from the options, for ``sslbench validate``). A factory that cannot find its files raises
         :class:`~sslbench.errors.SSLBenchError` naming the path and how to obtain the data.
 
     .. versionadded:: 0.1
@@ -149,7 +150,9 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
 
     :param register: call with one :class:`~sslbench.interfaces.MetricEntry` per metric. Its
         ``fn`` receives a :class:`~sslbench.interfaces.ScoringContext` (train and eval cluster
-        predictions, labels and contingency tables, and the train assignment of clusters to classes)
+        predictions, labels and contingency tables, the train assignment of clusters to classes, and
+        the eval split in the space the clusters were fitted in and as raw features, for label-free
+        scores; on data without labels only the entries with ``needs_labels=False`` are called)
         and returns a float, stored as returned (a fraction for ``unit="percent"``) and averaged over
         seeds in the summary. Its ``label``, ``unit``, ``better``, ``needs_labels`` and ``decimals``
         say how every report shows it; results.json records them, so reports rendered without the

@@ -14,15 +14,23 @@ from sslbench.arrays import RowReader
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import iter_chunks
 
+#: The label of every sample of a split without class labels (an unlabeled image folder, features
+#: given without labels): never a class index, and never compared with clusters.
+NO_LABEL = -1
+
 
 @dataclass(frozen=True)
 class FeatureSplit:
     """Features (possibly a memmap larger than RAM) and labels of one split, checked by
-    :func:`checked_split`."""
+    :func:`checked_split`; a split without labels has :data:`NO_LABEL` for every sample."""
 
     name: str
     features: np.ndarray
     labels: np.ndarray
+
+    @property
+    def labeled(self) -> bool:
+        return not (len(self.labels) and self.labels[0] == NO_LABEL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,13 +177,14 @@ def first_nonfinite_rows(features: np.ndarray) -> tuple[int, int]:
 
 
 def checked_split(name: str, features: object, labels: object, *, known_finite: bool = False) -> FeatureSplit:
-    """Validate one split's features and labels; errors name the split and the problem.
+    """Validate one split's features and labels; errors name the split and the problem. ``labels=None``:
+    the split has none (every label :data:`NO_LABEL`).
 
     ``known_finite``: the features were checked for NaN/inf when they were written (a feature cache
     entry records it), so they are not read again here.
     """
     array = checked_feature_array(name, features)
-    checked = checked_labels(name, labels)
+    checked = np.full(len(array), NO_LABEL, dtype=np.int64) if labels is None else checked_labels(name, labels)
     if len(checked) != len(array):
         raise SSLBenchError(f"{name} has {len(array)} feature rows but {len(checked)} labels; they must be equal")
     if not known_finite:

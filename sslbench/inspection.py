@@ -53,6 +53,12 @@ def purest_and_least_pure(
     return ranked[:top], sorted(eligible, key=lambda s: (s.purity, -s.size, s.cluster))[:top]
 
 
+def largest_and_smallest(stats: list[ClusterStat], top: int) -> tuple[list[ClusterStat], list[ClusterStat]]:
+    """The ``top`` largest and ``top`` smallest clusters: what can be said of clusters without labels."""
+    by_size = sorted(stats, key=lambda s: (-s.size, s.cluster))
+    return by_size[:top], sorted(stats, key=lambda s: (s.size, s.cluster))[:top]
+
+
 def cluster_members(pred: np.ndarray, cluster: int) -> np.ndarray:
     """Positions of the samples in ``cluster``, in dataset order."""
     members = np.flatnonzero(pred == cluster)

@@ -145,7 +145,8 @@ class Split(ABC):
     @property
     @abstractmethod
     def labels(self) -> np.ndarray:
-        """Class index of every sample, ``int64`` of shape ``(len(self),)``."""
+        """Class index of every sample, ``int64`` of shape ``(len(self),)``; in a dataset without
+        classes, :data:`sslbench.inputs.NO_LABEL` (-1) for every sample."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -186,7 +187,8 @@ class Split(ABC):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled dataset: class names and named splits."""
+    """A dataset: class names and named splits. One without classes (``classes`` empty) has no labels:
+    its splits are clustered and given the label-free scores only."""
 
     name: str
     classes: Sequence[str]
@@ -202,6 +204,10 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def labeled(self) -> bool:
+        return bool(self.classes)
+
 
 @dataclass(frozen=True)
 class DatasetEntry:
@@ -211,6 +217,9 @@ class DatasetEntry:
     factory: Callable[[Any], Dataset]
     description: str
     options: type[BaseModel] = NoOptions
+    #: Whether the dataset these (validated) options load has class labels, said without loading it,
+    #: so that ``sslbench validate`` refuses what needs labels on data without; ``None``: always.
+    labeled: Callable[[Any], bool] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +351,23 @@ class ScoringContext:
     n_classes: int
     train_contingency: np.ndarray = field(repr=False)
     eval_contingency: np.ndarray = field(repr=False)
+    #: The eval split as the k-means saw it (its PCA projection, ``n × dims``), possibly a memory map
+    #: larger than RAM: read it in row chunks (:class:`sslbench.arrays.RowReader`). ``None`` outside a
+    #: protocol run; label-free scores are then NaN.
+    eval_space: np.ndarray | None = field(default=None, repr=False)
+    #: The eval split's raw features (``n × d``, possibly memory-mapped), for scores of the
+    #: representation itself (RankMe); ``None`` outside a protocol run.
+    eval_features: np.ndarray | None = field(default=None, repr=False)
+    #: Rows of ``eval_space`` and ``eval_features`` that ``eval_pred`` scores, ascending (a class
+    #: group's, a transfer target's mapped classes); ``None``: all of them.
+    eval_rows: np.ndarray | None = field(default=None, repr=False)
+    #: The run's k-means seed, which also draws the silhouette's sample.
+    seed: int = 0
+    #: The most rows the silhouette reads (``protocol.silhouette_rows``).
+    silhouette_rows: int = 10_000
+    #: Values that depend on the scored rows only, not on the clusters (RankMe): shared by every
+    #: context of one model × split, so each is computed once however many points and seeds.
+    shared: dict[str, float] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def train_assignment(self) -> np.ndarray:

@@ -27,6 +27,7 @@ cluster ids (8 bytes per sample) are kept whole.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -114,9 +115,20 @@ class ProtocolPlan:
         return self.protocol.points(self.n_classes)
 
     @functools.cached_property
+    def shared_scores(self) -> dict[str, dict[str, float]]:
+        """Per scored set of rows (the eval split, a class group, a transfer target), the values every
+        run of this plan shares (:attr:`ScoringContext.shared`: RankMe)."""
+        return {}
+
+    @functools.cached_property
     def metric_descriptors(self) -> dict[str, MetricInfo]:
         """Every metric the runs of this plan record, described (see :func:`metric_descriptors`)."""
         return metric_descriptors(self.metrics, self.class_groups, self.probes, bool(self.transfers))
+
+    @property
+    def labeled(self) -> bool:
+        """Whether the splits have class labels (else only the label-free metrics are scored)."""
+        return self.n_classes > 0
 
 
 def validated_backend_options(backend: BackendEntry, options: Mapping[str, object]) -> BaseModel:
@@ -147,10 +159,15 @@ def plan_protocol(
 
     ``extra`` sets the other :class:`ProtocolPlan` fields (device, backbone, split names, groups,
     transfers, extraction time, predictions folder).
+
+    Splits without labels (``n_classes`` 0) are clustered and given the label-free scores only.
     """
-    top = max(int(train.labels.max()), int(eval_.labels.max()))
-    if top >= n_classes:
-        raise SSLBenchError(f"labels go up to {top} but the dataset has {n_classes} classes")
+    if n_classes == 0:
+        check_label_free(protocol, extra, train.name)
+    else:
+        top = max(int(train.labels.max()), int(eval_.labels.max()))
+        if top >= n_classes:
+            raise SSLBenchError(f"labels go up to {top} but the dataset has {n_classes} classes")
     if train.features.shape[1] != eval_.features.shape[1]:
         raise SSLBenchError(
             f"{train.name} features have {train.features.shape[1]} dims but {eval_.name} features have "
@@ -195,7 +212,7 @@ def plan_protocol(
         protocol=protocol,
         backend=backend,
         backend_options=options,
-        metrics=tuple(plugins.metrics),
+        metrics=tuple(e for e in plugins.metrics if n_classes or not e.needs_labels),
         metric_owners={
             entry.name: f"metric '{entry.name}' ({plugins.plugin_of(plugins.metrics, entry.name).label})"
             for entry in plugins.metrics
@@ -207,6 +224,18 @@ def plan_protocol(
         },
         **{**extra, "transfers": tuple(transfers), "probes": tuple(probes)},  # type: ignore[arg-type]
     )
+
+
+def check_label_free(protocol: ProtocolSpec, extra: Mapping[str, object], split: str) -> None:
+    """What a plan of splits without labels cannot do, refused in one line: choose k by the number of
+    classes, probes, transfer targets, class groups."""
+    if None in protocol.k:
+        raise SSLBenchError(f"{split} has no labels, so there is no number of classes to take k from: give protocol.k")
+    for key, what in (("probes", "probes learn from labels"), ("transfers", "transfer maps classes")):
+        if extra.get(key):
+            raise SSLBenchError(f"{split} has no labels, and {what}: remove the {key}")
+    if extra.get("class_groups"):
+        raise SSLBenchError(f"{split} has no labels, so class groups select nothing: remove them")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,12 +457,13 @@ def cluster_seed(
 def _context(
     train_pred: np.ndarray,
     train_labels: np.ndarray,
-    train_cost: np.ndarray,
+    train_cost: np.ndarray | None,
     eval_pred: np.ndarray,
     eval_labels: np.ndarray,
     n_clusters: int,
     n_classes: int,
     assignment: np.ndarray | None = None,
+    space: ScoredSpace | None = None,
 ) -> ScoringContext:
     ctx = ScoringContext(
         train_pred=train_pred,
@@ -442,14 +472,31 @@ def _context(
         eval_labels=eval_labels,
         n_clusters=n_clusters,
         n_classes=n_classes,
-        train_contingency=train_cost,
-        eval_contingency=contingency(eval_pred, eval_labels, n_clusters, n_classes),
+        train_contingency=_no_classes(n_clusters) if train_cost is None else train_cost,
+        eval_contingency=contingency(eval_pred, eval_labels, n_clusters, n_classes)
+        if n_classes
+        else _no_classes(n_clusters),
     )
+    if space is not None:
+        ctx = dataclasses.replace(
+            ctx,
+            eval_space=space.projection,
+            eval_features=space.features,
+            eval_rows=space.rows,
+            seed=space.seed,
+            silhouette_rows=space.silhouette_rows,
+            shared=space.shared,
+        )
     if assignment is not None:
         # The assignment is a function of the train contingency alone: contexts derived from one run
         # share it instead of solving the same Hungarian problem again.
         ctx.__dict__["train_assignment"] = assignment
     return ctx
+
+
+def _no_classes(n_clusters: int) -> np.ndarray:
+    """The contingency table of splits without labels: no class column."""
+    return np.zeros((n_clusters, 0), dtype=np.int64)
 
 
 def _metrics(plan: ProtocolPlan, ctx: ScoringContext) -> dict[str, float]:
@@ -499,22 +546,65 @@ def metric_descriptors(
 
 
 @dataclass(frozen=True)
+class ScoredSpace:
+    """What the label-free scores of one scored set of rows read: the split's projection (the space the
+    clusters were fitted in) and raw features, the rows scored, the run's seed, the silhouette's
+    sample size, and the values shared by every run of this model × split (:attr:`ScoringContext.shared`)."""
+
+    projection: np.ndarray
+    features: np.ndarray
+    rows: np.ndarray | None
+    seed: int
+    silhouette_rows: int
+    shared: dict[str, float]
+
+    def restricted(self, inside: np.ndarray, shared: dict[str, float]) -> ScoredSpace:
+        """The same space scoring only the rows where ``inside`` is true."""
+        return ScoredSpace(
+            self.projection, self.features, np.flatnonzero(inside), self.seed, self.silhouette_rows, shared
+        )
+
+
+@dataclass(frozen=True)
 class SeedScores:
     metrics: dict[str, float]
     #: Per transfer target: its metrics and the number of target samples scored.
     transfers: tuple[tuple[dict[str, float], int], ...]
 
 
-def score_seed(plan: ProtocolPlan, n_clusters: int, preds: SeedPredictions, emit: Emit = ignore) -> SeedScores:
+def score_seed(
+    plan: ProtocolPlan,
+    n_clusters: int,
+    preds: SeedPredictions,
+    emit: Emit = ignore,
+    projected: Projected | None = None,
+    seed: int = 0,
+) -> SeedScores:
     """Every metric plugin on the eval split, on each class group's samples and on each transfer target.
 
     The train assignment (Hungarian on the train contingency, majority for extra clusters) is solved
-    once and shared by all of them.
+    once and shared by all of them. ``projected`` (the splits in the space the clusters were fitted
+    in) and ``seed`` are what the label-free scores read; without them those scores are NaN.
     """
     emit(Event("stage", f"{plan.model}/{plan.dataset} k={n_clusters}", name="score"))
-    train_cost = contingency(preds.train_pred, plan.train.labels, n_clusters, plan.n_classes)
+    train_cost = contingency(preds.train_pred, plan.train.labels, n_clusters, plan.n_classes) if plan.labeled else None
+    shared = plan.shared_scores
+    space = (
+        None
+        if projected is None
+        else ScoredSpace(
+            projected.eval, plan.eval.features, None, seed, plan.protocol.silhouette_rows, shared.setdefault("", {})
+        )
+    )
     ctx = _context(
-        preds.train_pred, plan.train.labels, train_cost, preds.eval_pred, plan.eval.labels, n_clusters, plan.n_classes
+        preds.train_pred,
+        plan.train.labels,
+        train_cost,
+        preds.eval_pred,
+        plan.eval.labels,
+        n_clusters,
+        plan.n_classes,
+        space=space,
     )
     metrics = _metrics(plan, ctx)
     for group, classes in plan.class_groups.items():
@@ -528,11 +618,22 @@ def score_seed(plan: ProtocolPlan, n_clusters: int, preds: SeedPredictions, emit
             n_clusters,
             plan.n_classes,
             ctx.train_assignment,
+            space and space.restricted(inside, shared.setdefault(f"group {group}", {})),
         )
         metrics.update({group_metric(name, group): value for name, value in _metrics(plan, sub).items()})
+    target_spaces: list[ScoredSpace | None] = [None] * len(plan.transfers)
+    if space is not None and projected is not None:
+        target_spaces = [
+            ScoredSpace(
+                z, t.features.features, None, seed, space.silhouette_rows, shared.setdefault(f"transfer {t.label}", {})
+            )
+            for t, z in zip(plan.transfers, projected.transfers, strict=True)
+        ]
     transfers = tuple(
-        _score_transfer(plan, target, pred, preds.train_pred, train_cost, ctx.train_assignment, n_clusters)
-        for target, pred in zip(plan.transfers, preds.transfer_pred, strict=True)
+        _score_transfer(
+            plan, target, pred, preds.train_pred, train_cost, ctx.train_assignment, n_clusters, target_space
+        )
+        for target, pred, target_space in zip(plan.transfers, preds.transfer_pred, target_spaces, strict=True)
     )
     return SeedScores(metrics, transfers)
 
@@ -542,9 +643,10 @@ def _score_transfer(
     target: TransferTarget,
     target_pred: np.ndarray,
     train_pred: np.ndarray,
-    train_cost: np.ndarray,
+    train_cost: np.ndarray | None,
     assignment: np.ndarray,
     n_clusters: int,
+    space: ScoredSpace | None = None,
 ) -> tuple[dict[str, float], int]:
     """Every metric plugin in the target's class space (its classes that map onto source classes,
     renumbered), then the Table C.2 columns, which take precedence over plugin metrics of the same name.
@@ -565,6 +667,7 @@ def _score_transfer(
         n_clusters,
         len(class_map.shared),
         class_map.composed_assignment(assignment),
+        space and space.restricted(inside, space.shared),
     )
     metrics = _metrics(plan, ctx)
     metrics.update({name: table[name] for name in TRANSFER_METRICS})
@@ -652,12 +755,13 @@ def run_protocol(
                 epochs=point.epochs,
                 batch_size=point.batch_size,
                 backend=plan.protocol.backend,
+                silhouette_rows=plan.protocol.silhouette_rows,
             )
             swept = None if len(plan.points) == 1 else (point.n_clusters, projected.dims, point.epochs)
             for seed in plan.protocol.seeds:
                 preds = cluster_seed(plan, point, seed, projected, progress, emit)
                 started = time.perf_counter()
-                scores = score_seed(plan, point.n_clusters, preds, emit)
+                scores = score_seed(plan, point.n_clusters, preds, emit, projected, seed)
                 timings = Timings(
                     extract_s=plan.extract_s,
                     pca_s=projected.pca_s,

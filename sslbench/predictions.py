@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sslbench.errors import SSLBenchError, did_you_mean
+from sslbench.inputs import NO_LABEL
 
 
 def file_stem(text: str) -> str:
@@ -55,7 +56,8 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zli
 def load_predictions(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(cluster ids, labels) of ``split`` (``train`` or ``eval``) from a predictions file, checked: both
     1-D arrays of non-negative integers of one length. Anything else (not an .npz, truncated, keys
-    missing, other dtypes) is a one-line :class:`SSLBenchError` naming the file."""
+    missing, other dtypes) is a one-line :class:`SSLBenchError` naming the file. Labels of a split
+    without labels are all :data:`~sslbench.inputs.NO_LABEL`."""
     try:
         # Opened here, so that a damaged archive leaves no file open.
         with open(path, "rb") as handle:
@@ -73,7 +75,8 @@ def load_predictions(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     for key, array in ((f"{split}_pred", pred), (f"{split}_labels", labels)):
         if array.ndim != 1 or array.dtype.kind not in "iu":
             raise SSLBenchError(f"{path}: {key} must be a 1-D integer array, got {array.dtype} of shape {array.shape}")
-        if len(array) and (array.min() < 0 or int(array.max()) > np.iinfo(np.int64).max):
+        unlabeled = key.endswith("_labels") and len(array) and bool(np.all(array == NO_LABEL))
+        if len(array) and not unlabeled and (array.min() < 0 or int(array.max()) > np.iinfo(np.int64).max):
             raise SSLBenchError(f"{path}: {key} holds values outside [0, 2^63) ({array.min()} to {array.max()})")
     if len(pred) != len(labels):
         raise SSLBenchError(f"{path}: {split}_pred has {len(pred)} entries but {split}_labels {len(labels)}")

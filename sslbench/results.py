@@ -139,6 +139,9 @@ class RunProtocol(_Model):
     epochs: int
     batch_size: int
     backend: str
+    silhouette_rows: int | None = Field(
+        None, description="most eval rows the silhouette read, drawn with the run's seed (null: older results)"
+    )
 
 
 class Timings(_Model):

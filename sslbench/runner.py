@@ -66,7 +66,7 @@ from sslbench.results import (
     shown_path,
     write_output,
 )
-from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec
+from sslbench.spec import DatasetSpec, ModelSpec, ResolvedSpec, TransferSpec, check_unlabeled_dataset
 from sslbench.table import headline_metrics
 from sslbench.transfer import ClassMap, checked_class_groups
 from sslbench.weights import BadWeightsFile, no_downloads
@@ -192,6 +192,8 @@ def plan_run(resolved: ResolvedSpec, plugins: Plugins, device: str, ranks: Ranks
     datasets = []
     for index, (d_spec, d_options) in enumerate(zip(spec.datasets, resolved.dataset_options, strict=True)):
         dataset = plugins.datasets.get(d_spec.id).factory(d_options)
+        if not dataset.labeled:  # also a plugin's dataset that did not say so before loading
+            check_unlabeled_dataset(resolved.loaded, index, plugins)
         fit, eval_ = (
             _split_source(
                 d_spec.id,
@@ -410,13 +412,14 @@ def model_features(
 # sslbench run
 
 
-def _checked(where: str, extracted: Extracted) -> FeatureSplit:
+def _checked(where: str, extracted: Extracted, labeled: bool = True) -> FeatureSplit:
     if extracted.nonfinite is not None and extracted.nonfinite[0]:
         rows, first = extracted.nonfinite
         raise SSLBenchError(
             f"{where} features contain NaN or inf in {rows} of {len(extracted.labels)} rows (first: sample {first})"
         )
-    return checked_split(where, extracted.features, extracted.labels, known_finite=extracted.nonfinite is not None)
+    labels = extracted.labels if labeled else None
+    return checked_split(where, extracted.features, labels, known_finite=extracted.nonfinite is not None)
 
 
 def _skipped(model: str, source: SplitSource, extracted: Extracted) -> list[SkippedSample]:
@@ -464,7 +467,9 @@ def run_spec(
                 splits = {}
                 for source in dataset.sources():
                     got = extracted[f"{source.label}/{source.name}"]
-                    splits[f"{source.label}/{source.name}"] = _checked(f"{source.label}/{source.name} ({m_label})", got)
+                    splits[f"{source.label}/{source.name}"] = _checked(
+                        f"{source.label}/{source.name} ({m_label})", got, dataset.dataset.labeled
+                    )
                     skipped += _skipped(m_label, source, got)
                     records.append(_extraction_record(m_label, source, got, features.settings, device))
                 origin = "cache" if all(e.from_cache for e in extracted.values()) else "extracted"
@@ -544,9 +549,8 @@ def run_metric_descriptors(plan: RunPlan, plugins: Plugins) -> dict[str, MetricI
     described: dict[str, MetricInfo] = {}
     for dataset in plan.datasets:
         groups = dataset.class_groups or {}
-        described.update(
-            metric_descriptors(tuple(plugins.metrics), groups, plan.resolved.probes, bool(dataset.targets))
-        )
+        entries = tuple(e for e in plugins.metrics if dataset.dataset.labeled or not e.needs_labels)
+        described.update(metric_descriptors(entries, groups, plan.resolved.probes, bool(dataset.targets)))
     return described
 
 

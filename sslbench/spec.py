@@ -221,6 +221,9 @@ Overcluster = Annotated[float, Field(ge=1.0, le=MAX_CLUSTERS, allow_inf_nan=Fals
 Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
 Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+#: The silhouette's sample holds its rows and a block of their distances in memory (2^16 rows of
+#: 2048 float64 dims: 1 GB).
+MAX_SILHOUETTE_ROWS = 1 << 16
 
 
 class ProtocolSpec(_StrictModel):
@@ -247,6 +250,13 @@ class ProtocolSpec(_StrictModel):
     backend: Label = Field("torch", description="PCA + k-means implementation.")
     backend_options: dict[str, Any] = Field(
         default={}, description="Options of the backend's clusterer (e.g. torch: algorithm)."
+    )
+    silhouette_rows: int = Field(
+        10_000,
+        ge=2,
+        le=MAX_SILHOUETTE_ROWS,
+        description="Most eval rows the silhouette reads (at most 2^16): the first of "
+        "numpy RandomState(seed).permutation(n), as scikit-learn's silhouette_score(sample_size=…, random_state=seed).",
     )
 
     _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
@@ -1087,7 +1097,35 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
     _check_probe_metrics(loaded, probes)
     _check_device(loaded)
     _check_report_metrics(loaded, plugins, probes)
+    for i, (dataset, options) in enumerate(zip(spec.datasets, dataset_options, strict=True)):
+        labeled = plugins.datasets.get(dataset.id).labeled
+        if labeled is not None and not labeled(options):
+            check_unlabeled_dataset(loaded, i, plugins)
     return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options, tuple(probes))
+
+
+def check_unlabeled_dataset(loaded: LoadedSpec, index: int, plugins: Plugins) -> None:
+    """What ``datasets[index]``, a dataset without class labels, cannot have, refused in one line at its
+    place in the spec: k taken from the number of classes, probes, transfer targets, report columns of
+    metrics that compare clusters with classes."""
+    spec = loaded.spec
+    dataset = spec.datasets[index]
+    why = f"datasets[{index}] ({dataset.label}) has no class labels"
+    if None in spec.protocol.k:
+        where = ("protocol", "k", spec.protocol.k.index(None)) if len(spec.protocol.k) > 1 else ("protocol", "k")
+        raise SSLBenchError(f"{_at(loaded, where)}: {why}, so k cannot be the number of classes: give k")
+    if spec.probes:
+        raise SSLBenchError(f"{_at(loaded, ('probes', 0, 'id'))}: {why}, and probes learn from labels")
+    if dataset.transfer:
+        raise SSLBenchError(
+            f"{_at(loaded, ('datasets', index, 'transfer'))}: {why}, so there are no classes to transfer"
+        )
+    for position, name in enumerate(spec.report.metrics or []):
+        if name in plugins.metrics and plugins.metrics.get(name).needs_labels:
+            raise SSLBenchError(
+                f"{_at(loaded, ('report', 'metrics', position))}: {why}, and metric '{name}' compares "
+                "clusters with classes"
+            )
 
 
 def _check_probe_metrics(loaded: LoadedSpec, probes: Sequence[ResolvedProbe]) -> None:

@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from sslbench.results import HEADLINE_METRICS, MetricInfo, Results, RunProtocol, SummaryRow
 from sslbench.transfer import TRANSFER_METRICS
 
+#: The columns shown first for rows of data without labels: the label-free scores (plugins/label_free.py).
+LABEL_FREE_HEADLINE = ("silhouette", "davies_bouldin", "calinski_harabasz", "rankme")
+
 
 def headline_metrics(names: Iterable[str]) -> tuple[str, ...]:
-    """The columns shown first for rows holding ``names``: Table C.2's for transfer rows, else Table 1's."""
+    """The columns shown first for rows holding ``names``: Table C.2's for transfer rows, else Table 1's,
+    else (rows of data without labels) the label-free scores."""
     present = set(names)
-    return tuple(m for m in (TRANSFER_METRICS if "acc_tr" in present else HEADLINE_METRICS) if m in present)
+    chosen: tuple[str, ...]
+    if "acc_tr" in present:
+        chosen = TRANSFER_METRICS
+    else:
+        chosen = HEADLINE_METRICS if present.intersection(HEADLINE_METRICS) else LABEL_FREE_HEADLINE
+    return tuple(m for m in chosen if m in present)
 
 
 def default_metrics(summaries: list[SummaryRow], describe: Mapping[str, MetricInfo]) -> tuple[str, ...]:
@@ -116,8 +125,13 @@ def _caption(
     protocols = [row.protocol for row in summaries]
     first = protocols[0]
     clusters = _values(protocols, "n_clusters")
+    classes = (
+        f"{first.n_classes} classes"
+        if first.n_classes
+        else "no class labels: only label-free scores, no metric that compares clusters with classes"
+    )
     sentences = [
-        f"{dataset}: fitted on {first.fit_split}, scored on {first.eval_split} ({first.n_classes} classes)",
+        f"{dataset}: fitted on {first.fit_split}, scored on {first.eval_split} ({classes})",
         f"{clusters} cluster{'s' if clusters != '1' else ''}",
     ]
     dims = {p.pca_dims for p in protocols}

@@ -188,8 +188,13 @@ def test_api_records_knn_once_per_model_and_dataset():
     off = evaluate_features(x[::2], y[::2], x[1::2], y[1::2], seeds=1, epochs=2, device="cpu")
     assert off.probes == [] and not any(m.startswith("knn") for m in off.summary[0].metrics)
     table = summary_tables(off)[0]
-    # Every registered metric (the installed example plugin's too), the paper's four first.
-    rest = [entry.label for entry in get_plugins().metrics if entry.name not in ("acc", "ari", "ami", "nmi")]
+    # Every registered metric (the installed example plugin's too), the paper's four first; a
+    # lower-is-better column's title carries ↓ (Davies–Bouldin's).
+    rest = [
+        f"{entry.label} ↓" if entry.better == "lower" else entry.label
+        for entry in get_plugins().metrics
+        if entry.name not in ("acc", "ari", "ami", "nmi")
+    ]
     every_metric = ["ACC", "ARI", "AMI", "NMI", *rest]
     assert [table.label(m) for m in table.metrics] == every_metric
     on = evaluate_features(

@@ -40,6 +40,7 @@ def test_builtin_plugins_are_entry_points_of_the_distribution():
         "faiss": "sslbench_plugins.faiss_backend",
         "cuml": "sslbench_plugins.cuml_backend",
         "knn": "sslbench_plugins.knn_probe",
+        "label_free": "sslbench_plugins.label_free",
         "linear": "sslbench_plugins.linear_probe",
     }
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
