@@ -452,7 +452,11 @@ def run_spec(
     if columns is not None:
         checked_columns(columns, list(described), f"{resolved.loaded.source}: report.metrics", "this run's datasets")
     env = environment(device, plugins)
-    spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
+    spec_record = {
+        "source": resolved.loaded.source,
+        **spec.model_dump(mode="json"),
+        "resolved_protocol": [protocol.model_dump(mode="json") for protocol in spec.protocol.resolved()],
+    }
     published = paper_values(resolved, plugins)
     runs: list[Run] = []
     probes: list[ProbeRecord] = []
