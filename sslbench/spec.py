@@ -1175,9 +1175,33 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
             ResolvedProbe(entry, _validate_options(loaded, entry.options, probe.options, ("probes", i, "options")))
         )
     _check_probe_metrics(loaded, probes)
+    _check_presets(loaded, plugins, probes)
     _check_device(loaded)
     _check_report_metrics(loaded, plugins, probes)
     return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options, tuple(probes))
+
+
+def _check_presets(loaded: LoadedSpec, plugins: Plugins, probes: Sequence[ResolvedProbe]) -> None:
+    """Each preset, resolved with the spec's fields, names a backend that can run its k-means choices,
+    with the spec's backend options, and a main score the run records."""
+    at = ("protocol", "preset")
+    try:
+        resolved = loaded.spec.protocol.resolved()
+    except SSLBenchError as exc:
+        raise SSLBenchError(one_line(f"{_at(loaded, at)}: {exc}", 400)) from None
+    known = [*plugins.metrics.names(), *(name for probe in probes for name in probe.metrics())]
+    for protocol in resolved:
+        name = protocol.preset[0]
+        backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, protocol.backend)
+        _validate_options(loaded, backend.options, protocol.backend_options, ("protocol", "backend_options"))
+        refused = backend.refusal(protocol.algorithm, protocol.n_init)
+        if refused:
+            raise SSLBenchError(f"{_at(loaded, at)}: preset {name}: {refused}")
+        if protocol.main_score not in known:
+            raise SSLBenchError(
+                f"{_at(loaded, at)}: preset {name}: main_score '{protocol.main_score}' is not a metric of the run"
+                f"{did_you_mean(protocol.main_score, known)}"
+            )
 
 
 def _check_probe_metrics(loaded: LoadedSpec, probes: Sequence[ResolvedProbe]) -> None:
