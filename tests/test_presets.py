@@ -6,10 +6,14 @@ machine); its preset runs scikit-learn's KMeans with TURTLE's n_init, max_iter a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.datasets import load_digits
@@ -22,7 +26,9 @@ from sslbench.pipeline import cluster_seed, fit_reducer, plan_protocol, project_
 from sslbench.plugins import get_plugins
 from sslbench.presets import presets
 from sslbench.progress import NullProgress
+from sslbench.results import Results, merge_results
 from sslbench.spec import ProtocolSpec
+from sslbench.table import kendall_tau, preset_comparisons, summary_tables
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +169,64 @@ def test_points_of_one_cluster_count_are_computed_once(digits):
     xtr, ytr, xev, yev = digits
     results = evaluate_features(xtr, ytr, xev, yev, n_clusters=[10, 20], overcluster=[1.0, 2.0], seeds=1, epochs=2)
     assert sorted(r.protocol.n_clusters for r in results.runs) == [10, 20, 40]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=2, max_size=12))
+def test_kendall_tau_is_scipys_tau_b(pairs):
+    x, y = [float(a) for a, _ in pairs], [float(b) for _, b in pairs]
+    ours, theirs = kendall_tau(x, y), scipy.stats.kendalltau(x, y).statistic
+    assert (math.isnan(ours) and math.isnan(theirs)) or ours == pytest.approx(theirs, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def two_presets(digits) -> Results:
+    """Four 'models' (the digits seen through different random projections), each under two presets."""
+    xtr, ytr, xev, yev = digits
+    parts = []
+    for index, dims in enumerate((64, 16, 8, 4)):
+        projection = np.random.default_rng(index).standard_normal((64, dims)).astype(np.float32)
+        parts.append(
+            evaluate_features(
+                xtr @ projection,
+                ytr,
+                xev @ projection,
+                yev,
+                preset=["zheltonozhskii2020", "temi"],
+                seeds=2,
+                epochs=3,
+                model=f"model{index}",
+                dataset="digits",
+            )
+        )
+    return merge_results(parts, [f"part{i}" for i in range(len(parts))])
+
+
+def test_reports_show_each_presets_main_score_and_the_rank_agreement(two_presets):
+    (comparison,) = preset_comparisons(two_presets)
+    assert comparison.presets == ("zheltonozhskii2020", "temi")
+    assert comparison.main_names == {"zheltonozhskii2020": "acc", "temi": "acc_eval_assignment"}
+    by_preset: dict[str, dict[str, float]] = {}
+    for row in two_presets.summary:
+        by_preset.setdefault(row.protocol.preset, {})[row.model] = row.metrics[row.protocol.main_score].mean
+    models = sorted(by_preset["temi"])
+    expected = scipy.stats.kendalltau(
+        [by_preset["zheltonozhskii2020"][m] for m in models], [by_preset["temi"][m] for m in models]
+    ).statistic
+    ((_, _, tau, n),) = comparison.agreement
+    assert n == 4 and tau == pytest.approx(expected, abs=1e-12)
+    line = comparison.agreement_lines()[0]
+    assert line.startswith("Kendall τ zheltonozhskii2020 vs temi: ")
+    plugins = get_plugins()
+    for reporter in ("rich", "md", "html"):
+        text = plugins.reporters.get(reporter).reporter.render(two_presets)
+        assert line in text and "each preset's main score" in text, reporter
+        assert comparison.text("model1", "temi") in text
+
+
+def test_a_presets_main_score_leads_its_table_unless_columns_are_chosen(two_presets):
+    tables = summary_tables(two_presets)
+    assert [t.dataset for t in tables] == ["digits, preset zheltonozhskii2020", "digits, preset temi"]
+    assert tables[0].metrics[0] == "acc" and tables[1].metrics[0] == "acc_eval_assignment"
+    chosen = summary_tables(two_presets, ("nmi", "acc"))
+    assert all(t.metrics == ("nmi", "acc") for t in chosen)
