@@ -219,6 +219,9 @@ class CSVReporter(Reporter):
             "epochs",
             "batch_size",
             "backend",
+            "preset",
+            "algorithm",
+            "n_init",
         ]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
