@@ -147,11 +147,12 @@ def plan_protocol(
     """The plan of each preset of ``protocol`` (:meth:`ProtocolSpec.resolved`), checked by
     :func:`plan_resolved`: the first, holding all of them in ``variants`` when there are several (each
     then saves its predictions in a sub-folder named after its preset). ``backend_options`` (validated)
-    serve the presets that run ``protocol.backend``; the others validate ``protocol.backend_options``."""
+    serve the presets that run the first preset's backend; the others validate ``protocol.backend_options``."""
     variants = []
     several = len(protocol.preset) > 1
-    for resolved in protocol.resolved():
-        options = backend_options if resolved.backend == protocol.backend else None
+    protocols = protocol.resolved()
+    for resolved in protocols:
+        options = backend_options if resolved.backend == protocols[0].backend else None
         own: dict[str, object] = dict(extra)
         if resolved.fit_on == "eval_split":
             own["fit_split"] = extra.get("eval_split", ProtocolPlan.eval_split)

@@ -1164,10 +1164,9 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
             target_entry = _named(loaded, (*at, "id"), plugins.datasets.get, target.id)
             targets.append(_validate_options(loaded, target_entry.options, target.options, (*at, "options")))
         transfer_options.append(targets)
-    backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, spec.protocol.backend)
-    backend_options = _validate_options(
-        loaded, backend.options, spec.protocol.backend_options, ("protocol", "backend_options")
-    )
+    first = _resolved_protocols(loaded)[0]  # the backend options are those of the first preset's backend
+    backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, first.backend)
+    backend_options = _validate_options(loaded, backend.options, first.backend_options, ("protocol", "backend_options"))
     probes = []
     for i, probe in enumerate(spec.probes):
         entry = _named(loaded, ("probes", i, "id"), plugins.probes.get, probe.id)
@@ -1181,16 +1180,20 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
     return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options, tuple(probes))
 
 
+def _resolved_protocols(loaded: LoadedSpec) -> list[ProtocolSpec]:
+    """The spec's protocol under each of its presets; a preset its fields contradict is named at its line."""
+    try:
+        return loaded.spec.protocol.resolved()
+    except SSLBenchError as exc:
+        raise SSLBenchError(one_line(f"{_at(loaded, ('protocol', 'preset'))}: {exc}", 400)) from None
+
+
 def _check_presets(loaded: LoadedSpec, plugins: Plugins, probes: Sequence[ResolvedProbe]) -> None:
     """Each preset, resolved with the spec's fields, names a backend that can run its k-means choices,
     with the spec's backend options, and a main score the run records."""
     at = ("protocol", "preset")
-    try:
-        resolved = loaded.spec.protocol.resolved()
-    except SSLBenchError as exc:
-        raise SSLBenchError(one_line(f"{_at(loaded, at)}: {exc}", 400)) from None
     known = [*plugins.metrics.names(), *(name for probe in probes for name in probe.metrics())]
-    for protocol in resolved:
+    for protocol in _resolved_protocols(loaded):
         name = protocol.preset[0]
         backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, protocol.backend)
         _validate_options(loaded, backend.options, protocol.backend_options, ("protocol", "backend_options"))

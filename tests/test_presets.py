@@ -27,7 +27,8 @@ from sslbench.plugins import get_plugins
 from sslbench.presets import presets
 from sslbench.progress import NullProgress
 from sslbench.results import Results, merge_results
-from sslbench.spec import ProtocolSpec
+from sslbench.runner import run_spec
+from sslbench.spec import ProtocolSpec, parse_spec, resolve_spec
 from sslbench.table import kendall_tau, preset_comparisons, summary_tables
 
 
@@ -230,3 +231,35 @@ def test_a_presets_main_score_leads_its_table_unless_columns_are_chosen(two_pres
     assert tables[0].metrics[0] == "acc" and tables[1].metrics[0] == "acc_eval_assignment"
     chosen = summary_tables(two_presets, ("nmi", "acc"))
     assert all(t.metrics == ("nmi", "acc") for t in chosen)
+
+
+def test_a_spec_with_two_presets_runs_each_and_reports_them(digits, tmp_path):
+    """`sslbench run`'s path: both presets run from one spec, each run records its resolved protocol, each
+    preset's predictions go to its own folder, and the reports compare them."""
+    xtr, ytr, xev, yev = digits
+    for name, array in (("train", xtr), ("train_labels", ytr), ("val", xev), ("val_labels", yev)):
+        np.save(tmp_path / f"{name}.npy", array)
+    text = f"""\
+models: [{{id: raw}}]
+datasets:
+  - id: features
+    options:
+      splits:
+        train: {{features: {tmp_path}/train.npy, labels: {tmp_path}/train_labels.npy}}
+        val: {{features: {tmp_path}/val.npy, labels: {tmp_path}/val_labels.npy}}
+protocol: {{preset: [zheltonozhskii2020, mieb], epochs: 2, seeds: 1}}
+device: cpu
+"""
+    plugins = get_plugins()
+    results = run_spec(
+        resolve_spec(parse_spec(text), plugins), plugins, out_dir=tmp_path / "out", save_predictions=True
+    )
+    protocols = [(r.protocol.preset, r.protocol.backend, r.protocol.fit_split, r.seed) for r in results.runs]
+    assert protocols == [("zheltonozhskii2020", "torch", "train", 0), ("mieb", "reference", "val", 0)]
+    assert results.spec is not None and [p["preset"] for p in results.spec["resolved_protocol"]] == [
+        ["zheltonozhskii2020"],
+        ["mieb"],
+    ]
+    assert sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir()) == ["mieb", "zheltonozhskii2020"]
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "### features, preset mieb" in markdown and "each preset's main score" in markdown
