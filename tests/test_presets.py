@@ -14,6 +14,7 @@ import pytest
 import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.datasets import load_digits
@@ -263,3 +264,38 @@ device: cpu
     assert sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir()) == ["mieb", "zheltonozhskii2020"]
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "### features, preset mieb" in markdown and "each preset's main score" in markdown
+
+
+def test_validate_refuses_a_preset_its_backend_cannot_run_at_the_presets_line(tmp_path):
+    text = """\
+models: [{id: raw}]
+datasets: [{id: digits}]
+protocol:
+  preset: [zheltonozhskii2020, turtle]
+  backend: torch
+"""
+    with pytest.raises(SSLBenchError) as info:
+        resolve_spec(parse_spec(text, "spec.yaml"), get_plugins())
+    assert str(info.value) == (
+        "spec.yaml:4: protocol.preset: preset turtle: backend 'torch' runs one k-means initialisation (n_init 1), "
+        "not n_init 10"
+    )
+    with pytest.raises(
+        SSLBenchError,
+        match=r"spec.yaml:4: protocol.preset: preset zheltonozhskii2020: main_score 'nmx' is not a metric of the run \(did you mean 'nmi'\?\)",
+    ):
+        resolve_spec(
+            parse_spec(text.replace("turtle", "mieb").replace("torch", "reference\n  main_score: nmx"), "spec.yaml"),
+            get_plugins(),
+        )
+
+
+def test_another_backends_options_object_is_refused_not_replaced_by_defaults():
+    from sslbench.engine.kmeans import TorchKMeans
+    from sslbench.interfaces import ClustererConfig
+
+    class OtherOptions(BaseModel):
+        prune: bool = False
+
+    with pytest.raises(TypeError, match="the torch engine needs TorchOptions, got OtherOptions"):
+        TorchKMeans(ClustererConfig(2, 1, 8, 0, options=OtherOptions()))
