@@ -2,7 +2,8 @@
 
 Features move to the GPU in row chunks (cupy arrays): PCA is cuML's ``IncrementalPCA``
 (``partial_fit`` per chunk, all components, truncated per ``pca_dims`` like the reference backend);
-k-means is cuML's ``KMeans`` (k-means|| initialisation, ``epochs`` = ``max_iter``, seeded) on the
+k-means is cuML's ``KMeans`` (Lloyd, ``protocol.algorithm: lloyd``; k-means|| initialisation, ``max_iter``,
+``tol``, ``n_init`` restarts, seeded: TURTLE's call) on the
 projected train features, which cuML needs whole in GPU memory: a matrix larger than half the free
 GPU memory is refused in one line before any work. Projection and prediction run in row chunks. cuML and cupy
 are imported only when the backend is used; without them, or without a GPU, the error says so.
@@ -120,9 +121,10 @@ class CumlKMeans(Clusterer):
         reader.release()
         kmeans = cuml.KMeans(
             n_clusters=cfg.n_clusters,
-            max_iter=cfg.epochs,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
             random_state=cfg.seed,
-            n_init=1,
+            n_init=cfg.n_init,
             output_type="cupy",
         )
         kmeans.fit(x)
@@ -148,5 +150,7 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             pca=CumlPCA,
             kmeans=CumlKMeans,
             description="RAPIDS cuML IncrementalPCA + KMeans on a GPU (optional extra: gpu)",
+            algorithms=("lloyd",),
+            restarts=True,
         )
     )

@@ -3,8 +3,9 @@
 faiss's k-means subsamples to ``max_points_per_centroid × k`` points by default; here every train
 point is used, as the protocol fits on the whole train split. Fitting needs the train matrix in RAM as
 float32 (faiss takes no streams): a matrix larger than half the available memory is refused in one
-line before any work. Projection and prediction run in row chunks. ``epochs`` is faiss's number of
-Lloyd iterations.
+line before any work. Projection and prediction run in row chunks. faiss's k-means is Lloyd's
+(``protocol.algorithm: lloyd``): ``max_iter`` iterations (faiss has no tolerance), ``n_init`` restarts
+(faiss's ``nredo``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class FaissKMeans(Clusterer):
         kmeans = faiss.Kmeans(
             x.shape[1],
             cfg.n_clusters,
-            niter=cfg.epochs,
+            niter=cfg.max_iter,
+            nredo=cfg.n_init,
             seed=cfg.seed,
             max_points_per_centroid=len(x) // cfg.n_clusters + 1,  # never subsample
             gpu=cfg.device.startswith("cuda"),
@@ -118,5 +120,7 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             pca=FaissPCA,
             kmeans=FaissKMeans,
             description="faiss PCAMatrix + faiss k-means on every point (optional extra: faiss)",
+            algorithms=("lloyd",),
+            restarts=True,
         )
     )

@@ -37,7 +37,7 @@ from sslbench.inspection import ClusterStat, cluster_stats, largest_and_smallest
 from sslbench.interfaces import ReportContext, Reporter
 from sslbench.plots import FigureSize, svg_figures
 from sslbench.results import Results, sslbench_version
-from sslbench.table import Table, summary_tables
+from sslbench.table import PresetComparison, Table, preset_comparisons, summary_tables
 
 _SVG_NS = "http://www.w3.org/2000/svg"
 _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
@@ -286,8 +286,13 @@ class HTMLReporter(Reporter):
     def render_with_context(self, results: Results, context: ReportContext) -> str:
         title = page_title(results)
         tables = summary_tables(results)
-        sections = [
+        sections: list[tuple[str, str, str]] = [
             ("results", "Results", self._tables(tables)),
+        ]
+        comparisons = preset_comparisons(results)
+        if comparisons:
+            sections.append(("presets", "Presets compared", "\n".join(self._comparison(c) for c in comparisons)))
+        sections += [
             ("figures", "Figures", self._figures(results, context)),
             ("clusters", "Per-cluster statistics", self._clusters(context.run_dirs)),
         ]
@@ -301,7 +306,7 @@ class HTMLReporter(Reporter):
         body = "\n".join(
             f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{content}\n</section>' for key, heading, content in sections
         )
-        datasets = len(tables)
+        datasets = len({row.dataset for row in results.summary})
         meta = [
             f"sslbench {_e(results.sslbench_version)}",
             f"created {_e(results.created)}",
@@ -352,6 +357,22 @@ keeps the sorted view.</span></footer>
             parts.append(f'<h3 id="table-{index}-title">{_e(table.dataset)}</h3>')
             parts.append(f'<div class="scroll">{self._table(table, index)}</div>')
         return "\n".join(parts)
+
+    def _comparison(self, comparison: PresetComparison) -> str:
+        """Each model's main score under each preset, and the presets' rank agreement (Kendall's τ-b)."""
+        head = "".join(f'<th scope="col">{_e(comparison.header(p))}</th>' for p in comparison.presets)
+        rows = "".join(
+            f'<tr><th scope="row">{_e(model)}</th>'
+            + "".join(f"<td>{_e(comparison.text(model, p))}</td>" for p in comparison.presets)
+            + "</tr>"
+            for model in comparison.scores
+        )
+        agreement = "".join(f"<li>{_e(line)}</li>" for line in comparison.agreement_lines())
+        return (
+            f"<h3>{_e(comparison.dataset)}: each preset's main score</h3>\n"
+            f'<div class="scroll"><table class="results presets"><thead><tr><th scope="col">Model</th>{head}</tr>'
+            f"</thead><tbody>{rows}</tbody></table></div>\n<ul>{agreement}</ul>"
+        )
 
     def _table(self, table: Table, index: int) -> str:
         head = ['<th scope="col" data-key="method" data-type="text" aria-sort="none">']

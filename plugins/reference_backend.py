@@ -6,7 +6,9 @@
 * k-means: scikit-learn ``MiniBatchKMeans(max_no_improvement=None)``; each epoch shuffles the train
   features and calls ``partial_fit`` on consecutive batches. One ``RandomState(seed)`` drives the
   shuffles and k-means (its k-means++ initialisation and centre reassignment), as the paper's code
-  shares NumPy's global random state between them.
+  shares NumPy's global random state between them. With ``protocol.algorithm`` ``minibatch_fit`` or
+  ``lloyd`` it is scikit-learn's ``MiniBatchKMeans(...).fit`` or ``KMeans(...).fit`` on the whole train
+  matrix (in memory), ``n_init`` restarts, ``random_state=seed``: the calls of MTEB, TEMI and TURTLE.
 
 Both read their input in row chunks (memory-mapped files through :class:`~sslbench.arrays.RowReader`),
 so features need not fit in RAM; the k-means fit reads one shuffled batch at a time, in the order the
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sslbench import hookimpl
-from sslbench.arrays import RowReader, projection_scale
+from sslbench.arrays import RowReader, projection_scale, require_in_memory
 from sslbench.interfaces import (
     BackendEntry,
     Clusterer,
@@ -97,6 +99,34 @@ class ReferenceKMeans(Clusterer):
         self._kmeans: Any = None  # sklearn's MiniBatchKMeans once fitted
 
     def fit(self, features: np.ndarray) -> None:
+        if self.config.algorithm == "minibatch":
+            self._fit_epochs(features)
+        else:
+            self._fit_whole(features)
+
+    def _fit_whole(self, features: np.ndarray) -> None:
+        """scikit-learn's own ``fit`` on the whole matrix, configured as the presets' peers configure it:
+        ``MiniBatchKMeans(batch_size, n_init, max_iter)`` (MTEB) or ``KMeans(n_init, max_iter, tol)``
+        (TEMI, TURTLE without cuML), seeded with the run's seed."""
+        cfg = self.config
+        require_in_memory(features.shape[0] * features.shape[1] * 4, f"backend 'reference' ({cfg.algorithm} fit)")
+        reader = RowReader(features)
+        x = reader.rows(slice(0, len(reader)))
+        reader.release()
+        from sklearn.cluster import KMeans, MiniBatchKMeans
+
+        common = {
+            "n_clusters": cfg.n_clusters,
+            "n_init": cfg.n_init,
+            "max_iter": cfg.max_iter,
+            "random_state": cfg.seed,
+        }
+        if cfg.algorithm == "lloyd":
+            self._kmeans = KMeans(tol=cfg.tol, **common).fit(x)
+        else:
+            self._kmeans = MiniBatchKMeans(batch_size=cfg.batch_size, **common).fit(x)
+
+    def _fit_epochs(self, features: np.ndarray) -> None:
         cfg = self.config
         rng = np.random.RandomState(cfg.seed)
         from sklearn.cluster import MiniBatchKMeans
@@ -141,6 +171,9 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             NAME,
             pca=ReferencePCA,
             kmeans=ReferenceKMeans,
-            description="the paper's code: scikit-learn IncrementalPCA + MiniBatchKMeans, shuffled partial_fit epochs",
+            description="the paper's code: scikit-learn IncrementalPCA + MiniBatchKMeans, shuffled partial_fit epochs; "
+            "or scikit-learn's MiniBatchKMeans.fit / KMeans (Lloyd) with restarts, as other suites call them",
+            algorithms=("minibatch", "minibatch_fit", "lloyd"),
+            restarts=True,
         )
     )

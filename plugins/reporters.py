@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from sslbench import hookimpl
 from sslbench.interfaces import Reporter, ReporterEntry
 from sslbench.results import Results
-from sslbench.table import Table, headline_metrics, summary_tables
+from sslbench.table import PresetComparison, Table, headline_metrics, preset_comparisons, summary_tables
 
 if TYPE_CHECKING:  # rich is imported by the methods that draw: listing plugins need not load it
     from rich.console import Console
@@ -85,6 +85,23 @@ class RichReporter(Reporter):
                 console.print(rich_table)
             console.print(Text(table.caption, style="dim"), width=min(console.width, 100))
             console.print()
+        for comparison in preset_comparisons(results):
+            console.print(self._comparison(comparison))
+            for line in comparison.agreement_lines():
+                console.print(Text(line, style="dim"))
+            console.print()
+
+    @staticmethod
+    def _comparison(comparison: PresetComparison) -> RichTable:
+        from rich.table import Table as RichTable
+
+        table = RichTable(title=f"{comparison.dataset}: each preset's main score")
+        table.add_column("Model", overflow="fold")
+        for preset in comparison.presets:
+            table.add_column(comparison.header(preset), justify="right")
+        for model in comparison.scores:
+            table.add_row(model, *(comparison.text(model, preset) for preset in comparison.presets))
+        return table
 
     def render(self, results: Results) -> str:
         from rich.console import Console
@@ -116,6 +133,15 @@ class MarkdownReporter(Reporter):
                     paper = ["↳ published", *(row.published_text(m) for m in table.metrics)]
                     lines.append("| " + " | ".join(paper) + " |")
             lines += ["", table.caption, ""]
+            parts.append("\n".join(lines))
+        for comparison in preset_comparisons(results):
+            header = ["Model", *(comparison.header(p).replace("|", "\\|") for p in comparison.presets)]
+            lines = [f"### {comparison.dataset}: each preset's main score", "", "| " + " | ".join(header) + " |"]
+            lines.append("|" + "|".join(["---", *("---:" for _ in comparison.presets)]) + "|")
+            for model in comparison.scores:
+                cells = [model.replace("|", "\\|"), *(comparison.text(model, p) for p in comparison.presets)]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines += ["", *(f"- {line}" for line in comparison.agreement_lines()), ""]
             parts.append("\n".join(lines))
         return "\n".join(parts)
 
@@ -193,6 +219,9 @@ class CSVReporter(Reporter):
             "epochs",
             "batch_size",
             "backend",
+            "preset",
+            "algorithm",
+            "n_init",
         ]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pydantic import BaseModel
-
 from sslbench import hookimpl
 from sslbench.engine.kmeans import TorchKMeans
 from sslbench.engine.options import TorchOptions
@@ -19,13 +17,6 @@ from sslbench.engine.pca import TorchPCA
 from sslbench.interfaces import BackendEntry
 
 NAME = "torch"
-
-
-def progress_steps(options: BaseModel, epochs: int) -> tuple[int, str]:
-    """A mini-batch fit reports ``epochs`` epochs; a full-batch Lloyd fit at most ``max_iter`` iterations."""
-    if isinstance(options, TorchOptions) and options.algorithm == "lloyd":
-        return options.max_iter, "iterations"
-    return epochs, "epochs"
 
 
 @hookimpl
@@ -38,6 +29,6 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             description="exact PCA from a streamed covariance; scikit-learn-faithful mini-batch k-means "
             "(or Lloyd) by GEMM, CPU/GPU, torch.distributed",
             options=TorchOptions,
-            progress_steps=progress_steps,
+            algorithms=("minibatch", "lloyd"),
         )
     )

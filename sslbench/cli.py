@@ -72,7 +72,14 @@ def _renderer(console: Console, stages: bool) -> Callable[[Event], None]:
         elif event.kind == "run" and event.run is not None:
             # One line per protocol point once all its seeds are in, not one per seed.
             run = event.run
-            key = (run.model, run.dataset, run.protocol.n_clusters, run.protocol.pca_dims, run.protocol.epochs)
+            key = (
+                run.model,
+                run.dataset,
+                run.protocol.preset,
+                run.protocol.n_clusters,
+                run.protocol.pca_dims,
+                run.protocol.epochs,
+            )
             pending.setdefault(key, []).append(run)
             if len(pending[key]) >= int(event.data.get("seeds", 1)):
                 summary = point_summary(pending.pop(key), event.data.get("metrics"))
@@ -206,17 +213,18 @@ def cmd_validate(args: argparse.Namespace, plugins: Plugins) -> int:
     for warning in missing_paths(resolved):
         print(f"sslbench: warning: {warning}", file=sys.stderr)
     spec = loaded.spec
-    protocol = spec.protocol
-    per_dataset = len(protocol.pca_dims) * len(protocol.k) * len(protocol.overcluster) * len(protocol.epochs)
-    runs = len(spec.models) * len(spec.datasets) * per_dataset * len(protocol.seeds)
     targets = sum(len(d.transfer) for d in spec.datasets)
-    transfer_runs = len(spec.models) * targets * per_dataset * len(protocol.seeds)
-    extra = f" (+ {transfer_runs} on {targets} transfer target(s))" if targets else ""
-    print(
-        f"{loaded.source}: ok: {len(spec.models)} model(s) × {len(spec.datasets)} dataset(s) × "
-        f"{per_dataset} protocol point(s) × {len(protocol.seeds)} seed(s) = {runs} runs{extra}, "
-        f"backend '{protocol.backend}'"
-    )
+    for protocol in spec.protocol.resolved():
+        per_dataset = len(protocol.pca_dims) * len(protocol.k) * len(protocol.overcluster) * len(protocol.epochs)
+        runs = len(spec.models) * len(spec.datasets) * per_dataset * len(protocol.seeds)
+        transfer_runs = len(spec.models) * targets * per_dataset * len(protocol.seeds)
+        extra = f" (+ {transfer_runs} on {targets} transfer target(s))" if targets else ""
+        preset = f", preset {protocol.preset[0]}" if len(spec.protocol.preset) > 1 else ""
+        print(
+            f"{loaded.source}: ok: {len(spec.models)} model(s) × {len(spec.datasets)} dataset(s) × "
+            f"{per_dataset} protocol point(s) × {len(protocol.seeds)} seed(s) = {runs} runs{extra}, "
+            f"backend '{protocol.backend}'{preset}"
+        )
     return 0
 
 

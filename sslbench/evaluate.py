@@ -46,6 +46,8 @@ def evaluate_features(
     seeds: int | Sequence[int] | None = None,
     backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
+    preset: str | Sequence[str] | None = None,
+    protocol: Mapping[str, Any] | None = None,
     probes: Sequence[Mapping[str, Any]] = (),
     device: str = "auto",
     n_classes: int | None = None,
@@ -79,9 +81,14 @@ def evaluate_features(
     :param n_clusters: clusters before overclustering; ``None`` = number of classes.
     :param overcluster: fit ``int(overcluster × n_clusters)`` clusters; a list sweeps.
     :param pca_dim: PCA components to keep; ``None`` keeps all; a list sweeps.
-    :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds.
-    :param backend: ``reference`` (the paper's scikit-learn code) or ``torch`` (fast, CPU or GPU).
-    :param backend_options: options of the backend's clusterer, e.g. ``{"algorithm": "lloyd"}``.
+    :param epochs: k-means epochs; ``None`` = the preset's (the paper's: 60).
+    :param seeds: a count ``n`` (seeds ``0..n-1``) or explicit seeds; ``None`` = the preset's (the paper's: 5).
+    :param backend: ``reference`` (the paper's scikit-learn code) or ``torch`` (fast, CPU or GPU); ``None`` = the
+        preset's (the paper's: torch).
+    :param backend_options: options of the backend's clusterer, e.g. ``{"prune": False}``.
+    :param preset: the published protocol(s) followed, as a spec's ``protocol.preset`` (default the paper's).
+    :param protocol: any other ``protocol`` field of a spec, e.g. ``{"algorithm": "lloyd", "n_init": 3}``; every
+        value given (here or above) overrides the preset's.
     :param probes: evaluations that learn from the train labels, each ``{"id": …, "options": {…}}`` as in a
         spec's ``probes``: e.g. ``[{"id": "knn", "options": {"k": [10, 20]}}, {"id": "linear"}]``; run once on
         the raw features and stored in ``results.probes`` (each summary row shows their values).
@@ -104,17 +111,20 @@ def evaluate_features(
     plugins = plugins or get_plugins()
     try:
         given = {
-            "pca_dims": pca_dim,
-            "whiten": whiten,
-            "k": n_clusters,
-            "overcluster": overcluster,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "seeds": seeds,
+            "pca_dims": _plain(pca_dim),
+            "whiten": _plain(whiten),
+            "k": _plain(n_clusters),
+            "overcluster": _plain(overcluster),
+            "epochs": _plain(epochs),
+            "batch_size": _plain(batch_size),
+            "seeds": _plain(seeds),
             "backend": backend,
-            "backend_options": None if backend_options is None else dict(backend_options),
+            "backend_options": _plain(dict(backend_options)) if backend_options else None,
+            "preset": _plain(preset),
+            **{key: _plain(value) for key, value in (protocol or {}).items()},
         }
-        protocol = ProtocolSpec.model_validate({name: _plain(v) for name, v in given.items() if v is not None})
+        # Left out, a field is the preset's: only the values given override it.
+        chosen = ProtocolSpec.model_validate({key: value for key, value in given.items() if value is not None})
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in err["loc"][:1])
@@ -137,7 +147,7 @@ def evaluate_features(
         train,
         eval_,
         n_classes=classes,
-        protocol=protocol,
+        protocol=chosen,
         plugins=plugins,
         model=model,
         dataset=dataset,
@@ -152,7 +162,8 @@ def evaluate_features(
     env = environment(device, plugins)
     spec = {
         "api": "evaluate_features",
-        "protocol": protocol.model_dump(mode="json"),
+        "protocol": chosen.model_dump(mode="json"),
+        "resolved_protocol": [resolved.model_dump(mode="json") for resolved in chosen.resolved()],
         "probes": [{"id": p.name, "options": p.options.model_dump(mode="json")} for p in resolved_probes],
     }
     return build_results(

@@ -287,6 +287,12 @@ class ClustererConfig:
     #: rank order. The protocol always hands one process every row (:data:`~sslbench.ranks.ONE_PROCESS`);
     #: other ranks come only from a backend's direct users, to a backend that splits fits (``torch``).
     ranks: Ranks = ONE_PROCESS
+    #: The protocol's k-means choices (``protocol.algorithm``, ``n_init``, ``max_iter``, ``tol``): the
+    #: backend runs them or its entry refuses them (:meth:`BackendEntry.refusal`).
+    algorithm: str = "minibatch"
+    n_init: int = 1
+    max_iter: int = 300
+    tol: float = 1e-4
 
 
 class Clusterer(ABC):
@@ -320,13 +326,26 @@ class BackendEntry:
     kmeans: Callable[[ClustererConfig], Clusterer]
     description: str
     options: type[BaseModel] = NoOptions
-    #: How many times a fit calls :attr:`ClustererConfig.on_epoch` at most, and what they are, given
-    #: the validated options and the protocol's epochs (progress display only); default: the epochs.
-    progress_steps: Callable[[BaseModel, int], tuple[int, str]] | None = None
+    #: The ``protocol.algorithm`` values its k-means runs (``minibatch``: the paper's shuffled epochs).
+    algorithms: tuple[str, ...] = ("minibatch",)
+    #: Whether it runs ``protocol.n_init`` restarts (keeping the lowest inertia); else only ``n_init: 1``.
+    restarts: bool = False
 
-    def steps(self, options: BaseModel, epochs: int) -> tuple[int, str]:
-        """``(total, unit)`` of a fit's progress: the entry's rule, or ``epochs`` epochs."""
-        return self.progress_steps(options, epochs) if self.progress_steps else (epochs, "epochs")
+    def refusal(self, algorithm: str, n_init: int) -> str | None:
+        """Why this backend cannot run these k-means choices (None: it can)."""
+        if algorithm not in self.algorithms:
+            return f"backend '{self.name}' runs algorithm {' or '.join(self.algorithms)}, not {algorithm}"
+        if n_init > 1 and not self.restarts:
+            return f"backend '{self.name}' runs one k-means initialisation (n_init 1), not n_init {n_init}"
+        return None
+
+    @staticmethod
+    def steps(config: ClustererConfig) -> tuple[int, str]:
+        """``(total, unit)`` of a fit's progress: ``epochs`` epochs of the paper's mini-batch k-means, else
+        at most ``max_iter`` iterations per restart."""
+        if config.algorithm == "minibatch":
+            return config.epochs, "epochs"
+        return config.max_iter * config.n_init, "iterations"
 
 
 # --------------------------------------------------------------------------------------------------

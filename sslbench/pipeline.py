@@ -32,7 +32,7 @@ import functools
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,6 +109,8 @@ class ProtocolPlan:
     predictions_dir: Path | None = None
     #: The probes run once on this model × dataset.
     probes: tuple[ResolvedProbe, ...] = ()
+    #: With several presets (``protocol.preset``), one plan per preset, each with its resolved protocol.
+    variants: tuple[ProtocolPlan, ...] = ()
 
     @functools.cached_property
     def points(self) -> list[ProtocolPoint]:
@@ -143,6 +145,50 @@ def validated_backend_options(backend: BackendEntry, options: Mapping[str, objec
 
 
 def plan_protocol(
+    train: FeatureSplit,
+    eval_: FeatureSplit,
+    *,
+    n_classes: int,
+    protocol: ProtocolSpec,
+    plugins: Plugins,
+    model: str,
+    dataset: str,
+    backend_options: BaseModel | None = None,
+    **extra: object,
+) -> ProtocolPlan:
+    """The plan of each preset of ``protocol`` (:meth:`ProtocolSpec.resolved`), checked by
+    :func:`plan_resolved`: the first, holding all of them in ``variants`` when there are several (each
+    then saves its predictions in a sub-folder named after its preset). ``backend_options`` (validated)
+    serve the presets that run the first preset's backend; the others validate ``protocol.backend_options``."""
+    variants = []
+    several = len(protocol.preset) > 1
+    protocols = protocol.resolved()
+    for resolved in protocols:
+        options = backend_options if resolved.backend == protocols[0].backend else None
+        own: dict[str, object] = dict(extra)
+        if resolved.fit_on == "eval_split":
+            own["fit_split"] = extra.get("eval_split", ProtocolPlan.eval_split)
+        folder = extra.get("predictions_dir")
+        if several and isinstance(folder, Path):
+            own["predictions_dir"] = folder / resolved.preset[0]
+        fit = eval_ if resolved.fit_on == "eval_split" else train
+        variants.append(
+            plan_resolved(
+                fit,
+                eval_,
+                n_classes=n_classes,
+                protocol=resolved,
+                plugins=plugins,
+                model=model,
+                dataset=dataset,
+                backend_options=options,
+                **own,
+            )
+        )
+    return replace(variants[0], variants=tuple(variants)) if several else variants[0]
+
+
+def plan_resolved(
     train: FeatureSplit,
     eval_: FeatureSplit,
     *,
@@ -200,6 +246,9 @@ def plan_protocol(
         if probe.entry.check is not None:
             probe.entry.check(probe.options, n_train, train.name)
     backend = plugins.backends.get(protocol.backend)
+    refused = backend.refusal(protocol.algorithm, protocol.n_init)
+    if refused:
+        raise SSLBenchError(f"protocol (preset {protocol.preset[0]}): {refused}")
     options = (
         backend_options if backend_options is not None else validated_backend_options(backend, protocol.backend_options)
     )
@@ -242,6 +291,23 @@ def check_label_free(protocol: ProtocolSpec, extra: Mapping[str, object], split:
 # Stage: fit the reducer
 
 
+class Unreduced(Reducer):
+    """No PCA (``protocol.pca: false``): k-means sees the features themselves, as float32."""
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+
+    def fit(self, features: np.ndarray) -> None:
+        """Nothing to learn."""
+
+    @property
+    def n_components(self) -> int:
+        return self.dims
+
+    def project(self, rows: np.ndarray, n_components: int, whiten: bool) -> np.ndarray:
+        return np.asarray(rows, dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class FittedReducer:
     reducer: Reducer
@@ -251,8 +317,11 @@ class FittedReducer:
 
 def fit_reducer(plan: ProtocolPlan, progress: Progress, emit: Emit = ignore) -> FittedReducer:
     """PCA with all components, fitted once on the train split; every ``pca_dims`` truncates it."""
-    emit(Event("stage", f"{plan.model}/{plan.dataset}: PCA on {plan.train.features.shape}", name="fit-pca"))
     started = time.perf_counter()
+    if not plan.protocol.pca:
+        unreduced = Unreduced(plan.train.features.shape[1])
+        return FittedReducer(unreduced, unreduced.n_components, time.perf_counter() - started)
+    emit(Event("stage", f"{plan.model}/{plan.dataset}: PCA on {plan.train.features.shape}", name="fit-pca"))
     task = progress.task(f"PCA {plan.model}/{plan.dataset}", len(plan.train.features), unit="rows")
     reducer = plan.backend.pca(ReducerConfig(device=plan.device, options=plan.backend_options, on_rows=task.advance))
     reducer.fit(plan.train.features)
@@ -413,8 +482,6 @@ def cluster_seed(
     """k-means fitted on the projected train split with ``seed``; then every split predicted."""
     where = f"{plan.model}/{plan.dataset} k={point.n_clusters} seed {seed}"
     emit(Event("stage", where, name="kmeans"))
-    total, unit = plan.backend.steps(plan.backend_options, point.epochs)
-    task = progress.task(f"k-means {where}", total, unit=unit)
     done = 0
 
     def step() -> None:
@@ -422,9 +489,22 @@ def cluster_seed(
         done += 1
         task.advance()
 
+    chosen = plan.protocol
     config = ClustererConfig(
-        point.n_clusters, point.epochs, point.batch_size, seed, plan.device, plan.backend_options, step
+        point.n_clusters,
+        point.epochs,
+        point.batch_size,
+        seed,
+        plan.device,
+        plan.backend_options,
+        step,
+        algorithm=chosen.algorithm,
+        n_init=chosen.n_init,
+        max_iter=chosen.max_iter,
+        tol=chosen.tol,
     )
+    total, unit = BackendEntry.steps(config)
+    task = progress.task(f"k-means {where}", total, unit=unit)
     started = time.perf_counter()
     clusterer = plan.backend.kmeans(config)
     clusterer.fit(projected.train)
@@ -739,6 +819,12 @@ def run_protocol(
     ``scratch`` receives the projections; the caller owns it and removes it.
     """
     progress = progress or NullProgress()
+    for variant in plan.variants or (plan,):
+        yield from _run_resolved(variant, scratch, progress, emit)
+
+
+def _run_resolved(plan: ProtocolPlan, scratch: Path, progress: Progress, emit: Emit) -> Iterator[Run]:
+    """:func:`run_protocol` for one resolved protocol (one preset)."""
     fitted = fit_reducer(plan, progress, emit)
     for dims in plan.protocol.pca_dims:
         projected = project_splits(plan, fitted, dims, scratch, emit)
@@ -756,6 +842,14 @@ def run_protocol(
                 batch_size=point.batch_size,
                 backend=plan.protocol.backend,
                 silhouette_rows=plan.protocol.silhouette_rows,
+                preset=plan.protocol.preset[0],
+                pca=plan.protocol.pca,
+                algorithm=plan.protocol.algorithm,
+                n_init=plan.protocol.n_init,
+                max_iter=plan.protocol.max_iter,
+                tol=plan.protocol.tol,
+                main_score=plan.protocol.main_score,
+                same_as=point.same_as,
             )
             swept = None if len(plan.points) == 1 else (point.n_clusters, projected.dims, point.epochs)
             for seed in plan.protocol.seeds:

@@ -142,6 +142,17 @@ class RunProtocol(_Model):
     silhouette_rows: int | None = Field(
         None, description="most eval rows the silhouette read, drawn with the run's seed (null: older results)"
     )
+    #: The preset and the k-means choices it resolved to (results before presets: the paper's, their defaults).
+    preset: str = "zheltonozhskii2020"
+    pca: bool = True
+    algorithm: str = "minibatch"
+    n_init: int = 1
+    max_iter: int = 300
+    tol: float = 1e-4
+    main_score: str = "acc"
+    same_as: tuple[tuple[int, float], ...] = Field(
+        default=(), description="(k, overcluster) of the sweep's other points that fit these clusters"
+    )
 
 
 class Timings(_Model):

@@ -450,7 +450,12 @@ def run_spec(
     if columns is not None:
         checked_columns(columns, list(described), f"{resolved.loaded.source}: report.metrics", "this run's datasets")
     env = environment(device, plugins)
-    spec_record = {"source": resolved.loaded.source, **spec.model_dump(mode="json")}
+    seed_counts = {protocol.preset[0]: len(protocol.seeds) for protocol in spec.protocol.resolved()}
+    spec_record = {
+        "source": resolved.loaded.source,
+        **spec.model_dump(mode="json"),
+        "resolved_protocol": [protocol.model_dump(mode="json") for protocol in spec.protocol.resolved()],
+    }
     published = paper_values(resolved, plugins)
     runs: list[Run] = []
     probes: list[ProbeRecord] = []
@@ -507,7 +512,7 @@ def run_spec(
                 probes += run_probes(protocol_plan, emit)
                 for run in run_protocol(protocol_plan, scratch=scratch / "projections", progress=progress, emit=emit):
                     runs.append(run)
-                    data = {"seeds": len(spec.protocol.seeds), "metrics": described}
+                    data = {"seeds": seed_counts[run.protocol.preset], "metrics": described}
                     emit(Event("run", _run_line(run, described), run=run, data=data))
                 results = build_results(
                     runs,

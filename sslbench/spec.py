@@ -17,7 +17,7 @@ import math
 import os
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -62,6 +62,7 @@ MAX_CLUSTERS = 2**24
 MAX_PCA_DIMS = 2**20
 MAX_EPOCHS = 2**20
 MAX_BATCH = 2**24
+MAX_RESTARTS = 1000
 MAX_WORKERS = 256
 MAX_LABEL = 200
 MAX_RUN_NAME = 100
@@ -227,8 +228,19 @@ MAX_SILHOUETTE_ROWS = 1 << 16
 
 
 class ProtocolSpec(_StrictModel):
-    """The clustering protocol. List-valued fields sweep: every combination is run."""
+    """The clustering protocol. List-valued fields sweep: every combination is run.
 
+    ``preset`` names published protocols (``sslbench_registry/presets``); every field the spec gives
+    explicitly overrides the preset's value, the others come from the preset (:meth:`for_preset`).
+    """
+
+    preset: list[Label] = Field(
+        default=["zheltonozhskii2020"],
+        description="Published protocol(s) this one follows: zheltonozhskii2020 (the paper), mieb, temi, turtle "
+        "(see README, Comparing with other suites); a list runs each and compares them. Fields given here "
+        "override the preset's.",
+    )
+    pca: bool = Field(True, description="PCA before k-means (false: k-means on the raw features).")
     pca_dims: list[PcaDims | None] = Field(
         default=[None], description="PCA dimensions (each at most 2^20); null keeps all components."
     )
@@ -243,6 +255,25 @@ class ProtocolSpec(_StrictModel):
     batch_size: Batch | None = Field(
         None, description="k-means batch size, at most 2^24; null = max(2048, 2^ceil(log2 clusters))."
     )
+    algorithm: Literal["minibatch", "minibatch_fit", "lloyd"] = Field(
+        "minibatch",
+        description="k-means: `minibatch` (the paper: `epochs` shuffled passes of `batch_size`), `minibatch_fit` "
+        "(scikit-learn's MiniBatchKMeans.fit: `max_iter` passes of random batches, early stop) or `lloyd` "
+        "(full batch, `max_iter` iterations, `tol`). A backend refuses one it cannot run.",
+    )
+    n_init: Annotated[int, Field(ge=1, le=MAX_RESTARTS)] = Field(
+        1, description="k-means restarts, the lowest inertia kept (at most 1000)."
+    )
+    max_iter: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = Field(
+        300, description="lloyd: iterations at most; minibatch_fit: passes over the data at most."
+    )
+    tol: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = Field(
+        1e-4, description="lloyd: stop when the centres move less (relative to the features' variance)."
+    )
+    fit_on: Literal["fit_split", "eval_split"] = Field(
+        "fit_split", description="The dataset split PCA and k-means are fitted on (MIEB fits on the eval split)."
+    )
+    main_score: Label = Field("acc", description="The metric that leads the reports and compares presets.")
     seeds: list[Seed] = Field(
         default=[0, 1, 2, 3, 4],
         description="k-means seeds, each in [0, 2^31): a list, or a count n meaning 0..n-1; at most 10000 seeds.",
@@ -259,7 +290,37 @@ class ProtocolSpec(_StrictModel):
         "numpy RandomState(seed).permutation(n), as scikit-learn's silhouette_score(sample_size=…, random_state=seed).",
     )
 
-    _as_lists = field_validator("pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
+    _as_lists = field_validator("preset", "pca_dims", "k", "overcluster", "epochs", mode="before")(_as_list)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_presets(cls, value: list[str]) -> list[str]:
+        from sslbench.presets import preset_names
+
+        for name in value:
+            if name not in preset_names():
+                raise ValueError(f"unknown preset '{name}'{did_you_mean(name, preset_names())}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"has repeated values: {one_line(str(value), 80)}")
+        return value
+
+    def for_preset(self, name: str) -> ProtocolSpec:
+        """This protocol under preset ``name``: the preset's values for every field not given explicitly."""
+        from sslbench.presets import presets
+
+        given = self.model_fields_set - {"preset"}
+        values = {key: value for key, value in presets()[name].protocol.items() if key not in given}
+        try:
+            return self.model_validate({**self.model_dump(), **values, "preset": [name]})
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in err["loc"]) or "protocol"
+            message = err["msg"].removeprefix("Value error, ")
+            raise SSLBenchError(f"protocol: preset {name} with the fields given: {where}: {message}") from None
+
+    def resolved(self) -> list[ProtocolSpec]:
+        """One fully resolved protocol per preset, in the spec's order."""
+        return [self.for_preset(name) for name in self.preset]
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -285,6 +346,8 @@ class ProtocolSpec(_StrictModel):
 
     @model_validator(mode="after")
     def _bounded_sweep(self) -> ProtocolSpec:
+        if not self.pca and (self.whiten or self.pca_dims != [None]):
+            raise _located("pca: false keeps every feature: pca_dims must be [null] and whiten false", "pca")
         n_points = len(self.pca_dims) * len(self.k) * len(self.overcluster) * len(self.epochs)
         if n_points > MAX_POINTS:
             raise _located(
@@ -301,8 +364,10 @@ class ProtocolSpec(_StrictModel):
         return self
 
     def points(self, n_classes: int) -> list[ProtocolPoint]:
-        """Every protocol point of the sweep, PCA dims outermost (one projection serves many)."""
-        points = []
+        """Every protocol point of the sweep, PCA dims outermost (one projection serves many). Points that
+        fit the same number of clusters (k = 10 × 2.0 and k = 20 × 1.0) are one computation: the first is
+        kept, naming the others' ``(k, overcluster)`` in ``same_as``."""
+        points: list[ProtocolPoint] = []
         for dims in self.pca_dims:
             for k in self.k:
                 base = k if k is not None else n_classes
@@ -316,7 +381,20 @@ class ProtocolSpec(_StrictModel):
                     batch = self.batch_size or default_kmeans_batch_size(n_clusters)
                     for epochs in self.epochs:
                         points.append(ProtocolPoint(dims, self.whiten, base, factor, n_clusters, epochs, batch))
-        return points
+        return _merged_points(points)
+
+
+def _merged_points(points: list[ProtocolPoint]) -> list[ProtocolPoint]:
+    """The points with one per computation: a later point fitting what an earlier one fits is named in it."""
+    kept: dict[tuple[int | None, int, int], ProtocolPoint] = {}
+    for point in points:
+        key = (point.pca_dims, point.n_clusters, point.epochs)
+        first = kept.get(key)
+        if first is None:
+            kept[key] = point
+        elif (point.k, point.overcluster) != (first.k, first.overcluster):
+            kept[key] = replace(first, same_as=(*first.same_as, (point.k, point.overcluster)))
+    return list(kept.values())
 
 
 @dataclass(frozen=True)
@@ -330,6 +408,8 @@ class ProtocolPoint:
     n_clusters: int
     epochs: int
     batch_size: int
+    #: The ``(k, overcluster)`` of other points of the sweep that fit the same clusters.
+    same_as: tuple[tuple[int, float], ...] = ()
 
 
 class ExtractionSpec(_StrictModel):
@@ -1084,10 +1164,9 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
             target_entry = _named(loaded, (*at, "id"), plugins.datasets.get, target.id)
             targets.append(_validate_options(loaded, target_entry.options, target.options, (*at, "options")))
         transfer_options.append(targets)
-    backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, spec.protocol.backend)
-    backend_options = _validate_options(
-        loaded, backend.options, spec.protocol.backend_options, ("protocol", "backend_options")
-    )
+    first = _resolved_protocols(loaded)[0]  # the backend options are those of the first preset's backend
+    backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, first.backend)
+    backend_options = _validate_options(loaded, backend.options, first.backend_options, ("protocol", "backend_options"))
     probes = []
     for i, probe in enumerate(spec.probes):
         entry = _named(loaded, ("probes", i, "id"), plugins.probes.get, probe.id)
@@ -1095,6 +1174,7 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
             ResolvedProbe(entry, _validate_options(loaded, entry.options, probe.options, ("probes", i, "options")))
         )
     _check_probe_metrics(loaded, probes)
+    _check_presets(loaded, plugins, probes)
     _check_device(loaded)
     _check_report_metrics(loaded, plugins, probes)
     for i, (dataset, options) in enumerate(zip(spec.datasets, dataset_options, strict=True)):
@@ -1125,6 +1205,33 @@ def check_unlabeled_dataset(loaded: LoadedSpec, index: int, plugins: Plugins) ->
             raise SSLBenchError(
                 f"{_at(loaded, ('report', 'metrics', position))}: {why}, and metric '{name}' compares "
                 "clusters with classes"
+            )
+
+
+def _resolved_protocols(loaded: LoadedSpec) -> list[ProtocolSpec]:
+    """The spec's protocol under each of its presets; a preset its fields contradict is named at its line."""
+    try:
+        return loaded.spec.protocol.resolved()
+    except SSLBenchError as exc:
+        raise SSLBenchError(one_line(f"{_at(loaded, ('protocol', 'preset'))}: {exc}", 400)) from None
+
+
+def _check_presets(loaded: LoadedSpec, plugins: Plugins, probes: Sequence[ResolvedProbe]) -> None:
+    """Each preset, resolved with the spec's fields, names a backend that can run its k-means choices,
+    with the spec's backend options, and a main score the run records."""
+    at = ("protocol", "preset")
+    known = [*plugins.metrics.names(), *(name for probe in probes for name in probe.metrics())]
+    for protocol in _resolved_protocols(loaded):
+        name = protocol.preset[0]
+        backend = _named(loaded, ("protocol", "backend"), plugins.backends.get, protocol.backend)
+        _validate_options(loaded, backend.options, protocol.backend_options, ("protocol", "backend_options"))
+        refused = backend.refusal(protocol.algorithm, protocol.n_init)
+        if refused:
+            raise SSLBenchError(f"{_at(loaded, at)}: preset {name}: {refused}")
+        if protocol.main_score not in known:
+            raise SSLBenchError(
+                f"{_at(loaded, at)}: preset {name}: main_score '{protocol.main_score}' is not a metric of the run"
+                f"{did_you_mean(protocol.main_score, known)}"
             )
 
 

@@ -9,7 +9,8 @@ mean than the best row's std, on the worse side (the paper's red marks).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sslbench.results import HEADLINE_METRICS, MetricInfo, Results, RunProtocol, SummaryRow
@@ -32,12 +33,15 @@ def headline_metrics(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def default_metrics(summaries: list[SummaryRow], describe: Mapping[str, MetricInfo]) -> tuple[str, ...]:
-    """The columns for these rows when none were chosen: the headline metrics (:func:`headline_metrics`),
-    then every other metric every row has, in the order of ``describe`` (the results' descriptor
-    table: registered metrics, class groups, transfer, kNN), except that of the metrics restricted to a
-    class group only the ACC is shown (Table 2's in / not in ImageNet split; the others are chosen by name)."""
+    """The columns for these rows when none were chosen: the rows' preset's main score (when they share
+    one), the headline metrics (:func:`headline_metrics`), then every other metric every row has, in the
+    order of ``describe`` (the results' descriptor table: registered metrics, class groups, transfer,
+    kNN), except that of the metrics restricted to a class group only the ACC is shown (Table 2's in /
+    not in ImageNet split; the others are chosen by name)."""
     present = set.intersection(*(set(row.metrics) for row in summaries)) if summaries else set()
-    first = headline_metrics(present)
+    main = {row.protocol.main_score for row in summaries}
+    lead = tuple(main & present) if len(main) == 1 else ()
+    first = (*lead, *(m for m in headline_metrics(present) if m not in lead))
     group_column = HEADLINE_METRICS[0]
     rest = [
         name
@@ -135,12 +139,17 @@ def _caption(
         f"{clusters} cluster{'s' if clusters != '1' else ''}",
     ]
     dims = {p.pca_dims for p in protocols}
-    if "pca_dims" in varying:
+    if not first.pca:
+        sentences.append("no PCA")
+    elif "pca_dims" in varying:
         sentences.append("PCA dimensions as in each row")
     elif len(dims) == 1:
         sentences.append(f"PCA to {first.pca_dims} dimensions")
     else:  # one value per model: all of each model's components
         sentences.append(f"PCA to each model's dimension ({min(dims)} to {max(dims)})")
+    if first.algorithm != "minibatch":
+        restarts = f", best of {first.n_init} initialisations" if first.n_init > 1 else ""
+        sentences.append(f"{first.algorithm} k-means, at most {first.max_iter} iterations{restarts}")
     seeds = sorted({row.n_seeds for row in summaries})
     count = " or ".join(str(s) for s in seeds)
     sentences.append(f"mean ± std over {count} seed{'s' if seeds != [1] else ''}")
@@ -169,10 +178,12 @@ def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> 
     :func:`default_metrics` of each table's rows; of those, the ones every row of the table has."""
     chosen = metrics if metrics is not None else results.columns
     describe = {name: results.metric_info(name) for name in results.metric_names()}
-    datasets = list(dict.fromkeys(row.dataset for row in results.summary))
+    several = len({row.protocol.preset for row in results.summary}) > 1
+    # One table per dataset, or per dataset and preset when the results hold several presets.
+    groups = list(dict.fromkeys((row.dataset, row.protocol.preset if several else None) for row in results.summary))
     tables = []
-    for dataset in datasets:
-        summaries = [row for row in results.summary if row.dataset == dataset]
+    for dataset, preset in groups:
+        summaries = [row for row in results.summary if row.dataset == dataset and preset in (None, row.protocol.preset)]
         varying = [
             field
             for field, _ in _VARYING
@@ -205,6 +216,90 @@ def summary_tables(results: Results, metrics: tuple[str, ...] | None = None) -> 
                     m: Cell(v.mean, v.std, shown[m]) for m, v in summary.published.metrics.items() if m in shown
                 }
             rows.append(Row(label, summary, cells, published))
-        caption = _caption(dataset, summaries, varying, results.wall_s, shown)
-        tables.append(Table(dataset, tuple(shown), rows, caption, shown))
+        title = dataset if preset is None else f"{dataset}, preset {preset}"
+        caption = _caption(title, summaries, varying, results.wall_s, shown)
+        tables.append(Table(title, tuple(shown), rows, caption, shown))
     return tables
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets side by side
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's τ-b of two rankings (ties in either counted as neither concordant nor discordant, the
+    denominator corrected for them); NaN when either has no two distinct values."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denominator if denominator else float("nan")
+
+
+@dataclass(frozen=True)
+class PresetComparison:
+    """One dataset's models under each preset: each preset's main score, and how the presets rank the models
+    alike (Kendall's τ-b over the models every preset scored)."""
+
+    dataset: str
+    presets: tuple[str, ...]
+    #: Per preset, the metric its scores are (its main score) and how it is shown.
+    main: dict[str, MetricInfo]
+    main_names: dict[str, str]
+    #: Per model, per preset, the mean main score over seeds (absent: that preset did not score it).
+    scores: dict[str, dict[str, float]]
+    #: ``(preset a, preset b, τ, models ranked)`` for every pair of presets.
+    agreement: list[tuple[str, str, float, int]]
+
+    def text(self, model: str, preset: str) -> str:
+        value = self.scores[model].get(preset)
+        return "—" if value is None else self.main[preset].text(value)
+
+    def header(self, preset: str) -> str:
+        return f"{preset}: {self.main[preset].label}"
+
+    def agreement_lines(self) -> list[str]:
+        """``Kendall τ mieb vs temi: 0.67 over 4 models`` for every pair of presets."""
+        return [
+            f"Kendall τ {a} vs {b}: "
+            + (f"{tau:.2f} over {n} models" if math.isfinite(tau) else f"undefined over {n} model(s) (no two ranked)")
+            for a, b, tau, n in self.agreement
+        ]
+
+
+def preset_comparisons(results: Results) -> list[PresetComparison]:
+    """Per dataset scored under several presets: each model's main score under each preset and the
+    rank agreement of the models between every two presets. A model × preset with several protocol points
+    (a sweep) shows its first."""
+    comparisons = []
+    for dataset in dict.fromkeys(row.dataset for row in results.summary):
+        rows = [row for row in results.summary if row.dataset == dataset]
+        presets = tuple(dict.fromkeys(row.protocol.preset for row in rows))
+        if len(presets) < 2:
+            continue
+        main_names = {row.protocol.preset: row.protocol.main_score for row in reversed(rows)}
+        scores: dict[str, dict[str, float]] = {}
+        for row in rows:
+            metric = row.metrics.get(row.protocol.main_score)
+            if metric is not None:
+                scores.setdefault(row.model, {}).setdefault(row.protocol.preset, metric.mean)
+        agreement = []
+        for a_index, a in enumerate(presets):
+            for b in presets[a_index + 1 :]:
+                both = [m for m, by in scores.items() if a in by and b in by]
+                tau = kendall_tau([scores[m][a] for m in both], [scores[m][b] for m in both])
+                agreement.append((a, b, tau, len(both)))
+        main = {p: results.metric_info(main_names[p]) for p in presets}
+        comparisons.append(PresetComparison(dataset, presets, main, main_names, scores, agreement))
+    return comparisons

@@ -22,7 +22,8 @@ def test_faiss_backend_clusters_and_projects_like_the_others():
     from sslbench_plugins.faiss_backend import FaissKMeans, FaissPCA
 
     x, y = blobs(100, 12, 16, seed=1, spread=1.5)
-    results = evaluate_features(x[:900], y[:900], x[900:], y[900:], seeds=3, epochs=20, backend="faiss")
+    lloyd = {"algorithm": "lloyd", "max_iter": 20}
+    results = evaluate_features(x[:900], y[:900], x[900:], y[900:], seeds=3, backend="faiss", protocol=lloyd)
     assert results.summary[0].metrics["nmi"].mean > 0.9  # random init (faiss) meets local minima
 
     pca = FaissPCA(ReducerConfig())
@@ -47,7 +48,7 @@ def test_cuml_backend_says_what_is_missing(split_blobs):
 
     extra = "gpu-cu13" if (torch.version.cuda or "").startswith("13") else "gpu-cu12"
     with pytest.raises(SSLBenchError, match=rf"backend 'cuml' needs RAPIDS cuML and cupy .*sslbench\[{extra}\]"):
-        evaluate_features(*split_blobs, backend="cuml", seeds=1, epochs=1)
+        evaluate_features(*split_blobs, backend="cuml", seeds=1, protocol={"algorithm": "lloyd", "max_iter": 1})
 
 
 @pytest.mark.parametrize(

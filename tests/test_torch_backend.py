@@ -90,7 +90,7 @@ def test_lloyd_option_converges_on_blobs():
         seeds=2,
         epochs=1,
         backend="torch",
-        backend_options={"algorithm": "lloyd", "max_iter": 50},
+        protocol={"algorithm": "lloyd", "max_iter": 50},
     )
     assert results.summary[0].metrics["acc"].mean > 0.95
 
@@ -154,10 +154,8 @@ def test_reading_a_memmap_keeps_resident_memory_bounded(tmp_path):
 
 def test_bad_input_errors(split_blobs):
     xtr, ytr, xev, yev = split_blobs
-    with pytest.raises(
-        SSLBenchError, match=r"protocol\.backend_options\.algorithm: Input should be 'minibatch' or 'lloyd'"
-    ):
-        evaluate_features(xtr, ytr, xev, yev, backend="torch", backend_options={"algorithm": "elkan"})
+    with pytest.raises(SSLBenchError, match=r"algorithm: Input should be 'minibatch', 'minibatch_fit' or 'lloyd'"):
+        evaluate_features(xtr, ytr, xev, yev, backend="torch", protocol={"algorithm": "elkan"})
     with pytest.raises(SSLBenchError, match="fewer than the 300 clusters"):
         evaluate_features(xtr, ytr, xev, yev, backend="torch", n_clusters=300)
     with pytest.raises(SSLBenchError, match="pca_dims=20 exceeds"):

@@ -5,7 +5,7 @@
   shuffled passes, and low-count centres re-seeded from the batch every ``10·k`` samples (always
   while a centre is empty). Counts are kept in float64 (scikit-learn's float32 counts stop
   incrementing past 2^24 samples, which a 60-epoch ImageNet fit exceeds).
-* **Lloyd** (``algorithm: lloyd``): full-batch k-means, k-means++ initialisation, ``max_iter`` and
+* **Lloyd** (``protocol.algorithm: lloyd``): full-batch k-means, k-means++ initialisation, ``max_iter`` and
   ``tol`` as scikit-learn's ``KMeans``; empty clusters take the points farthest from their centres.
 
 Nearest centres come from :mod:`sslbench.engine.nearest` (exact on the CPU), and mini-batch fits skip
@@ -33,7 +33,7 @@ from sslbench.engine.bounds import Bounds
 from sslbench.engine.device import resolve_device, torch_module
 from sslbench.engine.gemm import FP32_UNIT, cpu_has_bf16
 from sslbench.engine.nearest import Screening, closest_centres, nearest_centres
-from sslbench.engine.options import TorchOptions
+from sslbench.engine.options import torch_options
 from sslbench.engine.rows import DeviceRows, RowShards, gather_rows
 from sslbench.engine.seeding import kmeans_plus_plus
 from sslbench.errors import SSLBenchError
@@ -73,7 +73,7 @@ class TorchKMeans(Clusterer):
     def __init__(self, config: ClustererConfig) -> None:
         self.config = config
         options = config.options
-        self.options = options if isinstance(options, TorchOptions) else TorchOptions()
+        self.options = torch_options(options)
         self.device = resolve_device(config.device)
         self.centers: Tensor | None = None
         #: Rows whose bounds settled them without a product: in all, and per epoch (mini-batch).
@@ -106,7 +106,7 @@ class TorchKMeans(Clusterer):
         del sample
         self.init_s = time.perf_counter() - started
         started = time.perf_counter()
-        if opts.algorithm == "minibatch":
+        if cfg.algorithm == "minibatch":
             self.centers = self._minibatch(reader, ranks, centers, generator)
         else:
             self.centers = self._lloyd(reader, ranks, centers)
@@ -260,8 +260,8 @@ class TorchKMeans(Clusterer):
         ranks.sum_(total)
         ranks.sum_(total_sq)
         mean = total / ranks.n_total
-        tol = float((total_sq / ranks.n_total - mean * mean).mean()) * opts.tol
-        for _ in range(opts.max_iter):
+        tol = float((total_sq / ranks.n_total - mean * mean).mean()) * cfg.tol
+        for _ in range(cfg.max_iter):
             sums = torch.zeros((k, dims), dtype=torch.float64, device=device)
             counts = torch.zeros(k, dtype=torch.float64, device=device)
             center_sq = (centers * centers).sum(dim=1)

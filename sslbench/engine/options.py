@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sslbench.engine.rows import CHUNK_ROWS
+from sslbench.interfaces import NoOptions
+
+#: k-means choices that are the protocol's (one home for every backend), not the torch engine's.
+PROTOCOL_KNOBS = ("algorithm", "max_iter", "tol", "n_init")
 
 
 class TorchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    algorithm: Literal["minibatch", "lloyd"] = Field("minibatch", description="minibatch (the paper) or lloyd")
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_knobs(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [key for key in PROTOCOL_KNOBS if key in data]
+            if moved:
+                raise ValueError(f"{moved[0]} is a protocol choice: set protocol.{moved[0]}, not backend_options")
+        return data
+
     init_size: int | None = Field(None, ge=1, description="k-means++ sample size; default 3 × batch size")
     reassignment_ratio: float = Field(0.01, ge=0.0, description="minibatch: re-seed centres below this")
-    max_iter: int = Field(300, ge=1, description="lloyd: iterations at most")
-    tol: float = Field(1e-4, ge=0.0, description="lloyd: stop when centres move less (relative)")
     chunk_rows: int = Field(CHUNK_ROWS, ge=1, description="rows per distance computation")
     prune: bool | None = Field(
         None,
@@ -35,3 +45,13 @@ class TorchOptions(BaseModel):
         "float32 (2× faster on CPU; explained variances within 1e-5 relative of scikit-learn's float64 PCA, "
         "benchmarks/clustering_engine.py) or float64",
     )
+
+
+def torch_options(options: BaseModel) -> TorchOptions:
+    """``options`` as the torch engine's: none given (the config's :class:`~sslbench.interfaces.NoOptions`)
+    means the defaults; another backend's options object is a caller's bug, not silently the defaults."""
+    if isinstance(options, TorchOptions):
+        return options
+    if type(options) is NoOptions:
+        return TorchOptions()
+    raise TypeError(f"the torch engine needs TorchOptions, got {type(options).__name__}")

@@ -20,7 +20,7 @@ import numpy as np
 from sslbench.arrays import RowReader, projection_scale
 from sslbench.engine.device import resolve_device, torch_module
 from sslbench.engine.gemm import upper_gram
-from sslbench.engine.options import TorchOptions
+from sslbench.engine.options import torch_options
 from sslbench.engine.rows import CHUNK_ROWS
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import Reducer, ReducerConfig, iter_chunks
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class TorchPCA(Reducer):
     def __init__(self, config: ReducerConfig) -> None:
         self.device = resolve_device(config.device)
-        options = config.options if isinstance(config.options, TorchOptions) else TorchOptions()
+        options = torch_options(config.options)
         self.dtype = np.float64 if options.pca_precision == "float64" else np.float32
         self.on_rows = config.on_rows
         self.mean: np.ndarray | None = None
