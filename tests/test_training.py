@@ -3,6 +3,9 @@ evaluate_model calls return; from_torch makes the user's torch datasets score li
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,8 @@ from torch import nn
 import sslbench
 from sslbench.errors import SSLBenchError
 from sslbench.training import Evaluator, from_torch
+
+from conftest import REPO, run_torchrun
 
 PROTOCOL = {"epochs": 3, "seeds": 2, "batch_size": 128}
 
@@ -130,3 +135,31 @@ def test_from_torch_checks_labels():
         from_torch("x", {"train": torch.utils.data.TensorDataset(images, torch.tensor([0, 1, -1, 0]))})
     with pytest.raises(SSLBenchError, match="label 3 but num_classes is 2"):
         from_torch("x", {"train": torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 3, 0]))}, num_classes=2)
+
+
+EXAMPLE = REPO / "examples" / "ddp_training_loop.py"
+
+
+def _example_module():
+    spec = importlib.util.spec_from_file_location("ddp_training_loop", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_ddp_loop_example_logs_the_single_process_numbers(tmp_path, plugins):
+    """examples/ddp_training_loop.py under torchrun (2 CPU processes, gloo): both ranks get the metrics a
+    single process computes with the trained weights, to the last digit."""
+    proc = run_torchrun(str(EXAMPLE), str(tmp_path), cwd=tmp_path, port=29517)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("epoch ") == 3  # rank 0 printed after each of the three epochs
+    example = _example_module()
+    model = example.make_encoder()
+    model.load_state_dict(torch.load(tmp_path / "encoder.pt"))
+    direct = sslbench.evaluate_model(model, "digits", transform=example.to_tensor, plugins=plugins, **example.PROTOCOL)
+    (knn,) = direct.probes
+    expected = {f"sslbench/digits/{name}": s.mean for name, s in direct.summary[0].metrics.items()}
+    expected |= {f"sslbench/digits/{name}": value for name, value in knn.metrics.items()}
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"metrics_rank{rank}.json").read_text()) == expected, rank
