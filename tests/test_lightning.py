@@ -96,6 +96,34 @@ def test_every_n_steps_reaches_the_logger_whatever_log_every_n_steps(tmp_path):
     assert float(rows[0]["sslbench/digits/acc"]) != expected["sslbench/digits/acc"]  # the model moved
 
 
+def test_model_checkpoint_monitors_the_logged_metric(tmp_path):
+    """The metrics are in trainer.callback_metrics: ModelCheckpoint keeps the epoch with the best ACC."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(2)
+    callback = SSLBenchCallback(["digits"], encoder="backbone", transform=to_tensor, **PROTOCOL)
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="sslbench/digits/acc", mode="max", save_on_train_epoch_end=True
+    )
+    run = pl.Trainer(
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[callback, best],
+        max_epochs=3,
+        limit_train_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    run.fit(TinyModule(), digits_loader())
+    accuracies = [float(row["sslbench/digits/acc"]) for row in logged_rows(run.logger)]
+    assert len(accuracies) == 3
+    assert best.best_model_score.item() == max(accuracies)
+    assert best.best_model_path.endswith(
+        f"epoch={accuracies.index(max(accuracies))}-step={2 * (accuracies.index(max(accuracies)) + 1)}.ckpt"
+    )
+
+
 def test_a_wrong_encoder_fails_before_training(tmp_path):
     module = TinyModule()
     callback = SSLBenchCallback(["digits"], encoder="backbone.nope", transform=to_tensor)
