@@ -3,8 +3,10 @@ evaluate_model calls return; from_torch makes the user's torch datasets score li
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -163,3 +165,13 @@ def test_the_ddp_loop_example_logs_the_single_process_numbers(tmp_path, plugins)
     expected |= {f"sslbench/digits/{name}": value for name, value in knn.metrics.items()}
     for rank in (0, 1):
         assert json.loads((tmp_path / f"metrics_rank{rank}.json").read_text()) == expected, rank
+
+
+def test_the_callback_module_without_lightning_is_one_line(monkeypatch):
+    for name in [m for m in sys.modules if m == "lightning" or m.startswith("lightning.")] + ["sslbench.lightning"]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "lightning", None)  # what Python does for a package that is not installed
+    with pytest.raises(
+        SSLBenchError, match=r"^sslbench\.lightning needs PyTorch Lightning: pip install 'sslbench\[lightning\]'$"
+    ):
+        importlib.import_module("sslbench.lightning")
