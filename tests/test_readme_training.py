@@ -32,6 +32,8 @@ def test_the_loop_block_is_the_example_a_test_runs():
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
 @pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning")
+# The README's Trainer takes Lightning's default logger: CSVLogger, with a note where tensorboard is missing.
+@pytest.mark.filterwarnings("ignore:Starting from v1.9.0, `tensorboardX` has been removed:UserWarning")
 def test_the_lightning_block_runs(tmp_path, monkeypatch):
     if importlib.util.find_spec("lightning") is None and os.environ.get("SSLBENCH_REQUIRE_LIGHTNING") != "1":
         pytest.skip("pip install 'sslbench[lightning]'")
