@@ -1,7 +1,9 @@
 """A PyTorch Lightning callback: sslbench's evaluation every N epochs or steps, logged through the
 trainer's own loggers (optional extra: ``pip install 'sslbench[lightning]'``).
 
-It is an adapter around :class:`sslbench.training.Evaluator` (the same object a hand-written loop uses).
+It subclasses ``lightning.pytorch.Callback``: a ``lightning.Trainer``'s callback (the ``lightning``
+package; the older ``pytorch_lightning`` package's Trainer takes its own Callback class). It is an
+adapter around :class:`sslbench.training.Evaluator` (the same object a hand-written loop uses).
 Under DDP Lightning calls the callback on every rank; :func:`sslbench.evaluate_model` is collective
 (each rank embeds a shard, every rank returns the same results), so every rank evaluates and logs.
 """

@@ -175,3 +175,22 @@ def test_the_callback_module_without_lightning_is_one_line(monkeypatch):
         SSLBenchError, match=r"^sslbench\.lightning needs PyTorch Lightning: pip install 'sslbench\[lightning\]'$"
     ):
         importlib.import_module("sslbench.lightning")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("same", "ok"),  # NaN on both ranks counts as the same
+        ("value", "sslbench/d/acc is 0.5 on rank 0 but 0.5000000000009095 on rank 1"),
+        ("names", "rank 1 computed other metrics than rank 0"),
+    ],
+)
+def test_ranks_that_disagree_raise_on_every_rank(tmp_path, case, message):
+    worker = REPO / "tests" / "rank_agreement_worker.py"
+    proc = run_torchrun(str(worker), str(tmp_path), case, cwd=tmp_path, port=29531)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert message in (tmp_path / "rank0.txt").read_text()
+    assert (
+        (tmp_path / "rank1.txt").read_text() != "ok" if case != "same" else (tmp_path / "rank1.txt").read_text() == "ok"
+    )
