@@ -27,7 +27,7 @@ from sslbench.pipeline import plan_protocol, run_probes, run_protocol
 from sslbench.plugins import Plugins, get_plugins
 from sslbench.ranks import Ranks
 from sslbench.results import ExtractionRecord, Results, build_results, environment
-from sslbench.sharded import extract_across_ranks, picklable
+from sslbench.sharded import extract_across_ranks, picklable, use_rank_zero_state
 from sslbench.spec import ExtractionSpec, ProbeSpec, ProtocolSpec, ResolvedProbe
 
 
@@ -387,7 +387,10 @@ def evaluate_model(
 
     **Under torch.distributed** (called with a process group initialised, any backend): every rank of
     ``ranks`` (default: the default group's) must call it, with the same arguments and a model of the
-    same weights (as DDP keeps them). Each rank embeds a contiguous, batch-aligned shard of every split —
+    same weights (as DDP keeps them; checked, a one-line error otherwise). Every rank embeds with rank
+    0's buffers: under DDP each rank's last training forward updated BatchNorm's running statistics with
+    its own batch, and rank 0's are the ones DDP's next forward would use (each rank's own are given back
+    after the call). Each rank embeds a contiguous, batch-aligned shard of every split —
     no padding, no sample twice, empty shards where a split has fewer batches than there are ranks —
     into its own scratch folder (no shared file system needed) and sends it to rank 0 through the
     process group, in bounded chunks; rank 0 alone holds the assembled rows (in sample order), runs PCA,
@@ -432,6 +435,7 @@ def evaluate_model(
     settings = resolved_settings(backbone, ExtractionSettings.of(extraction, owner), device)
     started = time.perf_counter()
     with untouched_training(model), run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
+        use_rank_zero_state(backbone.model, ranks)
         extracted: dict[str, Extracted | None] = {}
         for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
             key = CacheKey(

@@ -20,7 +20,7 @@ import numpy as np
 
 from sslbench.arrays import RowReader, RowWriter
 from sslbench.cache import CacheKey, FeatureCache
-from sslbench.errors import exception_line
+from sslbench.errors import SSLBenchError, exception_line
 from sslbench.extract import Extracted, ExtractionSettings, batch_shards, extract_split, precision_check
 from sslbench.interfaces import Backbone, Split
 from sslbench.ranks import Ranks
@@ -72,6 +72,48 @@ def picklable(error: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001 - any pickling failure means: send the text instead
         return RuntimeError(exception_line(error))
     return error
+
+
+def use_rank_zero_state(model: Any, ranks: Ranks) -> None:
+    """Give every rank's copy of ``model`` rank 0's buffers, after checking that the ranks hold the same
+    parameters: each rank embeds its shard with its own copy, so copies that differ would give one split
+    features of several models.
+
+    Under ``DistributedDataParallel`` the parameters agree (the optimiser steps on all-reduced
+    gradients) but the buffers need not: each rank's last training forward updated BatchNorm's running
+    statistics with its own batch, and DDP only copies rank 0's over them at the start of the next
+    forward. The evaluation therefore uses rank 0's, as that next forward would (the caller's buffers are
+    given back afterwards by :func:`~sslbench.isolation.untouched_training`). Parameters are compared
+    through per-tensor float64 sums and sums of squares computed where they live; ranks that differ are
+    a one-line error on every rank naming the first parameter, never silently mixed.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not ranks.distributed or not isinstance(model, torch.nn.Module):
+        return
+    names = [name for name, _ in model.named_parameters()]
+    with torch.no_grad():
+        sums = [
+            torch.stack((p.detach().double().sum(), p.detach().double().square().sum())).cpu()
+            for p in model.parameters()
+        ]
+    fingerprint = torch.stack(sums) if sums else torch.zeros((0, 2), dtype=torch.float64)
+    gathered = ranks.all_gather(fingerprint)
+    for rank, other in enumerate(gathered[1:], start=1):
+        if not torch.equal(other, gathered[0]):
+            differing = next(i for i in range(len(names)) if not torch.equal(other[i], gathered[0][i]))
+            raise SSLBenchError(
+                f"evaluate_model: rank {rank}'s parameter '{names[differing]}' differs from rank 0's; every "
+                "rank must hold the same weights (each embeds its shard of the images with its own copy)"
+            )
+    transport = ranks.transport_device()
+    with torch.no_grad():
+        for buffer in model.buffers():
+            moved = buffer.detach().to(transport)
+            dist.broadcast(moved, src=ranks.global_rank(0), group=ranks.group)
+            if ranks.rank != 0:
+                buffer.copy_(moved)
 
 
 def extract_across_ranks(

@@ -110,6 +110,19 @@ def refusal(model: nn.Module, scratch: Path) -> str:
     raise AssertionError("5,000 clusters of 1,348 samples were not refused")
 
 
+def mismatch(model: Counting, scratch: Path, rank: int) -> str:
+    """The message of a call whose ranks hold different weights (rank r's head bias moved by r)."""
+    other = Counting(Encoder())
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.encoder.head.bias += rank
+    try:
+        sslbench.evaluate_model(other, "digits", transform=digits_tensor, scratch_dir=scratch, **PROTOCOL)
+    except SSLBenchError as exc:
+        return str(exc)
+    return "not refused"
+
+
 def comparable(results: Results) -> dict[str, Any]:
     """What must be equal between ranks and with one process: every number, not the timings."""
     return {
@@ -158,8 +171,13 @@ def main(out: str) -> None:
     scratch = folder / f"scratch-{rank}"
     torch.manual_seed(0)
     model = Counting(Encoder())
+    with torch.no_grad():  # each rank's own BatchNorm statistics, as after a DDP step: rank 0's are used
+        model.encoder.norm.running_mean += rank
+    own_statistics = model.encoder.norm.running_mean.clone()
     found = {name: comparable(results) for name, results in evaluations(model, scratch).items()}
     record: dict[str, Any] = {"results": found, "rows": model.rows, "indices": model.indices}
+    record["kept_own_statistics"] = torch.equal(model.encoder.norm.running_mean, own_statistics)
+    record["mismatch"] = mismatch(model, scratch, rank)
     record["refused"] = refusal(model, scratch)  # on every rank, not only where it happened
     if rank == 0:  # alone, inside the group: the other ranks do not take part
         alone = sslbench.evaluate_model(

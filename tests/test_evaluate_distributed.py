@@ -53,6 +53,24 @@ def test_every_rank_returns_the_one_process_results(ranks_out):
 
 
 @pytest.mark.slow
+def test_every_rank_embeds_with_rank_0s_buffers_and_keeps_its_own(ranks_out):
+    """Ranks whose BatchNorm statistics differ (each rank's last DDP forward updates its own) embed with
+    rank 0's, so the results above equal one process's with rank 0's model; each gets its own back."""
+    _world, records = ranks_out
+    assert all(record["kept_own_statistics"] for record in records)
+
+
+@pytest.mark.slow
+def test_ranks_holding_different_weights_are_refused_on_every_rank(ranks_out):
+    _world, records = ranks_out
+    expected = (
+        "evaluate_model: rank 1's parameter 'encoder.head.bias' differs from rank 0's; every rank must hold "
+        "the same weights (each embeds its shard of the images with its own copy)"
+    )
+    assert [record["mismatch"] for record in records] == [expected] * len(records)
+
+
+@pytest.mark.slow
 def test_rank_0_alone_evaluates_in_one_process_when_told(ranks_out):
     """``ranks=ONE_PROCESS``: the other ranks of the initialised group take no part, and rank 0 gets the
     one-process results."""

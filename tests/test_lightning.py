@@ -160,5 +160,6 @@ def test_ddp_on_two_cpu_processes_logs_the_single_process_numbers(tmp_path):
     for rank in (0, 1):
         held = json.loads((tmp_path / f"callback_metrics_rank{rank}.json").read_text())
         assert {name: held[name] for name in expected} == expected, rank
-    rows = [row for row in csv.DictReader((tmp_path / "metrics.csv").open()) if row.get("sslbench/digits/acc")]
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("sslbench/digits/acc")]
     assert len(rows) == 1 and {name: float(rows[0][name]) for name in expected} == expected
