@@ -74,7 +74,8 @@ class LogisticOptions(BaseModel):
     tol: float = Field(1e-12, ge=0.0, description="stop when every gradient entry (of the mean objective) is below")
     chunk_rows: int = Field(CHUNK_ROWS, ge=1, description="rows per streamed product")
     fast_products: bool = Field(
-        True, description="float32 products until L-BFGS-B stops, then float64 ones to the end (same minimiser)"
+        True,
+        description="float32 products until L-BFGS-B stalls, then float64 ones to the end (they judge convergence)",
     )
 
 
