@@ -4,9 +4,10 @@ For one ``C`` the solver minimises scikit-learn's ``LogisticRegression(C=C, solv
 ``C · Σᵢ cross-entropyᵢ + ½‖W‖²`` with the intercept unpenalised: a softmax over all classes, or for two
 classes scikit-learn's binary model (one weight vector, the probability of the second class a sigmoid).
 The optimiser is scikit-learn's own, scipy's L-BFGS-B with its stopping rules; the objective and its
-gradient are computed here in float64, one streamed pass over the rows per evaluation (two GEMMs per
-chunk, :class:`~sslbench.arrays.RowReader`), so a memory-mapped ImageNet split is fitted in bounded
-memory and the passes run on the GPU when asked.
+gradient are computed here, one streamed pass over the rows per evaluation (two GEMMs per chunk,
+:class:`~sslbench.arrays.RowReader`), so a memory-mapped ImageNet split is fitted in bounded memory and
+the passes run on the GPU when asked. A fit's first iterations take float32 passes (summed in float64),
+its last ones float64 passes, on which convergence is judged (:func:`_minimise`).
 
 :func:`linear_probe` runs DINOv2's protocol (facebookresearch/dinov2, ``dinov2/eval/log_regression.py``
 at commit 05c66df0cfa837710197d4769158c87e36afad2c): ``C = 10^t`` for 45 values of ``t`` evenly spaced in
