@@ -61,11 +61,12 @@ def sklearn_fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, tol: floa
 def speed(args: argparse.Namespace) -> int:
     x, y = gaussian_classes(args.n + args.eval_n, args.classes, args.dims, args.separation, seed=args.seed)
     x_train, y_train, x_eval, y_eval = x[: args.n], y[: args.n], x[args.n :], y[args.n :]
-    options = LogisticOptions(max_iter=args.max_iter)
+    options = LogisticOptions(max_iter=args.max_iter, fast_products=not args.float64_products)
     grid = sorted(options.c_values)
     print(
         f"train {args.n:,} × {args.dims}, eval {args.eval_n:,}, {args.classes} classes (Gaussian classes, "
         f"separation {args.separation}); {len(grid)} C values, tol {options.tol:g}, max_iter {options.max_iter}; "
+        f"ours with {'float32 then float64' if options.fast_products else 'float64'} products; "
         f"{os.cpu_count()} CPUs",
         flush=True,
     )
@@ -194,6 +195,9 @@ def main() -> int:
     parser.add_argument("--separation", type=float, default=3.5, help="norm of the class means (noise: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per C, both solvers")
+    parser.add_argument(
+        "--float64-products", action="store_true", help="ours without the float32 phase (fast_products off)"
+    )
     parser.add_argument("--sklearn-c", type=int, default=5, help="C values scikit-learn is timed on (45: all)")
     parser.add_argument("--memory", action="store_true", help="peak RSS on a memory-mapped ImageNet-size split")
     parser.add_argument("--memory-rows", type=int, default=1_281_167)

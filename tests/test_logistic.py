@@ -18,13 +18,16 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from sslbench.arrays import RowReader
 from sslbench.engine.logistic import (
     LogisticOptions,
+    _Problem,
     fit_logistic,
     held_out_rows,
     linear_probe,
     predict_proba,
 )
+from sslbench.engine.rows import DeviceRows
 from sslbench.errors import SSLBenchError
 
 
@@ -43,8 +46,10 @@ def sklearn_objective(model: LogisticRegression, x: np.ndarray, y: np.ndarray, C
     return float(C * -np.log(picked).sum() + 0.5 * np.square(model.coef_).sum())
 
 
-def assert_same_fit(x: np.ndarray, y: np.ndarray, C: float, prob_atol: float = 1e-4) -> None:
-    ours = fit_logistic(x, y, C)
+def assert_same_fit(
+    x: np.ndarray, y: np.ndarray, C: float, prob_atol: float = 1e-4, fast_products: bool = True
+) -> None:
+    ours = fit_logistic(x, y, C, fast_products=fast_products)
     model, converged = sklearn_fit(x, y, C)
     reference = sklearn_objective(model, x, y, C)
     assert ours.converged
@@ -70,6 +75,38 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("C", [1e-4, 1e-2, 0.3])
 def test_digits_match_scikit_learn(digits, C):
     assert_same_fit(*digits, C)
+
+
+@pytest.mark.parametrize("C", [1e-2, 100.0])
+def test_float64_products_alone_match_scikit_learn(C):
+    assert_same_fit(*gaussian(400, 5, 8, 0.7, 1), C, fast_products=False)
+
+
+@pytest.mark.parametrize(("n_classes", "exact", "rtol"), [(2, False, 1e-6), (7, False, 1e-6), (7, True, 1e-12)])
+def test_a_pass_gives_cross_entropys_value_and_gradient(n_classes, exact, rtol):
+    """One streamed pass (float32 products for the fast phase, float64 for the exact one) against
+    torch's float64 cross-entropy and its autograd gradient, with weights leaving rows out."""
+    x, y = gaussian(3000, n_classes, 20, 1.0, 7)
+    problem = _Problem(DeviceRows(RowReader(x), "cpu"), y, n_classes, 1000, "cpu")
+    rng = np.random.default_rng(8)
+    theta = torch.from_numpy(rng.normal(scale=0.3, size=problem.width * 21))
+    weights = torch.from_numpy((rng.random(len(y)) < 0.9).astype(np.float64))
+    C = 0.5
+    value, gradient, right, _ = problem.evaluate(theta, weights, C, exact=exact)
+    assert gradient is not None
+    reference_theta = theta.clone().requires_grad_()
+    coef, intercept = reference_theta[: problem.width * 20].view(problem.width, 20), reference_theta[-problem.width :]
+    logits = torch.from_numpy(x).double() @ coef.T + intercept
+    if n_classes == 2:
+        logits = torch.nn.functional.pad(logits, (1, 0))
+    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="none")
+    reference = C * (weights * cross_entropy).sum() + 0.5 * coef.square().sum()
+    reference.backward()
+    assert value == pytest.approx(reference.item(), rel=rtol)
+    assert reference_theta.grad is not None
+    scale = float(reference_theta.grad.abs().max())
+    np.testing.assert_allclose(gradient.numpy(), reference_theta.grad.numpy(), rtol=0, atol=100 * rtol * scale)
+    assert right == float(weights @ (logits.argmax(dim=1) == torch.from_numpy(y)).double())
 
 
 @pytest.mark.parametrize("C", [1e-3, 1.0])
