@@ -44,7 +44,9 @@ HEADLINE_METRICS = ("acc", "ari", "ami", "nmi")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A score undefined for a run (a silhouette of one cluster, a metric of an empty class group) is NaN,
+    # written as JSON's NaN constant (as Python's json module writes and reads it), not as null.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class MetricInfo(_Model):

@@ -406,6 +406,10 @@ device: cpu
     assert header.startswith("| Method | ACC | ARI | AMI | NMI |") and header.endswith("| kNN-10 | kNN-20 |")
     assert {cell.strip() for cell in header.strip("|").split("|")} == {
         "Method",
-        *(info["label"] for info in results["metrics"].values() if info["group"] is None),
+        *(
+            f"{info['label']} ↓" if info["better"] == "lower" else info["label"]
+            for info in results["metrics"].values()
+            if info["group"] is None
+        ),
     }
     assert "kNN-20" in proc.stdout

@@ -159,6 +159,20 @@ def test_evaluate_features_refuses_half_labelled_or_label_needing_asks(split_blo
             evaluate_features(xtr, train_labels, xev, None, seeds=1, epochs=1, **kwargs)
 
 
+def test_an_undefined_score_is_nan_in_results_json_and_reads_back(tmp_path):
+    """Eval rows all alike fall in one cluster, where the cluster scores are undefined (scikit-learn
+    refuses): NaN, written to results.json and read back as NaN."""
+    from sslbench.results import load_results
+
+    xtr, _ = blobs(30, 3, 4, seed=5)
+    xev = np.repeat(xtr[:1], 12, axis=0)
+    results = evaluate_features(xtr, None, xev, None, n_clusters=3, seeds=1, epochs=2)
+    assert np.isnan(results.runs[0].metrics["silhouette"]) and np.isfinite(results.runs[0].metrics["rankme"])
+    results.write(tmp_path / "results.json")
+    again = load_results(tmp_path / "results.json")
+    assert np.isnan(again.runs[0].metrics["silhouette"]) and np.isnan(again.summary[0].metrics["silhouette"].mean)
+
+
 def test_saved_predictions_without_labels_read_back(tmp_path):
     pred = np.array([0, 2, 1, 2])
     save_predictions(tmp_path / "p.npz", pred, np.full(4, NO_LABEL), pred, np.full(4, NO_LABEL))
