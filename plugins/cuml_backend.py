@@ -151,6 +151,6 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             kmeans=CumlKMeans,
             description="RAPIDS cuML IncrementalPCA + KMeans on a GPU (optional extra: gpu)",
             algorithms=("lloyd",),
-            restarts=True,
+            restarts=("lloyd",),
         )
     )

@@ -121,6 +121,6 @@ def sslbench_register_backends(register: Callable[[BackendEntry], None]) -> None
             kmeans=FaissKMeans,
             description="faiss PCAMatrix + faiss k-means on every point (optional extra: faiss)",
             algorithms=("lloyd",),
-            restarts=True,
+            restarts=("lloyd",),
         )
     )

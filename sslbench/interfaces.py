@@ -328,15 +328,19 @@ class BackendEntry:
     options: type[BaseModel] = NoOptions
     #: The ``protocol.algorithm`` values its k-means runs (``minibatch``: the paper's shuffled epochs).
     algorithms: tuple[str, ...] = ("minibatch",)
-    #: Whether it runs ``protocol.n_init`` restarts (keeping the lowest inertia); else only ``n_init: 1``.
-    restarts: bool = False
+    #: The algorithms (of ``algorithms``) for which it runs ``protocol.n_init`` restarts, keeping the lowest
+    #: inertia; the others run only ``n_init: 1``.
+    restarts: tuple[str, ...] = ()
 
     def refusal(self, algorithm: str, n_init: int) -> str | None:
         """Why this backend cannot run these k-means choices (None: it can)."""
         if algorithm not in self.algorithms:
             return f"backend '{self.name}' runs algorithm {' or '.join(self.algorithms)}, not {algorithm}"
-        if n_init > 1 and not self.restarts:
-            return f"backend '{self.name}' runs one k-means initialisation (n_init 1), not n_init {n_init}"
+        if n_init > 1 and algorithm not in self.restarts:
+            return (
+                f"backend '{self.name}' runs one k-means initialisation (n_init 1) with algorithm {algorithm}, "
+                f"not n_init {n_init}"
+            )
         return None
 
     @staticmethod

@@ -109,6 +109,10 @@ class ProtocolPlan:
     predictions_dir: Path | None = None
     #: The probes run once on this model × dataset.
     probes: tuple[ResolvedProbe, ...] = ()
+    #: The split the probes learn from and its name, when the k-means is fitted on another one (a preset
+    #: with ``fit_on: eval_split``): a probe always learns from the train split and scores the eval split.
+    probe_train: FeatureSplit | None = None
+    probe_fit_split: str | None = None
     #: With several presets (``protocol.preset``), one plan per preset, each with its resolved protocol.
     variants: tuple[ProtocolPlan, ...] = ()
 
@@ -172,19 +176,20 @@ def plan_protocol(
         if several and isinstance(folder, Path):
             own["predictions_dir"] = folder / resolved.preset[0]
         fit = eval_ if resolved.fit_on == "eval_split" else train
-        variants.append(
-            plan_resolved(
-                fit,
-                eval_,
-                n_classes=n_classes,
-                protocol=resolved,
-                plugins=plugins,
-                model=model,
-                dataset=dataset,
-                backend_options=options,
-                **own,
-            )
+        planned = plan_resolved(
+            fit,
+            eval_,
+            n_classes=n_classes,
+            protocol=resolved,
+            plugins=plugins,
+            model=model,
+            dataset=dataset,
+            backend_options=options,
+            **own,
         )
+        if fit is not train:
+            planned = replace(planned, probe_train=train, probe_fit_split=str(extra.get("fit_split", "train")))
+        variants.append(planned)
     return replace(variants[0], variants=tuple(variants)) if several else variants[0]
 
 
@@ -761,9 +766,9 @@ def _score_transfer(
 def run_probes(plan: ProtocolPlan, emit: Emit = ignore) -> list[ProbeRecord]:
     """Each probe of the plan on the raw train and eval features (they depend on neither the PCA nor the
     seed, so each runs once per plan); its notes are emitted as they come."""
-    data = ProbeData(
-        plan.train.features, plan.train.labels, plan.eval.features, plan.eval.labels, plan.n_classes, plan.device
-    )
+    train = plan.probe_train if plan.probe_train is not None else plan.train
+    fit_split = plan.probe_fit_split if plan.probe_fit_split is not None else plan.fit_split
+    data = ProbeData(train.features, train.labels, plan.eval.features, plan.eval.labels, plan.n_classes, plan.device)
     records = []
     for probe in plan.probes:
         emit(Event("stage", f"{plan.model}/{plan.dataset}: {probe.name} probe", name="probe"))
@@ -789,10 +794,10 @@ def run_probes(plan: ProtocolPlan, emit: Emit = ignore) -> list[ProbeRecord]:
             dataset=plan.dataset,
             probe=probe.name,
             options=probe.options.model_dump(mode="json"),
-            fit_split=plan.fit_split,
+            fit_split=fit_split,
             eval_split=plan.eval_split,
             n_classes=plan.n_classes,
-            n_train=len(plan.train.labels),
+            n_train=len(train.labels),
             n_eval=len(plan.eval.labels),
             metrics={name: float(outcome.metrics[name]) for name in declared},
             details=dict(outcome.details),

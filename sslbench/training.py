@@ -26,6 +26,7 @@ from sslbench.evaluate import evaluate_features, evaluate_model
 from sslbench.inputs import checked_labels
 from sslbench.interfaces import Dataset, Split
 from sslbench.plugins import Plugins, get_plugins
+from sslbench.ranks import Ranks
 from sslbench.results import Results
 
 #: The first part of every metric name the evaluator returns.
@@ -175,7 +176,8 @@ class Evaluator:
             )
             self.results[target.log_name] = results
             metrics.update(flat_metrics(target.log_name, results))
-        _check_ranks_agree(metrics)
+        ranks = self.keywords.get("ranks")
+        _check_ranks_agree(metrics, ranks if ranks is not None else Ranks.of_process_group())
         return metrics
 
     def maybe_evaluate(self, model: Any, index: int) -> dict[str, float]:
@@ -203,22 +205,19 @@ def flat_metrics(log_name: str, results: Results) -> dict[str, float]:
     return metrics
 
 
-def _check_ranks_agree(metrics: dict[str, float]) -> None:
-    """Under torch.distributed, raise unless every rank computed exactly these metrics."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _check_ranks_agree(metrics: dict[str, float], ranks: Ranks) -> None:
+    """Raise unless every rank of ``ranks`` (the processes that evaluated together) computed exactly these
+    metrics; nothing to compare, and no collective, for one process (``ranks=ONE_PROCESS`` included)."""
+    if not ranks.distributed:
         return
     mine = sorted(metrics.items())
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    for rank, theirs in enumerate(gathered):
+    for rank, theirs in enumerate(ranks.all_gather_object(mine)):
         if [key for key, _ in theirs] != [key for key, _ in mine]:
-            raise SSLBenchError(f"sslbench.training: rank {rank} computed other metrics than rank {dist.get_rank()}")
+            raise SSLBenchError(f"sslbench.training: rank {rank} computed other metrics than rank {ranks.rank}")
         for (key, value), (_, their_value) in zip(mine, theirs, strict=True):
             if value != their_value and not (math.isnan(value) and math.isnan(their_value)):
                 raise SSLBenchError(
-                    f"sslbench.training: {key} is {value!r} on rank {dist.get_rank()} but {their_value!r} on rank "
+                    f"sslbench.training: {key} is {value!r} on rank {ranks.rank} but {their_value!r} on rank "
                     f"{rank}; evaluate_model must return the same results on every rank"
                 )
 

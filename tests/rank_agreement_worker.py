@@ -3,17 +3,19 @@ check its own metrics; writes what each rank saw (``ok`` or the error) to OUT/ra
 
 from __future__ import annotations
 
+import datetime
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 from sslbench.errors import SSLBenchError
+from sslbench.ranks import ONE_PROCESS, Ranks
 from sslbench.training import _check_ranks_agree
 
 
 def main(out: Path, case: str) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     metrics = {"sslbench/d/acc": 0.5, "sslbench/d/nmi": float("nan")}
     if case == "value" and rank == 1:
@@ -21,7 +23,11 @@ def main(out: Path, case: str) -> None:
     if case == "names" and rank == 1:
         metrics["sslbench/d/ari"] = 0.1
     try:
-        _check_ranks_agree(metrics)
+        if case == "alone":  # rank 0 evaluated alone (ranks=ONE_PROCESS): no collective, rank 1 never joins
+            if rank == 0:
+                _check_ranks_agree({"sslbench/d/acc": 0.25}, ONE_PROCESS)
+        else:
+            _check_ranks_agree(metrics, Ranks.of_process_group())
         seen = "ok"
     except SSLBenchError as exc:
         seen = str(exc)

@@ -299,3 +299,25 @@ def test_another_backends_options_object_is_refused_not_replaced_by_defaults():
 
     with pytest.raises(TypeError, match="the torch engine needs TorchOptions, got OtherOptions"):
         TorchKMeans(ClustererConfig(2, 1, 8, 0, options=OtherOptions()))
+
+
+@pytest.mark.parametrize("chosen", [["mieb"], ["mieb", "zheltonozhskii2020"]])
+def test_probes_learn_from_train_when_a_preset_fits_on_the_eval_split(digits, chosen):
+    """mieb fits its k-means on the eval split; a probe still learns from train and scores eval (learning
+    from the split it scores would report its training accuracy)."""
+    x_train, y_train, x_eval, y_eval = digits
+    knn = [{"id": "knn", "options": {"k": [10]}}]
+    common = {"seeds": 1, "epochs": 2, "probes": knn, "backend": "reference"}
+    (expected,) = evaluate_features(x_train, y_train, x_eval, y_eval, **common).probes
+    (probe,) = evaluate_features(x_train, y_train, x_eval, y_eval, preset=chosen, **common).probes
+    assert (probe.fit_split, probe.n_train, probe.n_eval) == ("train", len(y_train), len(y_eval))
+    assert probe.metrics == expected.metrics
+
+
+def test_restarts_the_papers_loop_does_not_run_are_refused(digits):
+    """The reference backend's paper loop (minibatch) fits once: n_init 5 would be recorded but not run."""
+    x_train, y_train, x_eval, y_eval = digits
+    with pytest.raises(
+        SSLBenchError, match=r"runs one k-means initialisation \(n_init 1\) with algorithm minibatch, not n_init 5"
+    ):
+        evaluate_features(x_train, y_train, x_eval, y_eval, backend="reference", seeds=1, protocol={"n_init": 5})
