@@ -7,6 +7,7 @@ in memory. Both return the same typed :class:`Results`.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from sslbench.cache import CacheKey, FeatureCache, run_scratch
 from sslbench.devices import is_device_name, missing_device, resolve_device, unavailable
-from sslbench.errors import SSLBenchError
+from sslbench.errors import SSLBenchError, did_you_mean
 from sslbench.events import Emit, ignore
 from sslbench.extract import Extracted, ExtractionSettings, extract_split, forward_precision, resolved_settings
 from sslbench.inputs import FeatureSplit, checked_split, class_index
@@ -28,7 +29,7 @@ from sslbench.plugins import Plugins, get_plugins
 from sslbench.ranks import Ranks
 from sslbench.results import ExtractionRecord, Results, build_results, environment
 from sslbench.sharded import extract_across_ranks, picklable, use_rank_zero_state
-from sslbench.spec import ExtractionSpec, ProbeSpec, ProtocolSpec, ResolvedProbe
+from sslbench.spec import ExtractionSpec, ProbeSpec, ProtocolSpec, ResolvedProbe, labelled_main_score
 
 
 def evaluate_features(
@@ -109,30 +110,29 @@ def evaluate_features(
     """
     started = time.perf_counter()
     plugins = plugins or get_plugins()
-    try:
-        given = {
-            "pca_dims": _plain(pca_dim),
-            "whiten": _plain(whiten),
-            "k": _plain(n_clusters),
-            "overcluster": _plain(overcluster),
-            "epochs": _plain(epochs),
-            "batch_size": _plain(batch_size),
-            "seeds": _plain(seeds),
-            "backend": backend,
-            "backend_options": _plain(dict(backend_options)) if backend_options else None,
-            "preset": _plain(preset),
-            **{key: _plain(value) for key, value in (protocol or {}).items()},
-        }
-        # Left out, a field is the preset's: only the values given override it.
-        chosen = ProtocolSpec.model_validate({key: value for key, value in given.items() if value is not None})
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"][:1])
-        raise SSLBenchError(f"evaluate_features: {field}: {err['msg']} (got {err.get('input')!r})") from None
+    chosen = _chosen_protocol(
+        "evaluate_features",
+        pca_dim=pca_dim,
+        whiten=whiten,
+        n_clusters=n_clusters,
+        overcluster=overcluster,
+        epochs=epochs,
+        batch_size=batch_size,
+        seeds=seeds,
+        backend=backend,
+        backend_options=backend_options,
+        preset=preset,
+        protocol=protocol,
+    )
     train = checked_split("train", train_features, train_labels)
     eval_ = checked_split("eval", eval_features, eval_labels)
     if not (train.labeled and eval_.labeled):
         classes = _unlabeled_classes(train, eval_, n_classes)
+        main = labelled_main_score(chosen, plugins)
+        if main is not None:
+            raise SSLBenchError(
+                f"evaluate_features: main_score: '{main}' compares clusters with classes; the features have no labels"
+            )
     elif n_classes is None:
         index = class_index([train.labels, eval_.labels])
         classes = index.n_classes
@@ -174,6 +174,45 @@ def evaluate_features(
         metrics=plan.metric_descriptors,
         probes=probe_records,
     )
+
+
+def _chosen_protocol(
+    api: str,
+    *,
+    pca_dim: Any = None,
+    whiten: Any = None,
+    n_clusters: Any = None,
+    overcluster: Any = None,
+    epochs: Any = None,
+    batch_size: Any = None,
+    seeds: Any = None,
+    backend: str | None = None,
+    backend_options: Mapping[str, Any] | None = None,
+    preset: Any = None,
+    protocol: Mapping[str, Any] | None = None,
+) -> ProtocolSpec:
+    """The protocol the API's keywords ask for, validated as a spec's ``protocol``: a keyword left at
+    ``None`` is the preset's value (only the values given override it); one line naming the field else."""
+    given = {
+        "pca_dims": _plain(pca_dim),
+        "whiten": _plain(whiten),
+        "k": _plain(n_clusters),
+        "overcluster": _plain(overcluster),
+        "epochs": _plain(epochs),
+        "batch_size": _plain(batch_size),
+        "seeds": _plain(seeds),
+        "backend": backend,
+        "backend_options": _plain(dict(backend_options)) if backend_options else None,
+        "preset": _plain(preset),
+        **{key: _plain(value) for key, value in (protocol or {}).items()},
+    }
+    try:
+        chosen = ProtocolSpec.model_validate({key: value for key, value in given.items() if value is not None})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"][:1])
+        raise SSLBenchError(f"{api}: {field}: {err['msg']} (got {err.get('input')!r})") from None
+    return chosen
 
 
 def _unlabeled_classes(train: FeatureSplit, eval_: FeatureSplit, n_classes: int | None) -> int:
@@ -317,6 +356,19 @@ def _model_device(model: Any) -> str:
     return "cpu"
 
 
+#: What evaluate_model sets itself when it calls evaluate_features; its other keywords come from the caller.
+SET_BY_EVALUATE_MODEL = frozenset(
+    {"n_classes", "model", "dataset", "plugins", "scratch_dir", "emit", "fit_split", "eval_split"}
+)
+
+
+def protocol_keywords() -> set[str]:
+    """The keywords :func:`evaluate_model` passes on to :func:`evaluate_features` (the protocol's, the
+    probes', the device)."""
+    parameters = inspect.signature(evaluate_features).parameters.values()
+    return {p.name for p in parameters if p.kind == p.KEYWORD_ONLY} - SET_BY_EVALUATE_MODEL
+
+
 def evaluate_model(
     model: Any,
     dataset: str | Dataset,
@@ -400,99 +452,108 @@ def evaluate_model(
     exception on any rank is raised on every rank. The other ranks wait for rank 0's clustering inside
     a collective: the process group's ``timeout`` must exceed it.
     """
-    ranks = ranks if ranks is not None else Ranks.of_process_group()
-    plugins = plugins or get_plugins()
-    if isinstance(dataset, str):
-        entry = plugins.datasets.get(dataset)
-        try:
-            options = entry.options.model_validate(dataset_options or {})
-        except ValidationError as exc:
-            raise _first_error(exc, "dataset_options", show_input=True, api="evaluate_model") from None
-        data, label = entry.factory(options), dataset
-    else:
-        data, label = dataset, dataset.name
-    eval_split = eval_split or ("val" if "val" in data.splits else "test")
-    for split in (fit_split, eval_split):
-        if split not in data.splits:
+    # From the first statement: loading plugins, a dataset or scikit-learn may draw Python's random numbers.
+    with untouched_training(model):
+        unknown = sorted(set(protocol) - protocol_keywords())
+        if unknown:
             raise SSLBenchError(
-                f"evaluate_model: dataset '{label}' has no split '{split}'; it has: {', '.join(data.splits)}"
+                f"evaluate_model: unknown keyword '{unknown[0]}'{did_you_mean(unknown[0], protocol_keywords())}"
             )
-    backbone = _InMemoryModel(unwrapped(model), transform if transform is not None else imagenet_eval_transform())
-    device = _model_device(model)
-    try:  # the spec's extraction options, validated as a spec's are
-        extraction = ExtractionSpec.model_validate(
-            {
-                "batch_size": _plain(batch_size),
-                "workers": _plain(workers),
-                "amp": _plain(amp),
-                "cpu_memory_format": cpu_memory_format,
-                "cpu_precision": cpu_precision,
-            }
-        )
-    except ValidationError as exc:
-        raise _first_error(exc, "", show_input=True, api="evaluate_model") from None
-    owner = f"evaluate_model's model ({name})"
-    settings = resolved_settings(backbone, ExtractionSettings.of(extraction, owner), device)
-    started = time.perf_counter()
-    with untouched_training(model), run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
-        use_rank_zero_state(backbone.model, ranks)
-        extracted: dict[str, Extracted | None] = {}
-        for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
-            key = CacheKey(
-                backbone=name,
-                plugin={},
-                backbone_options={},
-                backbone_fingerprint={},
-                dataset=label,
-                dataset_options={},
-                split=split,
-                split_fingerprint=f"in-memory-{index}",
-            )
-            where = f"{label}/{split} ({name})"
-            if ranks.distributed:
-                extracted[split] = extract_across_ranks(
-                    backbone,
-                    data.splits[split],
-                    ranks=ranks,
-                    settings=settings,
-                    device=device,
-                    name=where,
-                    key=key,
-                    scratch=scratch / f"features-{index}",
-                )
-            else:
-                entry = FeatureCache(scratch / f"features-{index}").entry(key)
-                extracted[split] = extract_split(
-                    backbone, data.splits[split], settings=settings, device=device, name=where, entry=entry
-                )
-        outcome: Results | BaseException | None = None
-        if ranks.rank == 0:  # rank 0 holds every split; the others wait for its results
+        settable = {key: value for key, value in protocol.items() if key not in ("probes", "device")}
+        _chosen_protocol("evaluate_model", **settable)  # its values checked before any image is embedded
+        ranks = ranks if ranks is not None else Ranks.of_process_group()
+        plugins = plugins or get_plugins()
+        if isinstance(dataset, str):
+            entry = plugins.datasets.get(dataset)
             try:
-                outcome = _scored(
-                    extracted,
-                    fit_split=fit_split,
-                    eval_split=eval_split,
-                    n_classes=data.num_classes if data.labeled else None,
-                    labeled=data.labeled,
-                    name=name,
-                    label=label,
-                    plugins=plugins,
-                    scratch=scratch,
-                    emit=emit,
-                    protocol=protocol,
-                    settings=settings,
-                    device=device,
-                    started=started,
+                options = entry.options.model_validate(dataset_options or {})
+            except ValidationError as exc:
+                raise _first_error(exc, "dataset_options", show_input=True, api="evaluate_model") from None
+            data, label = entry.factory(options), dataset
+        else:
+            data, label = dataset, dataset.name
+        eval_split = eval_split or ("val" if "val" in data.splits else "test")
+        for split in (fit_split, eval_split):
+            if split not in data.splits:
+                raise SSLBenchError(
+                    f"evaluate_model: dataset '{label}' has no split '{split}'; it has: {', '.join(data.splits)}"
                 )
-            except Exception as exc:
-                if not ranks.distributed:
-                    raise
-                outcome = picklable(exc)  # the other ranks raise it too, rather than wait forever
-        outcome = ranks.broadcast_object(outcome)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    assert isinstance(outcome, Results)
-    return outcome
+        backbone = _InMemoryModel(unwrapped(model), transform if transform is not None else imagenet_eval_transform())
+        device = _model_device(model)
+        try:  # the spec's extraction options, validated as a spec's are
+            extraction = ExtractionSpec.model_validate(
+                {
+                    "batch_size": _plain(batch_size),
+                    "workers": _plain(workers),
+                    "amp": _plain(amp),
+                    "cpu_memory_format": cpu_memory_format,
+                    "cpu_precision": cpu_precision,
+                }
+            )
+        except ValidationError as exc:
+            raise _first_error(exc, "", show_input=True, api="evaluate_model") from None
+        owner = f"evaluate_model's model ({name})"
+        settings = resolved_settings(backbone, ExtractionSettings.of(extraction, owner), device)
+        started = time.perf_counter()
+        with run_scratch(Path(scratch_dir) if scratch_dir is not None else None) as scratch:
+            use_rank_zero_state(backbone.model, ranks)
+            extracted: dict[str, Extracted | None] = {}
+            for index, split in enumerate(dict.fromkeys((fit_split, eval_split))):
+                key = CacheKey(
+                    backbone=name,
+                    plugin={},
+                    backbone_options={},
+                    backbone_fingerprint={},
+                    dataset=label,
+                    dataset_options={},
+                    split=split,
+                    split_fingerprint=f"in-memory-{index}",
+                )
+                where = f"{label}/{split} ({name})"
+                if ranks.distributed:
+                    extracted[split] = extract_across_ranks(
+                        backbone,
+                        data.splits[split],
+                        ranks=ranks,
+                        settings=settings,
+                        device=device,
+                        name=where,
+                        key=key,
+                        scratch=scratch / f"features-{index}",
+                    )
+                else:
+                    entry = FeatureCache(scratch / f"features-{index}").entry(key)
+                    extracted[split] = extract_split(
+                        backbone, data.splits[split], settings=settings, device=device, name=where, entry=entry
+                    )
+            outcome: Results | BaseException | None = None
+            if ranks.rank == 0:  # rank 0 holds every split; the others wait for its results
+                try:
+                    outcome = _scored(
+                        extracted,
+                        fit_split=fit_split,
+                        eval_split=eval_split,
+                        n_classes=data.num_classes if data.labeled else None,
+                        labeled=data.labeled,
+                        name=name,
+                        label=label,
+                        plugins=plugins,
+                        scratch=scratch,
+                        emit=emit,
+                        protocol=protocol,
+                        settings=settings,
+                        device=device,
+                        started=started,
+                    )
+                except Exception as exc:
+                    if not ranks.distributed:
+                        raise
+                    outcome = picklable(exc)  # the other ranks raise it too, rather than wait forever
+            outcome = ranks.broadcast_object(outcome)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert isinstance(outcome, Results)
+        return outcome
 
 
 def _scored(

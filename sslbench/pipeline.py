@@ -40,7 +40,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from sslbench.arrays import RowReader, RowWriter, available_memory_bytes, projection_scale
-from sslbench.errors import PluginFailure, SSLBenchError, exception_line
+from sslbench.errors import PluginFailure, SSLBenchError, did_you_mean, exception_line
 from sslbench.events import Emit, Event, ignore
 from sslbench.inputs import (
     FeatureSplit,
@@ -254,6 +254,12 @@ def plan_resolved(
     refused = backend.refusal(protocol.algorithm, protocol.n_init)
     if refused:
         raise SSLBenchError(f"protocol (preset {protocol.preset[0]}): {refused}")
+    recorded = [*plugins.metrics.names(), *(name for probe in probes for name in probe.metrics())]
+    if protocol.main_score not in recorded:
+        raise SSLBenchError(
+            f"protocol (preset {protocol.preset[0]}): main_score '{protocol.main_score}' is not a metric of the run"
+            f"{did_you_mean(protocol.main_score, recorded)}"
+        )
     options = (
         backend_options if backend_options is not None else validated_backend_options(backend, protocol.backend_options)
     )

@@ -151,11 +151,25 @@ def extract_across_ranks(
     if len(all_dims) != 1:
         raise RuntimeError(f"extracting {name}: the ranks' features have different dims {sorted(all_dims)}")
     width = all_dims.pop()
-    if ranks.rank != 0:
-        if shard is not None:
-            _send(ranks, shard.features)
-        return None
-    writer = RowWriter(scratch / f"{key.split_fingerprint}.npy", n, width)
+    assembled: Extracted | None = None
+    error = None
+    try:
+        if ranks.rank != 0:
+            if shard is not None:
+                _send(ranks, shard.features)
+        else:
+            features = _assemble(ranks, found, shard, scratch / f"{key.split_fingerprint}.npy", width)
+            check = precision_check(backbone, split, settings, device) if settings.precision != "float32" else None
+            assembled = Extracted(features, np.asarray(split.labels, dtype=np.int64), precision_check=check)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, once every rank knows (none waits for rank 0)
+        error = exc
+    raise_if_any_failed(ranks, error, f"assembling {name}")
+    return assembled
+
+
+def _assemble(ranks: Ranks, found: list[Any], shard: Extracted | None, path: Path, width: int) -> np.ndarray:
+    """Rank 0: its own shard and every other rank's, received in rank order, written to ``path``."""
+    writer = RowWriter(path, sum(int(got[0]) for got in found), width)
     try:
         for rank, got in enumerate(found):
             rows = int(got[0])
@@ -169,8 +183,7 @@ def extract_across_ranks(
         features = writer.finish()
     finally:
         writer.close()
-    check = precision_check(backbone, split, settings, device) if settings.precision != "float32" else None
-    return Extracted(features, np.asarray(split.labels, dtype=np.int64), precision_check=check)
+    return features
 
 
 def _send(ranks: Ranks, features: np.ndarray) -> None:

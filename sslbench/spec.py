@@ -1184,10 +1184,20 @@ def resolve_spec(loaded: LoadedSpec, plugins: Plugins) -> ResolvedSpec:
     return ResolvedSpec(loaded, model_options, dataset_options, backend_options, transfer_options, tuple(probes))
 
 
+def labelled_main_score(protocol: ProtocolSpec, plugins: Plugins) -> str | None:
+    """The main score ``protocol`` asks for explicitly when it compares clusters with classes (None when
+    it is a preset's own, or label-free): what data without labels refuses."""
+    main = protocol.main_score
+    if "main_score" in protocol.model_fields_set and main in plugins.metrics and plugins.metrics.get(main).needs_labels:
+        return main
+    return None
+
+
 def check_unlabeled_dataset(loaded: LoadedSpec, index: int, plugins: Plugins) -> None:
     """What ``datasets[index]``, a dataset without class labels, cannot have, refused in one line at its
-    place in the spec: k taken from the number of classes, probes, transfer targets, report columns of
-    metrics that compare clusters with classes."""
+    place in the spec: k taken from the number of classes, probes, a main score or report columns of
+    metrics that compare clusters with classes (a preset's own main score then just does not lead), transfer
+    targets."""
     spec = loaded.spec
     dataset = spec.datasets[index]
     why = f"datasets[{index}] ({dataset.label}) has no class labels"
@@ -1196,6 +1206,10 @@ def check_unlabeled_dataset(loaded: LoadedSpec, index: int, plugins: Plugins) ->
         raise SSLBenchError(f"{_at(loaded, where)}: {why}, so k cannot be the number of classes: give k")
     if spec.probes:
         raise SSLBenchError(f"{_at(loaded, ('probes', 0, 'id'))}: {why}, and probes learn from labels")
+    main = labelled_main_score(spec.protocol, plugins)
+    if main is not None:
+        at = _at(loaded, ("protocol", "main_score"))
+        raise SSLBenchError(f"{at}: {why}, and main_score '{main}' compares clusters with classes")
     if dataset.transfer:
         raise SSLBenchError(
             f"{_at(loaded, ('datasets', index, 'transfer'))}: {why}, so there are no classes to transfer"

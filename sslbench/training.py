@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from sslbench.errors import SSLBenchError
-from sslbench.evaluate import evaluate_features, evaluate_model
+from sslbench.evaluate import evaluate_model, protocol_keywords
 from sslbench.inputs import checked_labels
 from sslbench.interfaces import Dataset, Split
 from sslbench.plugins import Plugins, get_plugins
@@ -35,9 +35,6 @@ PREFIX = "sslbench"
 #: What one entry of ``datasets`` may set for its own dataset (besides ``dataset`` itself).
 DATASET_KEYS = ("log_name", "dataset_options", "transform", "fit_split", "eval_split")
 
-#: evaluate_features' keywords that evaluate_model fills in itself (not a caller's to give).
-_SET_BY_EVALUATE_MODEL = {"n_classes", "model", "dataset", "plugins", "scratch_dir", "emit"}
-
 
 def _keyword_names(function: Any) -> set[str]:
     return {p.name for p in inspect.signature(function).parameters.values() if p.kind == p.KEYWORD_ONLY}
@@ -47,7 +44,7 @@ def shared_keywords() -> set[str]:
     """The keywords :class:`Evaluator` passes to every ``evaluate_model`` call: evaluate_model's own
     (``transform``, ``batch_size``, ``scratch_dir`` …) and the protocol's (``epochs``, ``seeds``, ``probes`` …)."""
     own = _keyword_names(evaluate_model) - {"plugins", "dataset_options"}
-    return own | (_keyword_names(evaluate_features) - _SET_BY_EVALUATE_MODEL)
+    return own | protocol_keywords()
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,50 @@ def test_evaluate_model_validates_extraction_options_as_a_spec_does(plugins, opt
     with pytest.raises(SSLBenchError) as refused:
         sslbench.evaluate_model(nn.Flatten(), "digits", plugins=plugins, **{option: value})
     assert str(refused.value) == f"evaluate_model: {option}: {by_spec.value.errors()[0]['msg']} (got {value!r})"
+
+
+class _CountingFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return x.flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "expected"),
+    [
+        ({"seed": 3}, "evaluate_model: unknown keyword 'seed' (did you mean 'seeds'?)"),
+        ({"epochs": 0}, "evaluate_model: epochs: Input should be greater than or equal to 1 (got 0)"),
+        ({"preset": "mteb"}, "evaluate_model: preset: Value error, unknown preset 'mteb' (did you mean 'mieb'?)"),
+    ],
+)
+def test_evaluate_model_refuses_a_protocol_before_embedding_anything(plugins, protocol, expected):
+    model = _CountingFlatten()
+    with pytest.raises(SSLBenchError) as refused:
+        sslbench.evaluate_model(model, "digits", plugins=plugins, **protocol)
+    assert str(refused.value).startswith(expected) and model.rows == 0
+
+
+@pytest.mark.slow
+def test_a_first_evaluate_model_in_a_fresh_process_leaves_pythons_random_numbers(tmp_path):
+    """Loading plugins, datasets and scikit-learn for the first time may draw Python's random numbers:
+    the state is captured before any of it, so a training's next draw is the one it would have made."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import random\n"
+        "import numpy as np, torch\n"
+        "import sslbench\n"
+        "random.seed(1); expected = random.random(); random.seed(1)\n"
+        "sslbench.evaluate_model(torch.nn.Flatten(), 'digits', transform=lambda s: torch.from_numpy("
+        "np.asarray(s, dtype=np.float32))[None], seeds=1, epochs=1, scratch_dir=" + repr(str(tmp_path)) + ")\n"
+        "print(random.random() == expected)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"

@@ -277,8 +277,8 @@ protocol:
     with pytest.raises(SSLBenchError) as info:
         resolve_spec(parse_spec(text, "spec.yaml"), get_plugins())
     assert str(info.value) == (
-        "spec.yaml:4: protocol.preset: preset turtle: backend 'torch' runs one k-means initialisation (n_init 1), "
-        "not n_init 10"
+        "spec.yaml:4: protocol.preset: preset turtle: backend 'torch' runs one k-means initialisation (n_init 1) "
+        "with algorithm lloyd, not n_init 10"
     )
     with pytest.raises(
         SSLBenchError,

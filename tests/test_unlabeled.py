@@ -93,6 +93,11 @@ def test_an_unlabeled_image_folder_runs_end_to_end_through_the_cli(tmp_path):
         ("", "null", "protocol.k: datasets[0] (images) has no class labels, so k cannot be the number of classes"),
         ("probes: [{id: knn}]\n", "3", "probes[0].id: datasets[0] (images) has no class labels, and probes learn"),
         ("report: {metrics: [silhouette, acc]}\n", "3", "report.metrics[1]: datasets[0] (images) has no class labels"),
+        (
+            "",
+            "3, main_score: acc",
+            "protocol.main_score: datasets[0] (images) has no class labels, and main_score 'acc'",
+        ),
     ],
 )
 def test_validate_refuses_what_needs_labels_in_one_line(tmp_path, extra, k, expected):
@@ -152,6 +157,7 @@ def test_evaluate_features_refuses_half_labelled_or_label_needing_asks(split_blo
         ({"n_clusters": 5, "n_classes": 5}, "n_classes given without labels"),
         ({}, "give protocol.k"),
         ({"n_clusters": 5, "probes": [{"id": "knn"}]}, "probes learn from labels"),
+        ({"n_clusters": 5, "protocol": {"main_score": "ami"}}, "main_score: 'ami' compares clusters with classes"),
     ]
     for kwargs, expected in cases:
         train_labels = kwargs.pop("train_labels", None)
