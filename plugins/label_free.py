@@ -216,6 +216,14 @@ def _rankme(ctx: ScoringContext) -> float:
     return float(ctx.shared["rankme"])
 
 
+def _rankme_fit(ctx: ScoringContext) -> float:
+    if ctx.fit_features is None:
+        return math.nan
+    if "rankme_fit" not in ctx.shared:
+        ctx.shared["rankme_fit"] = rankme(ctx.fit_features)
+    return float(ctx.shared["rankme_fit"])
+
+
 @hookimpl
 def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
     register(
@@ -259,6 +267,17 @@ def sslbench_register_metrics(register: Callable[[MetricEntry], None]) -> None:
             _rankme,
             "RankMe",
             "effective rank of the eval split's raw features (Garrido et al. 2023, arXiv:2210.02885)",
+            unit="raw",
+            needs_labels=False,
+            decimals=1,
+        )
+    )
+    register(
+        MetricEntry(
+            "rankme_fit",
+            _rankme_fit,
+            "RankMe fit",
+            "effective rank of the raw features of the split the clusters were fitted on (RankMe, as rankme)",
             unit="raw",
             needs_labels=False,
             decimals=1,

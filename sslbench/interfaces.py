@@ -381,6 +381,9 @@ class ScoringContext:
     #: The eval split's raw features (``n × d``, possibly memory-mapped), for scores of the
     #: representation itself (RankMe); ``None`` outside a protocol run.
     eval_features: np.ndarray | None = field(default=None, repr=False)
+    #: The raw features of the split the clusters were fitted on (``n × d``, possibly memory-mapped), for
+    #: RankMe of that split; ``None`` outside a protocol run and in a class group's or transfer's context.
+    fit_features: np.ndarray | None = field(default=None, repr=False)
     #: Rows of ``eval_space`` and ``eval_features`` that ``eval_pred`` scores, ascending (a class
     #: group's, a transfer target's mapped classes); ``None``: all of them.
     eval_rows: np.ndarray | None = field(default=None, repr=False)

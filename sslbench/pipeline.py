@@ -574,6 +574,7 @@ def _context(
             eval_space=space.projection,
             eval_features=space.features,
             eval_rows=space.rows,
+            fit_features=space.fit_features,
             seed=space.seed,
             silhouette_rows=space.silhouette_rows,
             shared=space.shared,
@@ -648,6 +649,9 @@ class ScoredSpace:
     seed: int
     silhouette_rows: int
     shared: dict[str, float]
+    #: The raw features of the split the clusters were fitted on (RankMe of the fit split); only where
+    #: every eval row is scored (not a class group's or transfer target's subset).
+    fit_features: np.ndarray | None = None
 
     def restricted(self, inside: np.ndarray, shared: dict[str, float]) -> ScoredSpace:
         """The same space scoring only the rows where ``inside`` is true."""
@@ -684,7 +688,13 @@ def score_seed(
         None
         if projected is None
         else ScoredSpace(
-            projected.eval, plan.eval.features, None, seed, plan.protocol.silhouette_rows, shared.setdefault("", {})
+            projected.eval,
+            plan.eval.features,
+            None,
+            seed,
+            plan.protocol.silhouette_rows,
+            shared.setdefault("", {}),
+            fit_features=plan.train.features,
         )
     )
     ctx = _context(

@@ -178,6 +178,7 @@ def test_every_run_records_the_scores_of_its_projection(tmp_path, plugins):
             "calinski_harabasz": sk.calinski_harabasz_score(raw, pred),
             "silhouette": sk.silhouette_score(raw, pred, sample_size=60, random_state=run.seed),
             "rankme": paper_rankme(raw),
+            "rankme_fit": paper_rankme(xtr.astype(np.float64)),  # the split the clusters were fitted on
         }
         for name, value in expected.items():
             assert run.metrics[name] == pytest.approx(value, rel=1e-4), name

@@ -19,7 +19,7 @@ from sslbench.predictions import load_predictions, save_predictions
 
 from conftest import blobs, run_cli
 
-LABEL_FREE = {"silhouette", "davies_bouldin", "calinski_harabasz", "rankme"}
+LABEL_FREE = {"silhouette", "davies_bouldin", "calinski_harabasz", "rankme", "rankme_fit"}
 
 
 def _images(root: Path) -> None:
