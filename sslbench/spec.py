@@ -348,6 +348,12 @@ class ProtocolSpec(_StrictModel):
     def _bounded_sweep(self) -> ProtocolSpec:
         if not self.pca and (self.whiten or self.pca_dims != [None]):
             raise _located("pca: false keeps every feature: pca_dims must be [null] and whiten false", "pca")
+        if self.algorithm != "minibatch" and len(self.epochs) > 1:
+            raise _located(
+                f"epochs count the paper's mini-batch passes; algorithm {self.algorithm} stops at max_iter or tol, "
+                "so an epochs sweep would fit the same clusters again: sweep max_iter in separate specs instead",
+                "epochs",
+            )
         n_points = len(self.pca_dims) * len(self.k) * len(self.overcluster) * len(self.epochs)
         if n_points > MAX_POINTS:
             raise _located(

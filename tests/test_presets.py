@@ -321,3 +321,12 @@ def test_restarts_the_papers_loop_does_not_run_are_refused(digits):
         SSLBenchError, match=r"runs one k-means initialisation \(n_init 1\) with algorithm minibatch, not n_init 5"
     ):
         evaluate_features(x_train, y_train, x_eval, y_eval, backend="reference", seeds=1, protocol={"n_init": 5})
+
+
+def test_an_epochs_sweep_is_refused_where_epochs_mean_nothing():
+    """Lloyd and scikit-learn's MiniBatchKMeans.fit stop at max_iter or tol: two epoch counts would be one fit twice."""
+    with pytest.raises(
+        SSLBenchError,
+        match=r"preset temi with the fields given: .*epochs count the paper.s mini-batch passes; algorithm lloyd",
+    ):
+        evaluate_features(*load_digits(return_X_y=True), *load_digits(return_X_y=True), preset="temi", epochs=[2, 3])
