@@ -40,7 +40,8 @@ def default_metrics(summaries: list[SummaryRow], describe: Mapping[str, MetricIn
     not in ImageNet split; the others are chosen by name)."""
     present = set.intersection(*(set(row.metrics) for row in summaries)) if summaries else set()
     main = {row.protocol.main_score for row in summaries}
-    lead = tuple(main & present) if len(main) == 1 else ()
+    # Transfer rows keep Table C.2's columns first: a preset's main score is of its own dataset's runs.
+    lead = tuple(main & present) if len(main) == 1 and "acc_tr" not in present else ()
     first = (*lead, *(m for m in headline_metrics(present) if m not in lead))
     group_column = HEADLINE_METRICS[0]
     rest = [
