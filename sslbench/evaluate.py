@@ -239,7 +239,7 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
         try:
             spec = ProbeSpec.model_validate(_plain(dict(given)) if isinstance(given, Mapping) else given)
         except ValidationError as exc:
-            raise _first_error(exc, f"probes[{index}]", show_input=False) from None
+            raise api_error(exc, f"probes[{index}]", show_input=False) from None
         try:
             entry = plugins.probes.get(spec.id)
         except SSLBenchError as exc:
@@ -247,7 +247,7 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
         try:
             options = entry.options.model_validate(spec.options)
         except ValidationError as exc:
-            raise _first_error(exc, f"probes[{index}].options", show_input=True) from None
+            raise api_error(exc, f"probes[{index}].options", show_input=True) from None
         probe = ResolvedProbe(entry, options)
         taken = [name for earlier in resolved for name in earlier.metrics() if name in probe.metrics()]
         if taken:
@@ -258,7 +258,7 @@ def _resolved_probes(probes: Sequence[Mapping[str, Any]], plugins: Plugins) -> t
     return tuple(resolved)
 
 
-def _first_error(exc: ValidationError, at: str, show_input: bool, api: str = "evaluate_features") -> SSLBenchError:
+def api_error(exc: ValidationError, at: str, show_input: bool, api: str = "evaluate_features") -> SSLBenchError:
     """``<api>: <at>.<field>: <message>`` for the first error of ``exc`` (with the value given)."""
     err = exc.errors(include_url=False)[0]
     where = ".".join(str(p) for p in err["loc"])
@@ -468,7 +468,7 @@ def evaluate_model(
             try:
                 options = entry.options.model_validate(dataset_options or {})
             except ValidationError as exc:
-                raise _first_error(exc, "dataset_options", show_input=True, api="evaluate_model") from None
+                raise api_error(exc, "dataset_options", show_input=True, api="evaluate_model") from None
             data, label = entry.factory(options), dataset
         else:
             data, label = dataset, dataset.name
@@ -491,7 +491,7 @@ def evaluate_model(
                 }
             )
         except ValidationError as exc:
-            raise _first_error(exc, "", show_input=True, api="evaluate_model") from None
+            raise api_error(exc, "", show_input=True, api="evaluate_model") from None
         owner = f"evaluate_model's model ({name})"
         settings = resolved_settings(backbone, ExtractionSettings.of(extraction, owner), device)
         started = time.perf_counter()

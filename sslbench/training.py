@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from sslbench.errors import SSLBenchError
-from sslbench.evaluate import evaluate_model, protocol_keywords
+from sslbench.evaluate import api_error, evaluate_model, protocol_keywords
 from sslbench.inputs import checked_labels
 from sslbench.interfaces import Dataset, Split
 from sslbench.plugins import Plugins, get_plugins
@@ -72,9 +72,7 @@ def _target(index: int, given: Any, plugins: Plugins) -> EvalTarget:
         try:
             registered.options.model_validate(entry.get("dataset_options") or {})
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise SSLBenchError(f"{where}.dataset_options.{field}: {err['msg']}") from None
+            raise api_error(exc, f"datasets[{index}].dataset_options", False, "sslbench.training") from None
         default_name = dataset
     elif isinstance(dataset, Dataset):
         if "dataset_options" in entry:
