@@ -280,7 +280,9 @@ class ProtocolSpec(_StrictModel):
     )
     backend: Label = Field("torch", description="PCA + k-means implementation.")
     backend_options: dict[str, Any] = Field(
-        default={}, description="Options of the backend's clusterer (e.g. torch: algorithm)."
+        default={},
+        description="Options of the backend's clusterer (e.g. torch: prune, chunk_rows); "
+        "the k-means choices are protocol fields.",
     )
     silhouette_rows: int = Field(
         10_000,
