@@ -6,8 +6,8 @@ memory-mapped ImageNet-size split, and its GPU time.
     python benchmarks/linear_probe.py --memory        # memory-mapped 1,281,167 × 2048 train: peak RSS
     python benchmarks/linear_probe.py --gpu           # 1,281,167 × 1024, 1000 classes, on cuda
 
-Speed: Gaussian classes (``_synthetic.gaussian_classes``, ``--separation`` sets their overlap) split into
-train and eval;
+Speed: Gaussian classes (``_synthetic.gaussian_classes``, ``--separation`` sets their overlap; or with
+``--data blobs`` the ImageNet-like ``_synthetic.class_blobs``) split into train and eval;
 :func:`sslbench.engine.logistic.linear_probe` runs the whole protocol (45 C values on the 90 % left after
 DINOv2's held-out tenth, each from the previous solution, then the refit at the chosen C on all of train
 and the eval scores). scikit-learn's ``LogisticRegression(C, solver="lbfgs", tol=1e-12, max_iter=1000)``
@@ -42,7 +42,7 @@ from sslbench.threads import prefer_sleeping_threads  # noqa: E402
 prefer_sleeping_threads()
 
 import numpy as np  # noqa: E402
-from _synthetic import gaussian_classes  # noqa: E402
+from _synthetic import class_blobs, gaussian_classes  # noqa: E402
 
 from sslbench.engine.logistic import LogisticOptions, held_out_rows, linear_probe  # noqa: E402
 
@@ -59,14 +59,26 @@ def sklearn_fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, tol: floa
 
 
 def speed(args: argparse.Namespace) -> int:
-    x, y = gaussian_classes(args.n + args.eval_n, args.classes, args.dims, args.separation, seed=args.seed)
+    total = args.n + args.eval_n
+    if args.data == "gaussian":
+        x, y = gaussian_classes(total, args.classes, args.dims, args.separation, seed=args.seed)
+        data = f"Gaussian classes, separation {args.separation}"
+    else:
+        x, y = class_blobs(total, args.classes, args.dims, seed=args.seed)
+        data = "ImageNet-like class blobs: low-rank signal, decaying spectrum, ReLU'd"
     x_train, y_train, x_eval, y_eval = x[: args.n], y[: args.n], x[args.n :], y[args.n :]
-    options = LogisticOptions(max_iter=args.max_iter, fast_products=not args.float64_products)
+    options = LogisticOptions(
+        max_iter=args.max_iter,
+        fast_products=not args.float64_products,
+        precondition=not args.plain,
+        memory=10 if args.plain else LogisticOptions().memory,
+    )
     grid = sorted(options.c_values)
     print(
-        f"train {args.n:,} × {args.dims}, eval {args.eval_n:,}, {args.classes} classes (Gaussian classes, "
-        f"separation {args.separation}); {len(grid)} C values, tol {options.tol:g}, max_iter {options.max_iter}; "
-        f"ours with {'float32 then float64' if options.fast_products else 'float64'} products; "
+        f"train {args.n:,} × {args.dims}, eval {args.eval_n:,}, {args.classes} classes ({data}); "
+        f"{len(grid)} C values, tol {options.tol:g}, max_iter {options.max_iter}; "
+        f"ours with {'float32 then float64' if options.fast_products else 'float64'} products, "
+        f"{'no preconditioner' if not options.precondition else 'preconditioned'}, L-BFGS memory {options.memory}; "
         f"{os.cpu_count()} CPUs",
         flush=True,
     )
@@ -86,6 +98,9 @@ def speed(args: argparse.Namespace) -> int:
     )
     for line in result.warnings:
         print("  warning:", line)
+    print(f"ours: {sum(p.iterations for p in result.sweep)} sweep iterations", flush=True)
+    if args.skip_sklearn:
+        return 0
 
     held = held_out_rows(args.n, options.held_out_share, options.held_out_seed)
     fit_rows = np.setdiff1d(np.arange(args.n), held)
@@ -192,12 +207,19 @@ def main() -> int:
     parser.add_argument("--eval-n", type=int, default=10_000, help="eval rows")
     parser.add_argument("--dims", type=int, default=768)
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument(
+        "--data", choices=("gaussian", "blobs"), default="gaussian", help="the features' distribution (_synthetic.py)"
+    )
     parser.add_argument("--separation", type=float, default=3.5, help="norm of the class means (noise: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per C, both solvers")
     parser.add_argument(
         "--float64-products", action="store_true", help="ours without the float32 phase (fast_products off)"
     )
+    parser.add_argument(
+        "--plain", action="store_true", help="ours as before preconditioning: raw coordinates, L-BFGS memory 10"
+    )
+    parser.add_argument("--skip-sklearn", action="store_true", help="time ours only")
     parser.add_argument("--sklearn-c", type=int, default=5, help="C values scikit-learn is timed on (45: all)")
     parser.add_argument("--memory", action="store_true", help="peak RSS on a memory-mapped ImageNet-size split")
     parser.add_argument("--memory-rows", type=int, default=1_281_167)
