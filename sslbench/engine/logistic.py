@@ -3,8 +3,8 @@
 For one ``C`` the solver minimises scikit-learn's ``LogisticRegression(C=C, solver="lbfgs")`` objective,
 ``C · Σᵢ cross-entropyᵢ + ½‖W‖²`` with the intercept unpenalised: a softmax over all classes, or for two
 classes scikit-learn's binary model (one weight vector, the probability of the second class a sigmoid).
-The optimiser is scipy's L-BFGS-B, which scikit-learn calls, with scikit-learn's stopping rules (a
-relative reduction of ``64·eps``, or every gradient entry at most ``tol``); the objective and its
+The optimiser is L-BFGS (:mod:`sslbench.engine.lbfgs`) with the stopping rules of scikit-learn's solver,
+scipy's L-BFGS-B (a relative reduction of ``64·eps``, or every gradient entry at most ``tol``); the objective and its
 gradient are computed here, one streamed pass over the rows per evaluation (two GEMMs per chunk,
 :class:`~sslbench.arrays.RowReader`), so a memory-mapped ImageNet split is fitted in bounded memory and
 the passes run on the GPU when asked. Three things make a fit take fewer and cheaper passes than
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sslbench.arrays import RowReader
 from sslbench.engine.device import resolve_device, torch_module
+from sslbench.engine.lbfgs import CurvaturePairs, Evaluation, iterate, relative_reduction
 from sslbench.engine.rows import CHUNK_ROWS, DeviceRows
 from sslbench.errors import SSLBenchError
 from sslbench.interfaces import iter_chunks
@@ -54,14 +55,14 @@ def dinov2_c_values() -> tuple[float, ...]:
     return tuple((10 ** torch.linspace(-6, 5, 45)).tolist())
 
 
-#: scipy's L-BFGS-B (scikit-learn's lbfgs) stops when an iteration lowers the objective by less than
+#: scipy's L-BFGS-B (scikit-learn's lbfgs) stops when an iteration lowers the objective by at most
 #: this share of it; scikit-learn sets ``ftol = 64 · eps``.
 FTOL = 64 * float(np.finfo(np.float64).eps)
 
 
 #: The float32 phase of a fit stops at this relative reduction, or after this many evaluations of a line
 #: search, for float64 products to take over: below it float32 rounding of the logits is most of what an
-#: iteration would see, and scipy's line search would spend its 50 evaluations on rounding noise.
+#: iteration would see, and a line search would spend its 50 evaluations on rounding noise.
 FAST_FTOL = 1e-10
 FAST_MAXLS = 20
 
@@ -81,11 +82,11 @@ class LogisticOptions(BaseModel):
     chunk_rows: int = Field(CHUNK_ROWS, ge=1, description="rows per streamed product")
     fast_products: bool = Field(
         True,
-        description="float32 products until L-BFGS-B stalls, then float64 ones to the end (they judge convergence)",
+        description="float32 products until L-BFGS stalls, then float64 ones to the end (they judge convergence)",
     )
     precondition: bool = Field(
         True,
-        description="L-BFGS-B in coordinates that whiten the rows (same objective and minimiser, fewer iterations)",
+        description="L-BFGS in coordinates that whiten the rows (same objective and minimiser, fewer iterations)",
     )
     predict_path: bool = Field(
         True,
@@ -95,7 +96,7 @@ class LogisticOptions(BaseModel):
         50,
         ge=1,
         description=(
-            "L-BFGS-B's stored correction pairs (scikit-learn: 10); each holds two parameter vectors, "
+            "L-BFGS's stored correction pairs (scikit-learn's L-BFGS-B: 10); each holds two parameter vectors, "
             "16·classes·(dims + 1) bytes"
         ),
     )
@@ -115,8 +116,7 @@ class LogisticFit:
     #: The largest entry of the gradient of the mean objective (``objective / (C·n)``) at the fit.
     gradient_max: float
     iterations: int
-    #: Whether L-BFGS-B stopped on a tolerance (not on ``max_iter``, its evaluation cap or a failed line
-    #: search), and scipy's reason.
+    #: Whether L-BFGS stopped on a tolerance (not on ``max_iter`` or a failed line search), and why.
     converged: bool
     stop_reason: str
     #: Whether the fit classifies every training row correctly: then the training set is linearly
@@ -185,16 +185,18 @@ class _Moments:
 
 
 class _Conditioner:
-    """A change of variables under which L-BFGS-B sees a well-conditioned problem with the same values.
+    """A change of variables under which L-BFGS sees a well-conditioned problem with the same values.
 
     The objective's Hessian is ``C·Σᵢ wᵢ Sᵢ ⊗ x̄ᵢx̄ᵢᵀ + I ⊗ R`` (``Sᵢ = diag(pᵢ) − pᵢpᵢᵀ``, ``x̄ = (x, 1)``,
     ``R`` the penalty on the weights only). Replacing every ``Sᵢ`` by ``s·(I − 11ᵀ/k)``, ``s`` the rows'
     mean curvature at the start, leaves a matrix that centring the rows (the intercept absorbs the mean)
     and one eigendecomposition of their scatter invert exactly; the solver works in coordinates ``φ`` with
     ``θ = L(φ)``, ``L`` that matrix's inverse square root on the class contrasts (``I − 11ᵀ/k``) and the
-    identity on the class mean, which only the penalty sees. Real features have a mean far from zero and
-    a spectrum spanning decades, where plain L-BFGS-B zig-zags for hundreds of iterations at large C;
-    here the values and the minimiser are scikit-learn's, only the path to them changes. Products with
+    identity on the class mean, which only the penalty sees. Features have a mean far from zero and a
+    spectrum spanning decades, where L-BFGS in the weights themselves zig-zags (600 digit images at
+    C = 1: 144 iterations, 63 here); the values and the minimiser are scikit-learn's, only the path to
+    them changes. The model is exact at zero weights and drifts as probabilities sharpen, so
+    :func:`_fit` rebuilds it when the curvature has moved by more than a factor of two. Products with
     ``L`` cost ``2·k·d²``, nothing beside a pass's ``4·n·d·k``."""
 
     def __init__(self, moments: _Moments, scale: float, width: int, dims: int) -> None:
@@ -368,63 +370,57 @@ def _minimise(
     conditioner: _Conditioner | None,
     memory: int,
 ) -> tuple[int, bool, str]:
-    """scipy's L-BFGS-B, as scikit-learn calls it (``maxls`` 50, ``ftol = 64·eps``, stopping when every
-    gradient entry is at most ``tol``), on scikit-learn's mean objective ``objective / (C·n)`` from
-    ``theta`` (updated in place), each evaluation one streamed pass on the device; returns (iterations,
-    whether it stopped on a tolerance, the reason).
+    """L-BFGS (:mod:`sslbench.engine.lbfgs`) with scikit-learn's stopping rules (a relative reduction
+    of at most ``64·eps``, or every gradient entry at most ``tol``) on scikit-learn's mean objective
+    ``objective / (C·n)`` from ``theta`` (updated in place), each evaluation one streamed pass on the
+    device; returns (iterations, whether it stopped on a tolerance, the reason).
 
     With a ``conditioner`` the search runs in its coordinates (same objective values; the gradient test
     stays on the model's own gradient, as scikit-learn's). With ``fast_products`` the descent starts on
-    float32 products (:meth:`_Problem.evaluate`) and, wherever it stops short of ``max_iter`` (its
-    tolerances met, or a line search lost in float32 rounding), goes on from that point on exact float64
-    ones with the iterations left: the stopping rules are always judged on float64 passes, so the
-    minimiser is scikit-learn's."""
-    from scipy.optimize import minimize
-
-    torch = torch_module()
+    float32 products (:meth:`_Problem.evaluate`) and, where it stalls (a relative reduction below
+    :data:`FAST_FTOL`, or a line search lost in float32 rounding), goes on from that point on exact
+    float64 ones, keeping its curvature pairs: the stopping rules are always judged on float64 passes,
+    so the minimiser is scikit-learn's."""
     scale = 1.0 / (C * float(weights.sum()))
-    to_theta = conditioner.weights if conditioner else (lambda phi: phi)
-    iterations, converged, reason = 0, False, ""
+    exact = not fast_products
     #: The largest entry of the model's own (mean objective's) gradient at the last evaluation.
-    largest_entry = [math.inf]
-    for exact in (False, True) if fast_products else (True,):
-        largest_entry[0] = math.inf
+    largest_entry = math.inf
 
-        def objective(flat: np.ndarray, exact: bool = exact) -> tuple[float, np.ndarray]:
-            theta.copy_(to_theta(torch.from_numpy(flat).to(theta.device)))
-            evaluated = problem.evaluate(theta, weights, C, exact=exact)
-            assert evaluated.gradient is not None
-            largest_entry[0] = float(evaluated.gradient.abs().max()) * scale
-            gradient = conditioner.gradient(evaluated.gradient) if conditioner else evaluated.gradient
-            return evaluated.objective * scale, gradient.cpu().numpy() * scale
+    def evaluate(point: Tensor) -> Evaluation:
+        nonlocal largest_entry
+        theta.copy_(conditioner.weights(point) if conditioner else point)
+        evaluated = problem.evaluate(theta, weights, C, exact=exact)
+        assert evaluated.gradient is not None
+        largest_entry = float(evaluated.gradient.abs().max()) * scale
+        gradient = conditioner.gradient(evaluated.gradient) if conditioner else evaluated.gradient
+        return Evaluation(evaluated.objective * scale, gradient * scale)
 
-        def small_gradient(intermediate_result: object) -> None:
-            # L-BFGS-B's last evaluation is at the iterate it accepts.
-            if largest_entry[0] <= tol:
-                raise StopIteration
-
-        start = conditioner.coordinates(theta) if conditioner else theta
-        found = minimize(
-            objective,
-            start.cpu().numpy(),
-            jac=True,
-            method="L-BFGS-B",
-            callback=small_gradient,
-            options={
-                "maxiter": max_iter - iterations,
-                "maxcor": memory,
-                "maxls": 50 if exact else FAST_MAXLS,
-                "gtol": 0.0,
-                "ftol": FTOL if exact else FAST_FTOL,
-            },
-        )
-        theta.copy_(to_theta(torch.from_numpy(found.x).to(theta.device)))
-        iterations += int(found.nit)
-        stopped_small = largest_entry[0] <= tol
-        converged = found.status == 0 or stopped_small
-        reason = "every gradient entry at most tol" if stopped_small else str(found.message)
-        if iterations >= max_iter:
+    point = conditioner.coordinates(theta) if conditioner else theta.clone()
+    at = evaluate(point)
+    pairs = CurvaturePairs(memory)
+    iterations, converged, reason = 0, False, ""
+    while True:
+        if exact and largest_entry <= tol:
+            converged, reason = True, "every gradient entry at most tol"
             break
+        if iterations >= max_iter:
+            reason = f"max_iter ({max_iter}) reached"
+            break
+        step = iterate(evaluate, point, at, pairs, 50 if exact else FAST_MAXLS)
+        if step.point is not None and step.evaluation is not None:
+            iterations += 1
+            reduction = relative_reduction(at.value, step.evaluation.value)
+            point, at = step.point, step.evaluation
+            if reduction > (FTOL if exact else FAST_FTOL):
+                continue
+            converged, reason = True, "relative reduction of the objective at most ftol"
+        else:
+            converged, reason = False, "the line search found no decrease"
+        if exact:
+            break
+        exact = True
+        at = evaluate(point)
+    theta.copy_(conditioner.weights(point) if conditioner else point)
     return iterations, converged, reason
 
 
@@ -495,7 +491,7 @@ def _fit(
         iterations += done
         final = problem.evaluate(theta, weights, C)
         # A preconditioner built on a curvature the fit has since left (probabilities sharpen as the
-        # weights grow) can stall L-BFGS-B far from the minimum: rebuilt at the curvature reached, the
+        # weights grow) can stall L-BFGS far from the minimum: rebuilt at the curvature reached, the
         # search goes on; it ends where the two agree.
         drifted = moments is not None and not (0.5 <= final.curvature / max(curvature, 1e-300) <= 2.0)
         if not (drifted and converged) or iterations >= settings.max_iter:
@@ -530,10 +526,11 @@ class _Solved(NamedTuple):
 def _predict_start(problem: _Problem, weights: Tensor, C: float, theta: Tensor, path: list[_Solved]) -> None:
     """Move ``theta`` (the last solution) to the best of the solution path's polynomial extrapolations in
     log C through the last 2, 3 and 4 solutions, where the objective at ``C`` is lower than at the last
-    solution (one float32 forward pass each: a choice of start needs no more). The path is smooth in log C, and from moderate C on it runs off
-    at a steady pace (the weights grow as the rows separate) that a plain warm start makes L-BFGS-B walk
-    again at every C: on Fashion-MNIST features of EfficientNet-Lite0, C from 0.1 to 10, this start
-    halved the iterations (benchmarks/README.md)."""
+    solution (one float32 forward pass each: a choice of start needs no more). The path is smooth in
+    log C, and from moderate C on it runs off at a steady pace (the weights grow as the rows separate)
+    that a plain warm start makes L-BFGS walk again at every C: on Fashion-MNIST features of
+    EfficientNet-Lite0, C from 0.1 to 10, this start took 2,187 iterations where the last solution took
+    5,221 (benchmarks/README.md)."""
     last = path[-1]
     best, best_value = last.theta, C * last.loss + problem.penalty(last.theta)
     at = math.log(C)
@@ -719,7 +716,7 @@ def linear_probe(
         if not done.converged:
             what = "refit" if done is fit else "sweep"
             warnings.append(
-                f"{what} at C={done.C:.3g}: L-BFGS-B did not converge in {done.iterations} iterations "
+                f"{what} at C={done.C:.3g}: L-BFGS did not converge in {done.iterations} iterations "
                 f"({done.stop_reason})"
             )
     separated = [p.C for p in sweep if p.separable]
