@@ -118,15 +118,55 @@ def test_a_pass_gives_cross_entropys_value_and_gradient(n_classes, exact, rtol):
         assert evaluated.curvature == pytest.approx(float(weights @ traces) / float(weights.sum()) / unit, rel=1e-12)
 
 
-def reference_objective(x: np.ndarray, y: np.ndarray, theta: torch.Tensor, width: int, C: float) -> torch.Tensor:
-    """scikit-learn's objective written with torch's float64 cross-entropy (differentiable)."""
+@pytest.mark.parametrize("n_classes", [2, 6])
+def test_an_anchored_pass_is_exact_near_its_anchor(n_classes):
+    """Float32 products of the step from an anchor, added to its float64 logits and gradient: near the
+    anchor, value and gradient agree with torch's float64 cross-entropy and autograd to float64
+    precision (plain float32 passes are off by ~1e-7); the anchor's own pass is an exact one."""
+    x, y = gaussian(3000, n_classes, 20, 1.0, 7)
+    x = x + 4.0  # a mean far from zero, as features have: large logits, small steps
+    problem = _Problem(DeviceRows(RowReader(x), "cpu"), y, n_classes, 1000, "cpu")
+    rng = np.random.default_rng(8)
+    at = torch.from_numpy(rng.normal(scale=0.3, size=problem.width * 21))
+    weights = torch.from_numpy((rng.random(len(y)) < 0.9).astype(np.float64))
+    C = 0.5
+    anchor = problem.anchor_at(at)
+    assert anchor is not None
+    recorded = problem.evaluate(at, weights, C, exact=True, record=anchor)
+    plain = problem.evaluate(at, weights, C, exact=True)
+    assert recorded.objective == plain.objective
+    near = at + torch.from_numpy(rng.normal(scale=1e-6, size=at.shape))
+    anchored = problem.evaluate(near, weights, C, exact=False, anchor=anchor)
+    rounded = problem.evaluate(near, weights, C, exact=False)
+    reference_theta = near.clone().requires_grad_()
+    data_term = C * reference_objective(x, y, reference_theta, problem.width, C, weights)
+    data_term.backward()
+    assert reference_theta.grad is not None
+    coef = near[: problem.width * 20].numpy()
+    expected = float(data_term.detach()) + 0.5 * float(coef @ coef)
+    assert anchored.objective == pytest.approx(expected, rel=1e-13)
+    assert abs(rounded.objective - expected) > 100 * abs(anchored.objective - expected)
+    gradient = reference_theta.grad.numpy() + np.concatenate([coef, np.zeros(problem.width)])
+    assert anchored.gradient is not None and rounded.gradient is not None
+    scale = np.abs(gradient).max()
+    np.testing.assert_allclose(anchored.gradient.numpy(), gradient, rtol=0, atol=1e-10 * scale)
+    assert np.abs(rounded.gradient.numpy() - gradient).max() > 100 * np.abs(anchored.gradient.numpy() - gradient).max()
+
+
+def reference_objective(
+    x: np.ndarray, y: np.ndarray, theta: torch.Tensor, width: int, C: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """scikit-learn's objective written with torch's float64 cross-entropy (differentiable); with
+    ``weights``, the weighted cross-entropy sum alone (no penalty)."""
     d = x.shape[1]
     coef, intercept = theta[: width * d].view(width, d), theta[width * d :]
     logits = torch.from_numpy(x).double() @ coef.T + intercept
     if width == 1:
         logits = torch.nn.functional.pad(logits, (1, 0))
-    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="sum")
-    return C * cross_entropy + 0.5 * coef.square().sum()
+    cross_entropy = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="none")
+    if weights is not None:
+        return (weights * cross_entropy).sum()
+    return C * cross_entropy.sum() + 0.5 * coef.square().sum()
 
 
 def problem_and_conditioner(x: np.ndarray, y: np.ndarray, n_classes: int, C: float) -> tuple[_Problem, _Conditioner]:
