@@ -96,7 +96,7 @@ def test_a_pass_gives_cross_entropys_value_and_gradient(n_classes, exact, rtol):
     theta = torch.from_numpy(rng.normal(scale=0.3, size=problem.width * 21))
     weights = torch.from_numpy((rng.random(len(y)) < 0.9).astype(np.float64))
     C = 0.5
-    evaluated = problem.evaluate(theta, weights, C, exact=exact)
+    evaluated = problem.evaluate(theta, weights, C, exact=exact, with_curvature=True)
     value, gradient, right = evaluated.objective, evaluated.gradient, evaluated.right
     assert gradient is not None
     reference_theta = theta.clone().requires_grad_()
