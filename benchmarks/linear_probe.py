@@ -5,6 +5,7 @@ memory-mapped ImageNet-size split, and its GPU time.
     python benchmarks/linear_probe.py --sklearn-c 45  # scikit-learn on the whole grid too (hours on 2 cores)
     python benchmarks/linear_probe.py --memory        # memory-mapped 1,281,167 × 2048 train: peak RSS
     python benchmarks/linear_probe.py --gpu           # 1,281,167 × 1024, 1000 classes, on cuda
+    python benchmarks/linear_probe.py --pass-times    # one evaluation: ours (3 kinds) and scikit-learn's
 
 Speed: Gaussian classes (``_synthetic.gaussian_classes``, ``--separation`` sets their overlap; or with
 ``--data blobs`` the ImageNet-like ``_synthetic.class_blobs``) split into train and eval;
@@ -71,6 +72,7 @@ def speed(args: argparse.Namespace) -> int:
         max_iter=args.max_iter,
         fast_products=not args.float64_products,
         precondition=not args.plain,
+        predict_path=not args.plain,
         memory=10 if args.plain else LogisticOptions().memory,
     )
     grid = sorted(options.c_values)
@@ -78,7 +80,8 @@ def speed(args: argparse.Namespace) -> int:
         f"train {args.n:,} × {args.dims}, eval {args.eval_n:,}, {args.classes} classes ({data}); "
         f"{len(grid)} C values, tol {options.tol:g}, max_iter {options.max_iter}; "
         f"ours with {'float32 then float64' if options.fast_products else 'float64'} products, "
-        f"{'no preconditioner' if not options.precondition else 'preconditioned'}, L-BFGS memory {options.memory}; "
+        f"{'raw coordinates, warm starts' if args.plain else 'preconditioned, predicted starts'}, "
+        f"L-BFGS memory {options.memory}; "
         f"{os.cpu_count()} CPUs",
         flush=True,
     )
@@ -139,6 +142,58 @@ def speed(args: argparse.Namespace) -> int:
     print(f"speed-up {ratio:.1f}× (goal ≥ 10×: {'met' if ratio >= 10 else 'MISSED'})")
     if len(timed) == len(grid):
         print("same chosen C:", grid[int(np.argmax([ours[c] for c in grid]))] == result.C)
+    return 0
+
+
+def pass_times(args: argparse.Namespace) -> int:
+    """Seconds of one evaluation (objective and gradient over the sweep's rows) at the given size: ours
+    with float32 products (plain and anchored) and with float64 products, and scikit-learn's (its
+    private ``LinearModelLoss``, what its lbfgs solver calls once per evaluation), each the best of
+    ``--repeats`` after a warm-up."""
+    import torch
+    from sklearn._loss.loss import HalfMultinomialLoss
+    from sklearn.linear_model._linear_loss import LinearModelLoss
+
+    from sslbench.arrays import RowReader
+    from sslbench.engine.logistic import _Problem
+    from sslbench.engine.rows import DeviceRows
+    from sslbench.threads import torch_threads
+
+    x, y = gaussian_classes(args.n, args.classes, args.dims, args.separation, seed=args.seed)
+    problem = _Problem(DeviceRows(RowReader(x), "cpu"), y, args.classes, LogisticOptions().chunk_rows, "cpu")
+    rng = np.random.default_rng(0)
+    theta = torch.from_numpy(rng.normal(scale=0.01, size=args.classes * (args.dims + 1)))
+    weights = torch.ones(args.n, dtype=torch.float64)
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    with torch_threads(problem.chunk_work):
+        fast = best(lambda: problem.evaluate(theta, weights, 1.0, exact=False))
+        exact = best(lambda: problem.evaluate(theta, weights, 1.0, exact=True))
+        anchor = problem.anchor_at(theta)
+        anchored = math.nan
+        if anchor is not None:
+            problem.evaluate(theta, weights, 1.0, exact=True, record=anchor)
+            near = theta + 1e-4
+            anchored = best(lambda: problem.evaluate(near, weights, 1.0, exact=False, anchor=anchor))
+    loss = LinearModelLoss(base_loss=HalfMultinomialLoss(n_classes=args.classes), fit_intercept=True)
+    x64, y64, ones = x.astype(np.float64), y.astype(np.float64), np.ones(args.n)
+    coef = theta.numpy().copy()
+    threads = os.cpu_count() or 1
+    reference = best(lambda: loss.loss_gradient(coef, x64, y64, ones, l2_reg_strength=1.0 / args.n, n_threads=threads))
+    print(
+        f"one evaluation, {args.n:,} × {args.dims}, {args.classes} classes (best of {args.repeats}): "
+        f"scikit-learn {reference:.3f} s; ours float32 {fast:.3f} s ({reference / fast:.2f}×), "
+        f"anchored float32 {anchored:.3f} s ({reference / anchored:.2f}×), "
+        f"float64 {exact:.3f} s ({reference / exact:.2f}×)"
+    )
     return 0
 
 
@@ -217,7 +272,9 @@ def main() -> int:
         "--float64-products", action="store_true", help="ours without the float32 phase (fast_products off)"
     )
     parser.add_argument(
-        "--plain", action="store_true", help="ours as before preconditioning: raw coordinates, L-BFGS memory 10"
+        "--plain",
+        action="store_true",
+        help="ours as before: raw coordinates, L-BFGS memory 10, each C from the last solution",
     )
     parser.add_argument("--skip-sklearn", action="store_true", help="time ours only")
     parser.add_argument("--sklearn-c", type=int, default=5, help="C values scikit-learn is timed on (45: all)")
@@ -231,6 +288,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="folder for the memory run's files (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the memory run's files")
     parser.add_argument("--gpu", action="store_true", help="1.28M × 1024, 1000 classes on cuda")
+    parser.add_argument(
+        "--pass-times",
+        action="store_true",
+        help="one evaluation's seconds, ours (float32, anchored, float64) and scikit-learn's",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed evaluations per side (--pass-times)")
     args = parser.parse_args()
     if args.memory_child is not None:
         return memory_child(args)
@@ -238,6 +301,8 @@ def main() -> int:
         return memory(args)
     if args.gpu:
         return gpu(args)
+    if args.pass_times:
+        return pass_times(args)
     if not math.isfinite(args.separation) or args.separation < 0:
         parser.error("--separation must be a non-negative number")
     return speed(args)
