@@ -343,10 +343,13 @@ class _Problem:
         steps get that small (see :func:`_minimise`). With an ``anchor`` (and not ``exact``) the float32
         products are those of the step from the anchor, added in float64 to its logits and gradient:
         the rounding is that of the step, and values stay exact to a few units in the last place of
-        float64 while the step is small. An exact pass with ``record`` (same weights) fills it."""
+        float64 while the step is small. An exact pass with ``record`` (same weights) fills it at the
+        pass's ``theta``."""
         torch = torch_module()
         coef, intercept = self.split(theta)
         anchored = anchor is not None and not exact
+        if record is not None:
+            record.theta.copy_(theta)
         if anchored:
             assert anchor is not None
             coef_p, intercept_p = self.split((theta - anchor.theta).float())
@@ -411,9 +414,9 @@ class _Problem:
         return _Pass(objective, gradient, float(torch.dot(correct, weights)), correct, mean_curvature)
 
     def anchor_at(self, theta: Tensor) -> _Anchor | None:
-        """An empty :class:`_Anchor` at ``theta`` for an exact pass to fill, or ``None`` where its
-        logits and residuals (16 bytes per row and class) exceed :data:`ANCHOR_BYTES` (on a GPU, a
-        quarter of its free memory)."""
+        """An empty :class:`_Anchor` (shaped for parameters like ``theta``) for an exact pass to fill at
+        its own point, or ``None`` where its logits and residuals (16 bytes per row and class) exceed
+        :data:`ANCHOR_BYTES` (on a GPU, a quarter of its free memory)."""
         torch = torch_module()
         columns = 2 if self.width == 1 else self.width
         size = len(self.rows) * (columns + self.width) * 8
@@ -424,7 +427,7 @@ class _Problem:
             return None
         n, options = len(self.rows), {"dtype": torch.float64, "device": self.device}
         return _Anchor(
-            theta.clone(),
+            torch.empty_like(theta),
             torch.empty((n, columns), **options),
             torch.empty((n, self.width), **options),
             torch.empty((self.width, self.dims), **options),
