@@ -502,8 +502,8 @@ def _minimise(
         # A float32 phase stalled. Anchored here (one float64 pass), float32 passes see the step from
         # here only; where an anchored phase still moved, it is anchored again where it stopped.
         moved = anchor is None or iterations - phase_start > 2
+        anchor = None  # freed before another is made: one anchor's memory at a time
         record = problem.anchor_at(theta) if moved else None
-        anchor = None
         if record is not None:
             at = evaluate(point, record)
             anchor, phase_start = record, iterations
