@@ -176,6 +176,23 @@ def problem_and_conditioner(x: np.ndarray, y: np.ndarray, n_classes: int, C: flo
     return problem, _Conditioner(moments, C * _uniform_curvature(problem), problem.width, problem.dims)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_moments_are_numpys_weighted_mean_and_scatter(offset):
+    """One streamed pass over several chunks, rows far from zero: numpy's weighted mean and
+    covariance (``np.cov(aweights=…)``), with weights leaving rows out."""
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(700, 6)) * np.geomspace(10.0, 0.01, 6) + offset).astype(np.float32)
+    weights = (rng.random(700) < 0.8).astype(np.float64)
+    problem = _Problem(DeviceRows(RowReader(x), "cpu"), np.arange(700) % 3, 3, 128, "cpu")
+    moments = problem.moments(torch.from_numpy(weights))
+    rows = x.astype(np.float64)
+    np.testing.assert_allclose(moments.mean.numpy(), np.average(rows, axis=0, weights=weights), rtol=1e-12)
+    scatter = np.cov(rows, rowvar=False, aweights=weights, bias=True) * weights.sum()
+    rebuilt = (moments.basis * moments.spectrum) @ moments.basis.T
+    np.testing.assert_allclose(rebuilt.numpy(), scatter, rtol=1e-9, atol=1e-9 * np.abs(scatter).max())
+    assert moments.total == weights.sum()
+
+
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     n_classes=st.integers(2, 5),

@@ -290,19 +290,26 @@ class _Problem:
         return 4 * min(self.chunk_rows, len(self.rows)) * self.dims * self.width
 
     def moments(self, weights: Tensor) -> _Moments:
-        """The weighted mean and centred scatter of the rows, one streamed pass (float64)."""
+        """The weighted mean and centred scatter of the rows, one streamed pass (float64). The sums are
+        taken about the first chunk's mean, near the rows' own, so that removing the mean afterwards
+        cancels nothing the features' offset would otherwise put in every entry."""
         torch = torch_module()
         total = float(weights.sum())
+        shift: Tensor | None = None
         first = torch.zeros(self.dims, dtype=torch.float64, device=self.device)
+        second = torch.zeros((self.dims, self.dims), dtype=torch.float64, device=self.device)
         for rows in iter_chunks(len(self.rows), self.chunk_rows):
-            first += weights[rows] @ self.float64_rows(rows)
-        mean = first / total
-        scatter = torch.zeros((self.dims, self.dims), dtype=torch.float64, device=self.device)
-        for rows in iter_chunks(len(self.rows), self.chunk_rows):
-            centred = self.float64_rows(rows).sub_(mean)
-            scatter.addmm_((centred * weights[rows][:, None]).T, centred)
+            x = self.float64_rows(rows)
+            if shift is None:
+                shift = x.mean(dim=0)
+            shifted = x.sub_(shift)
+            weighted = shifted * weights[rows][:, None]
+            first += weighted.sum(dim=0)
+            second.addmm_(weighted.T, shifted)
+        assert shift is not None
+        scatter = second - torch.outer(first, first) / total
         spectrum, basis = torch.linalg.eigh(scatter)
-        return _Moments(total, mean, spectrum, basis)
+        return _Moments(total, shift + first / total, spectrum, basis)
 
     def penalty(self, theta: Tensor) -> float:
         """``½‖W‖²`` (the intercept is not penalised)."""
