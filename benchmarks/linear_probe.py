@@ -10,7 +10,7 @@ memory-mapped ImageNet-size split, and its GPU time.
 Speed: Gaussian classes (``_synthetic.gaussian_classes``, ``--separation`` sets their overlap; or with
 ``--data blobs`` the ImageNet-like ``_synthetic.class_blobs``) split into train and eval;
 :func:`sslbench.engine.logistic.linear_probe` runs the whole protocol (45 C values on the 90 % left after
-DINOv2's held-out tenth, each from the previous solution, then the refit at the chosen C on all of train
+DINOv2's held-out tenth, each from the previous solutions, then the refit at the chosen C on all of train
 and the eval scores). scikit-learn's ``LogisticRegression(C, solver="lbfgs", tol=1e-12, max_iter=1000)``
 — what the protocol costs without this engine, each C fitted from scratch as DINOv2 does — is timed on
 ``--sklearn-c`` C values spread over the grid (all 45 when asked): its total over the grid is
@@ -146,7 +146,7 @@ def speed(args: argparse.Namespace) -> int:
 
 
 def pass_times(args: argparse.Namespace) -> int:
-    """Seconds of one evaluation (objective and gradient over the sweep's rows) at the given size: ours
+    """Seconds of one evaluation (objective and gradient over ``--n`` rows) at the given size: ours
     with float32 products (plain and anchored) and with float64 products, and scikit-learn's (its
     private ``LinearModelLoss``, what its lbfgs solver calls once per evaluation), each the best of
     ``--repeats`` after a warm-up."""
@@ -274,7 +274,8 @@ def main() -> int:
     parser.add_argument(
         "--plain",
         action="store_true",
-        help="ours as before: raw coordinates, L-BFGS memory 10, each C from the last solution",
+        help="ours without whitening, predicted starts and the larger memory (raw coordinates, L-BFGS memory 10, "
+        "each C from the last solution); still its own L-BFGS and anchored passes",
     )
     parser.add_argument("--skip-sklearn", action="store_true", help="time ours only")
     parser.add_argument("--sklearn-c", type=int, default=5, help="C values scikit-learn is timed on (45: all)")
