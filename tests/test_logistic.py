@@ -19,6 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from sslbench.arrays import RowReader
+from sslbench.engine import logistic
 from sslbench.engine.logistic import (
     LogisticOptions,
     _Conditioner,
@@ -282,7 +283,9 @@ def test_float64_passes_only_confirm_convergence(digits, monkeypatch):
     evaluate = _Problem.evaluate
 
     def counted(self, theta, weights, C, with_gradient=True, exact=True, **kwargs):
-        kinds.append("anchor" if kwargs.get("record") is not None else "float64" if exact else "float32")
+        # Passes without a gradient score a point (held-out rows, predicted starts): not descent.
+        if with_gradient:
+            kinds.append("anchor" if kwargs.get("record") is not None else "float64" if exact else "float32")
         return evaluate(self, theta, weights, C, with_gradient, exact, **kwargs)
 
     monkeypatch.setattr(_Problem, "evaluate", counted)
@@ -407,14 +410,31 @@ def test_default_grid_is_dinov2s():
     assert LogisticOptions().c_values == tuple((10 ** torch.linspace(-6, 5, 45)).tolist())
 
 
-def test_protocol_chooses_scikit_learns_c(digits):
+@pytest.mark.parametrize("copied", [True, False], ids=["sweep-copies-its-rows", "held-out-rows-at-weight-zero"])
+def test_protocol_chooses_scikit_learns_c(digits, copied, monkeypatch):
+    """Held-out scores, chosen C and eval top-1 are scikit-learn's, whether the sweep fits on its own
+    copy of the rows (they fit its budget) or streams all of train with the held-out rows at weight
+    zero; a held-out row whose class no fitted row has counts as wrong."""
     x, y = digits
+    held = held_out_rows(len(x), 0.1, 0)
+    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    y = y.copy()
+    y[held[3]] = 10  # a class only the held-out rows have
     rng = np.random.default_rng(0)
     x_eval = np.clip(x + rng.normal(scale=0.15, size=x.shape), 0, 1).astype(np.float32)
     grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    if not copied:
+        monkeypatch.setattr(logistic, "SWEEP_COPY_BYTES", 0)
+    sizes: list[int] = []
+    problem_init = logistic._Problem.__init__
+
+    def recorded(self, rows, *args, **kwargs):
+        sizes.append(len(rows))
+        problem_init(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(logistic._Problem, "__init__", recorded)
     result = linear_probe(x, y, x_eval, y, LogisticOptions(c_values=grid))
-    held = held_out_rows(len(x), 0.1, 0)
-    fit_rows = np.setdiff1d(np.arange(len(x)), held)
+    assert (len(fit_rows) in sizes) == copied
     scores = []
     for C in grid:
         model, _ = sklearn_fit(x[fit_rows], y[fit_rows], C)
