@@ -583,7 +583,7 @@ def _sweep_rows(
     data: _Features,
     codes: np.ndarray,
     n_classes: int,
-    held: np.ndarray,
+    in_sweep: np.ndarray,
     known: np.ndarray,
     opts: LogisticOptions,
     device: str,
@@ -593,23 +593,20 @@ def _sweep_rows(
     forward pass per C), else every train row, the held-out ones at weight zero, scored by each fit's
     closing pass for free. Rows already resident on a GPU are not copied (a second resident set would
     take the card's memory for a tenth of the work). ``codes`` are every train row's class codes,
-    ``known`` whether a held-out row's class is among the fitted rows' (others count as wrong)."""
+    ``in_sweep`` whether a row is fitted (else held out), ``known`` whether a held-out row's class is
+    among the fitted rows' (others count as wrong)."""
     torch = torch_module()
-    n = len(codes)
+    fitted, held = np.flatnonzero(in_sweep), np.flatnonzero(~in_sweep)
     known_weights = torch.from_numpy(known.astype(np.float64)).to(device)
-    itemsize = data.reader.array.dtype.itemsize
-    copy_bytes = n * data.rows.dims * (4 if data.reader.array.dtype == np.float32 else 4 + itemsize)
+    dtype = data.reader.array.dtype
+    copy_bytes = len(codes) * data.rows.dims * (4 + (0 if dtype == np.float32 else dtype.itemsize))
     if data.rows.resident is not None or copy_bytes > SWEEP_COPY_BYTES:
-        in_sweep = np.ones(n, dtype=np.float64)
-        in_sweep[held] = 0.0
         held_index = torch.from_numpy(held).to(device)
-        problem = _Problem(data.rows, codes, n_classes, opts.chunk_rows, device)
         return _SweepRows(
-            problem,
-            torch.from_numpy(in_sweep).to(device),
+            _Problem(data.rows, codes, n_classes, opts.chunk_rows, device),
+            torch.from_numpy(in_sweep.astype(np.float64)).to(device),
             lambda theta, final: float(torch.dot(final.correct[held_index], known_weights)) / len(held),
         )
-    fitted = np.setdiff1d(np.arange(n), held)
     copies = [RowReader(data.reader.gather(rows)) for rows in (fitted, held)]
     problem = _Problem(DeviceRows(copies[0], device), codes[fitted], n_classes, opts.chunk_rows, device)
     held_problem = _Problem(DeviceRows(copies[1], device), codes[held], n_classes, opts.chunk_rows, device)
@@ -853,7 +850,7 @@ def linear_probe(
     # held-out rows of other classes are scored wrong.
     codes = np.searchsorted(sweep_classes, data.labels).clip(max=len(sweep_classes) - 1)
     known = np.isin(data.labels[held], sweep_classes)
-    problem, fit_weights, held_out_top1 = _sweep_rows(data, codes, len(sweep_classes), held, known, opts, device)
+    problem, fit_weights, held_out_top1 = _sweep_rows(data, codes, len(sweep_classes), in_sweep, known, opts, device)
     theta = torch.zeros(problem.width * (problem.dims + 1), dtype=torch.float64, device=device)
     sweep: list[SweepPoint] = []
     fits: dict[float, LogisticFit] = {}
