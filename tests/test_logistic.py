@@ -275,8 +275,8 @@ def test_the_predicted_start_changes_the_path_not_the_solutions(digits):
 
 def test_float64_passes_only_confirm_convergence(digits, monkeypatch):
     """Over a sweep into the separable range (13 C values to 1e4, then the refit), float32 passes do the
-    descent: float64 passes other than anchors stay at a handful per fit (the fit's closing pass and a
-    test or two of the stopping rules), where a float32 phase handed over too early had spent hundreds
+    descent: float64 passes other than anchors stay at a handful per fit (a test or two of the stopping
+    rules), where a float32 phase handed over too early had spent hundreds
     at one C; the minima are the float64-only solver's (or lower)."""
     x, y = digits
     kinds: list[str] = []
@@ -302,6 +302,27 @@ def test_float64_passes_only_confirm_convergence(digits, monkeypatch):
         # rules end 1e-6 apart; never above the float64-only solver's by more than rounding.
         assert ours.objective == pytest.approx(reference.objective, rel=1e-5)
         assert ours.objective <= reference.objective * (1 + 1e-9)
+
+
+def test_no_float64_pass_is_repeated_at_one_point(digits, monkeypatch):
+    """A fit's closing pass (the one that reports its objective and the rows' curvature for the next C's
+    preconditioner) is the last float64 pass of its search where the search ended there: over a sweep
+    into the separable range no float64 pass is computed twice at the same parameters and C."""
+    x, y = digits
+    seen: list[tuple[int, float, bytes]] = []
+    evaluate = _Problem.evaluate
+
+    def counted(self, theta, weights, C, with_gradient=True, exact=True, **kwargs):
+        if exact and with_gradient:  # (held-out rows are scored on a problem of their own)
+            seen.append((id(self), C, theta.numpy().tobytes()))
+        return evaluate(self, theta, weights, C, with_gradient, exact, **kwargs)
+
+    monkeypatch.setattr(_Problem, "evaluate", counted)
+    grid = tuple(10.0**t for t in np.linspace(-2, 4, 13))
+    result = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
+    assert all(point.converged for point in result.sweep)
+    assert len(seen) > 3 * len(grid)
+    assert len(set(seen)) == len(seen)
 
 
 @pytest.mark.parametrize("C", [1e-3, 1.0])

@@ -47,6 +47,7 @@ from sslbench.interfaces import iter_chunks
 from sslbench.threads import torch_threads
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 
@@ -284,6 +285,7 @@ class _Problem:
         self.codes = torch.from_numpy(codes).to(device)
         self.dims = rows.dims
         self._wide: Tensor | None = None
+        self._scratch: dict[tuple[str, int], Tensor] = {}
 
     def float64_rows(self, rows: slice) -> Tensor:
         """The rows in float64, in a buffer the next call overwrites (a fresh conversion costs five
@@ -295,6 +297,20 @@ class _Problem:
                 (min(self.chunk_rows, len(self.rows)), self.dims), dtype=torch.float64, device=self.device
             )
         return self._wide[: len(x)].copy_(x)
+
+    def scratch(self, name: str, dtype: torch.dtype, rows: int, columns: int) -> Tensor:
+        """A ``rows × columns`` buffer of ``dtype`` kept across chunks and passes under ``name``: a chunk's
+        logits and residuals (6.5 MB per 8,192 rows and 100 classes in float64) are freshly allocated
+        otherwise, and glibc hands blocks that size back as untouched pages, one page fault per 4 KiB."""
+        torch = torch_module()
+        key = (name, columns)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.dtype != dtype or len(buffer) < rows:
+            buffer = torch.empty(
+                (max(rows, min(self.chunk_rows, len(self.rows))), columns), dtype=dtype, device=self.device
+            )
+            self._scratch[key] = buffer
+        return buffer[:rows]
 
     @property
     def chunk_work(self) -> int:
@@ -334,11 +350,14 @@ class _Problem:
         coef = theta[: self.width * self.dims].view(self.width, self.dims)
         return coef, theta[self.width * self.dims :]
 
-    def logits(self, x: Tensor, coef: Tensor, intercept: Tensor) -> Tensor:
-        """Every class's logit of rows ``x`` in their dtype (a zero first column for the binary model)."""
+    def logits(self, x: Tensor, coef: Tensor, intercept: Tensor, out: Tensor | None = None) -> Tensor:
+        """Every class's logit of rows ``x`` in their dtype (a zero first column for the binary model),
+        into ``out`` where given."""
         torch = torch_module()
-        z = torch.addmm(intercept, x, coef.T)
-        return torch.nn.functional.pad(z, (1, 0)) if self.width == 1 else z
+        if self.width == 1:
+            z = torch.nn.functional.pad(torch.addmm(intercept, x, coef.T), (1, 0))
+            return z if out is None else out.copy_(z)
+        return torch.addmm(intercept, x, coef.T) if out is None else torch.addmm(intercept, x, coef.T, out=out)
 
     def evaluate(
         self,
@@ -381,23 +400,25 @@ class _Problem:
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         curvature = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.empty(len(self.rows), dtype=torch.float64, device=self.device)
+        columns = 2 if self.width == 1 else self.width
         for rows in iter_chunks(len(self.rows), self.chunk_rows):
             w = weights[rows]
             codes = self.codes[rows][:, None]
+            m = len(w)
             if exact:
                 x = self.float64_rows(rows)
-                z = self.logits(x, coef_p, intercept_p)
+                z = self.logits(x, coef_p, intercept_p, self.scratch("z", torch.float64, m, columns))
                 if record is not None:
                     record.logits[rows] = z
             else:
                 x = self.rows.rows(rows).to(torch.float32)
-                z = self.logits(x, coef_p, intercept_p)
+                z = self.logits(x, coef_p, intercept_p, self.scratch("step", torch.float32, m, columns))
                 if anchored:
                     assert anchor is not None
-                    z = anchor.logits[rows] + z.double()
+                    z = torch.add(anchor.logits[rows], z, out=self.scratch("z", torch.float64, m, columns))
             best, predicted = z.max(dim=1)
             picked = z.gather(1, codes)[:, 0]
-            correct[rows] = (predicted == codes[:, 0]).double()
+            correct[rows] = predicted == codes[:, 0]
             # One exponential pass serves the log-normaliser and the probabilities (shifted by the
             # row's largest logit: no overflow).
             shifted = z.sub_(best[:, None]).exp_()
@@ -414,7 +435,10 @@ class _Problem:
                 grad_intercept += residual.sum(dim=0, dtype=torch.float64)
                 if anchored:
                     assert anchor is not None
-                    grad_coef.add_((residual - anchor.residuals[rows]).float().T @ x)
+                    step = torch.sub(
+                        residual, anchor.residuals[rows], out=self.scratch("delta", torch.float32, m, self.width)
+                    )
+                    grad_coef.add_(step.T @ x)
                 else:
                     grad_coef.add_(residual.T @ x)
                     if record is not None:
@@ -464,11 +488,12 @@ def _minimise(
     fast_products: bool,
     conditioner: _Conditioner | None,
     memory: int,
-) -> tuple[int, bool, str]:
+) -> tuple[int, bool, str, _Pass | None]:
     """L-BFGS (:mod:`sslbench.engine.lbfgs`) with scikit-learn's stopping rules (a relative reduction
     of at most ``64·eps``, or every gradient entry at most ``tol``) on scikit-learn's mean objective
     ``objective / (C·n)`` from ``theta`` (updated in place), each evaluation one streamed pass on the
-    device; returns (iterations, whether it stopped on a tolerance, the reason).
+    device; returns (iterations, whether it stopped on a tolerance, the reason, the float64 pass at the
+    final ``theta`` with the rows' curvature where the last float64 pass was there, else ``None``).
 
     With a ``conditioner`` the search runs in its coordinates (same objective values; the gradient test
     stays on the model's own gradient, as scikit-learn's). With ``fast_products`` the descent starts on
@@ -479,18 +504,42 @@ def _minimise(
     anchor fits :data:`ANCHOR_BYTES`; then float64 passes, which hand back to anchored ones where they
     keep making progress, keeping the curvature pairs throughout. The stopping rules are always judged
     on float64 passes, so the minimiser is scikit-learn's; the float64 passes usually only confirm it
-    (on 10,000 × 128 Gaussian rows, 10 classes, the 45-C sweep: 430 float64 passes, 214 of them
-    anchors, beside 7,025 float32 ones)."""
+    (on 10,000 × 128 Gaussian rows, 10 classes, the 45-C sweep and refit: 411 float64 passes, 227 of
+    them anchors, beside 7,256 float32 ones). No float64 pass is repeated at one point: a float64
+    phase past its first step fills the anchor as it goes (where it keeps making progress it is
+    anchored at its last pass), and the pass a search ends on is returned for the fit to report."""
     scale = 1.0 / (C * float(weights.sum()))
     exact = not fast_products
     anchor: _Anchor | None = None
     #: The largest entry of the model's own (mean objective's) gradient at the last evaluation.
     largest_entry = math.inf
+    #: The last float64 pass and its parameters: a fit that ends there needs no pass to report it.
+    last_exact: tuple[Tensor, _Pass] | None = None
+    #: The memory of this search's anchors, allocated once (each anchor overwrites the last).
+    buffer: _Anchor | None = None
+    iterations, phase_start = 0, 0
+    #: Whether float32 passes may be anchored (the anchor fits its budget).
+    anchoring = fast_products
+
+    def anchor_memory() -> _Anchor | None:
+        nonlocal buffer
+        if buffer is None:
+            buffer = problem.anchor_at(theta)
+        return buffer
 
     def evaluate(point: Tensor, record: _Anchor | None = None) -> Evaluation:
-        nonlocal largest_entry
+        nonlocal largest_entry, last_exact
+        if record is None and exact and anchoring and iterations - phase_start >= 1:
+            # A float64 phase past its first step: its next accepted point is where it would be
+            # anchored again if it keeps making progress, so the pass fills the anchor as it goes.
+            record = anchor_memory()
         theta.copy_(conditioner.weights(point) if conditioner else point)
-        evaluated = problem.evaluate(theta, weights, C, exact=exact or record is not None, anchor=anchor, record=record)
+        precise = exact or record is not None
+        evaluated = problem.evaluate(
+            theta, weights, C, exact=precise, anchor=anchor, record=record, with_curvature=precise
+        )
+        if precise:
+            last_exact = (theta.clone(), evaluated)
         assert evaluated.gradient is not None
         largest_entry = float(evaluated.gradient.abs().max()) * scale
         gradient = conditioner.gradient(evaluated.gradient) if conditioner else evaluated.gradient
@@ -499,10 +548,7 @@ def _minimise(
     point = conditioner.coordinates(theta) if conditioner else theta.clone()
     at = evaluate(point)
     pairs = CurvaturePairs(memory)
-    iterations, converged, reason = 0, False, ""
-    phase_start = 0
-    #: Whether float32 passes may be anchored (the anchor fits its budget).
-    anchoring = fast_products
+    converged, reason = False, ""
     while True:
         if exact and largest_entry <= tol:
             converged, reason = True, "every gradient entry at most tol"
@@ -522,10 +568,11 @@ def _minimise(
                 if exact and anchoring and iterations - phase_start >= 2:
                     # float64 passes still making progress: the float32 phase stopped short of the
                     # minimum (on a poor direction, not at it); anchored here, float32 passes go on.
-                    anchor = problem.anchor_at(theta)
+                    anchor = anchor_memory()
                     anchoring = anchor is not None
                     if anchor is not None:
-                        at = evaluate(point, anchor)
+                        if not bool(torch_module().equal(anchor.theta, theta)):
+                            at = evaluate(point, anchor)  # (the accepted pass normally filled it)
                         exact, phase_start = False, iterations
                 continue
             converged, reason = True, "relative reduction of the objective at most ftol"
@@ -539,8 +586,8 @@ def _minimise(
         # ftol; one that stalls at its anchor hands over to float64 passes.
         steps = iterations - phase_start
         moved = anchor is None or (steps > 2 if converged else steps > 0)
-        anchor = None  # freed before another is made: one anchor's memory at a time
-        record = problem.anchor_at(theta) if moved else None
+        anchor = None  # its memory is the next one's: one anchor at a time
+        record = anchor_memory() if moved else None
         if record is not None:
             at = evaluate(point, record)
             anchor, phase_start = record, iterations
@@ -549,7 +596,8 @@ def _minimise(
         exact, phase_start = True, iterations
         at = evaluate(point)
     theta.copy_(conditioner.weights(point) if conditioner else point)
-    return iterations, converged, reason
+    final = last_exact[1] if last_exact is not None and bool(torch_module().equal(last_exact[0], theta)) else None
+    return iterations, converged, reason, final
 
 
 class _Features:
@@ -654,7 +702,7 @@ def _fit(
     iterations = 0
     while True:
         conditioner = _Conditioner(moments, C * curvature, problem.width, problem.dims) if moments else None
-        done, converged, reason = _minimise(
+        done, converged, reason, final_pass = _minimise(
             problem,
             weights,
             C,
@@ -666,7 +714,7 @@ def _fit(
             settings.memory,
         )
         iterations += done
-        final = problem.evaluate(theta, weights, C, with_curvature=True)
+        final = final_pass or problem.evaluate(theta, weights, C, with_curvature=True)
         # A preconditioner built on a curvature the fit has since left (probabilities sharpen as the
         # weights grow) can stall L-BFGS far from the minimum: rebuilt at the curvature reached, the
         # search goes on; it ends where the two agree.
