@@ -23,6 +23,7 @@ from sslbench.engine import logistic
 from sslbench.engine.logistic import (
     LogisticOptions,
     _Conditioner,
+    _Pass,
     _Problem,
     _uniform_curvature,
     fit_logistic,
@@ -279,20 +280,26 @@ def test_float64_passes_only_confirm_convergence(digits, monkeypatch):
     rules), where a float32 phase handed over too early had spent hundreds
     at one C; the minima are the float64-only solver's (or lower)."""
     x, y = digits
-    kinds: list[str] = []
+    passes: list[tuple[str, bytes]] = []
+    anchors: set[bytes] = set()  # the points float32 passes were anchored at
     evaluate = _Problem.evaluate
 
     def counted(self, theta, weights, C, with_gradient=True, exact=True, **kwargs):
         # Passes without a gradient score a point (held-out rows, predicted starts): not descent.
         if with_gradient:
-            kinds.append("anchor" if kwargs.get("record") is not None else "float64" if exact else "float32")
+            anchor = kwargs.get("anchor")
+            if anchor is not None and not exact:
+                anchors.add(anchor.theta.numpy().tobytes())
+            passes.append(("float64" if exact else "float32", theta.numpy().tobytes()))
         return evaluate(self, theta, weights, C, with_gradient, exact, **kwargs)
 
     monkeypatch.setattr(_Problem, "evaluate", counted)
     grid = tuple(10.0**t for t in np.linspace(-2, 4, 13))
     fast = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
     fits = len(grid) + 1
-    assert kinds.count("float64") <= 6 * fits
+    # A float64 pass that filled an anchor float32 passes then used counts as the anchor's.
+    kinds = ["anchor" if kind == "float64" and point in anchors else kind for kind, point in passes]
+    assert kinds.count("anchor") > 0 and kinds.count("float64") <= 6 * fits
     assert kinds.count("float32") > 10 * kinds.count("float64")
     monkeypatch.undo()
     exact = linear_probe(x, y, x, y, LogisticOptions(c_values=grid, fast_products=False))
@@ -310,19 +317,32 @@ def test_no_float64_pass_is_repeated_at_one_point(digits, monkeypatch):
     into the separable range no float64 pass is computed twice at the same parameters and C."""
     x, y = digits
     seen: list[tuple[int, float, bytes]] = []
-    evaluate = _Problem.evaluate
+    returned: list[tuple[_Pass, _Pass]] = []
+    evaluate, minimise = _Problem.evaluate, logistic._minimise
 
     def counted(self, theta, weights, C, with_gradient=True, exact=True, **kwargs):
         if exact and with_gradient:  # (held-out rows are scored on a problem of their own)
             seen.append((id(self), C, theta.numpy().tobytes()))
         return evaluate(self, theta, weights, C, with_gradient, exact, **kwargs)
 
+    def checked(problem, weights, C, theta, *args):
+        outcome = minimise(problem, weights, C, theta, *args)
+        if outcome[3] is not None:
+            returned.append((outcome[3], evaluate(problem, theta, weights, C, with_curvature=True)))
+        return outcome
+
     monkeypatch.setattr(_Problem, "evaluate", counted)
+    monkeypatch.setattr(logistic, "_minimise", checked)
     grid = tuple(10.0**t for t in np.linspace(-2, 4, 13))
     result = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
     assert all(point.converged for point in result.sweep)
     assert len(seen) > 3 * len(grid)
     assert len(set(seen)) == len(seen)
+    # The pass a search hands back is the one a fresh float64 pass at its result gives, curvature included.
+    assert len(returned) > len(grid)
+    for kept, fresh in returned:
+        assert kept.objective == fresh.objective and kept.curvature == fresh.curvature > 0
+        assert torch.equal(kept.gradient, fresh.gradient) and torch.equal(kept.correct, fresh.correct)
 
 
 @pytest.mark.parametrize("C", [1e-3, 1.0])

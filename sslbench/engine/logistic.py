@@ -505,16 +505,21 @@ def _minimise(
     keep making progress, keeping the curvature pairs throughout. The stopping rules are always judged
     on float64 passes, so the minimiser is scikit-learn's; the float64 passes usually only confirm it
     (on 10,000 × 128 Gaussian rows, 10 classes, the 45-C sweep and refit: 411 float64 passes, 227 of
-    them anchors, beside 7,256 float32 ones). No float64 pass is repeated at one point: a float64
-    phase past its first step fills the anchor as it goes (where it keeps making progress it is
-    anchored at its last pass), and the pass a search ends on is returned for the fit to report."""
+    them filling the anchor, beside 7,256 float32 ones). No float64 pass is repeated at one point: a
+    float64 phase past its first step fills the anchor as it goes (16 bytes per row and class written
+    beside each pass; where the phase keeps making progress it is anchored at its last accepted pass),
+    a phase handed over at its anchor starts from the anchor's pass, and the float64 pass at the point
+    a search ends on is returned for the fit to report."""
     scale = 1.0 / (C * float(weights.sum()))
     exact = not fast_products
     anchor: _Anchor | None = None
     #: The largest entry of the model's own (mean objective's) gradient at the last evaluation.
     largest_entry = math.inf
-    #: The last float64 pass and its parameters: a fit that ends there needs no pass to report it.
-    last_exact: tuple[Tensor, _Pass] | None = None
+    #: The last evaluation's float64 pass with its parameters (``None`` after a float32 pass), and the
+    #: float64 pass at the current point where there is one: a fit that ends there needs no pass to
+    #: report it, and a phase that hands over there needs none to start from.
+    latest: tuple[Tensor, _Pass] | None = None
+    here: tuple[Tensor, _Pass] | None = None
     #: The memory of this search's anchors, allocated once (each anchor overwrites the last).
     buffer: _Anchor | None = None
     iterations, phase_start = 0, 0
@@ -528,7 +533,7 @@ def _minimise(
         return buffer
 
     def evaluate(point: Tensor, record: _Anchor | None = None) -> Evaluation:
-        nonlocal largest_entry, last_exact
+        nonlocal largest_entry, latest
         if record is None and exact and anchoring and iterations - phase_start >= 1:
             # A float64 phase past its first step: its next accepted point is where it would be
             # anchored again if it keeps making progress, so the pass fills the anchor as it goes.
@@ -538,8 +543,7 @@ def _minimise(
         evaluated = problem.evaluate(
             theta, weights, C, exact=precise, anchor=anchor, record=record, with_curvature=precise
         )
-        if precise:
-            last_exact = (theta.clone(), evaluated)
+        latest = (theta.clone(), evaluated) if precise else None
         assert evaluated.gradient is not None
         largest_entry = float(evaluated.gradient.abs().max()) * scale
         gradient = conditioner.gradient(evaluated.gradient) if conditioner else evaluated.gradient
@@ -547,6 +551,7 @@ def _minimise(
 
     point = conditioner.coordinates(theta) if conditioner else theta.clone()
     at = evaluate(point)
+    here = latest
     pairs = CurvaturePairs(memory)
     converged, reason = False, ""
     while True:
@@ -563,7 +568,7 @@ def _minimise(
         if step.point is not None and step.evaluation is not None:
             iterations += 1
             reduction = relative_reduction(at.value, step.evaluation.value)
-            point, at = step.point, step.evaluation
+            point, at, here = step.point, step.evaluation, latest
             if reduction > (FTOL if precise else FAST_FTOL):
                 if exact and anchoring and iterations - phase_start >= 2:
                     # float64 passes still making progress: the float32 phase stopped short of the
@@ -573,6 +578,7 @@ def _minimise(
                     if anchor is not None:
                         if not bool(torch_module().equal(anchor.theta, theta)):
                             at = evaluate(point, anchor)  # (the accepted pass normally filled it)
+                            here = latest
                         exact, phase_start = False, iterations
                 continue
             converged, reason = True, "relative reduction of the objective at most ftol"
@@ -590,13 +596,18 @@ def _minimise(
         record = anchor_memory() if moved else None
         if record is not None:
             at = evaluate(point, record)
-            anchor, phase_start = record, iterations
+            anchor, phase_start, here = record, iterations, latest
             continue
         anchoring = anchoring and not moved  # a moved phase found no room for an anchor
         exact, phase_start = True, iterations
-        at = evaluate(point)
+        if here is not None:  # a phase whose first search failed: ``at`` is still its anchor's pass
+            assert here[1].gradient is not None
+            largest_entry = float(here[1].gradient.abs().max()) * scale
+        else:
+            at = evaluate(point)
+            here = latest
     theta.copy_(conditioner.weights(point) if conditioner else point)
-    final = last_exact[1] if last_exact is not None and bool(torch_module().equal(last_exact[0], theta)) else None
+    final = here[1] if here is not None and bool(torch_module().equal(here[0], theta)) else None
     return iterations, converged, reason, final
 
 
