@@ -277,8 +277,8 @@ def test_the_predicted_start_changes_the_path_not_the_solutions(digits):
 def test_float64_passes_only_confirm_convergence(digits, monkeypatch):
     """Over a sweep into the separable range (13 C values to 1e4, then the refit), float32 passes do the
     descent: float64 passes other than anchors stay at a handful per fit (a test or two of the stopping
-    rules), where a float32 phase handed over too early had spent hundreds
-    at one C; the minima are the float64-only solver's (or lower)."""
+    rules), where a float32 phase handed over too early had spent hundreds at one C; the minima are the
+    float64-only solver's (or lower)."""
     x, y = digits
     passes: list[tuple[str, bytes]] = []
     anchors: set[bytes] = set()  # the points float32 passes were anchored at

@@ -284,19 +284,13 @@ class _Problem:
         self.width = 1 if n_classes == 2 else n_classes
         self.codes = torch.from_numpy(codes).to(device)
         self.dims = rows.dims
-        self._wide: Tensor | None = None
         self._scratch: dict[tuple[str, int], Tensor] = {}
 
     def float64_rows(self, rows: slice) -> Tensor:
         """The rows in float64, in a buffer the next call overwrites (a fresh conversion costs five
         times the copy: the allocator hands back untouched pages every chunk)."""
-        torch = torch_module()
         x = self.rows.rows(rows)
-        if self._wide is None or len(self._wide) < len(x):
-            self._wide = torch.empty(
-                (min(self.chunk_rows, len(self.rows)), self.dims), dtype=torch.float64, device=self.device
-            )
-        return self._wide[: len(x)].copy_(x)
+        return self.scratch("rows", torch_module().float64, len(x), self.dims).copy_(x)
 
     def scratch(self, name: str, dtype: torch.dtype, rows: int, columns: int) -> Tensor:
         """A ``rows × columns`` buffer of ``dtype`` kept across chunks and passes under ``name``: a chunk's
