@@ -409,7 +409,9 @@ class _Problem:
                 z = self.logits(x, coef_p, intercept_p, self.scratch("step", torch.float32, m, columns))
                 if anchored:
                     assert anchor is not None
-                    z = torch.add(anchor.logits[rows], z, out=self.scratch("z", torch.float64, m, columns))
+                    # Every dtype conversion goes through a reused buffer: torch converts the operands of a
+                    # mixed-dtype operation into a fresh block, which page-faults like any other.
+                    z = self.scratch("z", torch.float64, m, columns).copy_(z).add_(anchor.logits[rows])
             best, predicted = z.max(dim=1)
             picked = z.gather(1, codes)[:, 0]
             correct[rows] = predicted == codes[:, 0]
@@ -426,12 +428,15 @@ class _Problem:
                 residual.mul_(w.to(residual.dtype)[:, None])
                 if self.width == 1:
                     residual = residual[:, 1:]
-                grad_intercept += residual.sum(dim=0, dtype=torch.float64)
+                if residual.dtype == torch.float64:
+                    grad_intercept += residual.sum(dim=0)
+                else:
+                    wide = self.scratch("wide", torch.float64, m, self.width)
+                    grad_intercept += wide.copy_(residual).sum(dim=0)
                 if anchored:
                     assert anchor is not None
-                    step = torch.sub(
-                        residual, anchor.residuals[rows], out=self.scratch("delta", torch.float32, m, self.width)
-                    )
+                    step = residual.sub_(anchor.residuals[rows])
+                    step = self.scratch("delta", torch.float32, m, self.width).copy_(step)
                     grad_coef.add_(step.T @ x)
                 else:
                     grad_coef.add_(residual.T @ x)
