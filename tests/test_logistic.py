@@ -349,13 +349,13 @@ def test_no_float64_pass_is_repeated_at_one_point(digits, monkeypatch):
 
 
 PASS_FAULTS_SCRIPT = """
-import json, resource, sys
+import json, resource
 import numpy as np, torch
 from sslbench.arrays import RowReader
 from sslbench.engine.logistic import _Problem
 from sslbench.engine.rows import DeviceRows
 
-n_classes, chunk = int(sys.argv[1]), 4096
+n_classes, chunk = 64, 4096
 rng = np.random.default_rng(0)
 x = rng.normal(size=(3 * chunk, 16)).astype(np.float32)
 y = rng.integers(0, n_classes, len(x))
@@ -384,7 +384,7 @@ def test_a_pass_page_faults_nothing_chunk_sized():
     page faults). Run where every block above 64 KiB is a fresh mapping, so that each one would fault."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
     done = subprocess.run(
-        [sys.executable, "-c", PASS_FAULTS_SCRIPT, "64"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PASS_FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True
     )
     faults = json.loads(done.stdout)
     chunk_pages = 4096 * 64 * 8 // 4096  # one chunk's float64 logits
