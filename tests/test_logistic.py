@@ -372,6 +372,10 @@ for kind, options in kinds.items():
     for _ in range(5):
         problem.evaluate(theta, weights, 1.0, **options)
     faults[kind] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    problem.moments(weights)
+faults["moments"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
 print(json.dumps(faults))
 """
 
@@ -381,16 +385,20 @@ def test_a_pass_page_faults_nothing_chunk_sized():
     converts a chunk's logits or residuals between dtypes into a fresh block (a float32 chunk summed in
     float64, a float32 step added to float64 logits, a float64 difference stored as float32 each made one,
     and glibc hands such blocks back as untouched pages: 28 % of a 20,000 × 768 × 100 fit's time went to
-    page faults). Run where every block above 64 KiB is a fresh mapping, so that each one would fault."""
+    page faults); the moment pass weights each chunk's rows into one buffer for the pass, not a fresh
+    one per chunk (three chunks here). Run where every block above 64 KiB is a fresh mapping, so that
+    each one would fault."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
     done = subprocess.run(
         [sys.executable, "-c", PASS_FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True
     )
     faults = json.loads(done.stdout)
     chunk_pages = 4096 * 64 * 8 // 4096  # one chunk's float64 logits
-    assert set(faults) == {"float32", "anchored", "float64", "recording"}
+    assert set(faults) == {"float32", "anchored", "float64", "recording", "moments"}
+    moments = faults.pop("moments")
     for kind, per_pass in faults.items():
         assert per_pass < chunk_pages / 4, (kind, per_pass)
+    assert moments < 2 * (4096 * 16 * 8 // 4096), moments  # one chunk of weighted float64 rows, not three
 
 
 @pytest.mark.parametrize("C", [1e-3, 1.0])

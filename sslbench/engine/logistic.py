@@ -326,10 +326,13 @@ class _Problem:
             if shift is None:
                 shift = x.mean(dim=0)
             shifted = x.sub_(shift)
-            weighted = shifted * weights[rows][:, None]
+            buffer = self.scratch("weighted", torch.float64, *shifted.shape)
+            weighted = torch.mul(shifted, weights[rows][:, None], out=buffer)
             first += weighted.sum(dim=0)
             second.addmm_(weighted.T, shifted)
         assert shift is not None
+        # A chunk of float64 rows in size, and needed once a sweep or fit: not kept beside the passes' buffers.
+        del self._scratch[("weighted", self.dims)]
         scatter = second - torch.outer(first, first) / total
         spectrum, basis = torch.linalg.eigh(scatter)
         return _Moments(total, shift + first / total, spectrum, basis)
