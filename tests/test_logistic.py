@@ -385,9 +385,9 @@ def test_a_pass_page_faults_nothing_chunk_sized():
     converts a chunk's logits or residuals between dtypes into a fresh block (a float32 chunk summed in
     float64, a float32 step added to float64 logits, a float64 difference stored as float32 each made one,
     and glibc hands such blocks back as untouched pages: 28 % of a 20,000 × 768 × 100 fit's time went to
-    page faults); the moment pass weights each chunk's rows into one buffer for the pass, not a fresh
-    one per chunk (three chunks here). Run where every block above 64 KiB is a fresh mapping, so that
-    each one would fault."""
+    page faults). The moment pass, once a fit, weights each chunk's rows into one buffer for the pass,
+    freed after it: it faults one chunk's worth per pass, not one per chunk (three here). Run where every
+    block above 64 KiB is a fresh mapping, so that each one would fault."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
     done = subprocess.run(
         [sys.executable, "-c", PASS_FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True
