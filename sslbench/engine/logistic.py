@@ -321,18 +321,18 @@ class _Problem:
         shift: Tensor | None = None
         first = torch.zeros(self.dims, dtype=torch.float64, device=self.device)
         second = torch.zeros((self.dims, self.dims), dtype=torch.float64, device=self.device)
+        # One buffer for the pass's weighted chunks (a fresh 50 MB block per chunk page-faults in again each
+        # time); local, not among the passes' kept buffers: moments are taken once a sweep or fit.
+        buffer = torch.empty((min(self.chunk_rows, len(self.rows)), self.dims), dtype=torch.float64, device=self.device)
         for rows in iter_chunks(len(self.rows), self.chunk_rows):
             x = self.float64_rows(rows)
             if shift is None:
                 shift = x.mean(dim=0)
             shifted = x.sub_(shift)
-            buffer = self.scratch("weighted", torch.float64, *shifted.shape)
-            weighted = torch.mul(shifted, weights[rows][:, None], out=buffer)
+            weighted = torch.mul(shifted, weights[rows][:, None], out=buffer[: len(shifted)])
             first += weighted.sum(dim=0)
             second.addmm_(weighted.T, shifted)
         assert shift is not None
-        # A chunk of float64 rows in size, and needed once a sweep or fit: not kept beside the passes' buffers.
-        del self._scratch[("weighted", self.dims)]
         scatter = second - torch.outer(first, first) / total
         spectrum, basis = torch.linalg.eigh(scatter)
         return _Moments(total, shift + first / total, spectrum, basis)
