@@ -73,6 +73,7 @@ def speed(args: argparse.Namespace) -> int:
         fast_products=not args.float64_products,
         precondition=not args.plain,
         predict_path=not args.plain,
+        class_blocks=not (args.plain or args.no_class_blocks),
         memory=10 if args.plain else LogisticOptions().memory,
     )
     grid = sorted(options.c_values)
@@ -80,7 +81,8 @@ def speed(args: argparse.Namespace) -> int:
         f"train {args.n:,} × {args.dims}, eval {args.eval_n:,}, {args.classes} classes ({data}); "
         f"{len(grid)} C values, tol {options.tol:g}, max_iter {options.max_iter}; "
         f"ours with {'float32 then float64' if options.fast_products else 'float64'} products, "
-        f"{'raw coordinates, warm starts' if args.plain else 'preconditioned, predicted starts'}, "
+        f"{'raw coordinates, warm starts' if args.plain else 'preconditioned, predicted starts'}"
+        f"{'' if options.class_blocks else ', no class blocks'}, "
         f"L-BFGS memory {options.memory}; "
         f"{os.cpu_count()} CPUs",
         flush=True,
@@ -277,6 +279,7 @@ def main() -> int:
         help="ours without whitening, predicted starts and the larger memory (raw coordinates, L-BFGS memory 10, "
         "each C from the last solution); still its own L-BFGS and anchored passes",
     )
+    parser.add_argument("--no-class-blocks", action="store_true", help="ours whitened throughout (class_blocks off)")
     parser.add_argument("--skip-sklearn", action="store_true", help="time ours only")
     parser.add_argument("--sklearn-c", type=int, default=5, help="C values scikit-learn is timed on (45: all)")
     parser.add_argument("--memory", action="store_true", help="peak RSS on a memory-mapped ImageNet-size split")

@@ -10,7 +10,10 @@ One idea per module:
 * :mod:`~sslbench.engine.seeding` — k-means++;
 * :mod:`~sslbench.engine.kmeans` — mini-batch and Lloyd k-means (:class:`TorchKMeans`);
 * :mod:`~sslbench.engine.pca` — exact PCA from a streamed covariance (:class:`TorchPCA`);
-* :mod:`~sslbench.engine.options` — the options of both (:class:`TorchOptions`).
+* :mod:`~sslbench.engine.options` — the options of both (:class:`TorchOptions`);
+* :mod:`~sslbench.engine.lbfgs` — L-BFGS's direction and line search;
+* :mod:`~sslbench.engine.logistic` — the linear probe's logistic regression and DINOv2's protocol;
+* :mod:`~sslbench.engine.class_blocks` — its change of variables by per-class curvature blocks.
 
 It is a core library rather than a plugin because several plugins share it (the ``torch`` backend
 registers its PCA and k-means; a probe plugin reuses its GEMM, chunked-reading and thread helpers), and
