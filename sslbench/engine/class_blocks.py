@@ -12,9 +12,9 @@ keep each class's curvature over every dimension and drop only the coupling betw
 
 :class:`ClassBlocks` takes the blocks' scatter (summed by a streamed pass over the rows,
 ``_Problem.class_curvature``) and works in coordinates ``φ`` with ``θ̄_c = M_c·φ_c``, ``M_c = L_c⁻ᵀ`` for
-the Cholesky factor ``L_c`` of block ``c``: each block becomes the identity. ``M`` (``k·(d + 1)²``
-float64 numbers) is applied as one batched product per map, forward for the parameters and transposed
-for the gradient, so the two maps are exact adjoints of each other and the objective's values and
+the Cholesky factor ``L_c`` of block ``c``: each block becomes the identity. ``M`` is applied by
+batched triangular solves with the factors (``k·(d + 1)²`` float64 numbers), ``L_cᵀ`` for the
+parameters and ``L_c`` for the gradient, so the two maps are exact adjoints of each other and the objective's values and
 minimiser are untouched: only the path to the minimiser changes.
 """
 
@@ -48,17 +48,18 @@ class ClassBlocks:
         width, size = scatter.shape[0], scatter.shape[1]
         self.dims, self.width, self.mean = size - 1, width, mean
         self.contrasts = width > 1
-        self.maps = torch.empty((width, size, size), dtype=torch.float64, device=scatter.device)
+        #: Each block's Cholesky factor ``L_c`` (lower): ``M_c = L_c⁻ᵀ`` is applied by triangular solves,
+        #: which read half the numbers a product with an inverse would (and no inverse is formed).
+        self.factors = torch.empty((width, size, size), dtype=torch.float64, device=scatter.device)
         #: ``Σ_c L_cᵀ`` (upper triangular): what recovers the coordinates of a point's class contrasts.
         self.factor_sum = torch.zeros((size, size), dtype=torch.float64, device=scatter.device)
-        identity = torch.eye(size, dtype=torch.float64, device=scatter.device)
         for c in range(width):  # one class at a time: the float64 blocks are never all held twice
             block = scatter[c].to(torch.float64).mul_(C)
             block.diagonal().add_(1.0)
             factor, info = torch.linalg.cholesky_ex(block)
             if int(info) != 0:
                 raise ValueError(f"class block {c} is not positive definite (order {int(info)} minor)")
-            self.maps[c] = torch.linalg.solve_triangular(factor.T, identity, upper=True)
+            self.factors[c] = factor
             self.factor_sum += factor.T
 
     def _split(self, flat: Tensor) -> Tensor:
@@ -72,21 +73,26 @@ class ClassBlocks:
         torch = torch_module()
         return torch.cat([stacked[:, : self.dims].flatten(), stacked[:, self.dims]])
 
-    def _apply(self, maps: Tensor, stacked: Tensor) -> Tensor:
-        """``Q·maps·Q + E`` (with two classes, ``maps``) on each class's row of ``stacked``."""
+    def _map(self, stacked: Tensor, transposed: bool) -> Tensor:
+        """``M_c`` (``Mᵀ_c`` when ``transposed``) on each class's row of ``stacked``."""
         torch = torch_module()
+        factors = self.factors if transposed else self.factors.transpose(1, 2)
+        return torch.linalg.solve_triangular(factors, stacked[:, :, None], upper=not transposed)[:, :, 0]
+
+    def _apply(self, stacked: Tensor, transposed: bool) -> Tensor:
+        """``Q·M·Q + E`` (with two classes, ``M``; ``Mᵀ`` when ``transposed``) on ``stacked``."""
         if not self.contrasts:
-            return torch.bmm(maps, stacked[:, :, None])[:, :, 0]
+            return self._map(stacked, transposed)
         class_mean = stacked.mean(dim=0, keepdim=True)
-        mapped = torch.bmm(maps, (stacked - class_mean)[:, :, None])[:, :, 0]
+        mapped = self._map(stacked - class_mean, transposed)
         return mapped - mapped.mean(dim=0, keepdim=True) + class_mean
 
     def weights(self, phi: Tensor) -> Tensor:
         """``θ = T(φ)``: the model's flat parameters (weights, then intercepts)."""
-        centred = self._apply(self.maps, self._split(phi))
+        centred = self._apply(self._split(phi), transposed=False)
+        torch = torch_module()
         coef = centred[:, : self.dims]
-        centred[:, self.dims] -= coef @ self.mean
-        return self._flat(centred)
+        return torch.cat([coef.flatten(), centred[:, self.dims] - coef @ self.mean])
 
     def coordinates(self, theta: Tensor) -> Tensor:
         """``φ = T⁻¹(θ)``: with contrasts, ``M·φ`` is the point's contrasts plus one vector ``v`` for
@@ -95,16 +101,17 @@ class ClassBlocks:
         torch = torch_module()
         stacked = self._split(theta)
         stacked[:, self.dims] += stacked[:, : self.dims] @ self.mean
+        inverse_maps = self.factors.transpose(1, 2)  # M_c⁻¹ = L_cᵀ
         if not self.contrasts:
-            return self._flat(torch.linalg.solve_triangular(self.maps, stacked[:, :, None], upper=True)[:, :, 0])
+            return self._flat(torch.bmm(inverse_maps, stacked[:, :, None])[:, :, 0])
         class_mean = stacked.mean(dim=0, keepdim=True)
-        lifted = torch.linalg.solve_triangular(self.maps, (stacked - class_mean)[:, :, None], upper=True)[:, :, 0]
+        lifted = torch.bmm(inverse_maps, (stacked - class_mean)[:, :, None])[:, :, 0]
         shift = -torch.linalg.solve_triangular(self.factor_sum, lifted.sum(dim=0)[:, None], upper=True)[:, 0]
-        shifted = torch.linalg.solve_triangular(self.maps, shift.expand(self.width, -1)[:, :, None], upper=True)
-        return self._flat(lifted + shifted[:, :, 0] + class_mean)
+        shifted = torch.matmul(inverse_maps, shift)
+        return self._flat(lifted + shifted + class_mean)
 
     def gradient(self, gradient: Tensor) -> Tensor:
         """The gradient in ``φ``: ``T``'s adjoint applied to the gradient in ``θ``."""
         stacked = self._split(gradient)
         stacked[:, : self.dims] -= stacked[:, self.dims, None] * self.mean[None, :]
-        return self._flat(self._apply(self.maps.transpose(1, 2), stacked))
+        return self._flat(self._apply(stacked, transposed=True))
