@@ -6,6 +6,7 @@ memory-mapped ImageNet-size split, and its GPU time.
     python benchmarks/linear_probe.py --memory        # memory-mapped 1,281,167 × 2048 train: peak RSS
     python benchmarks/linear_probe.py --gpu           # 1,281,167 × 1024, 1000 classes, on cuda
     python benchmarks/linear_probe.py --pass-times    # one evaluation: ours (3 kinds) and scikit-learn's
+    python benchmarks/linear_probe.py --no-class-blocks  # ours whitened throughout (no per-class blocks)
 
 Speed: Gaussian classes (``_synthetic.gaussian_classes``, ``--separation`` sets their overlap; or with
 ``--data blobs`` the ImageNet-like ``_synthetic.class_blobs``) split into train and eval;

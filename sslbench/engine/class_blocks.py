@@ -6,8 +6,8 @@ penalty's identity on the weights and a unit scale on the intercept). The whiten
 :class:`~sslbench.engine.logistic._Conditioner` replaces every ``pᵢc(1 − pᵢc)`` by one mean curvature,
 which is exact at uniform probabilities; as a sweep moves to larger C each class's curvature concentrates
 on the rows near its own margins, in directions the scatter of all rows does not single out, and L-BFGS
-spends its iterations finding them (100,000 × 768 Gaussian rows, 100 classes, C = 0.316 from the solution
-at 0.178: 171 iterations whitened, 70 in these blocks' coordinates; benchmarks/README.md). The blocks
+spends its iterations finding them (90,000 × 768 Gaussian rows, 100 classes, C = 0.316 from the solution
+at 0.178: 163 iterations whitened, 47 in these blocks' coordinates; benchmarks/README.md). The blocks
 keep each class's curvature over every dimension and drop only the coupling between classes.
 
 :class:`ClassBlocks` takes the blocks' scatter (summed by a streamed pass over the rows,

@@ -86,17 +86,17 @@ ANCHOR_BYTES = 1 << 30
 #: 100,000 × 768 float32 rows take 307 MB; an ImageNet split does not fit, and is streamed as it is.
 SWEEP_COPY_BYTES = 1 << 30
 #: Rows whose weighted softmax curvature ``w·p(1 − p)`` in a class is at most this (1 % of its largest
-#: value) are left out of that class's block (:meth:`_Problem.class_curvature`): at 90,000 × 768 × 100 a build then
-#: sums 302,780 row-class pairs instead of 9M, and the fit takes 70 iterations either way (29 against 27
-#: at 20,000 rows).
+#: value) are left out of that class's block (:meth:`_Problem.class_curvature`): at 90,000 × 768 × 100,
+#: C = 0.316, a build then sums 302,780 row-class pairs instead of 9M; at 20,000 rows a first version of
+#: the blocks (without the contrasts) took 29 iterations with the floor and 27 with every pair.
 CURVATURE_FLOOR = 0.0025
 #: A fit starts in per-class blocks (:mod:`sslbench.engine.class_blocks`) where the fit it continues
-#: took at least this many iterations: a build costs some 25 passes (6.5 s at 90,000 × 768 × 100,
-#: C = 0.316: 4.4 s summing the blocks, 2.2 s factoring them), which short fits, near uniform
+#: took at least this many iterations: a build costs some 20 passes (4.5 s at 90,000 × 768 × 100,
+#: C = 0.316: 3.6 s summing the blocks, 0.9 s factoring them), which short fits, near uniform
 #: probabilities where the whitening is exact, do not win back.
 BLOCKS_AFTER_ITERATIONS = 25
-#: A sweep leaves the blocks for its remaining C values once a fit in them takes at least
-#: ``BLOCKS_LEFT_AFTER`` iterations and more than ``BLOCKS_GROWTH`` times those of the previous one
+#: A sweep leaves the blocks for its remaining C values once a fit's iterations in them reach
+#: ``BLOCKS_LEFT_AFTER`` and exceed ``BLOCKS_GROWTH`` times those of the previous fit in them
 #: (short fits vary more from one C to the next: 600 digit images, 24 then 47 at C = 1 and 3.2). It
 #: marks rows confident in one class carrying the curvature, as at large C, where the blocks drop the
 #: coupling with the runner-up class that such a row's curvature is made of (100,000 × 768 × 100: in
@@ -106,7 +106,7 @@ BLOCKS_GROWTH = 1.5
 BLOCKS_LEFT_AFTER = 100
 #: The most the sums of the blocks may cost, in passes' products: where more row-class pairs pass the
 #: floor (probabilities spread over many classes, as at small C) the whitening serves. At 90,000 × 768
-#: × 100, C = 0.316, 302,780 pairs cost 12 passes; at C = 0.0056 nearly all 9M would cost 380.
+#: × 100, C = 0.316, 302,780 pairs cost 13 passes; at C = 0.0056 nearly all 9M would cost 380.
 BLOCK_BUILD_PASSES = 25
 #: Memory the blocks may take (12 bytes per class and squared dimension: 710 MB at 100 × 768; 1,000
 #: classes × 1,024 dims take 12.6 GB and are built on a GPU only, within a quarter of its free memory).
@@ -175,8 +175,8 @@ class LogisticFit:
     #: Whether the fit classifies every training row correctly: then the training set is linearly
     #: separated, no finite minimiser exists without the penalty, and the weights grow with C.
     separable: bool
-    #: Whether any of the fit's searches ran in per-class blocks (:mod:`sslbench.engine.class_blocks`).
-    class_blocks: bool = False
+    #: The fit's iterations in per-class blocks (:mod:`sslbench.engine.class_blocks`).
+    class_blocks_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -413,11 +413,13 @@ class _Problem:
             for c in range(self.width):
                 keep = torch.nonzero(curvature[:, c] > CURVATURE_FLOOR)[:, 0]
                 if len(keep):
-                    picked = augmented[keep].mul_(curvature[keep, c].sqrt()[:, None])
+                    picked = torch.index_select(
+                        augmented, 0, keep, out=self.scratch("picked", torch.float32, len(keep), size)
+                    ).mul_(curvature[keep, c].sqrt()[:, None])
                     scatter[c].addmm_(picked.T, picked)
         return scatter
 
-    def blocks_fit(self) -> bool:
+    def blocks_within_budget(self) -> bool:
         """Whether :class:`~sslbench.engine.class_blocks.ClassBlocks` fits :data:`BLOCK_BYTES` (on a GPU, a
         quarter of its free memory)."""
         budget = BLOCK_BYTES
@@ -785,7 +787,7 @@ class _Settings:
     fast_products: bool
     precondition: bool
     memory: int
-    class_blocks: bool = True
+    class_blocks: bool
 
 
 def _conditioner(
@@ -793,7 +795,7 @@ def _conditioner(
 ) -> _Conditioner | ClassBlocks:
     """The per-class blocks at ``theta`` where asked and they fit in memory, else the whitening at the
     rows' mean ``curvature``."""
-    if blocks and problem.blocks_fit():
+    if blocks and problem.blocks_within_budget():
         # A pass's products cost 4·n·d·k; a row-class pair's share of a block 2·(d + 1)².
         max_pairs = (
             BLOCK_BUILD_PASSES * 4 * len(problem.rows) * problem.dims * problem.width / (2 * (problem.dims + 1) ** 2)
@@ -820,15 +822,16 @@ def _fit(
 ) -> tuple[LogisticFit, _Pass]:
     """Minimise at ``C`` from ``theta`` (in place), preconditioned by ``moments`` and the rows' mean
     ``curvature`` at ``theta`` when given, or (``blocks_first``, and with ``settings.class_blocks``) by
-    the per-class blocks at ``theta``; the fit, and the pass at it."""
+    the per-class blocks at ``theta``; a rebuild where the curvature drifted takes the blocks whenever
+    ``settings.class_blocks``. The fit, and the pass at it."""
     if not (C > 0 and math.isfinite(C)):
         raise SSLBenchError(f"linear probe: C must be a positive number, got {C}")
-    iterations = 0
+    iterations = blocks_iterations = 0
     blocks = blocks_first and settings.class_blocks
-    in_blocks = False
+    conditioner: _Conditioner | ClassBlocks | None = None
     while True:
+        conditioner = None  # (a rebuild's blocks are not held beside the last ones)
         conditioner = _conditioner(problem, weights, C, theta, moments, curvature, blocks) if moments else None
-        in_blocks = in_blocks or isinstance(conditioner, ClassBlocks)
         done, converged, reason, final_pass = _minimise(
             problem,
             weights,
@@ -841,6 +844,8 @@ def _fit(
             settings.memory,
         )
         iterations += done
+        if isinstance(conditioner, ClassBlocks):
+            blocks_iterations += done
         final = final_pass or problem.evaluate(theta, weights, C, with_curvature=True)
         # A preconditioner built on a curvature the fit has since left (probabilities sharpen as the
         # weights grow) can stall L-BFGS far from the minimum: rebuilt at the curvature reached (in
@@ -865,7 +870,7 @@ def _fit(
         converged=converged,
         stop_reason=reason,
         separable=final.right == n,
-        class_blocks=in_blocks,
+        class_blocks_iterations=blocks_iterations,
     )
     return fit, final
 
@@ -1043,18 +1048,23 @@ def linear_probe(
         path: list[_Solved] = []
         #: Whether the next fit starts in per-class blocks: where the last one was long, probabilities
         #: have sharpened past what the whitening models; until fits in the blocks lengthen fast.
-        long_fit, blocks_iterations = False, 0
+        long_fit, blocks_iterations, sweep_settings = False, 0, settings
         for C in sorted(opts.c_values):
             if opts.predict_path and path:
                 _predict_start(problem, fit_weights, C, theta, path)
             fit, final = _fit(
-                problem, fit_weights, sweep_classes, C, theta, settings, moments, start_curvature, long_fit
+                problem, fit_weights, sweep_classes, C, theta, sweep_settings, moments, start_curvature, long_fit
             )
             long_fit = fit.iterations >= BLOCKS_AFTER_ITERATIONS
-            if fit.class_blocks:
-                if fit.iterations >= BLOCKS_LEFT_AFTER and fit.iterations > BLOCKS_GROWTH * blocks_iterations:
-                    settings = replace(settings, class_blocks=False)
-                blocks_iterations = fit.iterations
+            in_blocks = fit.class_blocks_iterations
+            if in_blocks:
+                if (
+                    blocks_iterations
+                    and in_blocks >= BLOCKS_LEFT_AFTER
+                    and in_blocks > BLOCKS_GROWTH * blocks_iterations
+                ):
+                    sweep_settings = replace(sweep_settings, class_blocks=False)
+                blocks_iterations = in_blocks
             # The next C starts here, with these probabilities (they do not depend on C).
             start_curvature = curvature[C] = final.curvature
             path = [*path[-3:], _Solved(C, theta.clone(), (final.objective - problem.penalty(theta)) / C)]
