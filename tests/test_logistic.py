@@ -380,6 +380,36 @@ def test_preconditioning_saves_iterations_on_real_pixels(digits):
     assert_same_fit(x, y, 100.0)
 
 
+def test_a_sweep_leaves_the_blocks_once_their_fits_lengthen(digits, monkeypatch):
+    """With the thresholds lowered so that the second fit in the blocks counts as lengthening, every
+    later fit of the sweep is whitened, while the refit may start in the blocks again; the chosen C
+    and the scores are those of a sweep that never uses the blocks."""
+    x, y = digits
+    grid = tuple(10.0**t for t in np.linspace(-2, 2, 9))
+    fits: list[tuple[float, int]] = []
+    fit = logistic._fit
+
+    def recorded(*args, **kwargs):
+        done = fit(*args, **kwargs)
+        fits.append((args[3], done[0].class_blocks_iterations))
+        return done
+
+    monkeypatch.setattr(logistic, "_fit", recorded)
+    monkeypatch.setattr(logistic, "BLOCKS_AFTER_ITERATIONS", 1)
+    monkeypatch.setattr(logistic, "BLOCKS_LEFT_AFTER", 1)
+    monkeypatch.setattr(logistic, "BLOCKS_GROWTH", 0.0)
+    result = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
+    sweep = fits[: len(grid)]
+    in_blocks = [i for i, (_, iterations) in enumerate(sweep) if iterations]
+    assert len(in_blocks) == 2, sweep
+    assert not any(iterations for _, iterations in sweep[in_blocks[1] + 1 :]), sweep
+    whitened = linear_probe(x, y, x, y, LogisticOptions(c_values=grid, class_blocks=False))
+    assert result.C == whitened.C
+    assert [p.held_out_top1 for p in result.sweep] == [p.held_out_top1 for p in whitened.sweep]
+    for ours, plain in zip(result.sweep, whitened.sweep, strict=True):
+        assert ours.objective == pytest.approx(plain.objective, rel=1e-9)
+
+
 def test_the_predicted_start_changes_the_path_not_the_solutions(digits):
     """Each C started where the last solutions extrapolate to: the same minima (objective to 1e-9) in
     fewer iterations than from the last solution alone (whitened throughout: the per-class blocks change
