@@ -291,7 +291,7 @@ class_blocks_cases = given(
 def test_class_curvature_is_the_hessians_class_blocks(n_classes, d, offset, scale, seed, monkeypatch):
     """Every row kept (no curvature floor), the streamed float32 scatter of each class is torch
     autograd's Hessian of the weighted cross-entropy sum in that class's weights and intercept, centred
-    at the rows' mean; with the floor, a budget of row-class pairs below the count builds nothing."""
+    at the rows' mean; a budget of one row-class pair fewer than pass the floor builds nothing."""
     monkeypatch.setattr(logistic, "CURVATURE_FLOOR", 0.0)
     x, y, width, theta, weights, problem, moments, _ = class_blocks_case(n_classes, d, offset, scale, seed)
     scatter = problem.class_curvature(theta, weights, moments.mean, math.inf)

@@ -830,7 +830,7 @@ def _fit(
     blocks = blocks_first and settings.class_blocks
     conditioner: _Conditioner | ClassBlocks | None = None
     while True:
-        conditioner = None  # (a rebuild's blocks are not held beside the last ones)
+        del conditioner  # a rebuild's blocks are not held beside the last ones
         conditioner = _conditioner(problem, weights, C, theta, moments, curvature, blocks) if moments else None
         done, converged, reason, final_pass = _minimise(
             problem,
