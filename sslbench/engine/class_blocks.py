@@ -8,7 +8,9 @@ which is exact at uniform probabilities; as a sweep moves to larger C each class
 on the rows near its own margins, in directions the scatter of all rows does not single out, and L-BFGS
 spends its iterations finding them (90,000 × 768 Gaussian rows, 100 classes, C = 0.316 from the solution
 at 0.178: 163 iterations whitened, 47 in these blocks' coordinates; benchmarks/README.md). The blocks
-keep each class's curvature over every dimension and drop only the coupling between classes.
+keep each class's curvature over every dimension and drop only the coupling between classes. Rows of
+little curvature in a class (confident rows, most of them at large C) are summed into its block as
+their total curvature times the rows' mean scatter, which costs nothing per row.
 
 :class:`ClassBlocks` takes the blocks' scatter (summed by a streamed pass over the rows,
 ``_Problem.class_curvature``) and works in coordinates ``φ`` with ``θ̄_c = M_c·φ_c``, ``M_c = L_c⁻ᵀ`` for

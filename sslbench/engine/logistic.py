@@ -86,24 +86,27 @@ ANCHOR_BYTES = 1 << 30
 #: 100,000 × 768 float32 rows take 307 MB; an ImageNet split does not fit, and is streamed as it is.
 SWEEP_COPY_BYTES = 1 << 30
 #: Rows whose weighted softmax curvature ``w·p(1 − p)`` in a class is at most this (1 % of its largest
-#: value) are left out of that class's block (:meth:`_Problem.class_curvature`): at 90,000 × 768 × 100,
-#: C = 0.316, a build then sums 302,780 row-class pairs instead of 9M; at 20,000 rows a first version of
-#: the blocks (without the contrasts) took 29 iterations with the floor and 27 with every pair.
+#: value) enter that class's block only through their summed curvature, times the rows' mean scatter
+#: (:meth:`_Problem.class_curvature`): at 90,000 × 768 × 100, C = 0.316, a build then sums 302,780
+#: row-class pairs one by one instead of 9M.
 CURVATURE_FLOOR = 0.0025
-#: A fit starts in per-class blocks (:mod:`sslbench.engine.class_blocks`) where the fit it continues
-#: took at least this many iterations: a build costs some 20 passes (4.5 s at 90,000 × 768 × 100,
-#: C = 0.316: 3.6 s summing the blocks, 0.9 s factoring them), which short fits, near uniform
-#: probabilities where the whitening is exact, do not win back.
+#: A sweep's fits start in per-class blocks (:mod:`sslbench.engine.class_blocks`) from the first fit
+#: after one that took at least this many iterations (a refit, where the fit it starts from did): a
+#: build costs some 10 passes (2.3 s at 90,000 × 768 × 100: 1.5 s summing the blocks, 0.8 s factoring
+#: them), which short fits, near uniform probabilities where the whitening is exact, do not win back.
 BLOCKS_AFTER_ITERATIONS = 25
 #: A sweep leaves the blocks for its remaining C values once a fit's iterations in them reach
 #: ``BLOCKS_LEFT_AFTER`` and exceed ``BLOCKS_GROWTH`` times those of the previous fit in them
-#: (short fits vary more from one C to the next: 600 digit images, 24 then 47 at C = 1 and 3.2). It
-#: marks rows confident in one class carrying the curvature, as at large C, where the blocks drop the
-#: coupling with the runner-up class that such a row's curvature is made of (100,000 × 768 × 100: in
-#: the blocks 67, 90, 139, 215, 249 iterations at C = 5.6 to 56, whitened 143, 136, 136, 122, 109).
-#: Only the pace changes: every fit ends at scikit-learn's minimum either way.
+#: (short fits vary more from one C to the next: 600 digit images, 24 then 47 at C = 1 and 3.2): a
+#: guard for features whose curvature the blocks model worse than the whitening does. (Blocks that
+#: left out the rows below :data:`CURVATURE_FLOOR` altogether did so at large C: 100,000 × 768 × 100,
+#: 139, 215, 249 iterations at C = 17.8 to 56 against 130, 131, 89 whitened; with those rows' mean
+#: scatter, 59, 61, 64.) Only the pace changes: every fit ends at scikit-learn's minimum either way.
 BLOCKS_GROWTH = 1.5
 BLOCKS_LEFT_AFTER = 100
+#: A sweep keeps its blocks from one C to the next (:class:`_CarriedBlocks`) until a fit in them takes
+#: more than this many times the iterations of the first fit in them.
+BLOCKS_STALE = 1.25
 #: The most the sums of the blocks may cost, in passes' products: where more row-class pairs pass the
 #: floor (probabilities spread over many classes, as at small C) the whitening serves. At 90,000 × 768
 #: × 100, C = 0.316, 302,780 pairs cost 13 passes; at C = 0.0056 nearly all 9M would cost 380.
@@ -248,6 +251,9 @@ class _Moments:
     #: Eigenvalues and eigenvectors (columns) of ``Σ wᵢ (xᵢ − μ)(xᵢ − μ)ᵀ``.
     spectrum: Tensor
     basis: Tensor
+    #: ``Σ wᵢ (xᵢ − μ_yᵢ)(xᵢ − μ_yᵢ)ᵀ``, each row about its own class's mean: the spread of rows
+    #: around where they cluster (:meth:`_Problem.class_curvature`).
+    within: Tensor
 
 
 class _Conditioner:
@@ -361,6 +367,8 @@ class _Problem:
         # One buffer for the pass's weighted chunks (a fresh 50 MB block per chunk page-faults in again each
         # time); local, not among the passes' kept buffers: moments are taken once a sweep or fit.
         buffer = torch.empty((min(self.chunk_rows, len(self.rows)), self.dims), dtype=torch.float64, device=self.device)
+        class_first = torch.zeros((self.n_classes, self.dims), dtype=torch.float64, device=self.device)
+        class_total = torch.zeros(self.n_classes, dtype=torch.float64, device=self.device)
         for rows in iter_chunks(len(self.rows), self.chunk_rows):
             x = self.float64_rows(rows)
             if shift is None:
@@ -369,10 +377,14 @@ class _Problem:
             weighted = torch.mul(shifted, weights[rows][:, None], out=buffer[: len(shifted)])
             first += weighted.sum(dim=0)
             second.addmm_(weighted.T, shifted)
+            class_first.index_add_(0, self.codes[rows], weighted)
+            class_total.index_add_(0, self.codes[rows], weights[rows])
         assert shift is not None
         scatter = second - torch.outer(first, first) / total
         spectrum, basis = torch.linalg.eigh(scatter)
-        return _Moments(total, shift + first / total, spectrum, basis)
+        class_means = class_first / class_total.clamp_min(1e-300)[:, None]
+        within = second - class_means.T @ class_first
+        return _Moments(total, shift + first / total, spectrum, basis, within)
 
     def _class_curvatures(self, theta: Tensor, weights: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """Chunk by chunk (float32 products), the rows and every row's weighted curvature in each class,
@@ -392,11 +404,16 @@ class _Problem:
             curvature = p.mul_(rest)[:, 1:] if self.width == 1 else p.mul_(rest)
             yield x, curvature.mul_(weights[rows].float()[:, None])
 
-    def class_curvature(self, theta: Tensor, weights: Tensor, mean: Tensor, max_pairs: float) -> Tensor | None:
-        """Every class's ``Σᵢ wᵢ·pᵢc(1 − pᵢc)·x̄ᵢx̄ᵢᵀ`` at ``theta`` (``x̄ = (x − mean, 1)``),
-        ``(width, d + 1, d + 1)`` float32: the scatter of :class:`~sslbench.engine.class_blocks.ClassBlocks`,
-        a preconditioner, so a row whose weighted curvature in a class is at most :data:`CURVATURE_FLOOR`
-        is left out of that block. ``None`` where more than ``max_pairs`` row-class pairs pass the floor
+    def class_curvature(self, theta: Tensor, weights: Tensor, moments: _Moments, max_pairs: float) -> Tensor | None:
+        """Every class's ``Σᵢ wᵢ·pᵢc(1 − pᵢc)·x̄ᵢx̄ᵢᵀ`` at ``theta`` (``x̄ = (x − μ, 1)``, ``μ`` the
+        ``moments``' mean), ``(width, d + 1, d + 1)`` float32: the scatter of
+        :class:`~sslbench.engine.class_blocks.ClassBlocks`, a preconditioner. Rows whose weighted curvature
+        in a class is at most :data:`CURVATURE_FLOOR` are summed there as a whole: their summed curvature
+        ``s``, their curvature-weighted mean ``m`` (exact, ``s·m·mᵀ``) and, for their spread about it,
+        ``s`` times the rows' spread about their own classes' means (``moments.within``). Few, each, but
+        at large C together as much as a third of a block (100,000 × 768 × 100, C = 56: 80 of 368):
+        left out, the blocks miss the confident rows' curvature and a fit takes four times the
+        iterations. ``None`` where more than ``max_pairs`` row-class pairs pass the floor
         (probabilities still spread over many classes: the build would cost more than it saves); one
         float32 forward pass counts them, a second one sums."""
         torch = torch_module()
@@ -405,18 +422,29 @@ class _Problem:
             return None
         size = self.dims + 1
         scatter = torch.zeros((self.width, size, size), dtype=torch.float32, device=self.device)
-        centre = mean.float()
+        #: Each class's ``Σ wᵢ·pᵢc(1 − pᵢc)·x̄ᵢ`` over the rows below the floor (its last entry their ``s``).
+        below_first = torch.zeros((self.width, size), dtype=torch.float64, device=self.device)
+        centre = moments.mean.float()
         for x, curvature in self._class_curvatures(theta, weights):
             augmented = self.scratch("augmented", torch.float32, len(x), size)
             torch.sub(x, centre, out=augmented[:, : self.dims])
             augmented[:, self.dims] = 1.0
+            kept = curvature > CURVATURE_FLOOR
+            below_first += (curvature.masked_fill(kept, 0.0).T @ augmented).double()
             for c in range(self.width):
-                keep = torch.nonzero(curvature[:, c] > CURVATURE_FLOOR)[:, 0]
+                keep = torch.nonzero(kept[:, c])[:, 0]
                 if len(keep):
                     picked = torch.index_select(
                         augmented, 0, keep, out=self.scratch("picked", torch.float32, len(keep), size)
                     ).mul_(curvature[keep, c].sqrt()[:, None])
                     scatter[c].addmm_(picked.T, picked)
+        below = below_first[:, self.dims]
+        spread = moments.within / moments.total
+        for c in range(self.width):
+            if float(below[c]) > 0:
+                background = torch.outer(below_first[c], below_first[c]).div_(below[c])
+                background[: self.dims, : self.dims] += below[c] * spread
+                scatter[c] += background.float()
         return scatter
 
     def blocks_within_budget(self) -> bool:
@@ -800,13 +828,24 @@ def _conditioner(
         max_pairs = (
             BLOCK_BUILD_PASSES * 4 * len(problem.rows) * problem.dims * problem.width / (2 * (problem.dims + 1) ** 2)
         )
-        scatter = problem.class_curvature(theta, weights, moments.mean, max_pairs)
+        scatter = problem.class_curvature(theta, weights, moments, max_pairs)
         if scatter is not None:
             try:
                 return ClassBlocks(scatter, C, moments.mean)
             except ValueError:  # a block lost to float32 rounding: the whitening serves
                 pass
     return _Conditioner(moments, C * curvature, problem.width, problem.dims)
+
+
+@dataclass
+class _CarriedBlocks:
+    """Per-class blocks a sweep carries from one C to the next (a build costs some 20 passes; the
+    blocks of the last C serve the next as well as fresh ones: 100,000 × 768 × 100, C = 31.6 and 56.2
+    in those built at 17.8, 60 and 55 iterations, in their own 64 and 68), with the iterations of the
+    first fit in them, against which later fits tell when they have gone stale."""
+
+    blocks: ClassBlocks | None = None
+    first_fit: int = 0
 
 
 def _fit(
@@ -819,10 +858,12 @@ def _fit(
     moments: _Moments | None,
     curvature: float,
     blocks_first: bool = False,
+    carried: _CarriedBlocks | None = None,
 ) -> tuple[LogisticFit, _Pass]:
     """Minimise at ``C`` from ``theta`` (in place), preconditioned by ``moments`` and the rows' mean
     ``curvature`` at ``theta`` when given, or (``blocks_first``, and with ``settings.class_blocks``) by
-    the per-class blocks at ``theta``; a rebuild where the curvature drifted takes the blocks whenever
+    the per-class blocks at ``theta`` (those ``carried`` over from an earlier C where there are some;
+    blocks built here are left in it); a rebuild where the curvature drifted takes fresh blocks whenever
     ``settings.class_blocks``. The fit, and the pass at it."""
     if not (C > 0 and math.isfinite(C)):
         raise SSLBenchError(f"linear probe: C must be a positive number, got {C}")
@@ -831,7 +872,14 @@ def _fit(
     conditioner: _Conditioner | ClassBlocks | None = None
     while True:
         del conditioner  # a rebuild's blocks are not held beside the last ones
-        conditioner = _conditioner(problem, weights, C, theta, moments, curvature, blocks) if moments else None
+        if blocks and carried is not None and carried.blocks is not None and iterations == 0:
+            conditioner = carried.blocks
+        else:
+            if carried is not None and blocks:
+                carried.blocks, carried.first_fit = None, 0
+            conditioner = _conditioner(problem, weights, C, theta, moments, curvature, blocks) if moments else None
+            if carried is not None and isinstance(conditioner, ClassBlocks):
+                carried.blocks = conditioner
         done, converged, reason, final_pass = _minimise(
             problem,
             weights,
@@ -1046,17 +1094,28 @@ def linear_probe(
         moments = problem.moments(fit_weights) if opts.precondition else None
         start_curvature = _uniform_curvature(problem)
         path: list[_Solved] = []
-        #: Whether the next fit starts in per-class blocks: where the last one was long, probabilities
-        #: have sharpened past what the whitening models; until fits in the blocks lengthen fast.
+        #: Whether the next fit starts in per-class blocks: from the first long fit on, probabilities
+        #: have sharpened past what the whitening models (and they only sharpen as C grows: a short fit
+        #: in the blocks does not send the next one back); until fits in the blocks lengthen fast.
         long_fit, blocks_iterations, sweep_settings = False, 0, settings
+        carried = _CarriedBlocks()
         for C in sorted(opts.c_values):
             if opts.predict_path and path:
                 _predict_start(problem, fit_weights, C, theta, path)
             fit, final = _fit(
-                problem, fit_weights, sweep_classes, C, theta, sweep_settings, moments, start_curvature, long_fit
+                problem,
+                fit_weights,
+                sweep_classes,
+                C,
+                theta,
+                sweep_settings,
+                moments,
+                start_curvature,
+                long_fit,
+                carried,
             )
-            long_fit = fit.iterations >= BLOCKS_AFTER_ITERATIONS
             in_blocks = fit.class_blocks_iterations
+            long_fit = long_fit or fit.iterations >= BLOCKS_AFTER_ITERATIONS
             if in_blocks:
                 if (
                     blocks_iterations
@@ -1064,7 +1123,14 @@ def linear_probe(
                     and in_blocks > BLOCKS_GROWTH * blocks_iterations
                 ):
                     sweep_settings = replace(sweep_settings, class_blocks=False)
+                    carried.blocks = None
                 blocks_iterations = in_blocks
+                # Blocks kept from an earlier C are rebuilt at the next once a fit in them runs longer
+                # than the first one did by a quarter.
+                if not carried.first_fit:
+                    carried.first_fit = in_blocks
+                elif in_blocks > BLOCKS_STALE * carried.first_fit:
+                    carried.blocks = None
             # The next C starts here, with these probabilities (they do not depend on C).
             start_curvature = curvature[C] = final.curvature
             path = [*path[-3:], _Solved(C, theta.clone(), (final.objective - problem.penalty(theta)) / C)]
@@ -1075,7 +1141,7 @@ def linear_probe(
             if on_fit:
                 on_fit(point)
         best = max(sweep, key=lambda p: p.held_out_top1)  # the first (smallest C) among ties
-        del problem, fit_weights, held_out_top1  # the sweep's copies of the rows, if it made them
+        del problem, fit_weights, held_out_top1, carried  # the sweep's copies of the rows (if made), its blocks
         theta = torch.zeros(full.width * (full.dims + 1), dtype=torch.float64, device=device)
         start_curvature = _uniform_curvature(full)
         long_fit = False
