@@ -505,6 +505,51 @@ def test_a_sweep_leaves_the_blocks_once_their_fits_lengthen(digits, monkeypatch)
         assert ours.objective == pytest.approx(plain.objective, rel=1e-9)
 
 
+def test_a_sweep_carries_its_blocks_from_one_C_to_the_next(digits, monkeypatch):
+    """Blocks built at one C serve the next ones until a fit in them runs longer than the first by
+    ``BLOCKS_STALE``: never stale, a sweep builds fewer blocks than fits in them; stale at once, it
+    builds for every such fit (and more where a fit's curvature drifts); the chosen C, held-out scores
+    and objectives are a whitened sweep's either way."""
+    x, y = digits
+    grid = tuple(10.0**t for t in np.linspace(-2, 2, 9))
+    built: list[float] = []
+    fits: list[int] = []
+
+    class Counted(ClassBlocks):
+        def __init__(self, scatter, C, mean):
+            built.append(C)
+            super().__init__(scatter, C, mean)
+
+    fit = logistic._fit
+
+    def recorded(*args, **kwargs):
+        done = fit(*args, **kwargs)
+        fits.append(done[0].class_blocks_iterations)
+        return done
+
+    monkeypatch.setattr(logistic, "ClassBlocks", Counted)
+    monkeypatch.setattr(logistic, "_fit", recorded)
+    monkeypatch.setattr(logistic, "BLOCKS_AFTER_ITERATIONS", 1)
+    whitened = linear_probe(x, y, x, y, LogisticOptions(c_values=grid, class_blocks=False))
+    builds = {}
+    for stale in (math.inf, 0.0):
+        built.clear()
+        fits.clear()
+        monkeypatch.setattr(logistic, "BLOCKS_STALE", stale)
+        result = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
+        in_blocks = sum(1 for iterations in fits[: len(grid)] if iterations)
+        assert in_blocks >= 4, fits
+        sweep_builds = len(built) - (1 if fits[-1] else 0)  # (the refit builds its own)
+        builds[stale] = sweep_builds
+        assert result.C == whitened.C
+        assert [p.held_out_top1 for p in result.sweep] == [p.held_out_top1 for p in whitened.sweep]
+        for ours, plain in zip(result.sweep, whitened.sweep, strict=True):
+            assert ours.objective == pytest.approx(plain.objective, rel=1e-9)
+        if stale == 0.0:
+            assert sweep_builds >= in_blocks, (built, fits)
+    assert builds[math.inf] < builds[0.0], builds
+
+
 def test_the_predicted_start_changes_the_path_not_the_solutions(digits):
     """Each C started where the last solutions extrapolate to: the same minima (objective to 1e-9) in
     fewer iterations than from the last solution alone (whitened throughout: the per-class blocks change
