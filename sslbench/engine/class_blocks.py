@@ -9,8 +9,9 @@ on the rows near its own margins, in directions the scatter of all rows does not
 spends its iterations finding them (90,000 × 768 Gaussian rows, 100 classes, C = 0.316 from the solution
 at 0.178: 163 iterations whitened, 47 in these blocks' coordinates; benchmarks/README.md). The blocks
 keep each class's curvature over every dimension and drop only the coupling between classes. Rows of
-little curvature in a class (confident rows, most of them at large C) are summed into its block as
-their total curvature times the rows' mean scatter, which costs nothing per row.
+little curvature in a class (confident rows, most of them at large C) enter its block as a whole:
+their total curvature, their curvature-weighted mean and the rows' spread about their classes' means,
+one GEMM per chunk instead of one product per row.
 
 :class:`ClassBlocks` takes the blocks' scatter (summed by a streamed pass over the rows,
 ``_Problem.class_curvature``) and works in coordinates ``φ`` with ``θ̄_c = M_c·φ_c``, ``M_c = L_c⁻ᵀ`` for

@@ -86,9 +86,8 @@ ANCHOR_BYTES = 1 << 30
 #: 100,000 × 768 float32 rows take 307 MB; an ImageNet split does not fit, and is streamed as it is.
 SWEEP_COPY_BYTES = 1 << 30
 #: Rows whose weighted softmax curvature ``w·p(1 − p)`` in a class is at most this (1 % of its largest
-#: value) enter that class's block only through their summed curvature, times the rows' mean scatter
-#: (:meth:`_Problem.class_curvature`): at 90,000 × 768 × 100, C = 0.316, a build then sums 302,780
-#: row-class pairs one by one instead of 9M.
+#: value) enter that class's block as a whole, not one by one (:meth:`_Problem.class_curvature`): at
+#: 90,000 × 768 × 100, C = 0.316, a build then sums 302,780 row-class pairs one by one instead of 9M.
 CURVATURE_FLOOR = 0.0025
 #: A sweep's fits start in per-class blocks (:mod:`sslbench.engine.class_blocks`) from the first fit
 #: after one that took at least this many iterations (a refit, where the fit it starts from did): a
@@ -100,8 +99,8 @@ BLOCKS_AFTER_ITERATIONS = 25
 #: (short fits vary more from one C to the next: 600 digit images, 24 then 47 at C = 1 and 3.2): a
 #: guard for features whose curvature the blocks model worse than the whitening does. (Blocks that
 #: left out the rows below :data:`CURVATURE_FLOOR` altogether did so at large C: 100,000 × 768 × 100,
-#: 139, 215, 249 iterations at C = 17.8 to 56 against 130, 131, 89 whitened; with those rows' mean
-#: scatter, 59, 61, 64.) Only the pace changes: every fit ends at scikit-learn's minimum either way.
+#: 139, 215, 249 iterations at C = 17.8 to 56 against 130, 131, 89 whitened; with those rows entered
+#: as a whole, 61, 64, 68.) Only the pace changes: every fit ends at scikit-learn's minimum either way.
 BLOCKS_GROWTH = 1.5
 BLOCKS_LEFT_AFTER = 100
 #: A sweep keeps its blocks from one C to the next (:class:`_CarriedBlocks`) until a fit in them takes
@@ -411,7 +410,7 @@ class _Problem:
         in a class is at most :data:`CURVATURE_FLOOR` are summed there as a whole: their summed curvature
         ``s``, their curvature-weighted mean ``m`` (exact, ``s·m·mᵀ``) and, for their spread about it,
         ``s`` times the rows' spread about their own classes' means (``moments.within``). Few, each, but
-        at large C together as much as a third of a block (100,000 × 768 × 100, C = 56: 80 of 368):
+        at large C together a fifth of a block's curvature (100,000 × 768 × 100, C = 56: 80 of 368):
         left out, the blocks miss the confident rows' curvature and a fit takes four times the
         iterations. ``None`` where more than ``max_pairs`` row-class pairs pass the floor
         (probabilities still spread over many classes: the build would cost more than it saves); one
@@ -839,7 +838,7 @@ def _conditioner(
 
 @dataclass
 class _CarriedBlocks:
-    """Per-class blocks a sweep carries from one C to the next (a build costs some 20 passes; the
+    """Per-class blocks a sweep carries from one C to the next (a build costs some 10 passes; the
     blocks of the last C serve the next as well as fresh ones: 100,000 × 768 × 100, C = 31.6 and 56.2
     in those built at 17.8, 60 and 55 iterations, in their own 64 and 68), with the iterations of the
     first fit in them, against which later fits tell when they have gone stale."""
