@@ -186,7 +186,7 @@ def problem_and_conditioner(x: np.ndarray, y: np.ndarray, n_classes: int, C: flo
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_moments_are_numpys_weighted_mean_and_scatter(offset):
     """One streamed pass over several chunks, rows far from zero: numpy's weighted mean and
-    covariance (``np.cov(aweights=…)``), with weights leaving rows out."""
+    covariance (``np.cov(aweights=…)``), and the sum of each class's, with weights leaving rows out."""
     rng = np.random.default_rng(5)
     x = (rng.normal(size=(700, 6)) * np.geomspace(10.0, 0.01, 6) + offset).astype(np.float32)
     weights = (rng.random(700) < 0.8).astype(np.float64)
@@ -198,6 +198,12 @@ def test_moments_are_numpys_weighted_mean_and_scatter(offset):
     rebuilt = (moments.basis * moments.spectrum) @ moments.basis.T
     np.testing.assert_allclose(rebuilt.numpy(), scatter, rtol=1e-9, atol=1e-9 * np.abs(scatter).max())
     assert moments.total == weights.sum()
+    labels = np.arange(700) % 3
+    within = sum(
+        np.cov(rows[labels == c], rowvar=False, aweights=weights[labels == c], bias=True) * weights[labels == c].sum()
+        for c in range(3)
+    )
+    np.testing.assert_allclose(moments.within.numpy(), within, rtol=1e-9, atol=1e-9 * np.abs(within).max())
 
 
 def assert_change_of_variables(conditioner: _Conditioner | ClassBlocks, theta: torch.Tensor, rng) -> None:
@@ -400,7 +406,7 @@ def test_the_rows_below_the_floor_condition_the_blocks_at_large_C(monkeypatch):
     x, y = gaussian(400, 4, 6, 1.5, 3)
     C = 100.0
     fit = fit_logistic(x, y, C)
-    assert fit.converged
+    assert fit.separable and fit.converged
     theta = torch.from_numpy(np.concatenate([fit.coef.ravel(), fit.intercept]))
     problem = _Problem(DeviceRows(RowReader(x), "cpu"), y, 4, 64, "cpu")
     weights = torch.ones(len(y), dtype=torch.float64)
@@ -514,6 +520,8 @@ def test_a_sweep_carries_its_blocks_from_one_C_to_the_next(digits, monkeypatch):
     grid = tuple(10.0**t for t in np.linspace(-2, 2, 9))
     built: list[float] = []
     fits: list[int] = []
+    #: Blocks built before each fit (the last fit is the refit, which builds its own).
+    before: list[int] = []
 
     class Counted(ClassBlocks):
         def __init__(self, scatter, C, mean):
@@ -523,6 +531,7 @@ def test_a_sweep_carries_its_blocks_from_one_C_to_the_next(digits, monkeypatch):
     fit = logistic._fit
 
     def recorded(*args, **kwargs):
+        before.append(len(built))
         done = fit(*args, **kwargs)
         fits.append(done[0].class_blocks_iterations)
         return done
@@ -535,11 +544,12 @@ def test_a_sweep_carries_its_blocks_from_one_C_to_the_next(digits, monkeypatch):
     for stale in (math.inf, 0.0):
         built.clear()
         fits.clear()
+        before.clear()
         monkeypatch.setattr(logistic, "BLOCKS_STALE", stale)
         result = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
         in_blocks = sum(1 for iterations in fits[: len(grid)] if iterations)
         assert in_blocks >= 4, fits
-        sweep_builds = len(built) - (1 if fits[-1] else 0)  # (the refit builds its own)
+        sweep_builds = before[-1]
         builds[stale] = sweep_builds
         assert result.C == whitened.C
         assert [p.held_out_top1 for p in result.sweep] == [p.held_out_top1 for p in whitened.sweep]

@@ -243,7 +243,8 @@ class _Anchor:
 
 @dataclass(frozen=True)
 class _Moments:
-    """The weighted mean and centred scatter of the rows (float64), eigendecomposed: what whitens them."""
+    """The weighted mean and centred scatter of the rows (float64), eigendecomposed: what whitens them;
+    and their scatter about their own classes' means."""
 
     total: float
     mean: Tensor
@@ -355,7 +356,8 @@ class _Problem:
         return 4 * min(self.chunk_rows, len(self.rows)) * self.dims * self.width
 
     def moments(self, weights: Tensor) -> _Moments:
-        """The weighted mean and centred scatter of the rows, one streamed pass (float64). The sums are
+        """The weighted mean and centred scatter of the rows, and their scatter about their own classes'
+        means, one streamed pass (float64). The sums are
         taken about the first chunk's mean, near the rows' own, so that removing the mean afterwards
         cancels nothing the features' offset would otherwise put in every entry."""
         torch = torch_module()
