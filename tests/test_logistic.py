@@ -560,6 +560,72 @@ def test_a_sweep_carries_its_blocks_from_one_C_to_the_next(digits, monkeypatch):
     assert builds[math.inf] < builds[0.0], builds
 
 
+class _ForgetfulCarry(logistic._CarriedBlocks):
+    """Carries the blocks but never the correction pairs: each fit in them starts without a model."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, None if name == "pairs" else value)
+
+
+def _sweep_starts(monkeypatch) -> list[tuple[object, int]]:
+    """Record, for every minimisation, the correction pairs it starts from (held: no id is reused) and
+    how many there are then."""
+    starts: list[tuple[object, int]] = []
+    minimise = logistic._minimise
+
+    def recorded(*args, **kwargs):
+        pairs = args[-1]
+        starts.append((pairs, len(pairs)))
+        return minimise(*args, **kwargs)
+
+    monkeypatch.setattr(logistic, "_minimise", recorded)
+    return starts
+
+
+def test_fits_in_carried_blocks_start_from_the_last_fits_correction_pairs(digits, monkeypatch):
+    """A fit in blocks carried from the last C starts from the correction pairs that fit ended with (the
+    same object, not emptied); carrying only the blocks, every fit starts without pairs; the chosen C,
+    held-out scores and objectives are a whitened sweep's either way."""
+    x, y = digits
+    grid = tuple(10.0**t for t in np.linspace(-2, 2, 9))
+    starts = _sweep_starts(monkeypatch)
+    monkeypatch.setattr(logistic, "BLOCKS_AFTER_ITERATIONS", 1)
+    monkeypatch.setattr(logistic, "BLOCKS_STALE", math.inf)
+    whitened = linear_probe(x, y, x, y, LogisticOptions(c_values=grid, class_blocks=False))
+    for carry in (logistic._CarriedBlocks, _ForgetfulCarry):
+        starts.clear()
+        monkeypatch.setattr(logistic, "_CarriedBlocks", carry)
+        result = linear_probe(x, y, x, y, LogisticOptions(c_values=grid))
+        reused = [i for i in range(1, len(starts)) if starts[i][0] is starts[i - 1][0]]
+        if carry is _ForgetfulCarry:
+            assert not reused and all(count == 0 for _, count in starts), starts
+        else:
+            assert len(reused) >= 3 and all(starts[i][1] > 0 for i in reused), starts
+        assert result.C == whitened.C
+        assert [p.held_out_top1 for p in result.sweep] == [p.held_out_top1 for p in whitened.sweep]
+        for ours, plain in zip(result.sweep, whitened.sweep, strict=True):
+            assert ours.converged
+            assert ours.objective == pytest.approx(plain.objective, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_carried_correction_pairs_shorten_a_long_sweep(monkeypatch):
+    """On a sweep whose fits in the blocks are long (DINOv2's 45 C values, 20,000 Gaussian rows of the
+    benchmark's kind, 256 dims, 50 classes), starting each fit in carried blocks from the last fit's
+    pairs takes fewer iterations in all than starting it without (979 against 1,181 when measured),
+    to the same chosen C and eval scores."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _synthetic import gaussian_classes
+
+    x, y = gaussian_classes(22_000, 50, 256, 3.5, seed=0)
+    carried = linear_probe(x[:20_000], y[:20_000], x[20_000:], y[20_000:])
+    monkeypatch.setattr(logistic, "_CarriedBlocks", _ForgetfulCarry)
+    forgetful = linear_probe(x[:20_000], y[:20_000], x[20_000:], y[20_000:])
+    iterations = [sum(p.iterations for p in r.sweep) for r in (carried, forgetful)]
+    assert iterations[0] < 0.9 * iterations[1], iterations
+    assert carried.C == forgetful.C and carried.top1 == forgetful.top1 and carried.top5 == forgetful.top5
+
+
 def test_the_predicted_start_changes_the_path_not_the_solutions(digits):
     """Each C started where the last solutions extrapolate to: the same minima (objective to 1e-9) in
     fewer iterations than from the last solution alone (whitened throughout: the per-class blocks change
