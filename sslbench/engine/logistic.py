@@ -879,19 +879,21 @@ def _fit(
 ) -> tuple[LogisticFit, _Pass]:
     """Minimise at ``C`` from ``theta`` (in place), preconditioned by ``moments`` and the rows' mean
     ``curvature`` at ``theta`` when given, or (``blocks_first``, and with ``settings.class_blocks``) by
-    the per-class blocks at ``theta`` (those ``carried`` over from an earlier C where there are some;
-    blocks built here are left in it); a rebuild where the curvature drifted takes fresh blocks whenever
-    ``settings.class_blocks``. The fit, and the pass at it."""
+    the per-class blocks at ``theta`` (those ``carried`` over from an earlier C where there are some,
+    and with them the correction pairs the last fit in them ended with; blocks built here are left in
+    it, and this fit's pairs beside them); a rebuild where the curvature drifted takes fresh blocks
+    whenever ``settings.class_blocks``, and fresh pairs. The fit, and the pass at it."""
     if not (C > 0 and math.isfinite(C)):
         raise SSLBenchError(f"linear probe: C must be a positive number, got {C}")
     iterations = blocks_iterations = 0
     blocks = blocks_first and settings.class_blocks
     conditioner: _Conditioner | ClassBlocks | None = None
+    pairs: CurvaturePairs | None = None
     while True:
-        del conditioner  # a rebuild's blocks are not held beside the last ones
+        del conditioner, pairs  # a rebuild's blocks and pairs are not held beside the last ones
         if blocks and carried is not None and carried.blocks is not None and iterations == 0:
             conditioner = carried.blocks
-            pairs = carried.pairs or CurvaturePairs(settings.memory)
+            pairs = carried.pairs if carried.pairs is not None else CurvaturePairs(settings.memory)
         else:
             if carried is not None and blocks:
                 carried.drop()
@@ -899,7 +901,7 @@ def _fit(
             pairs = CurvaturePairs(settings.memory)
             if carried is not None and isinstance(conditioner, ClassBlocks):
                 carried.blocks = conditioner
-        if carried is not None and conditioner is carried.blocks:
+        if carried is not None and carried.blocks is not None and conditioner is carried.blocks:
             carried.pairs = pairs  # (updated in place by the fit: the next C starts from its last pairs)
         done, converged, reason, final_pass = _minimise(
             problem,
